@@ -1,0 +1,1 @@
+"""lorafleet router: places streaming Generate calls on shards (torch-free)."""

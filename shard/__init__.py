@@ -1,0 +1,1 @@
+"""lorafleet shard: one base model plus many LoRA adapters behind gRPC."""
