@@ -1,0 +1,86 @@
+"""Column- and row-parallel linears with per-parameter weight loaders and LoRA on the right side
+of each collective."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shard.layers.lora import LoraBatch, add_lora
+from shard.parallel import TPGroup, all_reduce
+
+
+class MergedColumnLinear(nn.Module):
+    """Several projections of the same input fused along the output dimension (q/k/v, gate/up).
+
+    Each projection is split across ranks by output rows; LoRA keeps A whole and writes into this
+    rank's output columns, so it needs no collective.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        modules: dict[str, int],
+        layer_idx: int,
+        group: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """`modules` maps each HF projection name to its LOCAL output width on this rank."""
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.group = group
+        self.slices: dict[str, slice] = {}
+        start = 0
+        for name, width in modules.items():
+            self.slices[name] = slice(start, start + width)
+            start += width
+        self.weight = nn.Parameter(
+            torch.empty(start, in_features, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def load(self, module: str, full: torch.Tensor, rows: torch.Tensor | slice) -> None:
+        """Copies this rank's rows `rows` of the checkpoint's `module` weight into place."""
+        self.weight.data[self.slices[module]].copy_(full[rows])
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        for name, cols in self.slices.items():
+            add_lora(y[:, cols], x, lora, name, self.layer_idx)
+        return y
+
+
+class RowLinear(nn.Module):
+    """A projection split across ranks by input columns, summed by one all-reduce.
+
+    LoRA's A is split by the same input rows, so each rank adds its partial x_local @ A_local @ B
+    before the all-reduce and the sum over ranks is exactly x @ A @ B.
+    """
+
+    def __init__(
+        self,
+        in_local: int,
+        out_features: int,
+        module: str,
+        layer_idx: int,
+        group: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.layer_idx = layer_idx
+        self.group = group
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_local, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def load(self, full: torch.Tensor, cols: slice) -> None:
+        """Copies this rank's input columns `cols` of the checkpoint's weight into place."""
+        self.weight.data.copy_(full[:, cols])
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        add_lora(y, x, lora, self.module, self.layer_idx)
+        return all_reduce(y, self.group)

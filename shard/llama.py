@@ -1,0 +1,156 @@
+"""The Llama family (Llama 2/3, Mistral): RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+
+Module names follow Hugging Face so checkpoints and PEFT adapters map one to one. Layers take
+their tensor-parallel slice from `TPGroup`; attention and LoRA run through `shard.ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shard.forward_meta import ForwardMeta
+from shard.layers.attention import PagedAttention
+from shard.layers.embedding import VocabParallel
+from shard.layers.linear import MergedColumnLinear, RowLinear
+from shard.layers.norm import RMSNorm
+from shard.layers.rotary import RotaryEmbedding
+from shard.model_config import ModelConfig
+from shard.parallel import TPGroup
+
+
+def local_kv_heads(cfg: ModelConfig, group: TPGroup) -> int:
+    """KV heads held by one rank: split when there are enough, else replicated (one per rank)."""
+    if cfg.num_kv_heads >= group.size:
+        return group.split(cfg.num_kv_heads, "num_key_value_heads")
+    if group.size % cfg.num_kv_heads:
+        raise ValueError(
+            f"tensor-parallel size {group.size} must be a multiple of num_key_value_heads "
+            f"{cfg.num_kv_heads} to replicate KV heads"
+        )
+    return 1
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding,
+        group: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        self.heads = group.split(cfg.num_heads, "num_attention_heads")
+        self.kv_heads = local_kv_heads(cfg, group)
+        widths = {
+            "q_proj": self.heads * d,
+            "k_proj": self.kv_heads * d,
+            "v_proj": self.kv_heads * d,
+        }
+        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, group, dtype, device)
+        self.o_proj = RowLinear(
+            self.heads * d, cfg.hidden_size, "o_proj", layer_idx, group, dtype, device
+        )
+        self.rotary = rotary
+        self.attn = PagedAttention(self.heads, self.kv_heads, d)
+        self.head_dim = d
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: ForwardMeta
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x, meta.lora)
+        sl = self.qkv_proj.slices
+        t, d = x.shape[0], self.head_dim
+        q = qkv[:, sl["q_proj"]].view(t, self.heads, d)
+        k = qkv[:, sl["k_proj"]].view(t, self.kv_heads, d)
+        v = qkv[:, sl["v_proj"]].view(t, self.kv_heads, d)
+        q, k = self.rotary(meta.positions, q, k)
+        out = self.attn(q, k, v.contiguous(), kv[0], kv[1], meta)
+        return self.o_proj(out.view(t, self.heads * d), meta.lora)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        group: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        inter = group.split(cfg.intermediate_size, "intermediate_size")
+        self.gate_up_proj = MergedColumnLinear(
+            cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, layer_idx, group, dtype, device
+        )
+        self.down_proj = RowLinear(
+            inter, cfg.hidden_size, "down_proj", layer_idx, group, dtype, device
+        )
+        self.inter = inter
+
+    def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, meta.lora)
+        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        return self.down_proj(act, meta.lora)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        rotary: RotaryEmbedding,
+        group: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, group, dtype, device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(cfg, layer_idx, group, dtype, device)
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: ForwardMeta
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x), meta)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids + forward metadata + KV pages -> logits of the rows that are sampled."""
+
+    def __init__(
+        self, cfg: ModelConfig, group: TPGroup, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = VocabParallel(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
+        rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, rotary, group, dtype, device) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (
+            self.embed_tokens
+            if cfg.tie_word_embeddings
+            else VocabParallel(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: ForwardMeta,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """input_ids [T] -> float32 logits [B, vocab] of the rows in meta.logits_rows."""
+        x = self.embed_tokens.embed(input_ids)
+        for layer, layer_kv in zip(self.layers, kv, strict=True):
+            x = layer(x, layer_kv, meta)
+        return self.lm_head.logits(self.norm(x[meta.logits_rows]))

@@ -1,0 +1,97 @@
+"""Loads a Hugging Face Llama-family folder: config, safetensors weights (one file or sharded with
+an index), tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tokenizers import Tokenizer
+
+from shard.llama import LlamaForCausalLM
+from shard.model_config import ModelConfig, ModelConfigError
+from shard.parallel import TPGroup
+from shard.sharding import input_cols, output_rows
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files; refuses pickle checkpoints."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelConfigError(
+            f"no *.safetensors weights in {model_dir} (pickle .bin checkpoints are not loaded)"
+        )
+    return files
+
+
+def load_tokenizer(model_dir: Path) -> Tokenizer:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ModelConfigError(f"{path} not found: the shard needs a fast tokenizer file")
+    return Tokenizer.from_file(str(path))
+
+
+def load_weights(model: LlamaForCausalLM, model_dir: Path, group: TPGroup) -> None:
+    """Copies every checkpoint tensor into the model, each rank taking its slice."""
+    cfg = model.config
+    seen: set[str] = set()
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if _load_one(model, cfg, group, name, f.get_tensor(name)):
+                    seen.add(name)
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not cfg.tie_word_embeddings:
+        expected.add("lm_head.weight")
+    missing = expected - seen
+    if missing or not any(n.startswith("model.layers.") for n in seen):
+        raise ModelConfigError(f"checkpoint in {model_dir} lacks {sorted(missing) or 'layers'}")
+
+
+def _load_one(
+    model: LlamaForCausalLM, cfg: ModelConfig, group: TPGroup, name: str, w: torch.Tensor
+) -> bool:
+    if name == "model.embed_tokens.weight":
+        model.embed_tokens.load(w)
+    elif name == "lm_head.weight":
+        if not cfg.tie_word_embeddings:
+            model.lm_head.load(w)
+    elif name == "model.norm.weight":
+        model.norm.weight.data.copy_(w)
+    else:
+        m = _LAYER.match(name)
+        if m is None:
+            return False
+        layer = model.layers[int(m.group(1))]
+        part, _, module = m.group(2).rpartition(".")
+        if part == "self_attn" and module in ("q_proj", "k_proj", "v_proj"):
+            layer.self_attn.qkv_proj.load(module, w, output_rows(cfg, group, module))
+        elif part == "self_attn" and module == "o_proj":
+            layer.self_attn.o_proj.load(w, input_cols(cfg, group, module))
+        elif part == "mlp" and module in ("gate_proj", "up_proj"):
+            layer.mlp.gate_up_proj.load(module, w, output_rows(cfg, group, module))
+        elif part == "mlp" and module == "down_proj":
+            layer.mlp.down_proj.load(w, input_cols(cfg, group, module))
+        elif m.group(2) in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, m.group(2)).weight.data.copy_(w)
+        else:
+            return False
+    return True
+
+
+def build_model(
+    cfg: ModelConfig, model_dir: Path, group: TPGroup, dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM:
+    """Constructs the model on `device` and loads its weights."""
+    model = LlamaForCausalLM(cfg, group, dtype, device)
+    load_weights(model, model_dir, group)
+    return model.eval()

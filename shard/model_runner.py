@@ -1,0 +1,85 @@
+"""Turns a StepPlan into tensors and one forward-metadata object, and runs the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from shard.adapter_loader import AdapterWeights
+from shard.forward_meta import ForwardMeta, PrefillSpan
+from shard.kv_cache import KvCache
+from shard.layers.lora import LORA_MODULES, LoraBatch, LoraProjection
+from shard.llama import LlamaForCausalLM
+from shard.step_plan import StepPlan
+
+
+class ModelRunner:
+    """Owns the model and the KV cache of one rank."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv: KvCache,
+        adapter_weights: Callable[[str], AdapterWeights],
+        max_rank: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.kv_layers = kv.layers()
+        self.adapter_weights = adapter_weights
+        self.max_rank = max_rank
+        self.device = device
+        self.dtype = kv.k.dtype
+
+    def _tensor(self, values: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def meta(self, plan: StepPlan) -> ForwardMeta:
+        nd = len(plan.decode_pages)
+        width = max((len(p) for p in plan.decode_pages), default=1)
+        tables = [list(p) + [0] * (width - len(p)) for p in plan.decode_pages]
+        return ForwardMeta(
+            positions=self._tensor(plan.positions, torch.int64),
+            slot_mapping=self._tensor(plan.slots, torch.int64),
+            num_decode=nd,
+            block_tables=self._tensor(tables, torch.int32).view(nd, width),
+            context_lens=self._tensor(plan.decode_context, torch.int32),
+            prefills=tuple(
+                PrefillSpan(p.start, p.end, p.context_len, self._tensor(p.pages, torch.int64))
+                for p in plan.prefills
+            ),
+            logits_rows=self._tensor(plan.logits_rows, torch.int64),
+            lora=self.lora_batch(plan),
+        )
+
+    def lora_batch(self, plan: StepPlan) -> LoraBatch | None:
+        """Segments and per-projection weight pointers; None when no row uses an adapter."""
+        if not any(adapter for _, adapter in plan.segments):
+            return None
+        starts = [row for row, _ in plan.segments] + [plan.num_rows]
+        weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
+        projections = {}
+        for module in LORA_MODULES:
+            ws = [w if w is not None and module in w.a else None for w in weights]
+            if all(w is None for w in ws):
+                continue
+            projections[module] = LoraProjection(
+                a_ptrs=self._tensor([w.a[module].data_ptr() if w else 0 for w in ws], torch.int64),
+                b_ptrs=self._tensor([w.b[module].data_ptr() if w else 0 for w in ws], torch.int64),
+                ranks=self._tensor([w.rank if w else 0 for w in ws], torch.int32),
+                scales=torch.tensor([w.scale if w else 0.0 for w in ws]).to(self.device),
+            )
+        rank = max(w.rank for w in weights if w is not None)
+        return LoraBatch(
+            seg_starts=self._tensor(starts, torch.int32),
+            projections=projections,
+            buffer=torch.empty(plan.num_rows, rank, dtype=self.dtype, device=self.device),
+        )
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """float32 logits [B, vocab] for the rows in plan.logits_rows."""
+        ids = self._tensor(plan.input_ids, torch.int64)
+        return self.model(ids, self.meta(plan), self.kv_layers)
