@@ -6,7 +6,7 @@ DEMO_DIR ?= .demo
 MODEL ?=
 ADAPTERS ?=
 
-.PHONY: install protos check-protos lint test test-fast kernels run clean
+.PHONY: install protos check-protos lint test test-fast kernels run clean image
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -38,3 +38,16 @@ run:
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info
+
+# Container images for k8s/ (the tags kustomize `images:` pins). TORCH_CPU_INDEX_URL: PyTorch's
+# CPU wheel index for a small cpu-demo image (empty: PyPI's default torch build).
+IMAGE_REPO ?= lorafleet
+IMAGE_TAG ?= 0.1.0
+TORCH_CPU_INDEX_URL ?=
+DOCKER ?= docker
+
+image:
+	$(DOCKER) build -f k8s/images/shard.Dockerfile --target cuda -t $(IMAGE_REPO)/shard:$(IMAGE_TAG) .
+	$(DOCKER) build -f k8s/images/shard.Dockerfile --target cpu \
+	  --build-arg TORCH_INDEX_URL=$(TORCH_CPU_INDEX_URL) -t $(IMAGE_REPO)/shard:$(IMAGE_TAG)-cpu .
+	$(DOCKER) build -f k8s/images/router.Dockerfile -t $(IMAGE_REPO)/router:$(IMAGE_TAG) .
