@@ -1,0 +1,97 @@
+"""`lorafleet-router`: builds the config, wires the router together and serves until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos import generate_pb2, generate_pb2_grpc
+from router.admission import Admission
+from router.config import ConfigError, Endpoint, RouterConfig, parse_config
+from router.discovery import Discovery
+from router.logs import configure_logging
+from router.metrics import RouterMetrics
+from router.policy import RULES
+from router.server import GeneratorService
+from router.shards import ShardTable
+
+log = structlog.get_logger("router")
+
+GENERATOR_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
+    """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period."""
+    table = ShardTable(metrics)
+    admission = Admission(
+        table,
+        RULES[config.policy],
+        config.residency_first,
+        config.queue_size,
+        config.queue_timeout_s,
+        metrics,
+    )
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    generate_pb2_grpc.add_GeneratorServicer_to_server(
+        GeneratorService(table, admission, metrics, config.max_migrations), server
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (GENERATOR_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+    )
+    server.add_insecure_port(str(Endpoint(config.host, config.port)))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await server.start()
+    discovery = asyncio.create_task(Discovery(config, table).run(), name="discovery")
+    for service in ("", GENERATOR_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "router serving",
+        address=str(Endpoint(config.host, config.port)),
+        policy=config.policy.value,
+        shards=[str(s) for s in config.shards],
+        shard_dns=str(config.shard_dns) if config.shard_dns else None,
+    )
+    await stop.wait()
+
+    log.info("router stopping", grace_s=config.shutdown_grace_s)
+    await health.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace_s)
+    discovery.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await discovery
+    await table.close()
+    log.info("router stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script entry point."""
+    try:
+        config = parse_config(argv)
+    except ConfigError as err:
+        sys.exit(f"lorafleet-router: {err}")
+    configure_logging(config.log_format)
+    metrics = RouterMetrics()
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
+    asyncio.run(serve(config, metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Admission: places requests with the policy, or parks them in a bounded FCFS queue.
+
+The queue is served in order whenever the shard table changes (a snapshot, a health change, a
+shard joining or leaving): the head is placed if any shard fits it, and nobody overtakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+
+from router.metrics import RouterMetrics
+from router.policy import Demand, PlacementRule
+from router.shards import ShardHandle, ShardTable
+
+
+class QueueFull(Exception):
+    """No shard fits and the wait queue is at its bound."""
+
+    def __init__(self, queue_size: int, shards: int):
+        super().__init__(
+            f"no shard has room (all {shards} eligible shards are full) and the router's wait "
+            f"queue is full ({queue_size} requests, --queue-size); retry in about a second "
+            "with exponential backoff"
+        )
+
+
+class QueueTimeout(Exception):
+    """The request waited for room longer than the router allows."""
+
+    def __init__(self, waited_s: float, shards: int):
+        self.shards = shards
+        what = (
+            f"all {shards} eligible shards stayed full"
+            if shards
+            else "no shard is serving (none healthy with a live load stream)"
+        )
+        super().__init__(
+            f"waited {waited_s:.1f} s for a shard (--queue-timeout-s) but {what}; retry later"
+        )
+
+
+@dataclass(slots=True)
+class _Waiter:
+    demand: Demand
+    placed: asyncio.Future[ShardHandle]
+
+
+class Admission:
+    """Places requests on shards of a `ShardTable`, FCFS, with at most `queue_size` waiting."""
+
+    def __init__(
+        self,
+        table: ShardTable,
+        rule: PlacementRule,
+        residency_first: bool,
+        queue_size: int,
+        queue_timeout_s: float,
+        metrics: RouterMetrics,
+    ):
+        self._table = table
+        self._rule = rule
+        self._residency_first = residency_first
+        self._queue_size = queue_size
+        self._queue_timeout_s = queue_timeout_s
+        self._metrics = metrics
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        table.subscribe(self._serve_queue)
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting now."""
+        return sum(not w.placed.done() for w in self._waiters)
+
+    async def place(self, demand: Demand, resumed: bool = False) -> ShardHandle:
+        """Returns the shard the request goes to, its load already reserved.
+
+        A resumed (migrating) request waits at the head of the queue: it was admitted before
+        everyone waiting. Raises QueueFull or QueueTimeout.
+        """
+        if not self._waiters and (handle := self._try(demand)) is not None:
+            return handle
+        if not resumed and self.depth >= self._queue_size:
+            raise QueueFull(self._queue_size, len(self._table.serving()))
+        waiter = _Waiter(demand, asyncio.get_running_loop().create_future())
+        if resumed:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        self._metrics.queue_depth.set(self.depth)
+        try:
+            return await asyncio.wait_for(waiter.placed, self._queue_timeout_s)
+        except TimeoutError:
+            raise QueueTimeout(self._queue_timeout_s, len(self._table.serving())) from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            self._metrics.queue_depth.set(self.depth)
+            # The head may have left without a shard: let the next one try.
+            self._serve_queue()
+
+    def _try(self, demand: Demand) -> ShardHandle | None:
+        address = self._rule(self._table.loads(), demand, self._residency_first)
+        handle = self._table.get(address) if address is not None else None
+        if handle is not None:
+            handle.reserve(demand)
+        return handle
+
+    def _serve_queue(self) -> None:
+        while self._waiters:
+            head = self._waiters[0]
+            if head.placed.done():
+                self._waiters.popleft()
+                continue
+            handle = self._try(head.demand)
+            if handle is None:
+                return
+            self._waiters.popleft()
+            head.placed.set_result(handle)

@@ -1,0 +1,131 @@
+"""Placement: pure functions that pick a shard for a request from the shards' load snapshots.
+
+Nothing here does I/O or knows protobuf; `router.shards` converts snapshots at the edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from router.config import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class ShardLoad:
+    """One shard's load as the router currently believes it (snapshot + optimistic accounting)."""
+
+    # Router-side key of the shard: the host:port it dials.
+    shard: str
+    # Requests in the running batch.
+    running: int
+    # Most requests the running batch may hold.
+    max_batch_size: int
+    # Free KV pages.
+    kv_pages_free: int
+    # KV pages in the pool.
+    kv_pages_total: int
+    # Tokens per KV page.
+    kv_page_size: int
+    # Requests waiting on the shard for admission.
+    queued: int = 0
+    # KV pages the queued requests' prompts need.
+    kv_pages_queued: int = 0
+    # Adapters resident in device memory.
+    adapters_resident: frozenset[str] = field(default_factory=frozenset)
+    # The shard stopped taking new requests (Drain or shutdown).
+    draining: bool = False
+    # Health says SERVING and the load stream is live.
+    serving: bool = True
+
+    @property
+    def occupancy(self) -> int:
+        """Requests holding or waiting for a slot in the running batch."""
+        return self.running + self.queued
+
+    @property
+    def kv_pages_available(self) -> int:
+        """Free KV pages not already promised to the shard's queued requests."""
+        return max(0, self.kv_pages_free - self.kv_pages_queued)
+
+    def holds(self, adapter_id: str) -> bool:
+        """True when the adapter is resident (the base model always is)."""
+        return not adapter_id or adapter_id in self.adapters_resident
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What a request needs from a shard, known before tokenization."""
+
+    adapter_id: str
+    # Upper bound on the prompt's tokens, plus tokens already generated when resuming.
+    context_tokens: int
+
+    def pages(self, page_size: int) -> int:
+        """KV pages to admit the request: its context plus the first generated token.
+
+        Output pages beyond the first are not reserved: the shard grows page tables as requests
+        decode and migrates its newest request when the pool runs out, which is cheaper than
+        reserving max_new_tokens up front for requests that usually stop early.
+        """
+        return math.ceil((self.context_tokens + 1) / max(1, page_size))
+
+
+def fits(load: ShardLoad, demand: Demand) -> bool:
+    """The shard serves, has a batch slot, and has KV pages for the request.
+
+    An idle shard fits any request: the estimate is an upper bound and only the shard itself can
+    tell whether the prompt fits its context, so it answers INVALID_ARGUMENT instead of the request
+    waiting forever.
+    """
+    if not load.serving or load.draining or load.occupancy >= load.max_batch_size:
+        return False
+    return load.occupancy == 0 or demand.pages(load.kv_page_size) <= load.kv_pages_available
+
+
+def consolidate(
+    loads: Sequence[ShardLoad], demand: Demand, residency_first: bool = False
+) -> str | None:
+    """Punica's rule: the busiest shard that still fits, so batches grow and idle shards stay idle.
+
+    Ties go to a shard holding the adapter, then to the smallest shard id (deterministic). With
+    `residency_first`, holding the adapter outranks batch size.
+    """
+
+    def key(load: ShardLoad) -> tuple[int, int, str]:
+        resident = int(load.holds(demand.adapter_id))
+        if residency_first:
+            return (-resident, -load.occupancy, load.shard)
+        return (-load.occupancy, -resident, load.shard)
+
+    candidates = [load for load in loads if fits(load, demand)]
+    return min(candidates, key=key).shard if candidates else None
+
+
+def least_loaded(
+    loads: Sequence[ShardLoad], demand: Demand, residency_first: bool = False
+) -> str | None:
+    """The shard with the emptiest batch (as a fraction of its max batch) that fits.
+
+    Ties go to a shard holding the adapter, then to the most available KV pages, then to the
+    smallest shard id. With `residency_first`, holding the adapter outranks batch fill.
+    """
+
+    def key(load: ShardLoad) -> tuple[float, float, int, str]:
+        resident = -int(load.holds(demand.adapter_id))
+        fill = load.occupancy / load.max_batch_size
+        if residency_first:
+            return (resident, fill, -load.kv_pages_available, load.shard)
+        return (fill, resident, -load.kv_pages_available, load.shard)
+
+    candidates = [load for load in loads if fits(load, demand)]
+    return min(candidates, key=key).shard if candidates else None
+
+
+PlacementRule = Callable[[Sequence[ShardLoad], Demand, bool], str | None]
+
+RULES: dict[Policy, PlacementRule] = {
+    Policy.CONSOLIDATE: consolidate,
+    Policy.LEAST_LOADED: least_loaded,
+}

@@ -1,0 +1,306 @@
+"""The router's public `Generator` service: places each request and proxies the shard's stream.
+
+A request that a shard gives up (migration notice, UNAVAILABLE, dropped connection) is placed
+again with every token already forwarded, so the client's stream continues with nothing lost or
+repeated. Shard errors pass through with their status and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from protos import generate_pb2, generate_pb2_grpc, shard_pb2
+from router.admission import Admission, QueueFull, QueueTimeout
+from router.metrics import RouterMetrics, adapter_label
+from router.policy import Demand
+from router.shards import ShardHandle, ShardTable
+
+log = structlog.get_logger("router.server")
+
+# Shard failures that mean "this shard cannot go on", not "this request is wrong".
+_MIGRATABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+_MIGRATION_REASONS = {
+    shard_pb2.MIGRATION_REASON_KV_EXHAUSTED: "kv_exhausted",
+    shard_pb2.MIGRATION_REASON_DRAINING: "draining",
+}
+_SHARD_FAILED = "shard_failed"
+# Seconds a fan-out call (ListAdapters, GetInfo) may take per shard.
+_FANOUT_TIMEOUT_S = 5.0
+# Suggested client retry delay when the router turns a request away.
+_RETRY_PUSHBACK_MS = "1000"
+
+
+class RequestFailed(Exception):
+    """Ends a Generate call with a status; raised where the reason is known."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_hint: bool = False):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.retry_hint = retry_hint
+
+
+def context_bound(request: generate_pb2.GenerateRequest) -> int:
+    """Upper bound on the prompt's tokens before tokenization.
+
+    Token ids count exactly; text counts its UTF-8 bytes, since a byte-level BPE token covers at
+    least one byte. Over-estimating only makes placement conservative.
+    """
+    if request.WhichOneof("input") == "prompt_token_ids":
+        return len(request.prompt_token_ids.ids)
+    return len(request.prompt.encode())
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What the router has delivered for one request, across shards."""
+
+    arrived: float
+    token_ids: list[int] = field(default_factory=list)
+    migrations: int = 0
+    # Router-side wait before the first dispatch, and in total.
+    first_queue_s: float = 0.0
+    queued_s: float = 0.0
+    first_token_s: float = 0.0
+    last_write: float = 0.0
+
+    def resume(self) -> shard_pb2.ResumeState:
+        return shard_pb2.ResumeState(
+            generated_token_ids=self.token_ids,
+            queue_time_s=self.first_queue_s,
+            time_to_first_token_s=self.first_token_s,
+            migrations=self.migrations,
+        )
+
+
+class GeneratorService(generate_pb2_grpc.GeneratorServicer):
+    """`lorafleet.v1.Generator` in front of the shard table."""
+
+    def __init__(
+        self,
+        table: ShardTable,
+        admission: Admission,
+        metrics: RouterMetrics,
+        max_migrations: int,
+    ):
+        self._table = table
+        self._admission = admission
+        self._metrics = metrics
+        self._max_migrations = max_migrations
+
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Streams the completion from a shard, moving it to another shard when needed.
+
+        Errors: RESOURCE_EXHAUSTED when no shard has room and the wait queue is full (with a
+        retry hint); UNAVAILABLE when no shard serves or the request migrated too often; shard
+        errors (NOT_FOUND, INVALID_ARGUMENT, ...) with the shard's status and message.
+        """
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        progress = _Progress(arrived=time.monotonic())
+        status = grpc.StatusCode.OK
+        with structlog.contextvars.bound_contextvars(
+            request_id=request.request_id, adapter_id=request.adapter_id
+        ):
+            try:
+                await self._generate(request, context, progress)
+            except RequestFailed as failure:
+                status = failure.code
+                log.info("request failed", code=failure.code.name, details=failure.details)
+                pushback = (("grpc-retry-pushback-ms", _RETRY_PUSHBACK_MS),)
+                await context.abort(
+                    failure.code, failure.details, pushback if failure.retry_hint else ()
+                )
+            except asyncio.CancelledError:
+                status = grpc.StatusCode.CANCELLED
+                log.info("request cancelled", tokens=len(progress.token_ids))
+                raise
+            finally:
+                label = adapter_label(request.adapter_id, status.name)
+                self._metrics.requests.labels(label, status.name).inc()
+
+    async def _generate(
+        self,
+        request: generate_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        progress: _Progress,
+    ) -> None:
+        while True:
+            handle = await self._place(request, progress)
+            with structlog.contextvars.bound_contextvars(shard=handle.address):
+                reason = await self._run_on(handle, request, context, progress)
+                if reason is None:
+                    return
+                progress.migrations += 1
+                self._metrics.migrations.labels(reason).inc()
+                log.info("migrating", reason=reason, tokens=len(progress.token_ids))
+            if progress.migrations > self._max_migrations:
+                raise RequestFailed(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"request moved between shards {progress.migrations} times "
+                    f"(--max-migrations {self._max_migrations}); the fleet is overloaded or "
+                    "failing, retry later",
+                    retry_hint=True,
+                )
+
+    async def _place(
+        self, request: generate_pb2.GenerateRequest, progress: _Progress
+    ) -> ShardHandle:
+        demand = Demand(request.adapter_id, context_bound(request) + len(progress.token_ids))
+        start = time.monotonic()
+        try:
+            handle = await self._admission.place(demand, resumed=progress.migrations > 0)
+        except QueueFull as err:
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), True) from None
+        except QueueTimeout as err:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.shards else grpc.StatusCode.UNAVAILABLE
+            raise RequestFailed(code, str(err), True) from None
+        waited = time.monotonic() - start
+        progress.queued_s += waited
+        if progress.migrations == 0:
+            progress.first_queue_s = waited
+        self._metrics.queue_time.observe(waited)
+        return handle
+
+    async def _run_on(
+        self,
+        handle: ShardHandle,
+        request: generate_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        progress: _Progress,
+    ) -> str | None:
+        """Proxies one leg; returns None when finished, else the reason to migrate."""
+        shard_request = shard_pb2.ShardGenerateRequest(
+            request=request, resume=progress.resume() if progress.migrations else None
+        )
+        with handle.call():
+            # Deadlines do not cross a proxy by themselves: hand the remainder down.
+            call = handle.shard.Generate(shard_request, timeout=context.time_remaining())
+            try:
+                async for message in call:
+                    if message.HasField("migration"):
+                        return self._on_migration(handle, message.migration, progress)
+                    if await self._forward(message.chunk, context, progress):
+                        return None
+                log.warning("shard stream ended without a finish reason")
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _MIGRATABLE:
+                    raise RequestFailed(err.code(), err.details() or err.code().name) from None
+                log.warning("shard call failed", code=err.code().name, details=err.details())
+            finally:
+                call.cancel()
+        handle.mark_failed()
+        return _SHARD_FAILED
+
+    def _on_migration(
+        self, handle: ShardHandle, migration: shard_pb2.Migration, progress: _Progress
+    ) -> str:
+        if migration.reason == shard_pb2.MIGRATION_REASON_KV_EXHAUSTED:
+            handle.mark_full()
+        else:
+            handle.mark_draining()
+        if list(migration.generated_token_ids) != progress.token_ids:
+            # The client's view is the truth: resume from what it has seen.
+            log.warning(
+                "shard's token list differs from the forwarded tokens",
+                shard_tokens=len(migration.generated_token_ids),
+                forwarded=len(progress.token_ids),
+            )
+        return _MIGRATION_REASONS.get(migration.reason, _SHARD_FAILED)
+
+    async def _forward(
+        self,
+        chunk: generate_pb2.GenerateResponse,
+        context: grpc.aio.ServicerContext,
+        progress: _Progress,
+    ) -> bool:
+        """Writes one chunk to the client; returns True when it was the last one."""
+        now = time.monotonic()
+        if chunk.token_ids:
+            if not progress.token_ids:
+                progress.first_token_s = now - progress.arrived
+                self._metrics.time_to_first_token.observe(progress.first_token_s)
+            else:
+                gap = (now - progress.last_write) / len(chunk.token_ids)
+                self._metrics.inter_token_latency.observe(gap)
+            progress.token_ids.extend(chunk.token_ids)
+            progress.last_write = now
+        last = chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+        if last:
+            usage = chunk.usage
+            if progress.migrations:
+                # A shard reports its queue time only with its last message, so a migrated
+                # request's queue time is the router-side wait before its first dispatch.
+                usage.queue_time_s = progress.first_queue_s
+            else:
+                usage.queue_time_s += progress.first_queue_s
+            usage.generated_tokens = len(progress.token_ids)
+            usage.time_to_first_token_s = progress.first_token_s
+            usage.migrations = progress.migrations
+            log.info(
+                "request finished",
+                reason=generate_pb2.FinishReason.Name(chunk.finish_reason),
+                tokens=usage.generated_tokens,
+                migrations=usage.migrations,
+            )
+        await context.write(chunk)
+        return last
+
+    async def ListAdapters(
+        self, request: generate_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.ListAdaptersResponse:
+        """Every adapter of every serving shard, one entry per (adapter, shard), `shard` set.
+
+        Shards that do not answer within a few seconds are left out; UNAVAILABLE when none does.
+        """
+        handles = self._table.serving()
+        replies = await asyncio.gather(
+            *(h.generator.ListAdapters(request, timeout=_FANOUT_TIMEOUT_S) for h in handles),
+            return_exceptions=True,
+        )
+        response = generate_pb2.ListAdaptersResponse()
+        answered = 0
+        for handle, reply in zip(handles, replies, strict=True):
+            if isinstance(reply, grpc.aio.AioRpcError):
+                log.warning("ListAdapters failed", shard=handle.address, code=reply.code().name)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            answered += 1
+            for adapter in reply.adapters:
+                adapter.shard = handle.address
+                response.adapters.append(adapter)
+        if not answered:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
+        return response
+
+    async def GetInfo(
+        self, request: generate_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.GetInfoResponse:
+        """The base model as a serving shard describes it, with the router's serving shards."""
+        handles = self._table.serving()
+        for handle in handles:
+            try:
+                info = await handle.generator.GetInfo(request, timeout=_FANOUT_TIMEOUT_S)
+            except grpc.aio.AioRpcError as err:
+                log.warning("GetInfo failed", shard=handle.address, code=err.code().name)
+                continue
+            del info.shards[:]
+            info.shards.extend(h.address for h in handles)
+            return info
+        await context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
+
+    def _no_shard_details(self) -> str:
+        known = self._table.addresses()
+        return (
+            f"no shard is serving ({len(known)} known: {', '.join(known) or 'none'}); "
+            "check the shards' health and the router's --shard/--shard-dns"
+        )

@@ -1,0 +1,241 @@
+"""The live shard table: one channel, one WatchLoad stream and one health watch per shard.
+
+A shard is eligible for placement while its health says SERVING and its load stream delivers
+fresh snapshots. Between snapshots the router accounts optimistically for what it dispatched, so
+a burst is spread by the policy instead of landing on one shard; the next snapshot replaces that
+guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+from router.metrics import RouterMetrics
+from router.policy import Demand, ShardLoad
+
+log = structlog.get_logger("router.shards")
+
+# Reconnect quickly: a restarted shard pod should take traffic within seconds, not grpc's
+# default two minutes of channel backoff.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+# Shards send a snapshot at least every second; a silent stream means a hung or cut-off shard.
+STALE_AFTER_S = 5.0
+_BACKOFF_FIRST_S = 0.1
+_BACKOFF_MAX_S = 2.0
+
+
+def load_from_proto(snapshot: shard_pb2.LoadSnapshot, shard: str) -> ShardLoad:
+    """Converts a protobuf snapshot to the policy's value type, keyed by the dialed address."""
+    return ShardLoad(
+        shard=shard,
+        running=snapshot.running,
+        max_batch_size=snapshot.max_batch_size,
+        kv_pages_free=snapshot.kv_pages_free,
+        kv_pages_total=snapshot.kv_pages_total,
+        kv_page_size=snapshot.kv_page_size,
+        queued=snapshot.queued,
+        kv_pages_queued=snapshot.kv_pages_queued,
+        adapters_resident=frozenset(snapshot.adapters_resident),
+        draining=snapshot.draining,
+    )
+
+
+class ShardHandle:
+    """One shard: its channel and stubs, its health, and the load the router believes it has."""
+
+    def __init__(self, address: str, metrics: RouterMetrics, on_change: Callable[[], None]):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.shard = shard_pb2_grpc.ShardStub(self.channel)
+        self.generator = generate_pb2_grpc.GeneratorStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._metrics = metrics
+        self._on_change = on_change
+        self._serving = False
+        self._load: ShardLoad | None = None
+        self._received_at = 0.0
+        self._active_calls = 0
+        self._removed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Starts the load and health watches (reconnecting with backoff until closed)."""
+        self._tasks = [
+            asyncio.create_task(self._watch_load(), name=f"watch-load {self.address}"),
+            asyncio.create_task(self._watch_health(), name=f"watch-health {self.address}"),
+        ]
+
+    def load(self) -> ShardLoad | None:
+        """The believed load, or None while the shard is not eligible for placement."""
+        if self._removed or not self._serving or self._load is None:
+            return None
+        if time.monotonic() - self._received_at > STALE_AFTER_S:
+            return None
+        return self._load
+
+    def reserve(self, demand: Demand) -> None:
+        """Optimistic accounting for a dispatched request, until the next snapshot."""
+        if self._load is not None:
+            pages = demand.pages(self._load.kv_page_size)
+            self._load = dataclasses.replace(
+                self._load,
+                running=self._load.running + 1,
+                kv_pages_free=max(0, self._load.kv_pages_free - pages),
+            )
+
+    def mark_failed(self) -> None:
+        """A call failed as if the shard were gone: no placements until it sends a snapshot."""
+        self._load = None
+        self._on_change()
+
+    def mark_full(self) -> None:
+        """The shard just ran out of KV pages: no placements needing pages until it says more."""
+        if self._load is not None:
+            self._load = dataclasses.replace(self._load, kv_pages_free=0)
+
+    def mark_draining(self) -> None:
+        """The shard said it drains: no placements, whatever a stale snapshot says."""
+        if self._load is not None:
+            self._load = dataclasses.replace(self._load, draining=True)
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """Scope of one proxied call; a removed shard's channel closes after its last call."""
+        self._active_calls += 1
+        try:
+            yield
+        finally:
+            self._active_calls -= 1
+            if self._removed and self._active_calls == 0:
+                asyncio.get_running_loop().create_task(self.channel.close())
+
+    async def close(self) -> None:
+        """Leaves the table: stops the watches; the channel closes once no call uses it."""
+        self._removed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._metrics.forget_shard(self.address)
+        if self._active_calls == 0:
+            await self.channel.close()
+
+    async def _watch_load(self) -> None:
+        backoff = _BACKOFF_FIRST_S
+        while True:
+            try:
+                async for message in self.shard.WatchLoad(shard_pb2.WatchLoadRequest()):
+                    backoff = _BACKOFF_FIRST_S
+                    self._accept(message.snapshot)
+                log.info("load stream ended", shard=self.address)
+            except grpc.aio.AioRpcError as err:
+                log.info(
+                    "load stream failed",
+                    shard=self.address,
+                    code=err.code().name,
+                    details=err.details(),
+                )
+            if self._load is not None:
+                self._load = None
+                self._on_change()
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, _BACKOFF_MAX_S)
+
+    def _accept(self, snapshot: shard_pb2.LoadSnapshot) -> None:
+        first = self._load is None
+        self._load = load_from_proto(snapshot, self.address)
+        self._received_at = time.monotonic()
+        self._metrics.shard_running.labels(self.address).set(snapshot.running)
+        self._metrics.shard_kv_pages_used.labels(self.address).set(
+            snapshot.kv_pages_total - snapshot.kv_pages_free
+        )
+        if first:
+            log.info("load stream live", shard=self.address, shard_id=snapshot.shard_id)
+        self._on_change()
+
+    async def _watch_health(self) -> None:
+        backoff = _BACKOFF_FIRST_S
+        request = health_pb2.HealthCheckRequest(service="")
+        while True:
+            try:
+                async for message in self._health.Watch(request):
+                    backoff = _BACKOFF_FIRST_S
+                    self._set_serving(message.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.aio.AioRpcError as err:
+                log.info("health watch failed", shard=self.address, code=err.code().name)
+            self._set_serving(False)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, _BACKOFF_MAX_S)
+
+    def _set_serving(self, serving: bool) -> None:
+        if serving != self._serving:
+            self._serving = serving
+            log.info("health changed", shard=self.address, serving=serving)
+            self._on_change()
+
+
+class ShardTable:
+    """All shards the router knows, by dialed address; callbacks fire on every change."""
+
+    def __init__(self, metrics: RouterMetrics):
+        self._metrics = metrics
+        self._shards: dict[str, ShardHandle] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` (synchronously, in the event loop) whenever a shard's state changes."""
+        self._listeners.append(listener)
+
+    def add(self, address: str) -> None:
+        """Starts watching a shard; it becomes eligible once SERVING with a first snapshot."""
+        if address not in self._shards:
+            log.info("shard added", shard=address)
+            handle = ShardHandle(address, self._metrics, self._changed)
+            self._shards[address] = handle
+            handle.start()
+
+    async def remove(self, address: str) -> None:
+        """Stops placing on a shard; calls already running on it continue."""
+        handle = self._shards.pop(address, None)
+        if handle is not None:
+            log.info("shard removed", shard=address)
+            await handle.close()
+            self._changed()
+
+    def addresses(self) -> list[str]:
+        """Every known shard, eligible or not, sorted."""
+        return sorted(self._shards)
+
+    def get(self, address: str) -> ShardHandle | None:
+        """The handle of a known shard."""
+        return self._shards.get(address)
+
+    def serving(self) -> list[ShardHandle]:
+        """Shards eligible for placement now."""
+        return [h for h in self._shards.values() if h.load() is not None]
+
+    def loads(self) -> list[ShardLoad]:
+        """Believed loads of the eligible shards."""
+        return [load for h in self._shards.values() if (load := h.load()) is not None]
+
+    async def close(self) -> None:
+        """Removes every shard."""
+        for address in list(self._shards):
+            await self.remove(address)
+
+    def _changed(self) -> None:
+        self._metrics.shards.set(len(self.loads()))
+        for listener in self._listeners:
+            listener()
