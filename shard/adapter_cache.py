@@ -68,7 +68,8 @@ class AdapterCache:
         self.dtype, self.device = dtype, device
         self.budget_bytes = budget_bytes
         self.max_rank = max_rank
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # engine thread vs. LoadAdapter/EvictAdapter RPCs
+        self._pinned: set[str] = set()
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU first
         self._host: dict[str, AdapterWeights] = {}
         self._loading: dict[str, Future[AdapterWeights]] = {}
@@ -107,7 +108,11 @@ class AdapterCache:
 
     def poll(self, adapter_id: str) -> Resident | AdapterError | None:
         """The resident adapter, the error that stopped its load, or None while it is on its way
-        (a load is started if needed). Engine thread only."""
+        (a load is started if needed)."""
+        with self._lock:
+            return self._poll(adapter_id)
+
+    def _poll(self, adapter_id: str) -> Resident | AdapterError | None:
         res = self._resident.get(adapter_id)
         if res is not None:
             if res.ready is not None and not res.ready.query():
@@ -131,8 +136,36 @@ class AdapterCache:
         host = self._host.get(adapter_id)
         if host is None or not self._make_room(host.nbytes):
             return None
-        self._resident[adapter_id] = self._to_device(host)
-        return self.poll(adapter_id)
+        res = self._to_device(host)
+        res.pinned = adapter_id in self._pinned
+        self._resident[adapter_id] = res
+        return self._poll(adapter_id)
+
+    def preload(self, adapter_id: str, pin: bool) -> AdapterError | None:
+        """Loads an adapter into device memory now (blocking; not on the engine thread)."""
+        with self._lock:
+            if pin:
+                self._pinned.add(adapter_id)
+                if adapter_id in self._resident:
+                    self._resident[adapter_id].pinned = True
+        while True:
+            state = self.poll(adapter_id)
+            if state is not None and not isinstance(state, AdapterError):
+                return None
+            if isinstance(state, AdapterError):
+                return state
+            time.sleep(0.005)
+
+    def evict(self, adapter_id: str) -> bool:
+        """Drops an adapter from device and host memory unless a running request uses it."""
+        with self._lock:
+            self._pinned.discard(adapter_id)
+            res = self._resident.get(adapter_id)
+            if res is not None and res.refs > 0:
+                res.pinned = False
+                return False
+            found = self._resident.pop(adapter_id, None) or self._host.pop(adapter_id, None)
+            return found is not None
 
     def _make_room(self, nbytes: int) -> bool:
         """Evicts least recently used idle adapters until `nbytes` fit in the budget."""
@@ -157,6 +190,7 @@ class AdapterCache:
         return Resident(dev, ready=event)
 
     def acquire(self, adapter_id: str) -> Resident:
+        """Marks a resident adapter as used by one more running request."""
         res = self._resident[adapter_id]
         res.refs += 1
         res.last_used = time.time()
@@ -169,6 +203,10 @@ class AdapterCache:
 
     def resident_ids(self) -> list[str]:
         return list(self._resident)
+
+    def weights(self, adapter_id: str) -> AdapterWeights:
+        """The device weights of a resident adapter."""
+        return self._resident[adapter_id].weights
 
     def entries(self) -> list[AdapterEntry]:
         """Every adapter folder under the root with its residency."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shard.detokenizer import TextStream
 from shard.sampling import SamplingParams
 
 
@@ -86,3 +88,59 @@ class StepOutput:
     @property
     def final(self) -> bool:
         return self.finish is not None or self.migration is not None or self.error is not None
+
+
+class Sequence:
+    """A request inside the engine (hot, mutable state; engine thread only)."""
+
+    def __init__(
+        self,
+        req: EngineRequest,
+        seed: int,
+        sink: Callable[[StepOutput], None],
+        text: TextStream,
+    ) -> None:
+        resumed = req.resume.generated_ids if req.resume else ()
+        self.req = req
+        self.seed = seed
+        self.sink = sink
+        self.text = text
+        self.token_ids: list[int] = [*req.prompt_ids, *resumed]
+        self.generated: list[int] = list(resumed)
+        self.num_cached = 0  # tokens whose keys and values are in the KV pages
+        self.pages: list[int] = []
+        self.status = SeqStatus.WAITING
+        self.holds_adapter = False
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def adapter_id(self) -> str:
+        return self.req.adapter_id
+
+    @property
+    def new_tokens(self) -> int:
+        """Rows this sequence adds to the next forward."""
+        return len(self.token_ids) - self.num_cached
+
+    def usage(self) -> Usage:
+        resume = self.req.resume
+        start = self.first_scheduled if self.first_scheduled is not None else time.monotonic()
+        queue = start - self.req.arrival + (resume.queue_time_s if resume else 0.0)
+        if resume and resume.generated_ids:
+            ttft = resume.time_to_first_token_s
+        elif self.first_token is not None:
+            ttft = self.first_token - self.req.arrival
+        else:
+            ttft = 0.0
+        return Usage(
+            prompt_tokens=len(self.req.prompt_ids),
+            generated_tokens=len(self.generated),
+            queue_time_s=queue,
+            time_to_first_token_s=ttft,
+            migrations=resume.migrations if resume else 0,
+        )

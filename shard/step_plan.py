@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shard.sequence import Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,3 +36,41 @@ class StepPlan:
     @property
     def num_rows(self) -> int:
         return len(self.input_ids)
+
+
+def make_plan(
+    decode: list[Sequence], prefill: list[Sequence], page_size: int
+) -> tuple[StepPlan, list[Sequence]]:
+    """The plan for one forward, and the sequences in the order of its logits rows."""
+    ordered_decode = sorted(decode, key=lambda s: s.adapter_id)
+    ordered_prefill = sorted(prefill, key=lambda s: s.adapter_id)
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    rows: list[int] = []
+    segments: list[tuple[int, str]] = []
+    prefills: list[PrefillPlan] = []
+    tagged = [(s, False) for s in ordered_decode] + [(s, True) for s in ordered_prefill]
+    for seq, is_prefill in tagged:
+        start = len(ids)
+        if not segments or segments[-1][1] != seq.adapter_id:
+            segments.append((start, seq.adapter_id))
+        span = range(seq.num_cached, len(seq.token_ids))
+        ids.extend(seq.token_ids[seq.num_cached :])
+        positions.extend(span)
+        slots.extend(seq.pages[p // page_size] * page_size + p % page_size for p in span)
+        rows.append(len(ids) - 1)
+        if is_prefill:
+            prefills.append(PrefillPlan(start, len(ids), len(seq.token_ids), tuple(seq.pages)))
+    plan = StepPlan(
+        input_ids=tuple(ids),
+        positions=tuple(positions),
+        slots=tuple(slots),
+        decode_pages=tuple(tuple(s.pages) for s in ordered_decode),
+        decode_context=tuple(len(s.token_ids) for s in ordered_decode),
+        prefills=tuple(prefills),
+        logits_rows=tuple(rows),
+        segments=tuple(segments),
+        adapters=tuple(sorted({s.adapter_id for s in (*decode, *prefill) if s.adapter_id})),
+    )
+    return plan, [*ordered_decode, *ordered_prefill]

@@ -1,0 +1,120 @@
+"""The shard's one frozen configuration, built from flags with `LORAFLEET_*` env defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfig:
+    model: Path  # Hugging Face Llama-family folder
+    adapters: Path  # adapter root: one PEFT folder per adapter id
+    host: str
+    port: int
+    device: str  # "cpu" or "cuda" (resolved from "auto")
+    dtype: str
+    tp: int  # tensor-parallel size (GPUs in this shard)
+    max_batch_size: int  # requests in the running batch
+    max_prefill_tokens: int  # prompt tokens per step
+    kv_pages: int | None  # explicit KV pool size; None: planned from kv_memory_fraction
+    kv_memory_fraction: float  # share of free device memory for KV pages and adapters
+    page_size: int  # tokens per KV page
+    adapter_memory_mb: int  # device budget for resident adapters
+    max_lora_rank: int
+    max_queue: int  # requests waiting on this shard before RESOURCE_EXHAUSTED
+    metrics_port: int | None
+    shard_id: str  # how this shard names itself in load snapshots
+    drain_timeout_s: float  # SIGTERM: longest wait for running requests before exit
+    log_format: str  # "json" or "console"; "auto" picks console on a TTY
+
+
+def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
+    return env.get(f"LORAFLEET_{name}", default)
+
+
+def parse_config(
+    argv: list[str] | None = None, env: Mapping[str, str] | None = None
+) -> ShardConfig:
+    """Flags win over env vars (`LORAFLEET_MODEL`, ...), which win over defaults."""
+    env = os.environ if env is None else env
+    p = argparse.ArgumentParser(prog="lorafleet-shard", description=__doc__)
+
+    def add(flag: str, env_name: str, default: str | None, help: str, **kw: object) -> None:
+        p.add_argument(flag, default=_env(env, env_name, default), help=help, **kw)  # type: ignore[arg-type]
+
+    add("--model", "MODEL", None, "Hugging Face Llama-family model folder")
+    add("--adapters", "ADAPTERS", None, "adapter root (one PEFT folder per adapter id)")
+    add("--host", "HOST", "0.0.0.0", "address to bind")
+    add("--port", "PORT", "50061", "gRPC port", type=int)
+    add("--device", "DEVICE", "auto", "cpu, cuda or auto", choices=("cpu", "cuda", "auto"))
+    add("--dtype", "DTYPE", None, "weights dtype (default bfloat16 on cuda, float32 on cpu)")
+    add("--tp", "TP", "1", "tensor-parallel size", type=int)
+    add("--max-batch-size", "MAX_BATCH_SIZE", "32", "requests per running batch", type=int)
+    add("--max-prefill-tokens", "MAX_PREFILL_TOKENS", "4096", "prompt tokens per step", type=int)
+    add("--kv-pages", "KV_PAGES", None, "KV pool size in pages (overrides the fraction)", type=int)
+    add("--kv-memory-fraction", "KV_MEMORY_FRACTION", "0.85", "free memory share", type=float)
+    add("--page-size", "PAGE_SIZE", "16", "tokens per KV page", type=int)
+    add("--adapter-memory-mb", "ADAPTER_MEMORY_MB", "2048", "device adapter budget", type=int)
+    add("--max-lora-rank", "MAX_LORA_RANK", "128", "largest adapter rank accepted", type=int)
+    add("--max-queue", "MAX_QUEUE", "1024", "waiting requests before refusing", type=int)
+    add("--metrics-port", "METRICS_PORT", None, "Prometheus /metrics port", type=int)
+    add("--shard-id", "SHARD_ID", None, "name in load snapshots (default host:port)")
+    add("--drain-timeout-s", "DRAIN_TIMEOUT_S", "25", "SIGTERM drain limit", type=float)
+    add("--log-format", "LOG_FORMAT", "auto", "json, console or auto")
+    a = p.parse_args(argv)
+
+    if not a.model or not a.adapters:
+        p.error("--model and --adapters are required (or LORAFLEET_MODEL / LORAFLEET_ADAPTERS)")
+    device = a.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
+    if dtype not in DTYPES:
+        p.error(f"--dtype must be one of {DTYPES}")
+    for name, value, low in (
+        ("--tp", a.tp, 1),
+        ("--max-batch-size", a.max_batch_size, 1),
+        ("--page-size", a.page_size, 1),
+        ("--max-prefill-tokens", a.max_prefill_tokens, 1),
+        ("--max-lora-rank", a.max_lora_rank, 1),
+    ):
+        if value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
+    if not 0.0 < a.kv_memory_fraction < 1.0:
+        p.error("--kv-memory-fraction must be in (0, 1)")
+    model, adapters = Path(a.model), Path(a.adapters)
+    if not model.is_dir():
+        p.error(f"--model {model} is not a folder")
+    if not adapters.is_dir():
+        p.error(f"--adapters {adapters} is not a folder")
+    host_name = socket.gethostname() if a.host in ("0.0.0.0", "::") else a.host
+    return ShardConfig(
+        model=model,
+        adapters=adapters,
+        host=a.host,
+        port=a.port,
+        device=device,
+        dtype=dtype,
+        tp=a.tp,
+        max_batch_size=a.max_batch_size,
+        max_prefill_tokens=a.max_prefill_tokens,
+        kv_pages=a.kv_pages,
+        kv_memory_fraction=a.kv_memory_fraction,
+        page_size=a.page_size,
+        adapter_memory_mb=a.adapter_memory_mb,
+        max_lora_rank=a.max_lora_rank,
+        max_queue=a.max_queue,
+        metrics_port=a.metrics_port,
+        shard_id=a.shard_id or f"{host_name}:{a.port}",
+        drain_timeout_s=a.drain_timeout_s,
+        log_format=a.log_format,
+    )

@@ -1,0 +1,269 @@
+"""The step loop, in its own thread: schedule -> one forward -> sample -> stream tokens out."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+import torch
+from tokenizers import Tokenizer
+
+from shard.detokenizer import TextStream
+from shard.kv_cache import pages_for
+from shard.sampling import sample
+from shard.scheduler import Scheduler
+from shard.sequence import (
+    EngineRequest,
+    FinishReason,
+    MigrationReason,
+    Sequence,
+    StepOutput,
+)
+from shard.step_plan import StepPlan, make_plan
+
+log = structlog.get_logger(__name__)
+
+Sink = Callable[[StepOutput], None]
+
+
+class CapacityError(Exception):
+    """The shard cannot take the request (queue full, or it can never fit the KV pool)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadState:
+    """The engine's load, as the shard's WatchLoad reports it."""
+
+    version: int
+    running: int
+    queued: int
+    max_batch_size: int
+    kv_pages_free: int
+    kv_pages_total: int
+    kv_page_size: int
+    kv_pages_queued: int
+    adapters_resident: tuple[str, ...]
+    draining: bool
+
+
+class Engine:
+    """Owns the scheduler and the model runner; the server talks to it only through `submit`,
+    `cancel`, `drain` and `load`."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        forward: Callable[[StepPlan], torch.Tensor],
+        tokenizer: Tokenizer,
+        eos_ids: tuple[int, ...],
+        max_context: int,
+        max_queue: int,
+    ) -> None:
+        self.scheduler = scheduler
+        self.forward = forward
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self.max_context = max_context
+        self.max_queue = max_queue
+        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._seqs: dict[str, Sequence] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._draining = False
+        self._load = self._snapshot(0)
+        self.failure: BaseException | None = None
+        self.steps = 0
+
+    # -- thread-safe API ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout)
+
+    def submit(self, req: EngineRequest, sink: Sink) -> None:
+        """Queues a request; its outputs go to `sink` from the engine thread."""
+        pool = self.scheduler.pool
+        need = pages_for(len(req.prompt_ids) + 1, self.scheduler.page_size)
+        if need > pool.total:
+            raise CapacityError(
+                f"the prompt needs {need} KV pages but this shard's pool has {pool.total}"
+            )
+        if self._load.queued >= self.max_queue:
+            raise CapacityError(f"the shard's queue is full ({self.max_queue} requests waiting)")
+        if self._draining:
+            raise CapacityError("the shard is draining and takes no new requests")
+        self._inbox.put(("submit", (req, sink)))
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    def drain(self) -> int:
+        """Stops admissions; waiting migratable requests leave at once. Returns running count."""
+        self._draining = True
+        self._inbox.put(("drain", None))
+        return self._load.running
+
+    def evacuate(self) -> None:
+        """Migrates every running migratable request (the end of a drain)."""
+        self._inbox.put(("evacuate", None))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
+    def load(self) -> LoadState:
+        return self._load
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take_inbox(block=not self._seqs)
+                self._step()
+        except BaseException as exc:
+            self.failure = exc
+            log.exception("engine failed")
+            for seq in list(self._seqs.values()):
+                seq.sink(StepOutput(error=exc))
+            self._seqs.clear()
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(cmd, arg)
+            try:
+                cmd, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, cmd: str, arg: object) -> None:
+        if cmd == "submit":
+            req, sink = arg  # type: ignore[misc]
+            self._admit_request(req, sink)
+        elif cmd == "cancel":
+            seq = self._seqs.pop(arg, None)  # type: ignore[arg-type]
+            if seq is not None:
+                self.scheduler.release(seq)
+                log.info("request cancelled", request_id=seq.request_id)
+        elif cmd in ("drain", "evacuate"):
+            group = self.scheduler.waiting if cmd == "drain" else list(self._seqs.values())
+            for seq in list(group):
+                if seq.req.migratable:
+                    self._migrate(seq, MigrationReason.DRAINING)
+        self._publish()
+
+    def _admit_request(self, req: EngineRequest, sink: Sink) -> None:
+        if req.sampling.seed is None:
+            req = dataclasses.replace(
+                req, sampling=dataclasses.replace(req.sampling, seed=random.getrandbits(63))
+            )
+        resumed = req.resume.generated_ids if req.resume else ()
+        text = TextStream(
+            self.tokenizer, req.prompt_ids, stop=req.stopping.stop, generated_ids=resumed
+        )
+        seq = Sequence(req, req.sampling.seed or 0, sink, text)
+        self._seqs[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _step(self) -> None:
+        sched = self.scheduler.schedule()
+        for seq, err in sched.failed:
+            self._seqs.pop(seq.request_id, None)
+            seq.sink(StepOutput(error=err))
+        for seq in sched.evicted:
+            if seq.req.migratable:
+                self._migrate(seq, MigrationReason.KV_EXHAUSTED)
+            else:
+                self.scheduler.add(seq, front=True)
+                log.info("request preempted", request_id=seq.request_id)
+        if sched.empty:
+            self._publish()
+            if self.scheduler.waiting:
+                time.sleep(0.002)  # adapters are loading or pages are short: look again soon
+            return
+        plan, order = make_plan(sched.decode, sched.prefill, self.scheduler.page_size)
+        logits = self.forward(plan)
+        for seq in order:
+            seq.num_cached = len(seq.token_ids)
+        tokens, logprobs = sample(
+            logits,
+            [s.req.sampling for s in order],
+            [s.token_ids for s in order],
+            [len(s.generated) for s in order],
+        )
+        for seq, tok, lp in zip(order, tokens.tolist(), logprobs.tolist(), strict=True):
+            self._advance(seq, tok, lp)
+        self.steps += 1
+        self._publish()
+
+    def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
+        now = time.monotonic()
+        if seq.first_token is None:
+            seq.first_token = now
+        seq.token_ids.append(token)
+        seq.generated.append(token)
+        stop = seq.req.stopping
+        finish = None
+        text = ""
+        if token in self.eos_ids and not stop.ignore_eos:
+            finish = FinishReason.EOS
+        else:
+            delta = seq.text.push([token])
+            text = delta.text
+            if delta.stopped:
+                finish = FinishReason.STOP
+        if finish is None and (
+            len(seq.generated) >= stop.max_new_tokens or len(seq.token_ids) >= self.max_context
+        ):
+            finish = FinishReason.LENGTH
+        if finish in (FinishReason.EOS, FinishReason.LENGTH):
+            text += seq.text.finish()
+        out = StepOutput(
+            token_ids=(token,),
+            text=text,
+            logprobs=(logprob,) if seq.req.return_logprobs else (),
+            finish=finish,
+            usage=seq.usage() if finish else None,
+        )
+        if finish is not None:
+            self._seqs.pop(seq.request_id, None)
+            self.scheduler.release(seq)
+        seq.sink(out)
+
+    def _migrate(self, seq: Sequence, reason: MigrationReason) -> None:
+        self.scheduler.release(seq)
+        self._seqs.pop(seq.request_id, None)
+        log.info("request migrates", request_id=seq.request_id, reason=reason.value)
+        seq.sink(StepOutput(migration=reason, generated_ids=tuple(seq.generated)))
+
+    def _snapshot(self, version: int) -> LoadState:
+        sched = self.scheduler
+        return LoadState(
+            version=version,
+            running=len(sched.running),
+            queued=len(sched.waiting),
+            max_batch_size=sched.max_batch_size,
+            kv_pages_free=sched.pool.free,
+            kv_pages_total=sched.pool.total,
+            kv_page_size=sched.page_size,
+            kv_pages_queued=sched.pages_waiting(),
+            adapters_resident=tuple(sched.adapters.resident_ids()),
+            draining=self._draining,
+        )
+
+    def _publish(self) -> None:
+        snap = self._snapshot(self._load.version)
+        if snap != self._load:
+            self._load = dataclasses.replace(snap, version=self._load.version + 1)

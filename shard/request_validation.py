@@ -1,0 +1,87 @@
+"""Checks a GenerateRequest and turns it into an EngineRequest, with messages a user can act on."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from protos import generate_pb2
+from shard.model_config import ModelConfig
+from shard.sampling import SamplingParams
+from shard.sequence import EngineRequest, Resume, StopParams
+
+DEFAULT_MAX_NEW_TOKENS = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+
+
+class RequestError(ValueError):
+    """The request is malformed (maps to INVALID_ARGUMENT)."""
+
+
+def to_engine_request(
+    msg: generate_pb2.GenerateRequest,
+    request_id: str,
+    tokenizer: Tokenizer,
+    model: ModelConfig,
+    max_context: int,
+    resume: Resume | None,
+    migratable: bool,
+) -> EngineRequest:
+    which = msg.WhichOneof("input")
+    if which == "prompt":
+        if not msg.prompt:
+            raise RequestError("prompt is empty: send a non-empty prompt or prompt_token_ids")
+        ids = tuple(tokenizer.encode(msg.prompt).ids)
+    elif which == "prompt_token_ids":
+        ids = tuple(msg.prompt_token_ids.ids)
+        if not ids:
+            raise RequestError("prompt_token_ids is empty")
+        bad = [t for t in ids if t >= model.vocab_size]
+        if bad:
+            raise RequestError(
+                f"prompt_token_ids holds ids >= the vocabulary size {model.vocab_size}: {bad[:5]}"
+            )
+    else:
+        raise RequestError("no input: set prompt or prompt_token_ids")
+
+    stop = msg.stopping
+    max_new = stop.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if len(ids) >= max_context:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens; the model context is {max_context}: shorten it"
+        )
+    if len(ids) + max_new > max_context:
+        raise RequestError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the model context "
+            f"of {max_context} tokens: lower max_new_tokens to at most {max_context - len(ids)}"
+        )
+    if len(stop.stop) > MAX_STOP_STRINGS:
+        raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")
+    for s in stop.stop:
+        if not s or len(s.encode()) > MAX_STOP_BYTES:
+            raise RequestError(f"stop strings must be 1..{MAX_STOP_BYTES} bytes, got {s!r:.40}")
+
+    sp = msg.sampling
+    sampling = SamplingParams(
+        temperature=sp.temperature,
+        top_p=sp.top_p or 1.0,
+        top_k=sp.top_k,
+        repetition_penalty=sp.repetition_penalty or 1.0,
+        seed=sp.seed if sp.HasField("seed") else None,
+    )
+    try:
+        sampling.validate()
+    except ValueError as e:
+        raise RequestError(str(e)) from e
+    if resume is not None and len(resume.generated_ids) >= max_new:
+        raise RequestError("resume state already holds max_new_tokens tokens")
+    return EngineRequest(
+        request_id=request_id,
+        adapter_id=msg.adapter_id,
+        prompt_ids=ids,
+        sampling=sampling,
+        stopping=StopParams(max_new, tuple(stop.stop), stop.ignore_eos),
+        return_logprobs=msg.return_logprobs,
+        resume=resume,
+        migratable=migratable,
+    )

@@ -1,0 +1,137 @@
+"""Continuous batching: which requests run in the next forward.
+
+Every step holds one decode token of each running request plus as many new prompts as the token
+budget, the batch limit and the free KV pages allow. A request is admitted only once its adapter
+is resident. When a running request needs a page and none is free, the newest request is evicted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from shard.adapter_cache import AdapterCache
+from shard.adapter_loader import AdapterError
+from shard.kv_cache import PagePool, pages_for
+from shard.sequence import SeqStatus, Sequence
+
+
+@dataclass(slots=True)
+class Schedule:
+    """The outcome of one scheduling decision."""
+
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[Sequence] = field(default_factory=list)
+    evicted: list[Sequence] = field(default_factory=list)  # lost their KV pages this step
+    failed: list[tuple[Sequence, AdapterError]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    """FCFS admission with a token budget; engine thread only."""
+
+    def __init__(
+        self,
+        pool: PagePool,
+        page_size: int,
+        max_batch_size: int,
+        max_prefill_tokens: int,
+        adapters: AdapterCache,
+    ) -> None:
+        self.pool = pool
+        self.page_size = page_size
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.adapters = adapters
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = SeqStatus.WAITING
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def pages_waiting(self) -> int:
+        return sum(pages_for(len(s.token_ids) + 1, self.page_size) for s in self.waiting)
+
+    def schedule(self) -> Schedule:
+        out = Schedule()
+        self._grow_running(out)
+        self._admit(out)
+        return out
+
+    def _grow_running(self, out: Schedule) -> None:
+        """Gives each running request a page for its next token, evicting the newest if needed."""
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # evicted earlier in this loop
+            need = pages_for(len(seq.token_ids), self.page_size) - len(seq.pages)
+            while need > 0:
+                got = self.pool.alloc(need)
+                if got is not None:
+                    seq.pages.extend(got)
+                    break
+                victim = self.running[-1]
+                self._evict(victim)
+                out.evicted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                out.decode.append(seq)
+
+    def _admit(self, out: Schedule) -> None:
+        budget = self.max_prefill_tokens
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_batch_size:
+                break
+            if seq.adapter_id:
+                state = self.adapters.poll(seq.adapter_id)
+                if isinstance(state, AdapterError):
+                    self.waiting.remove(seq)
+                    out.failed.append((seq, state))
+                    continue
+                if state is None:
+                    continue  # still loading: later requests may go ahead
+            rows = seq.new_tokens
+            if rows > budget and out.prefill:
+                break
+            # The prompt's pages now, plus room for the first generated token.
+            need = pages_for(len(seq.token_ids) + 1, self.page_size)
+            got = self.pool.alloc(need)
+            if got is None:
+                break
+            self.waiting.remove(seq)
+            seq.pages = got
+            if seq.adapter_id:
+                self.adapters.acquire(seq.adapter_id)
+                seq.holds_adapter = True
+            seq.status = SeqStatus.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
+            self.running.append(seq)
+            out.prefill.append(seq)
+            budget -= rows
+
+    def _evict(self, seq: Sequence) -> None:
+        """Takes a running request out of the batch and frees its pages (it keeps its tokens)."""
+        self.release(seq)
+        seq.num_cached = 0
+        seq.status = SeqStatus.WAITING
+
+    def release(self, seq: Sequence) -> None:
+        """Frees everything a request holds; it leaves the running batch."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages = []
+        if seq.holds_adapter:
+            self.adapters.release(seq.adapter_id)
+            seq.holds_adapter = False

@@ -1,0 +1,264 @@
+"""gRPC edge of the shard: protobuf <-> domain objects, domain errors -> status codes.
+
+No tensor work happens here; the engine thread does it and hands outputs back through an
+asyncio queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from tokenizers import Tokenizer
+
+from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shard.adapter_cache import AdapterCache
+from shard.adapter_loader import AdapterError, AdapterErrorKind
+from shard.engine import CapacityError, Engine
+from shard.model_config import ModelConfig
+from shard.request_validation import RequestError, to_engine_request
+from shard.sequence import FinishReason, MigrationReason, Resume, StepOutput
+
+log = structlog.get_logger(__name__)
+
+_FINISH = {
+    FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
+    FinishReason.EOS: generate_pb2.FINISH_REASON_EOS,
+    FinishReason.CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
+}
+_MIGRATION = {
+    MigrationReason.KV_EXHAUSTED: shard_pb2.MIGRATION_REASON_KV_EXHAUSTED,
+    MigrationReason.DRAINING: shard_pb2.MIGRATION_REASON_DRAINING,
+}
+_ADAPTER_CODE = {
+    AdapterErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    AdapterErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    AdapterErrorKind.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+_RESIDENCY = {
+    "gpu": generate_pb2.ADAPTER_RESIDENCY_GPU,
+    "host": generate_pb2.ADAPTER_RESIDENCY_HOST,
+    "disk": generate_pb2.ADAPTER_RESIDENCY_DISK,
+}
+
+
+def _chunk(out: StepOutput) -> generate_pb2.GenerateResponse:
+    msg = generate_pb2.GenerateResponse(
+        token_ids=list(out.token_ids), text=out.text, logprobs=list(out.logprobs)
+    )
+    if out.finish is not None:
+        msg.finish_reason = _FINISH[out.finish]
+    if out.usage is not None:
+        u = out.usage
+        msg.usage.CopyFrom(
+            generate_pb2.Usage(
+                prompt_tokens=u.prompt_tokens,
+                generated_tokens=u.generated_tokens,
+                queue_time_s=u.queue_time_s,
+                time_to_first_token_s=u.time_to_first_token_s,
+                migrations=u.migrations,
+            )
+        )
+    return msg
+
+
+class ShardService:
+    """Both services of a shard over one engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        adapters: AdapterCache,
+        tokenizer: Tokenizer,
+        model: ModelConfig,
+        shard_id: str,
+        tp_size: int,
+        max_context: int,
+    ) -> None:
+        self.engine = engine
+        self.adapters = adapters
+        self.tokenizer = tokenizer
+        self.model = model
+        self.shard_id = shard_id
+        self.tp_size = tp_size
+        self.max_context = max_context
+        self.sequence = 0
+
+    async def stream(
+        self,
+        request: generate_pb2.GenerateRequest,
+        resume: Resume | None,
+        migratable: bool,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[StepOutput]:
+        """Validates, submits, and yields the request's outputs until the final one."""
+        rid = request.request_id or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=rid, adapter_id=request.adapter_id)
+        try:
+            if request.adapter_id:
+                self.adapters.check(request.adapter_id)
+            req = to_engine_request(
+                request, rid, self.tokenizer, self.model, self.max_context, resume, migratable
+            )
+        except RequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except AdapterError as e:
+            await context.abort(_ADAPTER_CODE[e.kind], str(e))
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
+        try:
+            self.engine.submit(req, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
+        except CapacityError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        done = False
+        try:
+            while not done:
+                out = await outputs.get()
+                if out.error is not None:
+                    done = True
+                    err = out.error
+                    if isinstance(err, AdapterError):
+                        await context.abort(_ADAPTER_CODE[err.kind], str(err))
+                    await context.abort(grpc.StatusCode.INTERNAL, f"shard failure: {err}")
+                done = out.final
+                yield out
+        finally:
+            if not done:
+                self.engine.cancel(req.request_id)
+
+    def snapshot(self) -> shard_pb2.LoadSnapshot:
+        s = self.engine.load()
+        self.sequence += 1
+        return shard_pb2.LoadSnapshot(
+            shard_id=self.shard_id,
+            sequence=self.sequence,
+            running=s.running,
+            max_batch_size=s.max_batch_size,
+            kv_pages_free=s.kv_pages_free,
+            kv_pages_total=s.kv_pages_total,
+            kv_page_size=s.kv_page_size,
+            queued=s.queued,
+            adapters_resident=list(s.adapters_resident),
+            draining=s.draining,
+            tp_size=self.tp_size,
+            max_context=self.max_context,
+            kv_pages_queued=s.kv_pages_queued,
+        )
+
+    def adapter_infos(self) -> list[generate_pb2.AdapterInfo]:
+        return [
+            generate_pb2.AdapterInfo(
+                adapter_id=e.adapter_id,
+                residency=_RESIDENCY[e.residency],
+                rank=e.rank,
+                size_bytes=e.size_bytes,
+                digest=e.digest,
+                last_used_unix_s=e.last_used,
+                target_modules=list(e.targets),
+            )
+            for e in self.adapters.entries()
+        ]
+
+
+class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
+    def __init__(self, service: ShardService) -> None:
+        self.s = service
+
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        """Streams a completion; KV shortage preempts and recomputes here (no migration)."""
+        async for out in self.s.stream(request, None, False, context):
+            yield _chunk(out)
+
+    async def ListAdapters(
+        self, request: generate_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.ListAdaptersResponse:
+        """Adapters under this shard's root with their residency."""
+        return generate_pb2.ListAdaptersResponse(adapters=self.s.adapter_infos())
+
+    async def GetInfo(
+        self, request: generate_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> generate_pb2.GetInfoResponse:
+        """Base model and context size of this shard."""
+        m = self.s.model
+        return generate_pb2.GetInfoResponse(
+            model=m.name,
+            max_context=self.s.max_context,
+            shards=[self.s.shard_id],
+            vocab_size=m.vocab_size,
+            eos_token_id=m.eos_token_ids[0] if m.eos_token_ids else 0,
+        )
+
+
+class ShardServicer(shard_pb2_grpc.ShardServicer):
+    def __init__(self, service: ShardService) -> None:
+        self.s = service
+
+    async def Generate(
+        self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.ShardGenerateResponse]:
+        """Like Generator.Generate, resumable, ending with a migration notice when evicted."""
+        resume = None
+        if request.HasField("resume"):
+            r = request.resume
+            resume = Resume(
+                tuple(r.generated_token_ids),
+                r.queue_time_s,
+                r.time_to_first_token_s,
+                r.migrations,
+            )
+        async for out in self.s.stream(request.request, resume, True, context):
+            if out.migration is not None:
+                yield shard_pb2.ShardGenerateResponse(
+                    migration=shard_pb2.Migration(
+                        reason=_MIGRATION[out.migration],
+                        generated_token_ids=list(out.generated_ids),
+                    )
+                )
+            else:
+                yield shard_pb2.ShardGenerateResponse(chunk=_chunk(out))
+
+    async def WatchLoad(
+        self, request: shard_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
+        """A snapshot now, then on every change and at least once a second."""
+        last_version, last_sent = -1, 0.0
+        while True:
+            version = self.s.engine.load().version
+            now = time.monotonic()
+            if version != last_version or now - last_sent >= 1.0:
+                last_version, last_sent = version, now
+                yield shard_pb2.WatchLoadResponse(snapshot=self.s.snapshot())
+            await asyncio.sleep(0.02)
+
+    async def LoadAdapter(
+        self, request: shard_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.LoadAdapterResponse:
+        """Starts loading an adapter and waits until it is resident (or fails)."""
+        try:
+            self.s.adapters.check(request.adapter_id)
+        except AdapterError as e:
+            await context.abort(_ADAPTER_CODE[e.kind], str(e))
+        err = await asyncio.to_thread(self.s.adapters.preload, request.adapter_id, request.pin)
+        if err is not None:
+            await context.abort(_ADAPTER_CODE[err.kind], str(err))
+        info = next(i for i in self.s.adapter_infos() if i.adapter_id == request.adapter_id)
+        return shard_pb2.LoadAdapterResponse(adapter=info)
+
+    async def EvictAdapter(
+        self, request: shard_pb2.EvictAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.EvictAdapterResponse:
+        """Drops an adapter once no running request uses it."""
+        return shard_pb2.EvictAdapterResponse(evicted=self.s.adapters.evict(request.adapter_id))
+
+    async def Drain(
+        self, request: shard_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> shard_pb2.DrainResponse:
+        """Stops new placements here; running requests finish, waiting ones migrate."""
+        return shard_pb2.DrainResponse(running=self.s.engine.drain())

@@ -1,0 +1,154 @@
+"""The engine's continuous batching against transformers + PEFT, each request run alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from shard.__main__ import build_engine
+from shard.config import parse_config
+from shard.engine import Engine
+from shard.parallel import SINGLE
+from shard.sampling import SamplingParams
+from shard.sequence import EngineRequest, FinishReason, StepOutput, StopParams
+from tests.reference import greedy
+
+NEW_TOKENS = 32
+PROMPTS = [
+    [5, 17, 42, 99, 3],
+    [7, 8, 9],
+    [120, 44, 31, 200, 11, 12, 13, 14, 15],
+    [300, 2, 77],
+    [64, 65, 66, 67, 68, 69, 70],
+    [150, 151],
+    [33, 34, 35, 36],
+]
+
+
+class Collector:
+    """Gathers one request's outputs from the engine thread."""
+
+    def __init__(self) -> None:
+        self.outputs: list[StepOutput] = []
+        self.done = threading.Event()
+
+    def __call__(self, out: StepOutput) -> None:
+        self.outputs.append(out)
+        if out.final:
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def logprobs(self) -> list[float]:
+        return [lp for o in self.outputs for lp in o.logprobs]
+
+
+def make_engine(tiny, *extra: str) -> Engine:
+    argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
+    argv += ["--device", "cpu", "--page-size", "4", *extra]
+    engine, _ = build_engine(parse_config(argv, env={}), SINGLE)
+    engine.start()
+    return engine
+
+
+def request(rid: str, adapter: str, prompt: list[int], new: int = NEW_TOKENS) -> EngineRequest:
+    return EngineRequest(
+        request_id=rid,
+        adapter_id=adapter,
+        prompt_ids=tuple(prompt),
+        sampling=SamplingParams(),
+        stopping=StopParams(max_new_tokens=new, ignore_eos=True),
+        return_logprobs=True,
+    )
+
+
+def reference(tiny, adapter: str, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    return greedy(
+        tiny.model_dir, tiny.adapter_dir(adapter) if adapter else None, prompt, NEW_TOKENS
+    )
+
+
+def mixed_rows(tiny) -> list[tuple[str, list[int]]]:
+    adapters = list(tiny.adapter_ids) + ["", ""]
+    return [(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapters)]
+
+
+def test_mixed_batch_matches_peft_alone(tiny) -> None:
+    rows = mixed_rows(tiny)
+    assert len({a for a, _ in rows if a}) >= 5
+    engine = make_engine(tiny)
+    try:
+        sinks = [Collector() for _ in rows]
+        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
+            engine.submit(request(f"r{i}", adapter, prompt), sink)
+        for sink in sinks:
+            assert sink.done.wait(60)
+        assert engine.steps < len(rows) * NEW_TOKENS  # rows really shared forward steps
+    finally:
+        engine.stop()
+    for (adapter, prompt), sink in zip(rows, sinks, strict=True):
+        tokens, logits = reference(tiny, adapter, prompt)
+        assert sink.tokens == tokens, f"adapter {adapter or 'base'}"
+        want = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(sink.logprobs), want, atol=1e-4, rtol=1e-4)
+        assert sink.outputs[-1].finish is FinishReason.LENGTH
+        assert sink.outputs[-1].usage.generated_tokens == NEW_TOKENS
+
+
+def test_requests_joining_mid_decode_match_alone(tiny) -> None:
+    rows = mixed_rows(tiny)
+    engine = make_engine(tiny)
+    try:
+        sinks = [Collector() for _ in rows]
+        for i in (0, 1, 2):
+            engine.submit(request(f"a{i}", *rows[i]), sinks[i])
+        deadline = time.monotonic() + 30
+        while len(sinks[0].tokens) < 6 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert 0 < len(sinks[0].tokens) < NEW_TOKENS  # the first ones are mid-decode
+        for i in range(3, len(rows)):
+            engine.submit(request(f"a{i}", *rows[i]), sinks[i])
+        for sink in sinks:
+            assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    for (adapter, prompt), sink in zip(rows, sinks, strict=True):
+        assert sink.tokens == reference(tiny, adapter, prompt)[0]
+
+
+def test_kv_exhaustion_preempts_and_recomputes_exactly(tiny) -> None:
+    rows = mixed_rows(tiny)[:4]
+    # 4 requests need ~4 x 10 pages of 4 tokens by the end; 24 pages force evictions.
+    engine = make_engine(tiny, "--kv-pages", "24")
+    try:
+        sinks = [Collector() for _ in rows]
+        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
+            engine.submit(request(f"k{i}", adapter, prompt), sink)
+        for sink in sinks:
+            assert sink.done.wait(60)
+        assert engine.load().kv_pages_free == 24
+    finally:
+        engine.stop()
+    for (adapter, prompt), sink in zip(rows, sinks, strict=True):
+        assert sink.tokens == reference(tiny, adapter, prompt)[0]
+
+
+@pytest.mark.parametrize("adapter", ["missing-adapter"])
+def test_unknown_adapter_fails_the_request_only(tiny, adapter: str) -> None:
+    engine = make_engine(tiny)
+    try:
+        bad, good = Collector(), Collector()
+        engine.submit(request("bad", adapter, [1, 2, 3]), bad)
+        engine.submit(request("good", "", [1, 2, 3], new=4), good)
+        assert bad.done.wait(30) and good.done.wait(30)
+        assert bad.outputs[-1].error is not None
+        assert "not found" in str(bad.outputs[-1].error)
+        assert len(good.tokens) == 4
+    finally:
+        engine.stop()
