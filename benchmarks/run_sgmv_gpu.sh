@@ -12,6 +12,23 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | t
 start=$(date +%s)
 python3 -m shard.ops.build >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build: $(($(date +%s) - start)) s"
+# A failed TORCH_CHECK must raise, not crash: on a crash, show where (cuda-gdb debugs host code).
+cat >/tmp/raise.py <<'PY'
+import torch
+from shard.ops import sgmv_shrink
+dev = "cuda"
+v = torch.empty(4, 256, dtype=torch.bfloat16, device=dev)
+x = torch.randn(4, 64, dtype=torch.bfloat16, device=dev)
+ptrs = torch.zeros(1, dtype=torch.int64, device=dev)
+starts = torch.tensor([0, 4], dtype=torch.int32, device=dev)
+ranks = torch.tensor([8], dtype=torch.int32, device=dev)
+try:
+    sgmv_shrink(v, x, ptrs, starts, ranks, 0)
+except RuntimeError as e:
+    print("raised as it should:", str(e).splitlines()[0])
+PY
+python3 /tmp/raise.py 2>&1 | tail -3
+[ "${PIPESTATUS[0]}" = 0 ] || timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 /tmp/raise.py 2>&1 | tail -40
 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
 python3 -m benchmarks.bench_sgmv --out "$OUT/sgmv_bench.json" --commit "${COMMIT:-unknown}" \

@@ -1,9 +1,10 @@
 // SGMV expand: y[t] += scale_s * (v[t, :r_s] @ B_s[layer]) for each segment s (shapes: sgmv.h).
 //
-// A CTA owns BM rows of one segment and BN columns of h_out. It copies B_s[:, cols] (k = rank
-// rows, zero-padded to a multiple of 16) and the tile's v rows into shared memory with cp.async,
-// then its 4 warps (WM x WN) run m16n8k16 MMAs fed by ldmatrix (.trans for B, which is k-major)
-// and add the scaled fp32 result into y.
+// A CTA owns BM rows of one segment and BN columns of h_out. It starts copying B_s[:, cols]
+// (k = rank rows, zero-padded to a multiple of 16) into shared memory with cp.async before the
+// previous kernel has finished (programmatic dependent launch), then loads the tile's v rows and
+// its y values; its 4 warps (WM x WN) run m16n8k16 MMAs fed by ldmatrix (.trans for B, which is
+// k-major) and write y + scale * acc.
 #pragma once
 
 #include <atomic>
@@ -48,8 +49,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
   const int col0 = blockIdx.y * BN;
   const T* b = reinterpret_cast<const T*>(p.b_ptrs[tile.seg]) +
                static_cast<int64_t>(p.layer_idx) * p.ranks[tile.seg] * h_out;
-  const T* v = static_cast<const T*>(p.v);
 
+  // B is not written by the previous kernel: start copying it before waiting for that kernel.
   constexpr int kChunksB = BN / 8;
   for (int i = threadIdx.x; i < kpad * kChunksB; i += kThreads) {
     const int k = i / kChunksB, n = (i % kChunksB) * 8;
@@ -57,19 +58,40 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
     const T* src = ok ? b + static_cast<int64_t>(k) * h_out + col0 + n : b;
     cp_async16(sb + k * Smem::kStrideB + n, src, ok ? 16 : 0);
   }
-  const int chunks_v = kpad / 8;
-  for (int i = threadIdx.x; i < BM * chunks_v; i += kThreads) {
-    const int m = i / chunks_v, k = (i % chunks_v) * 8;
+  pdl_wait();
+  pdl_launch_dependents();
+
+  // v rows are few and short: plain loads, zero past the rank (those columns are don't-care).
+  const T* v = static_cast<const T*>(p.v);
+  for (int i = threadIdx.x; i < BM * kpad; i += kThreads) {
+    const int m = i / kpad, k = i % kpad;
     const int row = tile.row0 + m;
-    // Columns past the rank are don't-care (maybe NaN): copy only the rank's bytes.
-    const int bytes = row < row_end ? max(0, min(8, rank - k)) * 2 : 0;
-    const T* src = bytes ? v + static_cast<int64_t>(row) * p.ldv + k : v;
-    cp_async16(sv + m * Smem::kStrideV + k, src, bytes);
+    const bool ok = row < row_end && k < rank;
+    sv[m * Smem::kStrideV + k] = ok ? v[static_cast<int64_t>(row) * p.ldv + k] : from_float<T>(0.f);
+  }
+
+  // Read this thread's y pairs now so their latency overlaps the copy of B.
+  using T2 = typename Pair<T>::type;
+  T* y = static_cast<T*>(p.y);
+  const int g = lane / 4, c = lane % 4;
+  const int wm = warp % WM, wn = warp / WM;
+  T2 y_old[MT][2][NW];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = tile.row0 + (wm * MT + mt) * 16 + g + half * 8;
+#pragma unroll
+      for (int nt = 0; nt < NW; ++nt) {
+        const int col = col0 + (wn * NW + nt) * 8 + 2 * c;
+        if (row < row_end && col < h_out)
+          y_old[mt][half][nt] = *reinterpret_cast<const T2*>(y + static_cast<int64_t>(row) * p.ldy + col);
+      }
+    }
   }
   cp_async_wait_all();
   __syncthreads();
 
-  const int wm = warp % WM, wn = warp / WM;
   float acc[MT][NW][4] = {};
   for (int k0 = 0; k0 < kpad; k0 += 16) {
     uint32_t af[MT][4];
@@ -93,10 +115,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
     }
   }
 
-  using T2 = typename Pair<T>::type;
   const float scale = p.scales[tile.seg];
-  T* y = static_cast<T*>(p.y);
-  const int g = lane / 4, c = lane % 4;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -108,11 +127,10 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
       for (int nt = 0; nt < NW; ++nt) {
         const int col = col0 + (wn * NW + nt) * 8 + 2 * c;
         if (col < h_out) {
-          T2* dst = reinterpret_cast<T2*>(yrow + col);
-          float2 out = to_float2(*dst);
+          float2 out = to_float2(y_old[mt][half][nt]);
           out.x += scale * acc[mt][nt][half * 2];
           out.y += scale * acc[mt][nt][half * 2 + 1];
-          *dst = from_float2<T>(out);
+          *reinterpret_cast<T2*>(yrow + col) = from_float2<T>(out);
         }
       }
     }
@@ -120,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
 }
 
 template <typename T, int RMAX, int BM, int BN, int WM>
-cudaError_t launch_expand(const ExpandParams& p, cudaStream_t stream) {
+cudaError_t launch_expand(const ExpandParams& p, int cc_major, cudaStream_t stream) {
   constexpr int kBytes = ExpandSmem<RMAX, BM, BN>::kBytes;
   auto* kernel = expand_kernel<T, RMAX, BM, BN, WM>;
   // Raise the shared-memory limit once per device, outside any graph capture (the first call).
@@ -135,8 +153,7 @@ cudaError_t launch_expand(const ExpandParams& p, cudaStream_t stream) {
     raised.fetch_or(bit);
   }
   const dim3 grid(max_tiles(p.num_rows, p.num_segments, BM), (p.h_out + BN - 1) / BN);
-  kernel<<<grid, kThreads, kBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch(kernel, grid, kBytes, 1, cc_major, p, stream);
 }
 
 // Rows per segment above which 64 x 128 tiles (B reused over 64 rows) beat 16 x 256 ones.
@@ -149,9 +166,12 @@ namespace lorafleet {
 template <typename T, int RMAX>
 cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   if (p.num_rows == 0 || p.num_segments == 0) return cudaSuccess;
+  int num_sms = 0, cc_major = 0;
+  const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
+  if (err != cudaSuccess) return err;
   if (p.num_rows > sgmv::kExpandPrefillRowsPerSegment * p.num_segments)
-    return sgmv::launch_expand<T, RMAX, 64, 128, 2>(p, stream);
-  return sgmv::launch_expand<T, RMAX, 16, 256, 1>(p, stream);
+    return sgmv::launch_expand<T, RMAX, 64, 128, 2>(p, cc_major, stream);
+  return sgmv::launch_expand<T, RMAX, 16, 256, 1>(p, cc_major, stream);
 }
 
 }  // namespace lorafleet

@@ -32,19 +32,15 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   const Tile tile = s_tile;
   if (tile.seg < 0) return;  // uniform over the cluster: its CTAs share blockIdx.x
 
-  const int rank = min(p.ranks[tile.seg], RMAX);
+  const int seg_rank = p.ranks[tile.seg];
+  const int rank = min(seg_rank, RMAX);
   const int row_end = p.seg_starts[tile.seg + 1];
   const int h_in = p.h_in;
   const T* a = reinterpret_cast<const T*>(p.a_ptrs[tile.seg]) +
-               static_cast<int64_t>(p.layer_idx) * p.ranks[tile.seg] * h_in;
-  const T* x = static_cast<const T*>(p.x);
+               static_cast<int64_t>(p.layer_idx) * seg_rank * h_in;
 
   const int wm = warp % WM, wk = warp / WM;
   const int g = lane / 4, c = lane % 4;
-  const int row_a = tile.row0 + wm * 16 + g, row_b = row_a + 8;
-  const bool has_a = row_a < row_end, has_b = row_b < row_end;
-  const T* xa = x + static_cast<int64_t>(row_a) * p.ldx + c * 8;
-  const T* xb = x + static_cast<int64_t>(row_b) * p.ldx + c * 8;
   const T* arow = a + static_cast<int64_t>(g) * h_in + c * 8;
 
   // h_in in steps of 32 (4 lanes x 8 elements), split contiguously over gridDim.y * WK warps.
@@ -54,26 +50,58 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   const int step0 = (blockIdx.y * WK + wk) * per;
   const int step1 = min(steps, step0 + per);
 
-  float acc[NT][4] = {};
-  constexpr int kUnroll = NT <= 2 ? 4 : (NT <= 4 ? 2 : 1);
-#pragma unroll kUnroll
-  for (int step = step0; step < step1; ++step) {
-    const int k = step * 32;
-    const bool k_ok = k + c * 8 < h_in;  // h_in % 8 == 0: a chunk is all in or all out
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 xa4 = has_a && k_ok ? __ldg(reinterpret_cast<const uint4*>(xa + k)) : zero;
-    const uint4 xb4 = has_b && k_ok ? __ldg(reinterpret_cast<const uint4*>(xb + k)) : zero;
-    uint4 a4[NT];
+  // Loads of U steps are issued together: U * (NT + 2) 16-byte loads in flight per thread.
+  constexpr int U = NT <= 2 ? 8 : (NT <= 4 ? 4 : (NT <= 8 ? 2 : 1));
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 a4[U][NT];
+  const auto load_a = [&](int first) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const bool ok = k_ok && j * 8 + g < rank;
-      a4[j] = ok ? ld_stream(arow + static_cast<int64_t>(j * 8) * h_in + k) : zero;
+    for (int u = 0; u < U; ++u) {
+      const int k = (first + u) * 32;
+      const bool k_ok = first + u < step1 && k + c * 8 < h_in;  // h_in % 8 == 0
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const bool ok = k_ok && j * 8 + g < rank;
+        a4[u][j] = ok ? ld_stream(arow + static_cast<int64_t>(j * 8) * h_in + k) : zero;
+      }
+    }
+  };
+  // The weights are not written by the previous kernel: start reading them before waiting, and
+  // (decode tiles, whose A slice no other CTA reads) pull the rest of the slice into L2.
+  load_a(step0);
+  if constexpr (WM == 1) {
+    for (int step = step0 + U; c == 0 && step < step1; ++step)
+      for (int n = g; n < rank; n += 8)
+        prefetch_l2(a + static_cast<int64_t>(n) * h_in + step * 32);
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+
+  const T* x = static_cast<const T*>(p.x);
+  const int row_a = tile.row0 + wm * 16 + g, row_b = row_a + 8;
+  const bool has_a = row_a < row_end, has_b = row_b < row_end;
+  const T* xa = x + static_cast<int64_t>(row_a) * p.ldx + c * 8;
+  const T* xb = x + static_cast<int64_t>(row_b) * p.ldx + c * 8;
+
+  float acc[NT][4] = {};
+  for (int first = step0; first < step1; first += U) {
+    if (first != step0) load_a(first);
+    uint4 xa4[U], xb4[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = (first + u) * 32;
+      const bool k_ok = first + u < step1 && k + c * 8 < h_in;
+      xa4[u] = has_a && k_ok ? __ldg(reinterpret_cast<const uint4*>(xa + k)) : zero;
+      xb4[u] = has_b && k_ok ? __ldg(reinterpret_cast<const uint4*>(xb + k)) : zero;
     }
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (j * 8 < rank) {
-        mma16816<T>(acc[j], xa4.x, xb4.x, xa4.y, xb4.y, a4[j].x, a4[j].y);
-        mma16816<T>(acc[j], xa4.z, xb4.z, xa4.w, xb4.w, a4[j].z, a4[j].w);
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        if (j * 8 < rank) {
+          mma16816<T>(acc[j], xa4[u].x, xb4[u].x, xa4[u].y, xb4[u].y, a4[u][j].x, a4[u][j].y);
+          mma16816<T>(acc[j], xa4[u].z, xb4[u].z, xa4[u].w, xb4[u].w, a4[u][j].z, a4[u][j].w);
+        }
       }
     }
   }
@@ -148,22 +176,9 @@ cudaError_t launch_shrink(const ShrinkParams& p, int num_sms, int cc_major, cuda
     const int steps = (p.h_in + 31) / 32;
     while (ck < 8 && tiles * ck < 2 * num_sms && steps >= 4 * ck * WK) ck *= 2;
   }
-  if (ck == 1) {
-    shrink_kernel<T, RMAX, WM, false><<<dim3(tiles, 1), kThreads, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(tiles, ck);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = ck;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, shrink_kernel<T, RMAX, WM, true>, p);
+  const dim3 grid(tiles, ck);
+  if (ck == 1) return launch(shrink_kernel<T, RMAX, WM, false>, grid, 0, 1, cc_major, p, stream);
+  return launch(shrink_kernel<T, RMAX, WM, true>, grid, 0, ck, cc_major, p, stream);
 }
 
 }  // namespace lorafleet::sgmv

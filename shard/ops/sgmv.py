@@ -26,6 +26,10 @@ into the given outputs and allocate nothing on CUDA, so they can be captured in 
 CUDA tensors (float16/bfloat16, ranks up to 128, h a multiple of 8, 16-byte aligned stacks) run
 the kernels of ``csrc/``; CPU tensors run the plain-torch reference, which takes the same
 arguments (the pointers are host addresses there).
+
+On sm_90 the kernels use programmatic dependent launch: they start reading the weights and the
+index tensors while the kernel just before them on the stream still runs, so that kernel must not
+write those (weights and segment metadata are written earlier in a step, as usual).
 """
 
 from __future__ import annotations
