@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing as mp
+import os
 import signal
+import socket
 
 import grpc
 import structlog
@@ -15,14 +18,17 @@ from grpc_reflection.v1alpha import reflection
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from router.config import LogFormat
 from router.logs import configure_logging
-from shard.adapter_cache import AdapterCache
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
-from shard.kv_cache import KvCache
-from shard.loader import build_model, load_tokenizer
-from shard.model_config import load_model_config
-from shard.model_runner import ModelRunner
-from shard.parallel import SINGLE, TPGroup
+from shard.parallel import TPGroup, destroy, init_group
+from shard.rank import (
+    RankState,
+    build_rank,
+    follower_main,
+    leader_forward,
+    rank_device,
+    stop_followers,
+)
 from shard.scheduler import Scheduler
 from shard.server import GeneratorServicer, ShardService, ShardServicer
 
@@ -34,63 +40,36 @@ SERVICES = (
 )
 
 
-def plan_kv_pages(cfg: ShardConfig, page_bytes: int, device: torch.device, max_context: int) -> int:
-    """KV pool size: the flag, or the configured share of free device memory minus the adapter
-    budget; on CPU, room for a full batch at full context."""
-    if cfg.kv_pages is not None:
-        return cfg.kv_pages
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cfg.kv_memory_fraction) - cfg.adapter_memory_mb * 2**20
-        return max(1, budget // page_bytes)
-    return -(-cfg.max_batch_size * max_context // cfg.page_size)
-
-
-def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService]:
-    """Loads everything one rank needs and wires the engine."""
-    device = torch.device(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
-    model_cfg = load_model_config(cfg.model)
-    tokenizer = load_tokenizer(cfg.model)
-    model = build_model(model_cfg, cfg.model, group, dtype, device)
+def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, RankState]:
+    """Loads rank 0's slice of everything and wires the engine and the gRPC service."""
+    state = build_rank(cfg, group)
+    model_cfg = state.model_cfg
     max_context = model_cfg.max_position_embeddings
-    page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
-    pages = plan_kv_pages(cfg, page_bytes, device, max_context)
-    kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
-    adapters = AdapterCache(
-        cfg.adapters,
-        model_cfg,
-        group,
-        dtype,
-        device,
-        cfg.adapter_memory_mb * 2**20,
-        cfg.max_lora_rank,
-    )
-    runner = ModelRunner(model, kv, adapters.weights, cfg.max_lora_rank, device)
     scheduler = Scheduler(
-        kv.pool, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, adapters
+        state.kv.pool, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, state.adapters
     )
     engine = Engine(
         scheduler,
-        runner.forward,
-        tokenizer,
+        leader_forward(state),
+        state.tokenizer,
         model_cfg.eos_token_ids,
         max_context,
         cfg.max_queue,
     )
     service = ShardService(
-        engine, adapters, tokenizer, model_cfg, cfg.shard_id, group.size, max_context
+        engine, state.adapters, state.tokenizer, model_cfg, cfg.shard_id, group.size, max_context
     )
     log.info(
         "shard ready",
         model=model_cfg.name,
         device=cfg.device,
         dtype=cfg.dtype,
-        kv_pages=pages,
+        tp=group.size,
+        kv_pages=state.kv.pool.total,
         page_size=cfg.page_size,
         max_context=max_context,
     )
-    return engine, service
+    return engine, service, state
 
 
 async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None:
@@ -152,8 +131,34 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     configure_logging(LogFormat(cfg.log_format))
     torch.set_grad_enabled(False)
-    engine, service = build_engine(cfg, SINGLE)
-    asyncio.run(serve(cfg, engine, service))
+    followers = spawn_followers(cfg)
+    group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)))
+    engine, service, state = build_engine(cfg, group)
+    try:
+        asyncio.run(serve(cfg, engine, service))
+    finally:
+        stop_followers(state)
+        for proc in followers:
+            proc.join(10)
+        destroy(group)
+
+
+def spawn_followers(cfg: ShardConfig) -> list[mp.process.BaseProcess]:
+    """Starts ranks 1..tp-1 (unless torchrun started them) with an env:// rendezvous."""
+    if cfg.tp == 1:
+        return []
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=follower_main, args=(cfg, r), daemon=True) for r in range(1, cfg.tp)
+    ]
+    for proc in procs:
+        proc.start()
+    return procs
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class Collector:
 def make_engine(tiny, *extra: str) -> Engine:
     argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
     argv += ["--device", "cpu", "--page-size", "4", *extra]
-    engine, _ = build_engine(parse_config(argv, env={}), SINGLE)
+    engine, _, _ = build_engine(parse_config(argv, env={}), SINGLE)
     engine.start()
     return engine
 
