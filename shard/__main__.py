@@ -89,6 +89,8 @@ async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None
     if server.add_insecure_port(f"{cfg.host}:{cfg.port}") == 0:
         raise SystemExit(f"cannot bind {cfg.host}:{cfg.port}")
     await server.start()
+    if cfg.metrics_port is not None:
+        engine.metrics.serve(cfg.metrics_port)
     engine.start()
     serving = health_pb2.HealthCheckResponse.SERVING
     for name in ("", *SERVICES):

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from shard.detokenizer import TextStream
 from shard.kv_cache import pages_for
+from shard.metrics import ShardMetrics, adapter_label
 from shard.sampling import sample
 from shard.scheduler import Scheduler
 from shard.sequence import (
@@ -78,6 +79,7 @@ class Engine:
         self._draining = False
         self._load = self._snapshot(0)
         self.failure: BaseException | None = None
+        self.metrics = ShardMetrics()
         self.steps = 0
 
     # -- thread-safe API ------------------------------------------------------------------------
@@ -181,6 +183,7 @@ class Engine:
         sched = self.scheduler.schedule()
         for seq, err in sched.failed:
             self._seqs.pop(seq.request_id, None)
+            self.metrics.requests.labels(adapter_label(seq.adapter_id), "error").inc()
             seq.sink(StepOutput(error=err))
         for seq in sched.evicted:
             if seq.req.migratable:
@@ -193,6 +196,7 @@ class Engine:
             if self.scheduler.waiting:
                 time.sleep(0.002)  # adapters are loading or pages are short: look again soon
             return
+        started = time.perf_counter()
         plan, order = make_plan(sched.decode, sched.prefill, self.scheduler.page_size)
         logits = self.forward(plan)
         for seq in order:
@@ -206,6 +210,8 @@ class Engine:
         for seq, tok, lp in zip(order, tokens.tolist(), logprobs.tolist(), strict=True):
             self._advance(seq, tok, lp)
         self.steps += 1
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(order))
         self._publish()
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
@@ -237,7 +243,10 @@ class Engine:
             finish=finish,
             usage=seq.usage() if finish else None,
         )
+        label = adapter_label(seq.adapter_id)
+        self.metrics.tokens.labels(label).inc()
         if finish is not None:
+            self.metrics.requests.labels(label, finish.value).inc()
             self._seqs.pop(seq.request_id, None)
             self.scheduler.release(seq)
         seq.sink(out)
@@ -246,6 +255,7 @@ class Engine:
         self.scheduler.release(seq)
         self._seqs.pop(seq.request_id, None)
         log.info("request migrates", request_id=seq.request_id, reason=reason.value)
+        self.metrics.requests.labels(adapter_label(seq.adapter_id), "migrated").inc()
         seq.sink(StepOutput(migration=reason, generated_ids=tuple(seq.generated)))
 
     def _snapshot(self, version: int) -> LoadState:
@@ -267,3 +277,9 @@ class Engine:
         snap = self._snapshot(self._load.version)
         if snap != self._load:
             self._load = dataclasses.replace(snap, version=self._load.version + 1)
+            m = self.metrics
+            m.running.set(snap.running)
+            m.queued.set(snap.queued)
+            m.kv_free.set(snap.kv_pages_free)
+            m.kv_total.set(snap.kv_pages_total)
+            m.adapters.set(len(snap.adapters_resident))

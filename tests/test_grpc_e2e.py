@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,10 @@ NEW = 16
 def cluster(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     logs = Path(tmp_path_factory.mktemp("logs"))
     shard_port, router_port = free_port(), free_port()
-    shard = start(shard_args(tiny, shard_port), logs / "shard.log")
+    shard_metrics, router_metrics = free_port(), free_port()
+    shard = start(
+        shard_args(tiny, shard_port, "--metrics-port", str(shard_metrics)), logs / "shard.log"
+    )
     router = None
     try:
         wait_serving(f"127.0.0.1:{shard_port}", shard, logs / "shard.log")
@@ -39,11 +43,18 @@ def cluster(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
                 str(router_port),
                 "--shard",
                 f"127.0.0.1:{shard_port}",
+                "--metrics-port",
+                str(router_metrics),
             ],
             logs / "router.log",
         )
         wait_serving(f"127.0.0.1:{router_port}", router, logs / "router.log")
-        yield {"router": f"127.0.0.1:{router_port}", "shard": f"127.0.0.1:{shard_port}"}
+        yield {
+            "router": f"127.0.0.1:{router_port}",
+            "shard": f"127.0.0.1:{shard_port}",
+            "shard_metrics": f"http://127.0.0.1:{shard_metrics}/metrics",
+            "router_metrics": f"http://127.0.0.1:{router_metrics}/metrics",
+        }
     finally:
         if router is not None:
             stop(router)
@@ -103,7 +114,7 @@ def test_text_prompt_streams_text(cluster, tiny) -> None:
 
 
 def test_health_serving(cluster) -> None:
-    for address in cluster.values():
+    for address in (cluster["router"], cluster["shard"]):
         with grpc.insecure_channel(address) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -176,7 +187,7 @@ def test_grpcurl_reflection_and_stream(cluster, tiny) -> None:
     ],
 )
 def test_bad_input_gets_precise_status(cluster, fields: dict, code, needle: str) -> None:
-    for address in cluster.values():
+    for address in (cluster["router"], cluster["shard"]):
         with pytest.raises(grpc.RpcError) as err:
             generate(address, **fields)
         assert err.value.code() == code, err.value.details()
@@ -210,3 +221,16 @@ def test_cancelled_stream_frees_kv_pages(cluster) -> None:
             break
         time.sleep(0.05)
     assert snap.kv_pages_free == total and snap.running == 0
+
+
+def test_prometheus_metrics_have_labels(cluster, tiny) -> None:
+    adapter = tiny.adapter_ids[0]
+    generate(cluster["router"], **greedy_request(adapter, [9, 8, 7]))
+    shard_text = urllib.request.urlopen(cluster["shard_metrics"], timeout=5).read().decode()
+    assert f'lorafleet_shard_requests_total{{adapter="{adapter}",finish="length"}}' in shard_text
+    assert f'lorafleet_shard_generated_tokens_total{{adapter="{adapter}"}}' in shard_text
+    assert "lorafleet_shard_step_seconds_bucket" in shard_text
+    assert "lorafleet_shard_kv_pages_total" in shard_text
+    router_text = urllib.request.urlopen(cluster["router_metrics"], timeout=5).read().decode()
+    assert f'lorafleet_router_requests_total{{adapter="{adapter}",status="OK"}}' in router_text
+    assert "lorafleet_router_time_to_first_token_seconds_bucket" in router_text
