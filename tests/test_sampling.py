@@ -179,7 +179,9 @@ def test_validate_accepts_edges() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_greedy_and_reproduces_seeded_draws() -> None:
-    logits = _logits(6, 1000).cuda()
+    logits = _logits(6, 1000)
+    logits[5] = logits[4]
+    logits = logits.cuda()
     params = [GREEDY, GREEDY, *(SamplingParams(temperature=1.0, top_p=0.9, seed=s) for s in (1, 2))]
     params += [SamplingParams(temperature=0.5, top_k=20, repetition_penalty=1.3, seed=3)] * 2
     seen = [[1, 2], [], [], [5], [7, 8], [7, 8]]
@@ -187,6 +189,8 @@ def test_cuda_matches_greedy_and_reproduces_seeded_draws() -> None:
     again, _ = sample(logits, params, seen, [0, 1, 2, 3, 4, 4])
     assert tokens.is_cuda and torch.equal(tokens, again)
     assert int(tokens[4]) == int(tokens[5])
-    cpu_tokens, cpu_logprobs = sample(logits.cpu(), params[:2], seen[:2], [0, 1])
+    alone, _ = sample(logits[2:3], params[2:3], seen[2:3], [2])
+    assert int(alone[0]) == int(tokens[2])
+    cpu_tokens, cpu_logprobs = sample(logits[:2].cpu(), params[:2], seen[:2], [0, 1])
     assert torch.equal(tokens[:2].cpu(), cpu_tokens)
     torch.testing.assert_close(logprobs[:2].cpu(), cpu_logprobs)
