@@ -156,8 +156,109 @@ cudaError_t launch_expand(const ExpandParams& p, int cc_major, cudaStream_t stre
   return launch(kernel, grid, kBytes, 1, cc_major, p, stream);
 }
 
-// Rows per segment above which 64 x 128 tiles (B reused over 64 rows) beat 16 x 256 ones.
-constexpr int kExpandPrefillRowsPerSegment = 16;
+// Decode-shaped expand (a few rows per segment): CUDA cores, no shared-memory staging of B.
+// Each thread owns 8 adjacent columns and keeps 16 rows of B for them in flight at once (issued
+// before waiting on the previous kernel); v rows are broadcast from shared memory.
+constexpr int kRowsPerTile = 4;
+constexpr int kRowsCols = kThreads * 8;  // columns per CTA
+
+template <typename T, int RMAX>
+__global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParams p) {
+  constexpr int RT = kRowsPerTile;
+  constexpr int KG = 16;  // B rows loaded per group
+  __shared__ float s_v[RT][RMAX];
+  __shared__ Tile s_tile;
+
+  if (threadIdx.x < 32) {
+    const Tile t = find_tile<RT>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
+    if (threadIdx.x == 0) s_tile = t;
+  }
+  __syncthreads();
+  const Tile tile = s_tile;
+  if (tile.seg < 0) return;
+
+  const int seg_rank = p.ranks[tile.seg];
+  const int rank = min(min(seg_rank, RMAX), p.v_cols);
+  const int row_end = p.seg_starts[tile.seg + 1];
+  const int h_out = p.h_out;
+  const int col = blockIdx.y * kRowsCols + threadIdx.x * 8;
+  const bool active = col < h_out;  // h_out % 8 == 0
+  const T* bcol = reinterpret_cast<const T*>(p.b_ptrs[tile.seg]) +
+                  static_cast<int64_t>(p.layer_idx) * seg_rank * h_out + col;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  uint4 bk[KG];
+  const auto load_b = [&](int k0) {
+#pragma unroll
+    for (int kk = 0; kk < KG; ++kk) {
+      const bool ok = active && k0 + kk < rank;
+      bk[kk] = ok ? ld_stream(bcol + static_cast<int64_t>(k0 + kk) * h_out) : zero;
+    }
+  };
+  load_b(0);  // B is not written by the previous kernel
+  pdl_wait();
+  pdl_launch_dependents();
+
+  const T* v = static_cast<const T*>(p.v);
+  for (int i = threadIdx.x; i < RT * rank; i += kThreads) {
+    const int m = i / rank, k = i % rank;
+    const int row = tile.row0 + m;
+    s_v[m][k] = row < row_end ? to_float(v[static_cast<int64_t>(row) * p.ldv + k]) : 0.f;
+  }
+  using T2 = typename Pair<T>::type;
+  T* y = static_cast<T*>(p.y);
+  const int rows = min(RT, row_end - tile.row0);
+  T2 y_old[RT][4];
+#pragma unroll
+  for (int m = 0; m < RT; ++m) {
+    if (m < rows && active) {
+      const T* yrow = y + static_cast<int64_t>(tile.row0 + m) * p.ldy;
+      const T2* src = reinterpret_cast<const T2*>(yrow + col);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) y_old[m][q] = src[q];
+    }
+  }
+  __syncthreads();
+
+  float acc[RT][8] = {};
+  for (int k0 = 0; k0 < rank; k0 += KG) {
+    if (k0 > 0) load_b(k0);
+#pragma unroll
+    for (int kk = 0; kk < KG; ++kk) {
+      if (k0 + kk < rank) {
+        const uint32_t w[4] = {bk[kk].x, bk[kk].y, bk[kk].z, bk[kk].w};
+        float bf[8];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = to_float2(*reinterpret_cast<const T2*>(&w[q]));
+          bf[2 * q] = f.x;
+          bf[2 * q + 1] = f.y;
+        }
+#pragma unroll
+        for (int m = 0; m < RT; ++m) {
+          const float vm = s_v[m][k0 + kk];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[m][e] += vm * bf[e];
+        }
+      }
+    }
+  }
+
+  if (!active) return;
+  const float scale = p.scales[tile.seg];
+#pragma unroll
+  for (int m = 0; m < RT; ++m) {
+    if (m < rows) {
+      T2* dst = reinterpret_cast<T2*>(y + static_cast<int64_t>(tile.row0 + m) * p.ldy + col);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float2 out = to_float2(y_old[m][q]);
+        out.x += scale * acc[m][2 * q];
+        out.y += scale * acc[m][2 * q + 1];
+        dst[q] = from_float2<T>(out);
+      }
+    }
+  }
+}
 
 }  // namespace lorafleet::sgmv
 
@@ -169,7 +270,14 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   int num_sms = 0, cc_major = 0;
   const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
-  if (p.num_rows > sgmv::kExpandPrefillRowsPerSegment * p.num_segments)
+  const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
+  if (rows_per_segment <= 2) {  // decode: about one row per adapter
+    const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, sgmv::kRowsPerTile),
+                    (p.h_out + sgmv::kRowsCols - 1) / sgmv::kRowsCols);
+    return sgmv::launch(sgmv::expand_rows_kernel<T, RMAX>, grid, 0, 1, cc_major, p, stream);
+  }
+  // 64 x 128 tiles reuse B over 64 rows; worth it only with enough tiles to fill the GPU.
+  if (rows_per_segment > 16 && sgmv::max_tiles(p.num_rows, p.num_segments, 64) >= num_sms)
     return sgmv::launch_expand<T, RMAX, 64, 128, 2>(p, cc_major, stream);
   return sgmv::launch_expand<T, RMAX, 16, 256, 1>(p, cc_major, stream);
 }

@@ -163,8 +163,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   }
 }
 
-// Rows per segment above which tiles of 64 rows (x reused over 4 warps) beat tiles of 16.
-constexpr int kPrefillRowsPerSegment = 16;
 
 template <typename T, int RMAX, int WM>
 cudaError_t launch_shrink(const ShrinkParams& p, int num_sms, int cc_major, cudaStream_t stream) {
@@ -191,7 +189,9 @@ cudaError_t sgmv_shrink(const ShrinkParams& p, cudaStream_t stream) {
   int num_sms = 0, cc_major = 0;
   const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
-  if (p.num_rows > sgmv::kPrefillRowsPerSegment * p.num_segments)
+  // Tiles of 64 rows reuse A over 4 warps; worth it only with enough tiles to fill the GPU.
+  const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
+  if (rows_per_segment > 16 && sgmv::max_tiles(p.num_rows, p.num_segments, 64) >= num_sms)
     return sgmv::launch_shrink<T, RMAX, 4>(p, num_sms, cc_major, stream);
   return sgmv::launch_shrink<T, RMAX, 1>(p, num_sms, cc_major, stream);
 }

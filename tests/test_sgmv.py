@@ -296,6 +296,15 @@ def test_cuda_prefill_and_decode_mix() -> None:
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("popularity", ["identical", "uniform"])
+def test_cuda_long_prefill(popularity: str) -> None:
+    """Enough rows for the 64-row tiles (one per SM at least)."""
+    p = make_problem(popularity, 9000, 1024, 1024, torch.float16, seed=12, ranks=(16, 64))
+    gpu_vs_reference(p, layer=1, seed=12)
+
+
+@gpu
+@needs_cuda
 def test_cuda_expand_into_column_slice() -> None:
     p = make_problem("uniform", 17, 1024, 512, torch.bfloat16, seed=4).to("cuda")
     v = expand_input(p, seed=4)[0].cuda()
