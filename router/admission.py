@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from router.metrics import RouterMetrics
 from router.policy import Demand, PlacementRule
-from router.shards import ShardHandle, ShardTable
+from router.shards import Reservation, ShardTable
 
 
 class QueueFull(Exception):
@@ -44,7 +44,7 @@ class QueueTimeout(Exception):
 @dataclass(slots=True)
 class _Waiter:
     demand: Demand
-    placed: asyncio.Future[ShardHandle]
+    placed: asyncio.Future[Reservation]
 
 
 class Admission:
@@ -73,14 +73,14 @@ class Admission:
         """Requests waiting now."""
         return sum(not w.placed.done() for w in self._waiters)
 
-    async def place(self, demand: Demand, resumed: bool = False) -> ShardHandle:
-        """Returns the shard the request goes to, its load already reserved.
+    async def place(self, demand: Demand, resumed: bool = False) -> Reservation:
+        """Returns the request's reservation on the shard it goes to; the caller releases it.
 
         A resumed (migrating) request waits at the head of the queue: it was admitted before
         everyone waiting. Raises QueueFull or QueueTimeout.
         """
-        if not self._waiters and (handle := self._try(demand)) is not None:
-            return handle
+        if not self._waiters and (reservation := self._try(demand)) is not None:
+            return reservation
         if not resumed and self.depth >= self._queue_size:
             raise QueueFull(self._queue_size, len(self._table.serving()))
         waiter = _Waiter(demand, asyncio.get_running_loop().create_future())
@@ -93,6 +93,11 @@ class Admission:
             return await asyncio.wait_for(waiter.placed, self._queue_timeout_s)
         except TimeoutError:
             raise QueueTimeout(self._queue_timeout_s, len(self._table.serving())) from None
+        except asyncio.CancelledError:
+            # Placed in the same loop turn the caller went away: give the shard its slot back.
+            if waiter.placed.done() and not waiter.placed.cancelled():
+                waiter.placed.result().release()
+            raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -100,12 +105,10 @@ class Admission:
             # The head may have left without a shard: let the next one try.
             self._serve_queue()
 
-    def _try(self, demand: Demand) -> ShardHandle | None:
+    def _try(self, demand: Demand) -> Reservation | None:
         address = self._rule(self._table.loads(), demand, self._residency_first)
         handle = self._table.get(address) if address is not None else None
-        if handle is not None:
-            handle.reserve(demand)
-        return handle
+        return handle.reserve(demand) if handle is not None else None
 
     def _serve_queue(self) -> None:
         while self._waiters:
@@ -113,8 +116,8 @@ class Admission:
             if head.placed.done():
                 self._waiters.popleft()
                 continue
-            handle = self._try(head.demand)
-            if handle is None:
+            reservation = self._try(head.demand)
+            if reservation is None:
                 return
             self._waiters.popleft()
-            head.placed.set_result(handle)
+            head.placed.set_result(reservation)

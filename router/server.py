@@ -19,7 +19,7 @@ from protos import generate_pb2, generate_pb2_grpc, shard_pb2
 from router.admission import Admission, QueueFull, QueueTimeout
 from router.metrics import RouterMetrics, adapter_label
 from router.policy import Demand
-from router.shards import ShardHandle, ShardTable
+from router.shards import Reservation, ShardHandle, ShardTable
 
 log = structlog.get_logger("router.server")
 
@@ -134,9 +134,9 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         progress: _Progress,
     ) -> None:
         while True:
-            handle = await self._place(request, progress)
-            with structlog.contextvars.bound_contextvars(shard=handle.address):
-                reason = await self._run_on(handle, request, context, progress)
+            reservation = await self._place(request, progress)
+            with structlog.contextvars.bound_contextvars(shard=reservation.handle.address):
+                reason = await self._run_on(reservation, request, context, progress)
                 if reason is None:
                     return
                 progress.migrations += 1
@@ -153,11 +153,11 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
 
     async def _place(
         self, request: generate_pb2.GenerateRequest, progress: _Progress
-    ) -> ShardHandle:
+    ) -> Reservation:
         demand = Demand(request.adapter_id, context_bound(request) + len(progress.token_ids))
         start = time.monotonic()
         try:
-            handle = await self._admission.place(demand, resumed=progress.migrations > 0)
+            reservation = await self._admission.place(demand, resumed=progress.migrations > 0)
         except QueueFull as err:
             raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), True) from None
         except QueueTimeout as err:
@@ -168,16 +168,17 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         if progress.migrations == 0:
             progress.first_queue_s = waited
         self._metrics.queue_time.observe(waited)
-        return handle
+        return reservation
 
     async def _run_on(
         self,
-        handle: ShardHandle,
+        reservation: Reservation,
         request: generate_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         progress: _Progress,
     ) -> str | None:
         """Proxies one leg; returns None when finished, else the reason to migrate."""
+        handle = reservation.handle
         shard_request = shard_pb2.ShardGenerateRequest(
             request=request, resume=progress.resume() if progress.migrations else None
         )
@@ -186,6 +187,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             call = handle.shard.Generate(shard_request, timeout=context.time_remaining())
             try:
                 async for message in call:
+                    reservation.release()
                     if message.HasField("migration"):
                         return self._on_migration(handle, message.migration, progress)
                     if await self._forward(message.chunk, context, progress):
@@ -197,6 +199,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                 log.warning("shard call failed", code=err.code().name, details=err.details())
             finally:
                 call.cancel()
+                reservation.release()
         handle.mark_failed()
         return _SHARD_FAILED
 

@@ -1,9 +1,13 @@
 """The live shard table: one channel, one WatchLoad stream and one health watch per shard.
 
 A shard is eligible for placement while its health says SERVING and its load stream delivers
-fresh snapshots. Between snapshots the router accounts optimistically for what it dispatched, so
-a burst is spread by the policy instead of landing on one shard; the next snapshot replaces that
-guess.
+fresh snapshots. The router adds what it dispatched to the last snapshot (optimistic accounting),
+so a burst is spread by the policy instead of landing on one shard. Each dispatched request counts
+until the shard answers it (its first message, or the end of the call): by then the shard has
+admitted it and its own snapshots include it, or until a snapshot shows the shard's batch plus
+queue grown by as many requests (oldest reservations first), whichever comes first. Snapshots race
+dispatches, so simply trusting the next one would forget requests still in flight, and counting
+until the first message would count each request twice for a while.
 """
 
 from __future__ import annotations
@@ -53,6 +57,19 @@ def load_from_proto(snapshot: shard_pb2.LoadSnapshot, shard: str) -> ShardLoad:
     )
 
 
+class Reservation:
+    """One dispatched request counted on a shard's believed load; release() is idempotent."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: ShardHandle):
+        self.handle = handle
+
+    def release(self) -> None:
+        """The shard answered (or the call ended): its snapshots take over."""
+        self.handle.release(self)
+
+
 class ShardHandle:
     """One shard: its channel and stubs, its health, and the load the router believes it has."""
 
@@ -66,6 +83,7 @@ class ShardHandle:
         self._on_change = on_change
         self._serving = False
         self._load: ShardLoad | None = None
+        self._pending: dict[Reservation, int] = {}
         self._received_at = 0.0
         self._active_calls = 0
         self._removed = False
@@ -84,17 +102,25 @@ class ShardHandle:
             return None
         if time.monotonic() - self._received_at > STALE_AFTER_S:
             return None
-        return self._load
+        if not self._pending:
+            return self._load
+        return dataclasses.replace(
+            self._load,
+            running=self._load.running + len(self._pending),
+            kv_pages_free=max(0, self._load.kv_pages_free - sum(self._pending.values())),
+        )
 
-    def reserve(self, demand: Demand) -> None:
-        """Optimistic accounting for a dispatched request, until the next snapshot."""
-        if self._load is not None:
-            pages = demand.pages(self._load.kv_page_size)
-            self._load = dataclasses.replace(
-                self._load,
-                running=self._load.running + 1,
-                kv_pages_free=max(0, self._load.kv_pages_free - pages),
-            )
+    def reserve(self, demand: Demand) -> Reservation:
+        """Counts a dispatched request on this shard until the reservation is released."""
+        page_size = self._load.kv_page_size if self._load is not None else 1
+        reservation = Reservation(self)
+        self._pending[reservation] = demand.pages(page_size)
+        return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        """Stops counting a dispatched request (the shard now reports it itself)."""
+        if self._pending.pop(reservation, None) is not None:
+            self._on_change()
 
     def mark_failed(self) -> None:
         """A call failed as if the shard were gone: no placements until it sends a snapshot."""
@@ -155,7 +181,11 @@ class ShardHandle:
 
     def _accept(self, snapshot: shard_pb2.LoadSnapshot) -> None:
         first = self._load is None
-        self._load = load_from_proto(snapshot, self.address)
+        load = load_from_proto(snapshot, self.address)
+        grown = load.occupancy - (0 if first else self._load.occupancy)
+        for reservation in list(self._pending)[: max(0, grown)]:
+            del self._pending[reservation]
+        self._load = load
         self._received_at = time.monotonic()
         self._metrics.shard_running.labels(self.address).set(snapshot.running)
         self._metrics.shard_kv_pages_used.labels(self.address).set(

@@ -398,6 +398,33 @@ def test_metrics_are_exported(fleet):
     assert "made-up-adapter" not in text
 
 
+def test_client_cli_streams_and_lists(fleet):
+    def lorafleet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "router.client", *args],
+            cwd=REPO,
+            env=_child_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    target = f"--target={fleet.router.address}"
+    done = lorafleet("generate", target, "--adapter=b", "--max-new-tokens=5", "cli prompt")
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stdout.strip()
+        == "".join(map(token_text, expected_tokens("b", "cli prompt", 5))).strip()
+    )
+    assert "length: 2 prompt + 5 generated tokens" in done.stderr
+    listed = lorafleet("adapters", target)
+    assert listed.returncode == 0, listed.stderr
+    assert all(f.address in listed.stdout for f in fleet.fakes)
+    missing = lorafleet("generate", target, "--adapter=nope", "x")
+    assert missing.returncode == 1
+    assert "NOT_FOUND: adapter 'nope' not under the root" in missing.stderr
+
+
 # -- placement, queueing, failures -----------------------------------------------------------
 
 
