@@ -152,33 +152,25 @@ cudaError_t launch(void (*kernel)(Params), dim3 grid, int smem, int cluster_y, i
 }
 
 struct Tile {
-  int seg;        // segment index, -1 when this CTA has no tile
-  int row0;       // first row of the tile
-  int row_end;    // end row of the segment
-  int rank;       // the segment's rank
-  int64_t ptr;    // the segment's weight stack
+  int seg;   // segment index, -1 when this CTA has no tile
+  int row0;  // first row of the tile
 };
 
 // Tiles are numbered segment by segment, ceil(rows_s / BM) for each segment of non-zero rank.
 // One warp finds which segment and rows tile `tile` covers (warp-wide scan over 32 segments at a
-// time) so no host-side sync is needed to size the grid; each lane loads its segment's bounds,
-// rank and pointer together, so the lookup costs one round trip to memory per 32 segments.
+// time) so no host-side sync is needed to size the grid.
 template <int BM>
-__device__ Tile find_tile(const int32_t* seg_starts, const int32_t* ranks, const int64_t* ptrs,
-                          int num_segments, int tile) {
+__device__ Tile find_tile(const int32_t* seg_starts, const int32_t* ranks, int num_segments,
+                          int tile) {
   const int lane = threadIdx.x & 31;
   int base = 0;
   for (int s0 = 0; s0 < num_segments; s0 += 32) {
     const int s = s0 + lane;
-    int lo = 0, hi = 0, rank = 0;
-    int64_t ptr = 0;
-    if (s < num_segments) {
+    int lo = 0, n = 0;
+    if (s < num_segments && ranks[s] > 0) {
       lo = seg_starts[s];
-      hi = seg_starts[s + 1];
-      rank = ranks[s];
-      ptr = ptrs[s];
+      n = (seg_starts[s + 1] - lo + BM - 1) / BM;
     }
-    const int n = rank > 0 ? (hi - lo + BM - 1) / BM : 0;
     int inclusive = n;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -191,12 +183,11 @@ __device__ Tile find_tile(const int32_t* seg_starts, const int32_t* ranks, const
       const int l = __ffs(hit) - 1;
       const int before = __shfl_sync(0xffffffffu, inclusive - n, l);
       const int first = __shfl_sync(0xffffffffu, lo, l);
-      return {s0 + l, first + (tile - base - before) * BM, __shfl_sync(0xffffffffu, hi, l),
-              __shfl_sync(0xffffffffu, rank, l), __shfl_sync(0xffffffffu, ptr, l)};
+      return {s0 + l, first + (tile - base - before) * BM};
     }
     base += total;
   }
-  return {-1, 0, 0, 0, 0};
+  return {-1, 0};
 }
 
 // Upper bound on the number of tiles: sum_s ceil(rows_s / BM) <= T / BM + S, and <= T.

@@ -35,20 +35,20 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp == 0) {
-    const Tile t = find_tile<BM>(p.seg_starts, p.ranks, p.b_ptrs, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<BM>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
     if (lane == 0) s_tile = t;
   }
   __syncthreads();
   const Tile tile = s_tile;
   if (tile.seg < 0) return;
 
-  const int rank = min(min(tile.rank, RMAX), p.v_cols);
+  const int rank = min(min(p.ranks[tile.seg], RMAX), p.v_cols);
   const int kpad = (rank + 15) / 16 * 16;
-  const int row_end = tile.row_end;
+  const int row_end = p.seg_starts[tile.seg + 1];
   const int h_out = p.h_out;
   const int col0 = blockIdx.y * BN;
-  const T* b = reinterpret_cast<const T*>(tile.ptr) +
-               static_cast<int64_t>(p.layer_idx) * tile.rank * h_out;
+  const T* b = reinterpret_cast<const T*>(p.b_ptrs[tile.seg]) +
+               static_cast<int64_t>(p.layer_idx) * p.ranks[tile.seg] * h_out;
 
   // B is not written by the previous kernel: start copying it before waiting for that kernel.
   constexpr int kChunksB = BN / 8;
@@ -170,20 +170,21 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   __shared__ Tile s_tile;
 
   if (threadIdx.x < 32) {
-    const Tile t = find_tile<RT>(p.seg_starts, p.ranks, p.b_ptrs, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<RT>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
     if (threadIdx.x == 0) s_tile = t;
   }
   __syncthreads();
   const Tile tile = s_tile;
   if (tile.seg < 0) return;
 
-  const int rank = min(min(tile.rank, RMAX), p.v_cols);
-  const int row_end = tile.row_end;
+  const int seg_rank = p.ranks[tile.seg];
+  const int rank = min(min(seg_rank, RMAX), p.v_cols);
+  const int row_end = p.seg_starts[tile.seg + 1];
   const int h_out = p.h_out;
   const int col = blockIdx.y * kRowsCols + threadIdx.x * 8;
   const bool active = col < h_out;  // h_out % 8 == 0
-  const T* bcol = reinterpret_cast<const T*>(tile.ptr) +
-                  static_cast<int64_t>(p.layer_idx) * tile.rank * h_out + col;
+  const T* bcol = reinterpret_cast<const T*>(p.b_ptrs[tile.seg]) +
+                  static_cast<int64_t>(p.layer_idx) * seg_rank * h_out + col;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint4 bk[KG];
   const auto load_b = [&](int k0) {
@@ -270,7 +271,9 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
   const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
-  if (rows_per_segment <= 2 && RMAX <= 32) {  // decode, small ranks: about one row per adapter
+  // Decode with small ranks (about one row per adapter): CUDA cores. Larger ranks would load B in
+  // several sequential groups per thread, so they take the MMA path.
+  if (rows_per_segment <= 2 && RMAX <= 32) {
     const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, sgmv::kRowsPerTile),
                     (p.h_out + sgmv::kRowsCols - 1) / sgmv::kRowsCols);
     return sgmv::launch(sgmv::expand_rows_kernel<T, RMAX>, grid, 0, 1, cc_major, p, stream);

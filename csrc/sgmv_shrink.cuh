@@ -25,18 +25,19 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp == 0) {
-    const Tile t = find_tile<BM>(p.seg_starts, p.ranks, p.a_ptrs, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<BM>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
     if (lane == 0) s_tile = t;
   }
   __syncthreads();
   const Tile tile = s_tile;
   if (tile.seg < 0) return;  // uniform over the cluster: its CTAs share blockIdx.x
 
-  const int rank = min(tile.rank, RMAX);
-  const int row_end = tile.row_end;
+  const int seg_rank = p.ranks[tile.seg];
+  const int rank = min(seg_rank, RMAX);
+  const int row_end = p.seg_starts[tile.seg + 1];
   const int h_in = p.h_in;
-  const T* a = reinterpret_cast<const T*>(tile.ptr) +
-               static_cast<int64_t>(p.layer_idx) * tile.rank * h_in;
+  const T* a = reinterpret_cast<const T*>(p.a_ptrs[tile.seg]) +
+               static_cast<int64_t>(p.layer_idx) * seg_rank * h_in;
 
   const int wm = warp % WM, wk = warp / WM;
   const int g = lane / 4, c = lane % 4;
