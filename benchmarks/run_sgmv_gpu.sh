@@ -33,3 +33,6 @@ python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py >"
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
 python3 -m benchmarks.bench_sgmv --out "$OUT/sgmv_bench.json" --commit "${COMMIT:-unknown}" \
   --command "bash benchmarks/run_sgmv_gpu.sh" 2>&1 | tee "$OUT/bench.log"
+# The 7B step again with programmatic dependent launch off (A/B of that feature).
+LORAFLEET_NO_PDL=1 python3 -c "from benchmarks.bench_sgmv import whole_step; print('no PDL:', whole_step())" \
+  2>&1 | tee "$OUT/no_pdl.log"
