@@ -9,7 +9,7 @@ import torch
 from shard.adapter_loader import AdapterWeights
 from shard.forward_meta import ForwardMeta, PrefillSpan
 from shard.kv_cache import KvCache
-from shard.layers.lora import LORA_MODULES, LoraBatch, LoraProjection
+from shard.layers.lora import LoraBatch, build_lora_batch
 from shard.llama import LlamaForCausalLM
 from shard.step_plan import StepPlan
 
@@ -58,25 +58,9 @@ class ModelRunner:
         """Segments and per-projection weight pointers; None when no row uses an adapter."""
         if not any(adapter for _, adapter in plan.segments):
             return None
-        starts = [row for row, _ in plan.segments] + [plan.num_rows]
+        starts = [row for row, _ in plan.segments]
         weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
-        projections = {}
-        for module in LORA_MODULES:
-            ws = [w if w is not None and module in w.a else None for w in weights]
-            if all(w is None for w in ws):
-                continue
-            projections[module] = LoraProjection(
-                a_ptrs=self._tensor([w.a[module].data_ptr() if w else 0 for w in ws], torch.int64),
-                b_ptrs=self._tensor([w.b[module].data_ptr() if w else 0 for w in ws], torch.int64),
-                ranks=self._tensor([w.rank if w else 0 for w in ws], torch.int32),
-                scales=torch.tensor([w.scale if w else 0.0 for w in ws]).to(self.device),
-            )
-        rank = max(w.rank for w in weights if w is not None)
-        return LoraBatch(
-            seg_starts=self._tensor(starts, torch.int32),
-            projections=projections,
-            buffer=torch.empty(plan.num_rows, rank, dtype=self.dtype, device=self.device),
-        )
+        return build_lora_batch(starts, weights, plan.num_rows, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
