@@ -8,6 +8,8 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -38,6 +40,44 @@ SERVICES = (
     generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name,
     shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name,
 )
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def bind(server: grpc.Server | grpc.aio.Server, cfg: ShardConfig) -> None:
+    """Listens on the shard's address; a taken port ends the process with a clear message."""
+    address = f"{cfg.host}:{cfg.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise SystemExit(f"cannot bind {address}: {err}") from err
+    if port == 0:
+        raise SystemExit(f"cannot bind {address}")
+
+
+@contextlib.contextmanager
+def loading_health(cfg: ShardConfig) -> Iterator[None]:
+    """Answers grpc.health.v1 with NOT_SERVING on the serving port while the weights load.
+
+    Probes, routers and grpcurl see a loading shard instead of a refused connection, and a taken
+    port fails before minutes of loading. The full server takes the port over once this closes.
+    """
+    server = grpc.server(ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+    servicer = health.HealthServicer()
+    for name in ("", *SERVICES):
+        servicer.set(name, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    bind(server, cfg)
+    server.start()
+    log.info("loading", address=f"{cfg.host}:{cfg.port}", shard_id=cfg.shard_id)
+    try:
+        yield
+    finally:
+        servicer.enter_graceful_shutdown()
+        server.stop(grace=None).wait()
 
 
 def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, RankState]:
@@ -73,7 +113,13 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
 
 
 async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    """Serves until SIGTERM/SIGINT or an engine failure, then drains and stops.
+
+    Health (`""` and every service name move together): SERVING while new requests are taken,
+    NOT_SERVING from the signal on (Kubernetes readiness fails, the router stops placing here)
+    while running requests finish or migrate; the process then exits 0, or 1 if the engine died.
+    """
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(service), server)
     shard_pb2_grpc.add_ShardServicer_to_server(ShardServicer(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -81,20 +127,18 @@ async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None
     reflection.enable_server_reflection(
         (
             *SERVICES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            HEALTH_SERVICE,
             reflection.SERVICE_NAME,
         ),
         server,
     )
-    if server.add_insecure_port(f"{cfg.host}:{cfg.port}") == 0:
-        raise SystemExit(f"cannot bind {cfg.host}:{cfg.port}")
+    bind(server, cfg)
     await server.start()
     if cfg.metrics_port is not None:
         engine.metrics.serve(cfg.metrics_port)
     engine.start()
-    serving = health_pb2.HealthCheckResponse.SERVING
     for name in ("", *SERVICES):
-        await health_servicer.set(name, serving)
+        await health_servicer.set(name, SERVING)
     log.info("serving", address=f"{cfg.host}:{cfg.port}", shard_id=cfg.shard_id)
 
     stop = asyncio.Event()
@@ -106,9 +150,8 @@ async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None
             await asyncio.wait_for(stop.wait(), timeout=0.5)
     if not engine.alive:
         log.error("engine died: reporting NOT_SERVING and exiting", error=str(engine.failure))
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *SERVICES):
-        await health_servicer.set(name, not_serving)
+        await health_servicer.set(name, NOT_SERVING)
     await drain(cfg, engine)
     await server.stop(grace=2.0)
     engine.stop()
@@ -124,6 +167,7 @@ async def drain(cfg: ShardConfig, engine: Engine) -> None:
     while engine.alive and engine.load().running and loop.time() < deadline:
         await asyncio.sleep(0.05)
     if engine.alive and engine.load().running:
+        log.info("drain timeout: migrating the rest", running=engine.load().running)
         engine.evacuate()
         await asyncio.sleep(0.5)
     log.info("drained", running=engine.load().running)
@@ -134,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(LogFormat(cfg.log_format))
     torch.set_grad_enabled(False)
     followers = spawn_followers(cfg)
-    group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)))
-    engine, service, state = build_engine(cfg, group)
+    with loading_health(cfg):
+        group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)))
+        engine, service, state = build_engine(cfg, group)
     try:
         asyncio.run(serve(cfg, engine, service))
     finally:
