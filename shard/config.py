@@ -24,7 +24,8 @@ class ShardConfig:
     max_batch_size: int  # requests in the running batch
     max_prefill_tokens: int  # prompt tokens per step
     kv_pages: int | None  # explicit KV pool size; None: planned from kv_memory_fraction
-    kv_memory_fraction: float  # share of free device memory for KV pages and adapters
+    kv_memory_fraction: float  # share of device memory free after the weights for activations,
+    # KV pages and adapters
     page_size: int  # tokens per KV page
     adapter_memory_mb: int  # device budget for resident adapters
     max_lora_rank: int
@@ -33,6 +34,8 @@ class ShardConfig:
     shard_id: str  # how this shard names itself in load snapshots
     drain_timeout_s: float  # SIGTERM: longest wait for running requests before exit
     log_format: str  # "json" or "console"; "auto" picks console on a TTY
+    tp_timeout_s: float  # longest wait of any tensor-parallel collective before the shard exits
+    cuda_graphs: bool  # replay decode steps from CUDA graphs (CUDA only)
 
 
 def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -68,6 +71,8 @@ def parse_config(
     add("--shard-id", "SHARD_ID", None, "name in load snapshots (default host:port)")
     add("--drain-timeout-s", "DRAIN_TIMEOUT_S", "25", "SIGTERM drain limit", type=float)
     add("--log-format", "LOG_FORMAT", "auto", "json, console or auto")
+    add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
+    add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
     a = p.parse_args(argv)
 
     if not a.model or not a.adapters:
@@ -86,6 +91,7 @@ def parse_config(
         ("--page-size", a.page_size, 1),
         ("--max-prefill-tokens", a.max_prefill_tokens, 1),
         ("--max-lora-rank", a.max_lora_rank, 1),
+        ("--tp-timeout-s", a.tp_timeout_s, 1),
     ):
         if value < low:
             p.error(f"{name} must be >= {low}, got {value}")
@@ -117,4 +123,6 @@ def parse_config(
         shard_id=a.shard_id or f"{host_name}:{a.port}",
         drain_timeout_s=a.drain_timeout_s,
         log_format=a.log_format,
+        tp_timeout_s=a.tp_timeout_s,
+        cuda_graphs=a.cuda_graphs == "on",
     )

@@ -40,7 +40,11 @@ class PagePool:
 
 
 class KvCache:
-    """Keys and values of every layer: [layers, pages, page_size, kv_heads_local, head_dim] each."""
+    """Keys and values of every layer: [layers, pages + 1, page_size, kv_heads_local, head_dim].
+
+    The extra last page is scratch: padded rows of a CUDA-graph step write and read there, so it
+    is never handed out by the pool.
+    """
 
     def __init__(
         self,
@@ -53,12 +57,13 @@ class KvCache:
     ) -> None:
         if num_pages < 1:
             raise ValueError(f"the KV cache needs at least one page, got {num_pages}")
-        shape = (cfg.num_layers, num_pages, page_size, local_kv_heads(cfg, group), cfg.head_dim)
+        shape = (cfg.num_layers, num_pages + 1, page_size, local_kv_heads(cfg, group), cfg.head_dim)
         # Zeroed so that unwritten slots never hold NaN that a masked read could pick up.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
         self.pool = PagePool(num_pages)
+        self.scratch_page = num_pages
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(self.k[i], self.v[i]) for i in range(self.k.shape[0])]

@@ -1,4 +1,5 @@
-"""Turns a StepPlan into tensors and one forward-metadata object, and runs the model."""
+"""Turns a StepPlan into tensors and one forward-metadata object, and runs the model: decode-only
+steps through padded shapes (CUDA graphs on a GPU), other steps eagerly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from shard.adapter_loader import AdapterWeights
+from shard.decode_graphs import DecodeGraphs
 from shard.forward_meta import ForwardMeta, PrefillSpan
 from shard.kv_cache import KvCache
 from shard.layers.lora import LoraBatch, build_lora_batch
@@ -24,6 +26,7 @@ class ModelRunner:
         adapter_weights: Callable[[str], AdapterWeights],
         max_rank: int,
         device: torch.device,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -32,6 +35,7 @@ class ModelRunner:
         self.max_rank = max_rank
         self.device = device
         self.dtype = kv.k.dtype
+        self.decode_graphs = decode_graphs
 
     def _tensor(self, values: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -64,6 +68,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
-        """float32 logits [B, vocab] for the rows in plan.logits_rows."""
+        """float32 logits [B, vocab] for the rows in plan.logits_rows (on CUDA possibly a view
+        of a graph's output: read it before the next forward)."""
+        if self.decode_graphs is not None:
+            weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
+            key = self.decode_graphs.key(plan, weights)
+            if key is not None:
+                return self.decode_graphs.run(plan, weights, key)
         ids = self._tensor(plan.input_ids, torch.int64)
         return self.model(ids, self.meta(plan), self.kv_layers)

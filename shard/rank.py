@@ -13,8 +13,10 @@ from tokenizers import Tokenizer
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError
 from shard.config import ShardConfig
-from shard.kv_cache import KvCache
+from shard.decode_graphs import DecodeGraphs
+from shard.kv_cache import KvCache, pages_for
 from shard.loader import build_model, load_tokenizer
+from shard.memory_plan import activation_peak, plan_kv_pages
 from shard.model_config import ModelConfig, load_model_config
 from shard.model_runner import ModelRunner
 from shard.parallel import TPGroup, broadcast_object, destroy, init_group
@@ -39,18 +41,6 @@ def rank_device(cfg: ShardConfig, group: TPGroup) -> torch.device:
     return torch.device("cuda", group.rank) if cfg.device == "cuda" else torch.device("cpu")
 
 
-def plan_kv_pages(cfg: ShardConfig, page_bytes: int, device: torch.device, max_context: int) -> int:
-    """KV pool size: the flag, or the configured share of free device memory minus the adapter
-    budget; on CPU, room for a full batch at full context."""
-    if cfg.kv_pages is not None:
-        return cfg.kv_pages
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cfg.kv_memory_fraction) - cfg.adapter_memory_mb * 2**20
-        return max(1, budget // page_bytes)
-    return -(-cfg.max_batch_size * max_context // cfg.page_size)
-
-
 def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size."""
     device = rank_device(cfg, group)
@@ -58,7 +48,9 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     model_cfg = load_model_config(cfg.model)
     model = build_model(model_cfg, cfg.model, group, dtype, device)
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
-    pages = plan_kv_pages(cfg, page_bytes, device, model_cfg.max_position_embeddings)
+    activations = activation_peak(model, cfg, model_cfg, group)
+    max_context = model_cfg.max_position_embeddings
+    pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
     adapters = AdapterCache(
@@ -70,7 +62,11 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
         cfg.adapter_memory_mb * 2**20,
         cfg.max_lora_rank,
     )
-    runner = ModelRunner(model, kv, adapters.weights, cfg.max_lora_rank, device)
+    graphs = None
+    if device.type == "cuda" and cfg.cuda_graphs:
+        max_pages = pages_for(max_context, cfg.page_size)
+        graphs = DecodeGraphs(model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True)
+    runner = ModelRunner(model, kv, adapters.weights, cfg.max_lora_rank, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
 
 

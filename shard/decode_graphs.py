@@ -1,0 +1,321 @@
+"""CUDA graphs for decode steps.
+
+A decode-only step is padded to a fixed shape — (batch bucket, LoRA rank class, page-table width
+class) — and replayed from a graph captured once for that shape. Everything that changes from step
+to step (token ids, positions, KV slots, page tables, adapter segments and weight pointers) lives
+in one device buffer with a host mirror, so a step costs one host-to-device copy and one replay.
+
+Padding rows are harmless: they read token 0 at position 0, write their key and value into the
+KV cache's scratch page (never handed to a request), attend to that one slot, and belong to a
+base-model segment; their logits are dropped. Padding segments are empty with rank 0.
+
+On a CPU the same padded path runs eagerly (no graph), which is how the padding is tested in CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import structlog
+import torch
+
+from shard.adapter_loader import AdapterWeights
+from shard.forward_meta import ForwardMeta
+from shard.kv_cache import KvCache
+from shard.layers.lora import LoraBatch, build_lora_batch
+from shard.llama import LlamaForCausalLM
+from shard.step_plan import StepPlan
+
+log = structlog.get_logger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# The SGMV kernels pick their tile by the scratch buffer's width (csrc/ops.cpp): one class each.
+RANK_CLASSES = (16, 32, 64, 128)
+MIN_TABLE_WIDTH = 8
+# Leaves of a LoraBatch that are scratch space, not per-step data.
+SCRATCH_LEAVES = frozenset({"buffer"})
+
+
+def ceil_to(value: int, classes: tuple[int, ...]) -> int | None:
+    """The smallest class >= value, or None when value is above every class."""
+    return next((c for c in classes if c >= value), None)
+
+
+def table_width(pages: int) -> int:
+    """Page-table width class: the next power of two, so few graphs cover every context."""
+    width = MIN_TABLE_WIDTH
+    while width < pages:
+        width *= 2
+    return width
+
+
+@dataclass(frozen=True, slots=True)
+class GraphKey:
+    batch: int  # padded number of decode rows
+    rank: int  # LoRA rank class; 0: no adapter in the batch
+    width: int  # page-table width class
+
+
+def tensor_leaves(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a tree of dataclasses and dicts, by dotted path."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if dataclasses.is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    else:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for name, value in items:
+        out.update(tensor_leaves(value, f"{prefix}.{name}" if prefix else str(name)))
+    return out
+
+
+def replace_leaves(obj: object, leaves: dict[str, torch.Tensor], prefix: str = "") -> object:
+    """A copy of the tree with the tensors at `leaves`' paths swapped in."""
+    if isinstance(obj, torch.Tensor):
+        return leaves.get(prefix, obj)
+    if dataclasses.is_dataclass(obj):
+        changes = {
+            f.name: replace_leaves(getattr(obj, f.name), leaves, _join(prefix, f.name))
+            for f in dataclasses.fields(obj)
+        }
+        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    if isinstance(obj, dict):
+        return {k: replace_leaves(v, leaves, _join(prefix, str(k))) for k, v in obj.items()}
+    return obj
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class StagingArena:
+    """Named tensors packed into one device buffer, filled through a host mirror (pinned on CUDA)
+    and uploaded with a single copy."""
+
+    ALIGN = 16
+
+    def __init__(
+        self, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device
+    ) -> None:
+        offsets, total = {}, 0
+        for name, (shape, dtype) in specs.items():
+            offsets[name] = total
+            nbytes = max(1, torch.Size(shape).numel()) * dtype.itemsize
+            total += -(-nbytes // self.ALIGN) * self.ALIGN
+        pinned = device.type == "cuda"
+        self._device_buf = torch.zeros(total, dtype=torch.uint8, device=device)
+        self._host_buf = torch.zeros(total, dtype=torch.uint8, pin_memory=pinned)
+        self._uploaded = torch.cuda.Event() if pinned else None
+        self.device = self._views(self._device_buf, specs, offsets)
+        self.host = self._views(self._host_buf, specs, offsets)
+
+    @staticmethod
+    def _views(
+        buf: torch.Tensor,
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        offsets: dict[str, int],
+    ) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, (shape, dtype) in specs.items():
+            n = torch.Size(shape).numel() * dtype.itemsize
+            views[name] = buf[offsets[name] : offsets[name] + n].view(dtype).view(shape)
+        return views
+
+    def wait_host(self) -> None:
+        """Blocks until the last upload has read the host mirror, so it may be refilled."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+
+    def upload(self) -> None:
+        self._device_buf.copy_(self._host_buf, non_blocking=True)
+        if self._uploaded is not None:
+            self._uploaded.record()
+
+
+class PaddedDecode:
+    """One padded decode shape: its static inputs, and its graph once captured."""
+
+    def __init__(
+        self,
+        key: GraphKey,
+        kv: KvCache,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.key = key
+        n = key.batch
+        template_lora = (
+            build_lora_batch([0], [None], n, dtype, device, num_segments=n + 1, rank=key.rank)
+            if key.rank
+            else None
+        )
+        lora_leaves = {
+            f"lora.{name}": t
+            for name, t in tensor_leaves(template_lora).items()
+            if name.split(".")[-1] not in SCRATCH_LEAVES
+        }
+        specs = {
+            "input_ids": ((n,), torch.int64),
+            "positions": ((n,), torch.int64),
+            "slot_mapping": ((n,), torch.int64),
+            "block_tables": ((n, key.width), torch.int32),
+            "context_lens": ((n,), torch.int32),
+            "logits_rows": ((n,), torch.int64),
+            **{name: (tuple(t.shape), t.dtype) for name, t in lora_leaves.items()},
+        }
+        self.arena = StagingArena(specs, device)
+        host = self.arena.host
+        host["logits_rows"].copy_(torch.arange(n))
+        # Until a step fills them, every row is a padding row.
+        host["slot_mapping"].fill_(kv.scratch_page * kv.page_size)
+        host["block_tables"].fill_(kv.scratch_page)
+        host["context_lens"].fill_(1)
+        dev = self.arena.device
+        lora = None
+        if template_lora is not None:
+            static = {name.removeprefix("lora."): dev[name] for name in lora_leaves}
+            lora = replace_leaves(template_lora, static)
+            assert isinstance(lora, LoraBatch)
+        self.meta = ForwardMeta(
+            positions=dev["positions"],
+            slot_mapping=dev["slot_mapping"],
+            num_decode=n,
+            block_tables=dev["block_tables"],
+            context_lens=dev["context_lens"],
+            prefills=(),
+            logits_rows=dev["logits_rows"],
+            lora=lora,
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def fill(
+        self,
+        plan: StepPlan,
+        weights: list[AdapterWeights | None],
+        kv: KvCache,
+        dtype: torch.dtype,
+    ) -> None:
+        """Writes the plan's rows into the host mirror; rows past the plan become padding."""
+        self.arena.wait_host()
+        host = self.arena.host
+        b, n = plan.num_rows, self.key.batch
+        scratch_slot = kv.scratch_page * kv.page_size
+        width = self.key.width
+        tables = [list(p) + [kv.scratch_page] * (width - len(p)) for p in plan.decode_pages]
+        pad = n - b
+        host["input_ids"].copy_(torch.tensor([*plan.input_ids, *([0] * pad)]))
+        host["positions"].copy_(torch.tensor([*plan.positions, *([0] * pad)]))
+        host["slot_mapping"].copy_(torch.tensor([*plan.slots, *([scratch_slot] * pad)]))
+        host["context_lens"].copy_(torch.tensor([*plan.decode_context, *([1] * pad)]))
+        host["block_tables"][:b].copy_(torch.tensor(tables, dtype=torch.int32).view(b, -1))
+        host["block_tables"][b:].fill_(kv.scratch_page)
+        if self.key.rank:
+            starts = [row for row, _ in plan.segments] + [b]
+            lora = build_lora_batch(
+                starts,
+                [*weights, None],
+                n,
+                dtype,
+                torch.device("cpu"),
+                num_segments=n + 1,
+                rank=self.key.rank,
+            )
+            for name, t in tensor_leaves(lora).items():
+                if name.split(".")[-1] not in SCRATCH_LEAVES:
+                    host[f"lora.{name}"].copy_(t)
+        self.arena.upload()
+
+
+class DecodeGraphs:
+    """Runs decode-only steps through padded shapes: graph replay on CUDA, eager on CPU."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv: KvCache,
+        max_batch: int,
+        max_pages: int,
+        device: torch.device,
+        use_graphs: bool,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.kv_layers = kv.layers()
+        self.dtype = kv.k.dtype
+        self.device = device
+        self.use_graphs = use_graphs and device.type == "cuda"
+        self.max_batch = ceil_to(max_batch, BATCH_BUCKETS) or max_batch
+        self.max_pages = max_pages
+        self._shapes: dict[GraphKey, PaddedDecode] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def key(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> GraphKey | None:
+        """The padded shape of a decode-only plan, or None when it must run eagerly."""
+        if plan.prefills or plan.num_rows > self.max_batch:
+            return None
+        batch = ceil_to(plan.num_rows, BATCH_BUCKETS) or self.max_batch
+        ranks = [w.rank for w in weights if w is not None]
+        rank = ceil_to(max(ranks), RANK_CLASSES) if ranks else 0
+        if rank is None:
+            return None
+        pages = max((len(p) for p in plan.decode_pages), default=1)
+        return GraphKey(batch, rank, min(table_width(pages), table_width(self.max_pages)))
+
+    def run(
+        self, plan: StepPlan, weights: list[AdapterWeights | None], key: GraphKey
+    ) -> torch.Tensor:
+        """float32 logits [B, vocab] of the plan's rows (a view of the graph's output on CUDA:
+        valid until the next step)."""
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = PaddedDecode(key, self.kv, self.dtype, self.device)
+        shape.fill(plan, weights, self.kv, self.dtype)
+        if not self.use_graphs:
+            return self._forward(shape)[: plan.num_rows]
+        if shape.graph is None:
+            self._capture(shape)
+        assert shape.graph is not None and shape.logits is not None
+        shape.graph.replay()
+        return shape.logits[: plan.num_rows]
+
+    def _forward(self, shape: PaddedDecode) -> torch.Tensor:
+        return self.model(shape.arena.device["input_ids"], shape.meta, self.kv_layers)
+
+    def _capture(self, shape: PaddedDecode) -> None:
+        # Warm up on a side stream first (lazy initialisation must not land in the graph); the
+        # inputs hold the current step, and the warm-up's KV writes are rewritten identically.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(shape)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            shape.logits = self._forward(shape)
+        shape.graph = graph
+        log.info(
+            "decode graph captured",
+            batch=shape.key.batch,
+            rank=shape.key.rank,
+            width=shape.key.width,
+            graphs=sum(s.graph is not None for s in self._shapes.values()),
+        )
+
+    def capture_all(self, ranks: tuple[int, ...] = (0, 16)) -> None:
+        """Captures every batch bucket up to max_batch for these rank classes, at the widest
+        page table, ahead of traffic (largest first, so smaller graphs reuse its memory)."""
+        width = table_width(self.max_pages)
+        for batch in sorted((b for b in BATCH_BUCKETS if b <= self.max_batch), reverse=True):
+            for rank in ranks:
+                key = GraphKey(batch, rank, width)
+                shape = self._shapes.setdefault(
+                    key, PaddedDecode(key, self.kv, self.dtype, self.device)
+                )
+                shape.arena.upload()
+                if self.use_graphs and shape.graph is None:
+                    self._capture(shape)

@@ -1,0 +1,80 @@
+"""Device memory planning at start: the KV page pool gets what the weights, the largest step's
+activations and the adapter budget leave of the configured share of free memory."""
+
+from __future__ import annotations
+
+import structlog
+import torch
+
+from shard.adapter_loader import AdapterWeights
+from shard.config import ShardConfig
+from shard.kv_cache import KvCache, pages_for
+from shard.llama import LlamaForCausalLM
+from shard.model_config import ModelConfig
+from shard.model_runner import ModelRunner
+from shard.parallel import TPGroup
+from shard.step_plan import PrefillPlan, StepPlan
+
+log = structlog.get_logger(__name__)
+
+
+def plan_kv_pages(
+    cfg: ShardConfig, page_bytes: int, device: torch.device, max_context: int, activation_bytes: int
+) -> int:
+    """KV pool size: the flag; on CUDA, the configured share of the memory left free by the
+    weights, less the warm-up's activation peak and the device adapter budget (one budget for
+    activations, KV pages and adapters); on CPU, room for a full batch at full context."""
+    if cfg.kv_pages is not None:
+        return cfg.kv_pages
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * cfg.kv_memory_fraction) - activation_bytes
+        budget -= cfg.adapter_memory_mb * 2**20
+        if budget < page_bytes:
+            raise RuntimeError(
+                f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free after the "
+                f"weights, activations need {activation_bytes / 2**30:.2f} GiB and adapters "
+                f"{cfg.adapter_memory_mb} MiB; lower --max-prefill-tokens or "
+                "--adapter-memory-mb, or raise --kv-memory-fraction"
+            )
+        return budget // page_bytes
+    return -(-cfg.max_batch_size * max_context // cfg.page_size)
+
+
+def activation_peak(
+    model: LlamaForCausalLM, cfg: ShardConfig, model_cfg: ModelConfig, group: TPGroup
+) -> int:
+    """Bytes the largest prefill step allocates beyond the weights, measured by running one
+    (over a temporary KV cache) on CUDA; 0 elsewhere."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" or cfg.kv_pages is not None:
+        return 0
+    dtype = next(model.parameters()).dtype
+    tokens = min(cfg.max_prefill_tokens, model_cfg.max_position_embeddings)
+    pages = tuple(range(pages_for(tokens, cfg.page_size)))
+    kv = KvCache(model_cfg, group, len(pages), cfg.page_size, dtype, device)
+    runner = ModelRunner(model, kv, _no_adapters, 0, device)
+    plan = StepPlan(
+        input_ids=(0,) * tokens,
+        positions=tuple(range(tokens)),
+        slots=tuple(range(tokens)),
+        decode_pages=(),
+        decode_context=(),
+        prefills=(PrefillPlan(0, tokens, tokens, pages),),
+        logits_rows=(tokens - 1,),
+        segments=((0, ""),),
+    )
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    runner.forward(plan)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del runner, kv
+    torch.cuda.empty_cache()
+    log.info("activation peak measured", tokens=tokens, mib=round(peak / 2**20, 1))
+    return peak
+
+
+def _no_adapters(adapter_id: str) -> AdapterWeights:
+    raise AssertionError(f"the warm-up step uses no adapter, asked for {adapter_id!r}")

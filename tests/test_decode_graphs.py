@@ -1,0 +1,113 @@
+"""Decode steps through padded shapes (what CUDA graphs replay): the padding rows, scratch page,
+padded LoRA segments and the one-copy staging buffer must not change a single token. On CPU the
+padded path runs eagerly; tests/test_gpu_path.py replays it from graphs on a GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from shard.__main__ import build_engine
+from shard.config import parse_config
+from shard.decode_graphs import (
+    BATCH_BUCKETS,
+    DecodeGraphs,
+    GraphKey,
+    StagingArena,
+    ceil_to,
+    replace_leaves,
+    table_width,
+    tensor_leaves,
+)
+from shard.engine import Engine
+from shard.kv_cache import pages_for
+from shard.layers.lora import LoraBatch, build_lora_batch
+from shard.parallel import SINGLE
+from tests.test_engine import Collector, mixed_rows, reference, request
+
+
+def padded_engine(tiny, *extra: str) -> tuple[Engine, DecodeGraphs]:
+    argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
+    argv += ["--device", "cpu", "--page-size", "4", *extra]
+    engine, _, state = build_engine(parse_config(argv, env={}), SINGLE)
+    runner = state.runner
+    max_pages = pages_for(state.model_cfg.max_position_embeddings, 4)
+    graphs = DecodeGraphs(runner.model, runner.kv, 8, max_pages, runner.device, use_graphs=False)
+    runner.decode_graphs = graphs
+    engine.start()
+    return engine, graphs
+
+
+def test_classes() -> None:
+    assert ceil_to(5, BATCH_BUCKETS) == 8
+    assert ceil_to(8, BATCH_BUCKETS) == 8
+    assert ceil_to(10**6, BATCH_BUCKETS) is None
+    assert [table_width(p) for p in (1, 8, 9, 100)] == [8, 8, 16, 128]
+
+
+def test_staging_arena_packs_and_uploads() -> None:
+    arena = StagingArena(
+        {"a": ((3,), torch.int64), "b": ((2, 5), torch.int32), "c": ((4,), torch.float32)},
+        torch.device("cpu"),
+    )
+    arena.host["a"].copy_(torch.tensor([1, 2, 3]))
+    arena.host["b"].copy_(torch.arange(10, dtype=torch.int32).view(2, 5))
+    arena.host["c"].fill_(0.5)
+    assert arena.device["a"].sum() == 0  # nothing reaches the device buffer before upload
+    arena.upload()
+    assert arena.device["a"].tolist() == [1, 2, 3]
+    assert arena.device["b"].tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert arena.device["c"].tolist() == [0.5] * 4
+    for view in arena.device.values():
+        assert view.data_ptr() % StagingArena.ALIGN == 0
+
+
+def test_lora_leaves_round_trip() -> None:
+    batch = build_lora_batch(
+        [0], [None], 4, torch.float32, torch.device("cpu"), num_segments=5, rank=16
+    )
+    leaves = tensor_leaves(batch)
+    assert "seg_starts" in leaves and "projections.q_proj.a_ptrs" in leaves
+    assert leaves["seg_starts"].tolist() == [0, 4, 4, 4, 4, 4]
+    assert leaves["buffer"].shape == (4, 16)
+    swapped = {name: t.clone() + 1 for name, t in leaves.items() if t.dtype == torch.int32}
+    rebuilt = replace_leaves(batch, swapped)
+    assert isinstance(rebuilt, LoraBatch)
+    assert rebuilt.seg_starts.tolist() == [1, 5, 5, 5, 5, 5]
+    assert rebuilt.projections["q_proj"].a_ptrs is batch.projections["q_proj"].a_ptrs
+
+
+def test_padded_decode_matches_peft(tiny) -> None:
+    rows = mixed_rows(tiny)  # 7 rows: 5 adapters of ranks 4..64 and 2 base rows -> bucket 8
+    engine, graphs = padded_engine(tiny)
+    try:
+        sinks = [Collector() for _ in rows]
+        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
+            engine.submit(request(f"g{i}", adapter, prompt), sink)
+        for sink in sinks:
+            assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    used = set(graphs._shapes)
+    assert GraphKey(8, 64, 8) in used or GraphKey(8, 64, 16) in used, used
+    for (adapter, prompt), sink in zip(rows, sinks, strict=True):
+        tokens, logits = reference(tiny, adapter, prompt)
+        assert sink.tokens == tokens, f"adapter {adapter or 'base'}"
+        want = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(sink.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_decode_base_only_batch_matches_peft(tiny) -> None:
+    rows = [("", p) for _, p in mixed_rows(tiny)[:3]]
+    engine, graphs = padded_engine(tiny)
+    try:
+        sinks = [Collector() for _ in rows]
+        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
+            engine.submit(request(f"b{i}", adapter, prompt), sink)
+        for sink in sinks:
+            assert sink.done.wait(60)
+    finally:
+        engine.stop()
+    assert {key.rank for key in graphs._shapes} == {0}
+    assert {key.batch for key in graphs._shapes} <= {1, 2, 4}
+    for (adapter, prompt), sink in zip(rows, sinks, strict=True):
+        assert sink.tokens == reference(tiny, adapter, prompt)[0]
