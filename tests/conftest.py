@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Process fixtures (launch, fleet) shared by the router and cluster tests.
+pytest_plugins = ("tests.fleet",)
+
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
