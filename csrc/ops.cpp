@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "paged_attention.h"
 #include "sgmv.h"
 
 namespace lorafleet {
@@ -142,6 +143,141 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
                "sgmv_expand");
 }
 
+// ------------------------------------------------------------------------ paged attention
+
+// [rows, n_kv or n_q, d] with each row's heads contiguous; any 16-byte aligned row stride.
+void check_head_rows(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  check_cuda(t, like, name);
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-D [rows, heads, head_dim], got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must be ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), name,
+              " must have each row's [heads, head_dim] contiguous (stride(2) == 1, stride(1) == "
+              "head_dim); any row stride works, e.g. a column slice of a fused qkv output");
+  const int64_t vec = 16 / t.element_size();
+  TORCH_CHECK(t.size(0) <= 1 || t.stride(0) % vec == 0, name, " row stride must be a multiple of ",
+              vec, " elements (16 bytes), got ", t.stride(0));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+              " must be aligned to 16 bytes");
+}
+
+void check_cache(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  check_cuda(t, like, name);
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D [pages, page_size, n_kv, head_dim], got ",
+              t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must be ", like.scalar_type(),
+              ", got ", t.scalar_type());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+              " must be aligned to 16 bytes");
+}
+
+void kv_append_op(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& slots) {
+  check_cache(k_cache, k_cache, "k_cache");
+  check_cache(v_cache, k_cache, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
+              k_cache.sizes(), ", got ", v_cache.sizes());
+  check_head_rows(k, k_cache, "k");
+  check_head_rows(v, k_cache, "v");
+  const int64_t num_rows = k.size(0);
+  for (const auto* t : {&k, &v}) {
+    TORCH_CHECK(t->size(0) == num_rows && t->size(1) == k_cache.size(2) &&
+                    t->size(2) == k_cache.size(3),
+                "k and v must be [", num_rows, ", ", k_cache.size(2), ", ", k_cache.size(3),
+                "] (the cache's n_kv, head_dim), got ", t->sizes());
+  }
+  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0, "n_kv * head_dim * element size must be a multiple of 16 "
+              "bytes, got ", row_bytes);
+  check_index(slots, k_cache, "slots", at::kLong, num_rows);
+
+  const c10::cuda::CUDAGuard guard(k.device());
+  const KvAppendParams p{k_cache.data_ptr(),
+                         v_cache.data_ptr(),
+                         k.data_ptr(),
+                         v.data_ptr(),
+                         k.stride(0) * k.element_size(),
+                         v.stride(0) * v.element_size(),
+                         slots.data_ptr<int64_t>(),
+                         k_cache.size(0) * k_cache.size(1),
+                         static_cast<int>(num_rows),
+                         static_cast<int>(row_bytes)};
+  check_launch(kv_append(p, c10::cuda::getCurrentCUDAStream()), "kv_append");
+}
+
+std::string no_attention_kernel(at::ScalarType dtype, int64_t head_dim, int64_t page_size,
+                                int64_t group) {
+  return "no kernel for dtype=" + std::string(c10::toString(dtype)) +
+         ", head_dim=" + std::to_string(head_dim) + ", page_size=" + std::to_string(page_size) +
+         ", n_q/n_kv=" + std::to_string(group) + " (supported: float16, bfloat16; head_dim 64, "
+         "128; page_size " + std::to_string(kPageSize) + "; n_q/n_kv <= " +
+         std::to_string(kMaxGroup) + ")";
+}
+
+template <typename T>
+cudaError_t dispatch_head_dim(int64_t head_dim, const DecodeParams& p, cudaStream_t s) {
+  if (head_dim == 64) return paged_decode_attention<T, 64>(p, s);
+  return paged_decode_attention<T, 128>(p, s);
+}
+
+void paged_decode_attention_op(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& block_tables,
+                               const at::Tensor& context_lens, double scale,
+                               int64_t max_splits) {
+  check_head_rows(q, q, "q");
+  check_head_rows(out, q, "out");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ",
+              out.sizes());
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
+              k_cache.sizes(), ", got ", v_cache.sizes());
+  const int64_t batch = q.size(0), n_q = q.size(1), head_dim = q.size(2);
+  const int64_t page_size = k_cache.size(1), n_kv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache head_dim ", k_cache.size(3),
+              " must equal q's ", head_dim);
+  TORCH_CHECK(n_kv > 0 && n_q % n_kv == 0, "n_q (", n_q, ") must be a multiple of n_kv (", n_kv,
+              ")");
+  const int64_t group = n_q / n_kv;
+  const at::ScalarType dtype = q.scalar_type();
+  TORCH_CHECK((dtype == at::kHalf || dtype == at::kBFloat16) && (head_dim == 64 ||
+              head_dim == 128) && page_size == kPageSize && group <= kMaxGroup,
+              no_attention_kernel(dtype, head_dim, page_size, group));
+  check_cuda(block_tables, q, "block_tables");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch &&
+                  block_tables.stride(1) == 1 && block_tables.scalar_type() == at::kInt,
+              "block_tables must be int32 [", batch, ", max_pages] with stride(1) == 1, got ",
+              block_tables.scalar_type(), " ", block_tables.sizes());
+  check_index(context_lens, q, "context_lens", at::kInt, batch);
+  TORCH_CHECK(max_splits >= 1 && max_splits <= kMaxSplits, "max_splits must be in [1, ",
+              kMaxSplits, "], got ", max_splits);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const DecodeParams p{out.data_ptr(),
+                       out.stride(0),
+                       q.data_ptr(),
+                       q.stride(0),
+                       k_cache.data_ptr(),
+                       v_cache.data_ptr(),
+                       block_tables.data_ptr<int32_t>(),
+                       block_tables.stride(0),
+                       context_lens.data_ptr<int32_t>(),
+                       static_cast<int>(batch),
+                       static_cast<int>(n_q),
+                       static_cast<int>(n_kv),
+                       static_cast<int>(block_tables.size(1)),
+                       static_cast<int>(max_splits),
+                       static_cast<float>(scale)};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err = dtype == at::kHalf
+                              ? dispatch_head_dim<__half>(head_dim, p, stream)
+                              : dispatch_head_dim<__nv_bfloat16>(head_dim, p, stream);
+  check_launch(err, "paged_decode_attention");
+}
+
+// --------------------------------------------------------------------- end paged attention
+
 }  // namespace
 
 TORCH_LIBRARY(lorafleet, m) {
@@ -151,11 +287,20 @@ TORCH_LIBRARY(lorafleet, m) {
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor b_ptrs, Tensor seg_starts, Tensor ranks, "
       "Tensor scales, int layer_idx) -> ()");
+  // paged attention
+  m.def(
+      "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+  m.def(
+      "paged_decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, "
+      "Tensor block_tables, Tensor context_lens, float scale, int max_splits=8) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lorafleet, CUDA, m) {
   m.impl("sgmv_shrink", &shrink_op);
   m.impl("sgmv_expand", &expand_op);
+  // paged attention
+  m.impl("kv_append", &kv_append_op);
+  m.impl("paged_decode_attention", &paged_decode_attention_op);
 }
 
 }  // namespace lorafleet
