@@ -1,0 +1,255 @@
+"""Paged decode attention on one CUDA GPU: our kernel (with and without split-K) against the
+plain-torch path and torch SDPA over the gathered KV (gather timed, and SDPA alone on KV that is
+already contiguous).
+
+Every request of a case has the same context; its pages are scattered at random over the pool.
+Each method runs inside a CUDA graph, timed with CUDA events over replays; a graph holds one
+call per input set, and the sets together span >= 3x the L2 cache, so every call reads its KV
+from device memory. The floor of a case is its KV bytes (keys + values of every context token)
+over the device-to-device copy bandwidth measured first (bytes read + written).
+
+    python -m benchmarks.bench_attention --out benchmarks/results/attention_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shard.ops.attention import PAGE_SIZE, paged_decode_attention, paged_decode_attention_reference
+
+DTYPE = torch.bfloat16
+SHAPES = (("llama7b", 32, 32, 128), ("gqa-32q8kv", 32, 8, 128))  # (name, n_q, n_kv, d)
+BATCHES = (1, 8, 32, 64)
+CONTEXTS = (512, 2048, 8192)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    shape: str
+    n_q: int
+    n_kv: int
+    head_dim: int
+    batch: int
+    context: int
+    kv_bytes: int  # keys + values read by one call
+    floor_us: float
+    ours_us: float
+    ours_no_split_us: float
+    torch_us: float  # the plain-torch reference path (gather, float32 einsum, softmax)
+    sdpa_gather_us: float  # gather the pages, then F.scaled_dot_product_attention
+    sdpa_us: float  # SDPA alone, KV already contiguous
+
+
+class Case:
+    """Input sets over one page pool; each set is a full decode batch."""
+
+    def __init__(self, n_q: int, n_kv: int, d: int, batch: int, context: int) -> None:
+        self.n_q, self.n_kv, self.d, self.batch, self.context = n_q, n_kv, d, batch, context
+        self.kv_bytes = 2 * batch * context * n_kv * d * DTYPE.itemsize
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        self.sets = min(64, max(1, math.ceil(3 * l2 / self.kv_bytes)))
+        pages_per_req = -(-context // PAGE_SIZE)
+        pool = self.sets * batch * pages_per_req
+        shape = (pool, PAGE_SIZE, n_kv, d)
+        self.k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        self.v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+        perm = torch.randperm(pool, device="cuda").to(torch.int32)
+        self.tables = perm.view(self.sets, batch, pages_per_req)  # [sets, B, pages]
+        self.lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        self.q = torch.randn(self.sets, batch, n_q, d, device="cuda", dtype=DTYPE)
+        self.out = torch.empty_like(self.q)
+        self.scale = d**-0.5
+
+    def ours(self, max_splits: int) -> list[Callable[[], None]]:
+        def call(s: int) -> None:
+            paged_decode_attention(
+                self.out[s],
+                self.q[s],
+                self.k_cache,
+                self.v_cache,
+                self.tables[s],
+                self.lens,
+                self.scale,
+                max_splits=max_splits,
+            )
+
+        return [lambda s=s: call(s) for s in range(self.sets)]
+
+    def reference(self) -> list[Callable[[], None]]:
+        def call(s: int) -> None:
+            paged_decode_attention_reference(
+                self.out[s],
+                self.q[s],
+                self.k_cache,
+                self.v_cache,
+                self.tables[s],
+                self.lens,
+                self.scale,
+            )
+
+        return [lambda s=s: call(s) for s in range(self.sets)]
+
+    def gathered(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, n_kv, S, d] keys and values of set s, gathered from their pages."""
+        rows = self.batch, -1, self.n_kv, self.d
+        pages = self.tables[s].long()
+        keys = self.k_cache[pages].view(rows)[:, : self.context].transpose(1, 2)
+        values = self.v_cache[pages].view(rows)[:, : self.context].transpose(1, 2)
+        return keys, values
+
+    def sdpa(self, s: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        q = self.q[s].view(self.batch, self.n_q, 1, self.d)
+        attn = F.scaled_dot_product_attention(q, keys, values, scale=self.scale, enable_gqa=True)
+        self.out[s].copy_(attn.view(self.batch, self.n_q, self.d))
+
+    def sdpa_gather(self) -> list[Callable[[], None]]:
+        return [lambda s=s: self.sdpa(s, *self.gathered(s)) for s in range(self.sets)]
+
+    def sdpa_contiguous(self) -> list[Callable[[], None]]:
+        kv = [tuple(t.contiguous() for t in self.gathered(s)) for s in range(self.sets)]
+        return [lambda s=s: self.sdpa(s, *kv[s]) for s in range(self.sets)]
+
+
+def time_graph(calls: list[Callable[[], None]], reps: int = 10) -> float:
+    """Median microseconds per call of `calls` captured back to back in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:  # warm-up: lazy build, cuDNN/cuBLAS handles, allocator
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the capture allocates its own pool: return the warm-up's memory
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = math.inf
+    for _ in range(5):
+        start.record()
+        for _ in range(5):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3 / 5)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def run_case(name: str, n_q: int, n_kv: int, d: int, batch: int, context: int, bw: float) -> Result:
+    case = Case(n_q, n_kv, d, batch, context)
+    times = {
+        "ours": time_graph(case.ours(8)),
+        "ours_no_split": time_graph(case.ours(1)),
+        "torch": time_graph(case.reference(), reps=3),
+        "sdpa_gather": time_graph(case.sdpa_gather(), reps=3),
+        "sdpa": time_graph(case.sdpa_contiguous(), reps=5),
+    }
+    del case
+    torch.cuda.empty_cache()
+    return Result(
+        shape=name,
+        n_q=n_q,
+        n_kv=n_kv,
+        head_dim=d,
+        batch=batch,
+        context=context,
+        kv_bytes=2 * batch * context * n_kv * d * DTYPE.itemsize,
+        floor_us=2 * batch * context * n_kv * d * DTYPE.itemsize / bw * 1e6,
+        ours_us=times["ours"],
+        ours_no_split_us=times["ours_no_split"],
+        torch_us=times["torch"],
+        sdpa_gather_us=times["sdpa_gather"],
+        sdpa_us=times["sdpa"],
+    )
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--commit", default=None, help="git commit measured (default: HEAD)")
+    parser.add_argument(
+        "--command", default="python -m benchmarks.bench_attention", help="recorded"
+    )
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    results: list[Result] = []
+    for name, n_q, n_kv, d in SHAPES:
+        for batch in BATCHES:
+            for context in CONTEXTS:
+                results.append(run_case(name, n_q, n_kv, d, batch, context, bw))
+                r = results[-1]
+                print(f"{name} B={batch} ctx={context}: ours {r.ours_us:.1f} us", flush=True)
+                write_report(args, bw, results)  # so far: a run cut short still leaves data
+
+    print(
+        f"{'shape':11} {'B':>3} {'ctx':>5} {'MB':>7} {'floor':>7} {'ours':>7} {'nosplit':>7} "
+        f"{'TB/s':>5} {'%copy':>5} {'torch':>8} {'sdpa+g':>8} {'sdpa':>7}  (us)"
+    )
+    for r in results:
+        tbps = r.kv_bytes / r.ours_us / 1e6
+        pct = 100 * r.floor_us / r.ours_us
+        print(
+            f"{r.shape:11} {r.batch:3d} {r.context:5d} {r.kv_bytes / 1e6:7.1f} {r.floor_us:7.1f} "
+            f"{r.ours_us:7.1f} {r.ours_no_split_us:7.1f} {tbps:5.2f} {pct:5.0f} "
+            f"{r.torch_us:8.1f} {r.sdpa_gather_us:8.1f} {r.sdpa_us:7.1f}"
+        )
+
+
+def write_report(args: argparse.Namespace, bw: float, results: list[Result]) -> None:
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": args.commit or git_commit(),
+        "command": args.command,
+        "torch": torch.__version__,
+        "dtype": str(DTYPE),
+        "page_size": PAGE_SIZE,
+        "copy_bandwidth_tbps": bw / 1e12,
+        "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
+        "cases": [asdict(r) | {"ours_tbps": r.kv_bytes / r.ours_us / 1e6} for r in results],
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
