@@ -151,7 +151,7 @@ void check_head_rows(const at::Tensor& t, const at::Tensor& like, const char* na
   TORCH_CHECK(t.dim() == 3, name, " must be 3-D [rows, heads, head_dim], got ", t.dim(), "-D");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must be ", like.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2), name,
+  TORCH_CHECK(t.stride(2) == 1 && (t.size(1) == 1 || t.stride(1) == t.size(2)), name,
               " must have each row's [heads, head_dim] contiguous (stride(2) == 1, stride(1) == "
               "head_dim); any row stride works, e.g. a column slice of a fused qkv output");
   const int64_t vec = 16 / t.element_size();
