@@ -1,40 +1,70 @@
-"""Adapters loaded on demand: disk -> host (loader thread) -> device (side stream), with a byte
-budget on the device and LRU eviction of adapters that no running request uses."""
+"""Adapters on demand in three tiers: disk -> host memory (loader thread, LRU byte budget) ->
+device (one copy on a side stream while the batch runs, LRU byte budget over adapters that no
+running request uses).
+
+Every version of an adapter (its id + the content of its files) is an entry of its own, named
+`id@version`: a reload makes a new entry, requests already running keep the one they started on,
+and the old one leaves memory when its last request ends.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
 
 from shard.adapter_loader import (
+    CONFIG_FILE,
     AdapterError,
     AdapterErrorKind,
     AdapterWeights,
+    FileSig,
+    carve,
+    file_sig,
     load_adapter,
+    pack,
+    packed_size,
     resolve,
+    split_key,
 )
+from shard.metrics import ShardMetrics
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
+
+if TYPE_CHECKING:
+    from shard.config import ShardConfig
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
-class Resident:
-    """An adapter in device memory (hot, mutable state)."""
+class HostCopy:
+    """One adapter version in host memory (pinned on CUDA shards), packed in one buffer so that
+    its trip to the device is a single copy."""
 
-    weights: AdapterWeights
+    weights: AdapterWeights  # views into `flat`
+    flat: torch.Tensor  # [nbytes] uint8
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class Resident:
+    """An adapter version in device memory (hot, mutable state)."""
+
+    key: str  # id@version
+    weights: AdapterWeights  # views into `flat`
+    flat: torch.Tensor  # [nbytes] uint8 on the device
     ready: torch.cuda.Event | None  # set when its host-to-device copy has finished
-    refs: int = 0
-    pinned: bool = False
+    source: HostCopy | None  # keeps the pinned source alive until the copy has finished
+    started: float  # perf_counter() when the copy was queued
+    refs: int = 0  # running requests that use it
     last_used: float = 0.0
 
 
@@ -51,8 +81,15 @@ class AdapterEntry:
     targets: tuple[str, ...]
 
 
+def device_budget_bytes(adapter_memory_mb: int) -> int:
+    """Device bytes the adapter cache may hold (what the KV planner sets aside): resident
+    adapters of every version never exceed it, copies in flight included."""
+    return adapter_memory_mb * 2**20
+
+
 class AdapterCache:
-    """Owned by the engine thread except `request`, which the server may call from any thread."""
+    """Shared by the engine thread (`claim`, `release`, `want`, `weights`), the server
+    (`lookup`, `preload`, `evict`, `entries`) and its loader thread; one lock guards the maps."""
 
     def __init__(
         self,
@@ -63,183 +100,414 @@ class AdapterCache:
         device: torch.device,
         budget_bytes: int,
         max_rank: int,
+        *,
+        host_budget_bytes: int | None = None,
+        base_mismatch: str = "warn",
     ) -> None:
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
         self.budget_bytes = budget_bytes
+        self.host_budget_bytes = (
+            4 * budget_bytes if host_budget_bytes is None else host_budget_bytes
+        )
         self.max_rank = max_rank
-        self._lock = threading.RLock()  # engine thread vs. LoadAdapter/EvictAdapter RPCs
-        self._pinned: set[str] = set()
+        self.base_mismatch = base_mismatch  # "warn" or "error"
+        self.metrics: ShardMetrics | None = None
+        self._lock = threading.RLock()
+        self._current: dict[str, str] = {}  # id -> key of its newest version
+        self._sigs: dict[str, FileSig] = {}  # id -> the files its newest version was read from
+        self._host: OrderedDict[str, HostCopy] = OrderedDict()  # LRU first
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU first
-        self._host: dict[str, AdapterWeights] = {}
-        self._loading: dict[str, Future[AdapterWeights]] = {}
+        self._loading: dict[str, Future[str]] = {}  # id -> its read from disk
+        self._tried: dict[str, str] = {}  # id -> exact version a read was started for
+        self._pinned: set[str] = set()
+        self._wanted: frozenset[str] = frozenset()  # ids that waiting requests need
+        self._preloading: Counter[str] = Counter()
+        self._host_reserved = 0
+        self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ShardConfig,
+        model_cfg: ModelConfig,
+        group: TPGroup,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> AdapterCache:
+        """The cache that the shard's flags describe."""
+        return cls(
+            cfg.adapters,
+            model_cfg,
+            group,
+            dtype,
+            device,
+            device_budget_bytes(cfg.adapter_memory_mb),
+            cfg.max_lora_rank,
+            host_budget_bytes=cfg.adapter_host_memory_mb * 2**20,
+            base_mismatch=cfg.adapter_base_mismatch,
+        )
+
+    def attach_metrics(self, metrics: ShardMetrics) -> None:
+        self.metrics = metrics
+
     @property
     def used_bytes(self) -> int:
-        return sum(r.weights.nbytes for r in self._resident.values())
+        return sum(r.flat.numel() for r in self._resident.values())
 
+    @property
+    def host_used_bytes(self) -> int:
+        return sum(h.flat.numel() for h in self._host.values())
+
+    # -- server side ----------------------------------------------------------------------------
     def check(self, adapter_id: str) -> None:
         """Raises AdapterError at once for ids that are invalid or absent."""
         resolve(self.root, adapter_id)
 
-    def request(self, adapter_id: str) -> None:
-        """Starts loading `adapter_id` from disk unless it is loaded or on its way."""
+    def lookup(self, adapter_id: str) -> None:
+        """Once per request: validates the id, notices replaced files (a new version), counts the
+        tier the adapter is found in and starts its read from disk if needed."""
+        sig = file_sig(resolve(self.root, adapter_id))
         with self._lock:
-            if adapter_id in self._resident or adapter_id in self._host:
-                return
-            if adapter_id not in self._loading:
-                self._loading[adapter_id] = self._pool.submit(self._read, adapter_id)
+            key = self._current.get(adapter_id)
+            if key is not None and self._sigs.get(adapter_id) != sig:
+                log.info("adapter files changed: loading a new version", adapter_id=adapter_id)
+                self._forget(adapter_id)
+                key = None
+            if key is not None and key in self._resident:
+                tier = "gpu"
+            elif key is not None and key in self._host:
+                tier = "host"
+            else:
+                tier = "disk"
+                self._start_load(adapter_id)
+            if self.metrics is not None:
+                for t in ("gpu", "host", "disk"):
+                    hit = t == tier
+                    self.metrics.adapter_lookups.labels(t, "hit" if hit else "miss").inc()
+                    if hit:
+                        break
 
-    def _read(self, adapter_id: str) -> AdapterWeights:
-        start = time.perf_counter()
-        w = load_adapter(self.root, adapter_id, self.cfg, self.group, self.dtype, self.max_rank)
-        if self.device.type == "cuda":
-            w = _map(w, lambda t: t.pin_memory())
-        log.info(
-            "adapter read",
-            adapter_id=adapter_id,
-            rank=w.rank,
-            bytes=w.nbytes,
-            seconds=round(time.perf_counter() - start, 4),
-        )
-        return w
-
-    def poll(self, adapter_id: str) -> Resident | AdapterError | None:
-        """The resident adapter, the error that stopped its load, or None while it is on its way
-        (a load is started if needed)."""
-        with self._lock:
-            return self._poll(adapter_id)
-
-    def _poll(self, adapter_id: str) -> Resident | AdapterError | None:
-        res = self._resident.get(adapter_id)
-        if res is not None:
-            if res.ready is not None and not res.ready.query():
-                return None
-            self._resident.move_to_end(adapter_id)
-            return res
-        self.request(adapter_id)
-        with self._lock:
-            fut = self._loading.get(adapter_id)
-            if fut is not None and fut.done():
-                del self._loading[adapter_id]
-                if fut.exception() is not None:
-                    err = fut.exception()
-                    if isinstance(err, AdapterError):
-                        return err
-                    return AdapterError(
-                        AdapterErrorKind.UNSUPPORTED,
-                        f"adapter {adapter_id!r} failed to load: {err}",
-                    )
-                self._host[adapter_id] = fut.result()
-        host = self._host.get(adapter_id)
-        if host is None or not self._make_room(host.nbytes):
-            return None
-        res = self._to_device(host)
-        res.pinned = adapter_id in self._pinned
-        self._resident[adapter_id] = res
-        return self._poll(adapter_id)
-
-    def preload(self, adapter_id: str, pin: bool) -> AdapterError | None:
-        """Loads an adapter into device memory now (blocking; not on the engine thread)."""
+    def preload(self, adapter_id: str, pin: bool, timeout_s: float) -> AdapterError | None:
+        """Reads the adapter's files again (a changed content becomes the new version) and waits
+        until that version is in device memory. Blocking: not for the engine thread. Raises
+        TimeoutError when device memory stays full of adapters in use for `timeout_s`."""
         with self._lock:
             if pin:
                 self._pinned.add(adapter_id)
-                if adapter_id in self._resident:
-                    self._resident[adapter_id].pinned = True
-        while True:
-            state = self.poll(adapter_id)
-            if state is not None and not isinstance(state, AdapterError):
-                return None
+            self._preloading[adapter_id] += 1
+            fut = self._start_load(adapter_id, force=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            state: Resident | AdapterError | None = None
+            try:
+                fut.result(timeout_s)
+            except TimeoutError:
+                raise
+            except Exception as e:  # the load's own error, as every waiting request sees it
+                state = _as_adapter_error(adapter_id, e)
+            while state is None and not self._closed:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"adapter {adapter_id!r} is read but device memory stayed full of "
+                        f"adapters in use for {timeout_s:.0f} s (--adapter-memory-mb)"
+                    )
+                time.sleep(0.002)
+                state = self.poll(adapter_id)
             if isinstance(state, AdapterError):
+                self._pinned.discard(adapter_id)
                 return state
-            time.sleep(0.005)
+            return None
+        finally:
+            with self._lock:
+                self._preloading[adapter_id] -= 1
+                if not self._preloading[adapter_id]:
+                    del self._preloading[adapter_id]
 
     def evict(self, adapter_id: str) -> bool:
-        """Drops an adapter from device and host memory unless a running request uses it."""
+        """Unpins and drops every version of an adapter from device and host memory; versions in
+        use leave when their last request ends. False when nothing was loaded."""
         with self._lock:
             self._pinned.discard(adapter_id)
-            res = self._resident.get(adapter_id)
-            if res is not None and res.refs > 0:
-                res.pinned = False
-                return False
-            found = self._resident.pop(adapter_id, None) or self._host.pop(adapter_id, None)
-            return found is not None
-
-    def _make_room(self, nbytes: int) -> bool:
-        """Evicts least recently used idle adapters until `nbytes` fit in the budget."""
-        if nbytes > self.budget_bytes:
-            return False
-        for adapter_id in list(self._resident):
-            if self.used_bytes + nbytes <= self.budget_bytes:
-                break
-            res = self._resident[adapter_id]
-            if res.refs == 0 and not res.pinned:
-                del self._resident[adapter_id]
-                log.info("adapter evicted", adapter_id=adapter_id, bytes=res.weights.nbytes)
-        return self.used_bytes + nbytes <= self.budget_bytes
-
-    def _to_device(self, host: AdapterWeights) -> Resident:
-        if self._stream is None:
-            return Resident(host, ready=None)
-        with torch.cuda.stream(self._stream):
-            dev = _map(host, lambda t: t.to(self.device, non_blocking=True))
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        return Resident(dev, ready=event)
-
-    def acquire(self, adapter_id: str) -> Resident:
-        """Marks a resident adapter as used by one more running request."""
-        res = self._resident[adapter_id]
-        res.refs += 1
-        res.last_used = time.time()
-        return res
-
-    def release(self, adapter_id: str) -> None:
-        res = self._resident.get(adapter_id)
-        if res is not None:
-            res.refs -= 1
-
-    def resident_ids(self) -> list[str]:
-        return list(self._resident)
-
-    def weights(self, adapter_id: str) -> AdapterWeights:
-        """The device weights of a resident adapter."""
-        return self._resident[adapter_id].weights
+            found = adapter_id in self._current
+            for key in [k for k in (*self._resident, *self._host) if split_key(k)[0] == adapter_id]:
+                found = True
+                self._drop(key)
+            self._current.pop(adapter_id, None)
+            return found
 
     def entries(self) -> list[AdapterEntry]:
-        """Every adapter folder under the root with its residency."""
+        """Every adapter folder under the root with the residency of its newest version."""
         out = []
-        resident = dict(self._resident)
-        for path in sorted(p for p in self.root.iterdir() if (p / "adapter_config.json").is_file()):
-            aid = path.name
-            res = resident.get(aid)
-            w = res.weights if res else self._host.get(aid)
-            residency = "gpu" if res else ("host" if w else "disk")
-            out.append(
-                AdapterEntry(
-                    aid,
-                    residency,
-                    w.rank if w else 0,
-                    w.nbytes if w else 0,
-                    w.digest if w else "",
-                    res.last_used if res else 0.0,
-                    w.targets if w else (),
+        with self._lock:
+            for path in sorted(self.root.iterdir()):
+                if path.is_symlink() or not (path / CONFIG_FILE).is_file():
+                    continue
+                key = self._current.get(path.name, "")
+                res, host = self._resident.get(key), self._host.get(key)
+                w = res.weights if res else (host.weights if host else None)
+                residency = "gpu" if res else ("host" if host else "disk")
+                out.append(
+                    AdapterEntry(
+                        path.name,
+                        residency,
+                        w.rank if w else 0,
+                        w.nbytes if w else 0,
+                        w.digest if w else "",
+                        max(res.last_used if res else 0.0, host.last_used if host else 0.0),
+                        w.targets if w else (),
+                    )
                 )
-            )
         return out
 
+    # -- engine side ----------------------------------------------------------------------------
+    def want(self, adapter_ids: set[str]) -> None:
+        """The ids waiting requests need: the host tier keeps those until they reach the device."""
+        self._wanted = frozenset(adapter_ids)
+
+    def claim(self, adapter_id: str) -> Resident | AdapterError | None:
+        """The newest version, resident and marked as used by one more request; the error that
+        stopped its load; or None while it is on its way (its load is moved along)."""
+        with self._lock:
+            state = self._poll(adapter_id)
+            if isinstance(state, Resident):
+                state.refs += 1
+                state.last_used = time.time()
+            return state
+
+    def poll(self, name: str) -> Resident | AdapterError | None:
+        """Like `claim` without marking it used; `name` is an id (its newest version) or an exact
+        `id@version` (what tensor-parallel followers replay)."""
+        with self._lock:
+            return self._poll(name)
+
+    def release(self, key: str) -> None:
+        """One request stopped using version `key`; an outdated version leaves at its last."""
+        with self._lock:
+            res = self._resident.get(key)
+            if res is None:
+                return
+            res.refs -= 1
+            if res.refs == 0 and self._current.get(split_key(key)[0]) != key:
+                self._drop(key)
+
+    def weights(self, name: str) -> AdapterWeights:
+        """The device weights of a resident version (`id@version`, or an id: its newest)."""
+        with self._lock:
+            key = name if "@" in name else self._current[name]
+            return self._resident[key].weights
+
+    def resident_ids(self) -> list[str]:
+        with self._lock:
+            return list(dict.fromkeys(split_key(k)[0] for k in self._resident))
+
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    # -- internals (lock held) ------------------------------------------------------------------
+    def _poll(self, name: str) -> Resident | AdapterError | None:
+        adapter_id, version = split_key(name)
+        fut = self._loading.get(adapter_id)
+        if fut is not None and fut.done():
+            del self._loading[adapter_id]
+            err = fut.exception()
+            if err is not None:
+                return _as_adapter_error(adapter_id, err)
+        elif fut is not None and version is None:
+            return None  # a read is on its way: it may bring a newer version
+        key = name if version else self._current.get(adapter_id)
+        if key is None:
+            self._start_load(adapter_id)
+            return None
+        res = self._resident.get(key)
+        if res is not None:
+            if res.ready is not None:
+                if not res.ready.query():
+                    return None
+                self._copied(res)
+            self._resident.move_to_end(key)
+            return res
+        host = self._host.get(key)
+        if host is None:
+            if fut is not None:
+                return None
+            if version is not None and self._tried.get(adapter_id) == key:
+                del self._tried[adapter_id]
+                return AdapterError(
+                    AdapterErrorKind.UNSUPPORTED,
+                    f"adapter {adapter_id!r} changed on disk: version {version} is not there "
+                    "any more",
+                )
+            if version is not None:
+                self._tried[adapter_id] = key
+            self._start_load(adapter_id)
+            return None
+        if not self._make_room(host.flat.numel()):
+            return None  # every resident adapter is in use: wait for a request to end
+        host.last_used = time.time()
+        self._host.move_to_end(key)
+        self._resident[key] = self._to_device(key, host)
+        self._gauges()
+        return self._poll(name)
 
-def _map(w: AdapterWeights, fn: Callable[[torch.Tensor], torch.Tensor]) -> AdapterWeights:
-    return AdapterWeights(
-        w.adapter_id,
-        w.digest,
-        w.rank,
-        w.scale,
-        {k: fn(t) for k, t in w.a.items()},
-        {k: fn(t) for k, t in w.b.items()},
+    def _start_load(self, adapter_id: str, force: bool = False) -> Future[str]:
+        fut = self._loading.get(adapter_id)
+        if fut is None or force:
+            fut = self._pool.submit(self._read, adapter_id)
+            self._loading[adapter_id] = fut
+        return fut
+
+    def _read(self, adapter_id: str) -> str:
+        """Loader thread: disk -> host tier. Waits while the host tier is full of adapters that
+        waiting requests need (they reach the device, then room frees)."""
+        start = time.perf_counter()
+        try:
+            w, sig = load_adapter(
+                self.root,
+                adapter_id,
+                self.cfg,
+                self.group,
+                self.dtype,
+                self.max_rank,
+                self.base_mismatch,
+            )
+            nbytes = packed_size(w)
+            for budget, flag in (
+                (self.host_budget_bytes, "--adapter-host-memory-mb"),
+                (self.budget_bytes, "--adapter-memory-mb"),
+            ):
+                if nbytes > budget:
+                    raise AdapterError(
+                        AdapterErrorKind.UNSUPPORTED,
+                        f"adapter {adapter_id!r} needs {nbytes / 2**20:.1f} MiB but {flag} "
+                        f"allows {budget / 2**20:.1f} MiB",
+                    )
+            while True:
+                with self._lock:
+                    host = self._host.get(w.key)
+                    if host is not None or self._reserve_host(nbytes):
+                        break
+                if self._closed:
+                    raise AdapterError(AdapterErrorKind.UNSUPPORTED, "the shard is shutting down")
+                time.sleep(0.002)
+        except BaseException:
+            with self._lock:
+                self._forget(adapter_id)  # fail closed: no request gets an older version
+            raise
+        if host is None:
+            try:
+                flat, packed = pack(w, pin=self.device.type == "cuda")
+                host = HostCopy(packed, flat, time.time())
+            finally:
+                with self._lock:
+                    self._host_reserved -= nbytes
+        with self._lock:
+            self._host[w.key] = host
+            self._host.move_to_end(w.key)
+            old = self._current.get(adapter_id)
+            self._current[adapter_id] = w.key
+            self._sigs[adapter_id] = sig
+            if old is not None and old != w.key:
+                log.info("adapter reloaded", adapter_id=adapter_id, old=old, new=w.key)
+                self._drop(old)
+            self._gauges()
+        seconds = time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.adapter_load_seconds.labels("disk_to_host").observe(seconds)
+            self.metrics.adapter_load_time.labels(adapter_id).observe(seconds)
+        log.info("adapter read", key=w.key, rank=w.rank, bytes=nbytes, seconds=round(seconds, 4))
+        return w.key
+
+    def _reserve_host(self, nbytes: int) -> bool:
+        """Makes room for `nbytes` in the host tier (LRU first, sparing what waiting requests
+        need) and reserves it; False when it does not fit yet."""
+        used = self.host_used_bytes + self._host_reserved
+        for k in list(self._host):
+            if used + nbytes <= self.host_budget_bytes:
+                break
+            if self._host_protected(k):
+                continue
+            used -= self._host.pop(k).flat.numel()
+            self._evicted("host", k)
+        if used + nbytes > self.host_budget_bytes:
+            return False
+        self._host_reserved += nbytes
+        return True
+
+    def _host_protected(self, key: str) -> bool:
+        res = self._resident.get(key)
+        if res is not None:
+            return res.source is not None  # its copy to the device is still reading it
+        adapter_id = split_key(key)[0]
+        needed = adapter_id in self._wanted or adapter_id in self._preloading
+        return needed and self._current.get(adapter_id) == key
+
+    def _make_room(self, nbytes: int) -> bool:
+        """Evicts least recently used idle, unpinned device entries until `nbytes` fit."""
+        used = self.used_bytes
+        for key in list(self._resident):
+            if used + nbytes <= self.budget_bytes:
+                break
+            res = self._resident[key]
+            adapter_id = split_key(key)[0]
+            pinned = adapter_id in self._pinned and self._current.get(adapter_id) == key
+            if res.refs == 0 and not pinned:
+                used -= res.flat.numel()
+                del self._resident[key]
+                self._evicted("gpu", key)
+        return used + nbytes <= self.budget_bytes
+
+    def _to_device(self, key: str, host: HostCopy) -> Resident:
+        if self._stream is None:
+            return Resident(key, host.weights, host.flat, None, None, time.perf_counter())
+        # Freed device entries are never in use by a queued forward: the engine syncs every step
+        # (sampling) and evicts only adapters no running request holds.
+        with torch.cuda.stream(self._stream):
+            flat = host.flat.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        w = carve(flat, host.weights)
+        return Resident(key, w, flat, event, host, time.perf_counter())
+
+    def _copied(self, res: Resident) -> None:
+        res.ready, res.source = None, None
+        seconds = time.perf_counter() - res.started
+        if self.metrics is not None:
+            self.metrics.adapter_load_seconds.labels("host_to_gpu").observe(seconds)
+            self.metrics.adapter_load_time.labels(split_key(res.key)[0]).observe(seconds)
+
+    def _forget(self, adapter_id: str) -> None:
+        """The newest version is no longer current: requests that come next read the files."""
+        old = self._current.pop(adapter_id, None)
+        self._sigs.pop(adapter_id, None)
+        if old is not None:
+            self._drop(old)
+
+    def _drop(self, key: str) -> None:
+        """Removes a version from both tiers, except from the device while requests use it."""
+        self._host.pop(key, None)
+        res = self._resident.get(key)
+        if res is not None and res.refs == 0:
+            del self._resident[key]
+        self._gauges()
+
+    def _evicted(self, tier: str, key: str) -> None:
+        log.info("adapter evicted", tier=tier, key=key)
+        if self.metrics is not None:
+            self.metrics.adapter_evictions.labels(tier).inc()
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_bytes.labels("gpu").set(self.used_bytes)
+            self.metrics.adapter_bytes.labels("host").set(self.host_used_bytes)
+
+
+def _as_adapter_error(adapter_id: str, err: BaseException) -> AdapterError:
+    if isinstance(err, AdapterError):
+        return err
+    return AdapterError(
+        AdapterErrorKind.UNSUPPORTED, f"adapter {adapter_id!r} failed to load: {err}"
     )

@@ -28,6 +28,8 @@ class ShardConfig:
     # KV pages and adapters
     page_size: int  # tokens per KV page
     adapter_memory_mb: int  # device budget for resident adapters
+    adapter_host_memory_mb: int  # host-memory tier between disk and device (LRU beyond it)
+    adapter_base_mismatch: str  # "warn" or "error": adapter trained on another base model
     max_lora_rank: int
     max_queue: int  # requests waiting on this shard before RESOURCE_EXHAUSTED
     metrics_port: int | None
@@ -65,6 +67,20 @@ def parse_config(
     add("--kv-memory-fraction", "KV_MEMORY_FRACTION", "0.85", "free memory share", type=float)
     add("--page-size", "PAGE_SIZE", "16", "tokens per KV page", type=int)
     add("--adapter-memory-mb", "ADAPTER_MEMORY_MB", "2048", "device adapter budget", type=int)
+    add(
+        "--adapter-host-memory-mb",
+        "ADAPTER_HOST_MEMORY_MB",
+        "8192",
+        "host-memory adapter tier",
+        type=int,
+    )
+    add(
+        "--adapter-base-mismatch",
+        "ADAPTER_BASE_MISMATCH",
+        "warn",
+        "adapter of another base model: warn or error",
+        choices=("warn", "error"),
+    )
     add("--max-lora-rank", "MAX_LORA_RANK", "128", "largest adapter rank accepted", type=int)
     add("--max-queue", "MAX_QUEUE", "1024", "waiting requests before refusing", type=int)
     add("--metrics-port", "METRICS_PORT", None, "Prometheus /metrics port", type=int)
@@ -117,6 +133,8 @@ def parse_config(
         kv_memory_fraction=a.kv_memory_fraction,
         page_size=a.page_size,
         adapter_memory_mb=a.adapter_memory_mb,
+        adapter_host_memory_mb=a.adapter_host_memory_mb,
+        adapter_base_mismatch=a.adapter_base_mismatch,
         max_lora_rank=a.max_lora_rank,
         max_queue=a.max_queue,
         metrics_port=a.metrics_port,

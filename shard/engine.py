@@ -80,6 +80,7 @@ class Engine:
         self._load = self._snapshot(0)
         self.failure: BaseException | None = None
         self.metrics = ShardMetrics()
+        scheduler.adapters.attach_metrics(self.metrics)
         self.steps = 0
 
     # -- thread-safe API ------------------------------------------------------------------------
@@ -218,6 +219,9 @@ class Engine:
         now = time.monotonic()
         if seq.first_token is None:
             seq.first_token = now
+            if seq.adapter_id and seq.first_scheduled is not None:
+                queued = seq.first_scheduled - seq.req.arrival
+                self.metrics.adapter_queue_seconds.labels(seq.adapter_id).observe(queued)
         seq.token_ids.append(token)
         seq.generated.append(token)
         stop = seq.req.stopping

@@ -8,11 +8,26 @@
 - `lorafleet_shard_running` / `lorafleet_shard_queued` gauges: running batch and waiting requests.
 - `lorafleet_shard_kv_pages_free` / `lorafleet_shard_kv_pages_total` gauges: KV page pool.
 - `lorafleet_shard_adapters_resident` gauge: adapters in device memory.
+- `lorafleet_shard_adapter_lookups_total{tier,result}` counter: each request's adapter looked up
+  tier by tier (`gpu`, then `host`, then `disk`) until a `hit`; every tier before it is a `miss`.
+- `lorafleet_shard_adapter_load_seconds{stage}` histogram: one load step, `disk_to_host` (read,
+  validate, slice, pin) or `host_to_gpu` (the side-stream copy, as seen by the engine).
+- `lorafleet_shard_adapter_load_time_seconds{adapter}` summary: load time by adapter (both stages).
+- `lorafleet_shard_adapter_queue_seconds{adapter}` summary: arrival to admission, by adapter.
+- `lorafleet_shard_adapter_evictions_total{tier}` counter: adapters dropped to make room.
+- `lorafleet_shard_adapter_bytes{tier}` gauge: bytes of adapters held in `gpu` and `host` memory.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
+    start_http_server,
+)
 
 BASE_MODEL_LABEL = "<base>"
 
@@ -46,6 +61,38 @@ class ShardMetrics:
         self.kv_total = Gauge("lorafleet_shard_kv_pages_total", "KV pages in the pool", registry=r)
         self.adapters = Gauge(
             "lorafleet_shard_adapters_resident", "adapters in device memory", registry=r
+        )
+        self.adapter_lookups = Counter(
+            "lorafleet_shard_adapter_lookups",
+            "adapter cache hits and misses by tier",
+            ["tier", "result"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "lorafleet_shard_adapter_load_seconds",
+            "adapter load latency by stage",
+            ["stage"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        # Summaries (count and sum, no buckets): one series pair per adapter stays cheap.
+        self.adapter_load_time = Summary(
+            "lorafleet_shard_adapter_load_time_seconds",
+            "adapter load time by adapter",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_queue_seconds = Summary(
+            "lorafleet_shard_adapter_queue_seconds",
+            "arrival to admission by adapter",
+            ["adapter"],
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "lorafleet_shard_adapter_evictions", "adapters evicted", ["tier"], registry=r
+        )
+        self.adapter_bytes = Gauge(
+            "lorafleet_shard_adapter_bytes", "adapter bytes held", ["tier"], registry=r
         )
 
     def serve(self, port: int) -> None:

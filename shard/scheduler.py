@@ -2,7 +2,9 @@
 
 Every step holds one decode token of each running request plus as many new prompts as the token
 budget, the batch limit and the free KV pages allow. A request is admitted only once its adapter
-is resident. When a running request needs a page and none is free, the newest request is evicted.
+is resident; one whose adapter is still loading waits without holding up the others. When a
+running request needs a page and none is free, the newest request is evicted (it keeps its adapter
+version, so it resumes on the same weights).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Scheduler:
 
     def schedule(self) -> Schedule:
         out = Schedule()
+        self.adapters.want({s.adapter_id for s in self.waiting if s.adapter_id})
         self._grow_running(out)
         self._admit(out)
         return out
@@ -90,26 +93,29 @@ class Scheduler:
         for seq in list(self.waiting):
             if len(self.running) >= self.max_batch_size:
                 break
-            if seq.adapter_id:
-                state = self.adapters.poll(seq.adapter_id)
-                if isinstance(state, AdapterError):
-                    self.waiting.remove(seq)
-                    out.failed.append((seq, state))
-                    continue
-                if state is None:
-                    continue  # still loading: later requests may go ahead
             rows = seq.new_tokens
             if rows > budget and out.prefill:
                 break
+            claimed = None
+            if seq.adapter_id and not seq.holds_adapter:
+                claimed = self.adapters.claim(seq.adapter_id)
+                if isinstance(claimed, AdapterError):
+                    self.waiting.remove(seq)
+                    out.failed.append((seq, claimed))
+                    continue
+                if claimed is None:
+                    continue  # still loading: later requests may go ahead
             # The prompt's pages now, plus room for the first generated token.
             need = pages_for(len(seq.token_ids) + 1, self.page_size)
             got = self.pool.alloc(need)
             if got is None:
+                if claimed is not None:
+                    self.adapters.release(claimed.key)
                 break
             self.waiting.remove(seq)
             seq.pages = got
-            if seq.adapter_id:
-                self.adapters.acquire(seq.adapter_id)
+            if claimed is not None:
+                seq.adapter_key = claimed.key
                 seq.holds_adapter = True
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled is None:
@@ -119,8 +125,12 @@ class Scheduler:
             budget -= rows
 
     def _evict(self, seq: Sequence) -> None:
-        """Takes a running request out of the batch and frees its pages (it keeps its tokens)."""
-        self.release(seq)
+        """Takes a running request out of the batch and frees its pages; it keeps its tokens and
+        its adapter version (a reload meanwhile must not change its weights)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages = []
         seq.num_cached = 0
         seq.status = SeqStatus.WAITING
 
@@ -133,5 +143,5 @@ class Scheduler:
         self.pool.release(seq.pages)
         seq.pages = []
         if seq.holds_adapter:
-            self.adapters.release(seq.adapter_id)
+            self.adapters.release(seq.adapter_key)
             seq.holds_adapter = False

@@ -111,6 +111,7 @@ class Sequence:
         self.pages: list[int] = []
         self.status = SeqStatus.WAITING
         self.holds_adapter = False
+        self.adapter_key = ""  # the adapter version it runs on (id@version), set at admission
         self.first_scheduled: float | None = None
         self.first_token: float | None = None
 

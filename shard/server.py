@@ -40,6 +40,7 @@ _ADAPTER_CODE = {
     AdapterErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterErrorKind.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
 }
+_LOAD_TIMEOUT_S = 300.0  # LoadAdapter's wait for device room when the call has no deadline
 _RESIDENCY = {
     "gpu": generate_pb2.ADAPTER_RESIDENCY_GPU,
     "host": generate_pb2.ADAPTER_RESIDENCY_HOST,
@@ -101,7 +102,7 @@ class ShardService:
         structlog.contextvars.bind_contextvars(request_id=rid, adapter_id=request.adapter_id)
         try:
             if request.adapter_id:
-                self.adapters.check(request.adapter_id)
+                self.adapters.lookup(request.adapter_id)
             req = to_engine_request(
                 request, rid, self.tokenizer, self.model, self.max_context, resume, migratable
             )
@@ -240,12 +241,19 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     async def LoadAdapter(
         self, request: shard_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> shard_pb2.LoadAdapterResponse:
-        """Starts loading an adapter and waits until it is resident (or fails)."""
+        """Reads the adapter's files again and waits until it is resident (or fails); replaced
+        files become a new version for new requests, running ones finish on the old one."""
         try:
             self.s.adapters.check(request.adapter_id)
         except AdapterError as e:
             await context.abort(_ADAPTER_CODE[e.kind], str(e))
-        err = await asyncio.to_thread(self.s.adapters.preload, request.adapter_id, request.pin)
+        timeout = context.time_remaining() or _LOAD_TIMEOUT_S
+        try:
+            err = await asyncio.to_thread(
+                self.s.adapters.preload, request.adapter_id, request.pin, timeout
+            )
+        except TimeoutError as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         if err is not None:
             await context.abort(_ADAPTER_CODE[err.kind], str(err))
         info = next(i for i in self.s.adapter_infos() if i.adapter_id == request.adapter_id)

@@ -29,8 +29,8 @@ class StepPlan:
     decode_context: tuple[int, ...]  # [num_decode] tokens in KV after this step
     prefills: tuple[PrefillPlan, ...]
     logits_rows: tuple[int, ...]  # [B] last row of each request, in request order
-    segments: tuple[tuple[int, str], ...]  # (first row, adapter id; "" = base) runs, in order
-    # Adapters every rank must have resident before the forward (for tensor-parallel replay).
+    segments: tuple[tuple[int, str], ...]  # (first row, adapter id@version; "" = base) runs
+    # Adapter versions every rank must have resident before the forward (tensor-parallel replay).
     adapters: tuple[str, ...] = ()
 
     @property
@@ -42,8 +42,8 @@ def make_plan(
     decode: list[Sequence], prefill: list[Sequence], page_size: int
 ) -> tuple[StepPlan, list[Sequence]]:
     """The plan for one forward, and the sequences in the order of its logits rows."""
-    ordered_decode = sorted(decode, key=lambda s: s.adapter_id)
-    ordered_prefill = sorted(prefill, key=lambda s: s.adapter_id)
+    ordered_decode = sorted(decode, key=lambda s: s.adapter_key)
+    ordered_prefill = sorted(prefill, key=lambda s: s.adapter_key)
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -53,8 +53,8 @@ def make_plan(
     tagged = [(s, False) for s in ordered_decode] + [(s, True) for s in ordered_prefill]
     for seq, is_prefill in tagged:
         start = len(ids)
-        if not segments or segments[-1][1] != seq.adapter_id:
-            segments.append((start, seq.adapter_id))
+        if not segments or segments[-1][1] != seq.adapter_key:
+            segments.append((start, seq.adapter_key))
         span = range(seq.num_cached, len(seq.token_ids))
         ids.extend(seq.token_ids[seq.num_cached :])
         positions.extend(span)
@@ -71,6 +71,6 @@ def make_plan(
         prefills=tuple(prefills),
         logits_rows=tuple(rows),
         segments=tuple(segments),
-        adapters=tuple(sorted({s.adapter_id for s in (*decode, *prefill) if s.adapter_id})),
+        adapters=tuple(sorted({s.adapter_key for s in (*decode, *prefill) if s.adapter_key})),
     )
     return plan, [*ordered_decode, *ordered_prefill]
