@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+LOAD_FORMATS = ("safetensors", "dummy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class ShardConfig:
     log_format: str  # "json" or "console"; "auto" picks console on a TTY
     tp_timeout_s: float  # longest wait of any tensor-parallel collective before the shard exits
     cuda_graphs: bool  # replay decode steps from CUDA graphs (CUDA only)
+    load_format: str  # "safetensors", or "dummy": seeded random weights (benchmarks)
 
 
 def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -89,6 +91,7 @@ def parse_config(
     add("--log-format", "LOG_FORMAT", "auto", "json, console or auto")
     add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
     add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
+    add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
     a = p.parse_args(argv)
 
     if not a.model or not a.adapters:
@@ -143,4 +146,5 @@ def parse_config(
         log_format=a.log_format,
         tp_timeout_s=a.tp_timeout_s,
         cuda_graphs=a.cuda_graphs == "on",
+        load_format=a.load_format,
     )

@@ -306,16 +306,18 @@ class DecodeGraphs:
             graphs=sum(s.graph is not None for s in self._shapes.values()),
         )
 
-    def capture_all(self, ranks: tuple[int, ...] = (0, 16)) -> None:
-        """Captures every batch bucket up to max_batch for these rank classes, at the widest
-        page table, ahead of traffic (largest first, so smaller graphs reuse its memory)."""
-        width = table_width(self.max_pages)
+    def capture_all(self, ranks: tuple[int, ...], widths: tuple[int, ...]) -> None:
+        """Captures every batch bucket up to max_batch for these rank classes and page-table
+        widths ahead of traffic (largest batch first, so smaller graphs reuse its memory)."""
         for batch in sorted((b for b in BATCH_BUCKETS if b <= self.max_batch), reverse=True):
             for rank in ranks:
-                key = GraphKey(batch, rank, width)
-                shape = self._shapes.setdefault(
-                    key, PaddedDecode(key, self.kv, self.dtype, self.device)
-                )
-                shape.arena.upload()
-                if self.use_graphs and shape.graph is None:
-                    self._capture(shape)
+                for width in widths:
+                    key = GraphKey(batch, rank, width)
+                    shape = self._shapes.get(key)
+                    if shape is None:
+                        shape = self._shapes[key] = PaddedDecode(
+                            key, self.kv, self.dtype, self.device
+                        )
+                    shape.arena.upload()
+                    if self.use_graphs and shape.graph is None:
+                        self._capture(shape)

@@ -89,9 +89,30 @@ def _load_one(
 
 
 def build_model(
-    cfg: ModelConfig, model_dir: Path, group: TPGroup, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    model_dir: Path,
+    group: TPGroup,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "safetensors",
 ) -> LlamaForCausalLM:
-    """Constructs the model on `device` and loads its weights."""
+    """Constructs the model on `device` and loads its weights ("safetensors"), or fills them with
+    seeded random values where they are ("dummy": benchmarks of shapes nobody can download here)."""
     model = LlamaForCausalLM(cfg, group, dtype, device)
-    load_weights(model, model_dir, group)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, model_dir, group)
     return model.eval()
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+    """Norm scales 1, every matrix N(0, std^2), generated on the weights' own device."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)

@@ -46,7 +46,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     device = rank_device(cfg, group)
     dtype = getattr(torch, cfg.dtype)
     model_cfg = load_model_config(cfg.model)
-    model = build_model(model_cfg, cfg.model, group, dtype, device)
+    model = build_model(model_cfg, cfg.model, group, dtype, device, cfg.load_format)
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
     activations = activation_peak(model, cfg, model_cfg, group)
     max_context = model_cfg.max_position_embeddings

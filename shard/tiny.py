@@ -141,7 +141,7 @@ def write_tiny(root: Path, *, seed: int = 0, spec: TinySpec = TinySpec()) -> Tin
         shutil.rmtree(d, ignore_errors=True)
     paths.model_dir.mkdir(parents=True)
 
-    tokenizer = _write_tokenizer(paths.model_dir)
+    tokenizer = write_tokenizer(paths.model_dir)
     model = _write_model(paths.model_dir, tokenizer, seed=seed, spec=spec)
     for i, adapter in enumerate(ADAPTERS):
         _write_adapter(paths.adapter_dir(adapter.adapter_id), model, adapter, seed=seed + 1 + i)
@@ -149,7 +149,8 @@ def write_tiny(root: Path, *, seed: int = 0, spec: TinySpec = TinySpec()) -> Tin
     return paths
 
 
-def _write_tokenizer(model_dir: Path) -> Tokenizer:
+def write_tokenizer(model_dir: Path) -> Tokenizer:
+    """A small byte-level BPE tokenizer with Llama's conventions, saved into `model_dir`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
