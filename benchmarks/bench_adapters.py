@@ -1,0 +1,297 @@
+"""Adapter lifecycle benchmark (issue 6): how long one Llama-7B-shaped r16 adapter takes to load,
+and what a working set of adapters 4x the device budget does to time to first token.
+
+Engine level, no gRPC: the real `Engine`, `Scheduler`, `PagePool` and `AdapterCache` run a
+synthetic 7B-shaped forward (32 layers of the dense projections as bf16 matmuls, no attention,
+the LoRA term of q_proj applied per segment from the resident adapter weights), so the step time
+is a 7B step's and every request really waits for its adapter's copy. `--small` runs a tiny shape
+on CPU to check the script.
+
+    python -m benchmarks.bench_adapters --out adapters.json [--small --device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models
+
+from shard.adapter_cache import AdapterCache
+from shard.engine import Engine
+from shard.kv_cache import PagePool
+from shard.model_config import ModelConfig
+from shard.parallel import SINGLE
+from shard.sampling import SamplingParams
+from shard.scheduler import Scheduler
+from shard.sequence import EngineRequest, StepOutput, StopParams
+from shard.step_plan import StepPlan
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VOCAB = 512  # the synthetic head's width; token ids are never decoded into real text
+
+
+def model_config(small: bool) -> ModelConfig:
+    h, i, layers = (256, 688, 4) if small else (4096, 11008, 32)
+    heads = 4 if small else 32
+    return ModelConfig(
+        name="synthetic-llama",
+        vocab_size=VOCAB,
+        hidden_size=h,
+        intermediate_size=i,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=h // heads,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_ids=(),
+    )
+
+
+def write_adapters(root: Path, cfg: ModelConfig, count: int, rank: int) -> list[str]:
+    """`count` PEFT folders of one r`rank` adapter over all 7 projections (bf16): one weights
+    file, hard-linked, so each id is a distinct cache entry of the same size."""
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for m in MODULES:
+            inp, out = cfg.projection_shape(m)
+            part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, inp, dtype=torch.bfloat16) * 0.01
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out, rank, dtype=torch.bfloat16) * 0.01
+    weights = root / "weights.safetensors"
+    save_file(tensors, weights)
+    conf = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": MODULES}
+    conf["base_model_name_or_path"] = cfg.name
+    ids = []
+    for n in range(count):
+        folder = root / f"a{n:03d}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(conf))
+        os.link(weights, folder / "adapter_model.safetensors")
+        ids.append(folder.name)
+    return ids
+
+
+def load_times(cache: AdapterCache, adapter_id: str, repeats: int) -> dict[str, float]:
+    """Disk -> host once through the cache, then the host -> device copy of the packed adapter
+    (one copy of pinned memory), timed with CUDA events."""
+    start = time.perf_counter()
+    assert cache.preload(adapter_id, False, 120) is None
+    first = time.perf_counter() - start
+    host = cache._host[cache._current[adapter_id]]  # the packed host copy the cache moves
+    out: dict[str, float] = {"bytes": host.flat.numel(), "first_load_through_cache_s": first}
+    if cache.device.type != "cuda":
+        return out
+    stream = torch.cuda.Stream(cache.device)
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            begin.record(stream)
+            host.flat.to(cache.device, non_blocking=True)
+            end.record(stream)
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1000)
+    out["host_to_gpu_s_median"] = statistics.median(times)
+    out["host_to_gpu_s_min"] = min(times)
+    out["host_to_gpu_GBps"] = host.flat.numel() / statistics.median(times) / 1e9
+    return out
+
+
+class SyntheticForward:
+    """A 7B-shaped step: per layer the fused qkv, o, gate_up and down matmuls, plus the q_proj
+    LoRA term of each segment from its resident weights; logits from a small head."""
+
+    def __init__(self, cfg: ModelConfig, cache: AdapterCache, max_rows: int) -> None:
+        d, dt = cache.device, cache.dtype
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.cfg, self.cache = cfg, cache
+        self.layers = [
+            (
+                torch.randn(h, 3 * h, device=d, dtype=dt) * 0.01,
+                torch.randn(h, h, device=d, dtype=dt) * 0.01,
+                torch.randn(h, 2 * i, device=d, dtype=dt) * 0.01,
+                torch.randn(i, h, device=d, dtype=dt) * 0.01,
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        self.head = torch.randn(h, VOCAB, device=d, dtype=dt)
+        self.x = torch.randn(max_rows, h, device=d, dtype=dt)
+
+    @torch.inference_mode()
+    def __call__(self, plan: StepPlan) -> torch.Tensor:
+        t = plan.num_rows
+        x = self.x[:t]
+        bounds = [row for row, _ in plan.segments] + [t]
+        loras = [
+            (bounds[n], bounds[n + 1], self.cache.weights(key))
+            for n, (_, key) in enumerate(plan.segments)
+            if key
+        ]
+        h = x
+        for layer, (qkv, o, gate_up, down) in enumerate(self.layers):
+            q = h @ qkv
+            for lo, hi, w in loras:
+                q[lo:hi, : self.cfg.hidden_size] += (h[lo:hi] @ w.a["q_proj"][layer].T) @ w.b[
+                    "q_proj"
+                ][layer]
+            h = h + q[:, : self.cfg.hidden_size] @ o
+            g = h @ gate_up
+            h = h + (g[:, : self.cfg.intermediate_size] * g[:, self.cfg.intermediate_size :]) @ down
+            h = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(h.dtype)
+        rows = torch.tensor(plan.logits_rows, device=h.device)
+        return (h[rows] @ self.head).float()
+
+
+def ttft_phase(engine: Engine, adapters: list[str], n: int, rate: float, prompt_len: int) -> dict:
+    """`n` requests with Poisson arrivals at `rate`/s over `adapters` (uniform); TTFT stats."""
+    rng = random.Random(0)
+    done = threading.Semaphore(0)
+    ttfts: list[float] = []
+    errors: list[str] = []
+
+    def sink(out: StepOutput) -> None:
+        if out.error is not None:
+            errors.append(str(out.error))
+        if out.usage is not None:
+            ttfts.append(out.usage.time_to_first_token_s)
+        if out.final:
+            done.release()
+
+    for k in range(n):
+        req = EngineRequest(
+            request_id=f"r{k}-{time.monotonic_ns()}",
+            adapter_id=rng.choice(adapters),
+            prompt_ids=tuple(rng.randrange(VOCAB) for _ in range(prompt_len)),
+            sampling=SamplingParams(),
+            stopping=StopParams(max_new_tokens=16, ignore_eos=True),
+        )
+        engine.scheduler.adapters.lookup(req.adapter_id)
+        engine.submit(req, sink)
+        time.sleep(rng.expovariate(rate))
+    for _ in range(n):
+        assert done.acquire(timeout=120), "a request never finished"
+    ttfts.sort()
+    return {
+        "requests": n,
+        "distinct_adapters": len(adapters),
+        "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
+        "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
+        "ttft_mean_ms": 1000 * statistics.fmean(ttfts),
+        "errors": errors[:3],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--small", action="store_true", help="tiny shapes (CPU check of the script)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--budget-adapters", type=int, default=8, help="device budget, in adapters")
+    p.add_argument("--working-set", type=int, default=4, help="working set / device budget")
+    p.add_argument("--requests", type=int, default=150)
+    p.add_argument("--rate", type=float, default=40.0, help="arrivals per second")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--command", default="")
+    a = p.parse_args()
+    torch.set_grad_enabled(False)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = model_config(a.small)
+    count = a.budget_adapters * a.working_set
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        ids = write_adapters(root, cfg, count, a.rank)
+        setup = {"write_adapters_s": time.perf_counter() - start}
+        probe = AdapterCache(root, cfg, SINGLE, dtype, device, 2**34, 128)
+        load = load_times(probe, ids[0], repeats=20)
+        probe.close()
+        size = int(load["bytes"])
+        cache = AdapterCache(
+            root,
+            cfg,
+            SINGLE,
+            dtype,
+            device,
+            a.budget_adapters * size,
+            128,
+            host_budget_bytes=(count + 1) * size,
+        )
+        start = time.perf_counter()
+        for adapter_id in ids:  # the working set comes from host memory in steady state
+            cache.lookup(adapter_id)
+        while sum(e.residency == "host" for e in cache.entries()) < count:
+            time.sleep(0.05)
+        setup["disk_to_host_all_s"] = time.perf_counter() - start
+        pool = PagePool(4096)
+        scheduler = Scheduler(pool, 16, 32, 4096, cache)
+        tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+        forward = SyntheticForward(cfg, cache, max_rows=4096 + 32)
+        engine = Engine(scheduler, forward, tok, (), 4096, 100000)
+        engine.start()
+        try:
+            ttft_phase(engine, ids[:2], 20, a.rate, a.prompt_len)  # warm-up
+            warm = ttft_phase(
+                engine, ids[: a.budget_adapters // 2], a.requests, a.rate, a.prompt_len
+            )
+            cold = ttft_phase(engine, ids, a.requests, a.rate, a.prompt_len)
+        finally:
+            engine.stop()
+        evictions = engine.metrics.registry.get_sample_value(
+            "lorafleet_shard_adapter_evictions_total", {"tier": "gpu"}
+        )
+        steps = engine.steps
+    result = {
+        "benchmark": "adapters",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": a.commit,
+        "command": a.command,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": {
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size,
+            "layers": cfg.num_layers,
+            "rank": a.rank,
+            "modules": list(MODULES),
+            "dtype": str(dtype),
+        },
+        "load": load,
+        "setup": setup,
+        "device_budget_adapters": a.budget_adapters,
+        "working_set_adapters": count,
+        "arrival_rate_per_s": a.rate,
+        "prompt_len": a.prompt_len,
+        "max_new_tokens": 16,
+        "warm": warm,
+        "working_set_4x": cold,
+        "ttft_p50_ratio": cold["ttft_p50_ms"] / warm["ttft_p50_ms"],
+        "ttft_p99_ratio": cold["ttft_p99_ms"] / warm["ttft_p99_ms"],
+        "gpu_evictions": evictions,
+        "engine_steps": steps,
+    }
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
