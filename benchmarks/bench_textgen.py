@@ -1,0 +1,482 @@
+"""Punica's text-generation experiment on one GPU, three systems in one run.
+
+A Llama-2-7B-shaped model with random bf16 weights, N PEFT adapters of rank 16 on all seven
+projections, and Punica's four adapter popularities (Distinct, Uniform, Skewed Zipf 1.5,
+Identical) at several batch sizes, with prompt and output lengths drawn from a seeded
+distribution:
+  (a) lorafleet: the real engine (scheduler, paged KV, SGMV, CUDA graphs) built through the same
+      code path as a shard, with `--load-format dummy` weights;
+  (b) lorafleet with every request on the base model;
+  (c) transformers + PEFT `generate` with `adapter_names` mixing the same adapter folders in one
+      batch (what users do without a multi-LoRA server), and with adapters disabled.
+Reports generated tokens/s, time to first token, decode step time (p50 inter-token latency, and
+the decode forward alone from CUDA events) against the step's HBM floor: weights + KV read +
+distinct adapters' bytes over the measured copy bandwidth. Writes JSON and a PNG plot.
+
+`python -m benchmarks.bench_textgen --out benchmarks/results/textgen_h200.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_sgmv import adapters_of_rows, copy_bandwidth, git_commit
+from shard.__main__ import build_engine
+from shard.config import parse_config
+from shard.decode_graphs import table_width
+from shard.engine import Engine
+from shard.kv_cache import pages_for
+from shard.parallel import SINGLE
+from shard.rank import RankState
+from shard.sampling import SamplingParams
+from shard.sequence import EngineRequest, StepOutput, StopParams
+from shard.step_plan import StepPlan
+from shard.tiny import write_tokenizer
+
+POPULARITY = ("distinct", "uniform", "skewed", "identical")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {
+    "llama2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    },
+    # For a CPU smoke run of the whole benchmark (tests/test_bench_textgen.py).
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str  # popularity case
+    prompts: list[list[int]]
+    outputs: list[int]  # new tokens per request
+    adapters: list[str]  # per request; "" = base model
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    def on_base(self) -> Workload:
+        return Workload(self.name, self.prompts, self.outputs, [""] * len(self.prompts))
+
+
+@dataclass(slots=True)
+class Result:
+    system: str  # lorafleet | lorafleet-base | peft | hf-base
+    case: str
+    batch: int
+    tokens_per_s: float  # generated tokens over wall time, prefill included
+    decode_tokens_per_s: float  # batch / decode step
+    step_ms: float  # decode step: p50 inter-token latency (lorafleet) or timed (transformers)
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+Lengths = tuple[tuple[int, int], tuple[int, int]]  # (prompt lo, hi), (output lo, hi)
+
+
+def make_workload(
+    case: str, batch: int, adapters: int, seed: int, lengths: Lengths, vocab: int
+) -> Workload:
+    """Seeded prompts (random ids) and output lengths; adapters by Punica's popularity."""
+    rng = random.Random(f"{seed}-{case}-{batch}")
+    (p_lo, p_hi), (o_lo, o_hi) = lengths
+    prompts = [
+        [rng.randrange(3, vocab) for _ in range(rng.randint(p_lo, p_hi))] for _ in range(batch)
+    ]
+    outputs = [rng.randint(o_lo, o_hi) for _ in range(batch)]
+    picks = adapters_of_rows(case, batch, rng)
+    if max(picks) >= adapters:
+        raise ValueError(f"{case} at batch {batch} needs {max(picks) + 1} adapters ({adapters})")
+    rng.shuffle(picks)
+    return Workload(case, prompts, outputs, [f"a{i}" for i in picks])
+
+
+class Timings:
+    """Arrival time of every token of one request (called on the engine thread)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.done = threading.Event()
+        self.error: str | None = None
+
+    def __call__(self, out: StepOutput) -> None:
+        now = time.perf_counter()
+        self.times.extend(now for _ in out.token_ids)
+        if out.error is not None:
+            self.error = str(out.error)
+        if out.final:
+            self.done.set()
+
+
+def run_lorafleet(engine: Engine, work: Workload, system: str) -> Result:
+    start = time.perf_counter()
+    sinks = [Timings() for _ in work.prompts]
+    for i, (prompt, new, adapter) in enumerate(
+        zip(work.prompts, work.outputs, work.adapters, strict=True)
+    ):
+        req = EngineRequest(
+            request_id=f"{system}-{work.name}-{i}-{start}",
+            adapter_id=adapter,
+            prompt_ids=tuple(prompt),
+            sampling=SamplingParams(),
+            stopping=StopParams(max_new_tokens=new, ignore_eos=True),
+        )
+        engine.submit(req, sinks[i])
+    for sink in sinks:
+        if not sink.done.wait(600) or sink.error:
+            raise RuntimeError(f"request failed: {sink.error}")
+    wall = time.perf_counter() - start
+    ttft = sorted((s.times[0] - start) * 1e3 for s in sinks)
+    gaps = [b - a for s in sinks for a, b in zip(s.times, s.times[1:], strict=False)]
+    step = statistics.median(gaps) * 1e3
+    return Result(
+        system=system,
+        case=work.name,
+        batch=len(work.prompts),
+        tokens_per_s=sum(work.outputs) / wall,
+        decode_tokens_per_s=len(work.prompts) / step * 1e3,
+        step_ms=step,
+        ttft_p50_ms=_pct(ttft, 50),
+        ttft_p99_ms=_pct(ttft, 99),
+    )
+
+
+def _pct(sorted_values: list[float], p: float) -> float:
+    k = min(len(sorted_values) - 1, round(p / 100 * (len(sorted_values) - 1)))
+    return sorted_values[k]
+
+
+def decode_forward_ms(state: RankState, work: Workload, context: int) -> float:
+    """GPU time of one decode forward (graph replay included) for the workload's rows at
+    `context` tokens each, from CUDA events."""
+    runner, kv = state.runner, state.kv
+    rows = sorted(range(len(work.adapters)), key=lambda i: work.adapters[i])
+    per_seq = pages_for(context, kv.page_size)
+    pages = kv.pool.alloc(per_seq * len(rows))
+    assert pages is not None, "no KV pages free for the decode timing"
+    tables = [tuple(pages[i * per_seq : (i + 1) * per_seq]) for i in range(len(rows))]
+    segments: list[tuple[int, str]] = []
+    for row, i in enumerate(rows):
+        if not segments or segments[-1][1] != work.adapters[i]:
+            segments.append((row, work.adapters[i]))
+    last = context - 1
+    plan = StepPlan(
+        input_ids=tuple(7 for _ in rows),
+        positions=tuple(last for _ in rows),
+        slots=tuple(t[last // kv.page_size] * kv.page_size + last % kv.page_size for t in tables),
+        decode_pages=tuple(tables),
+        decode_context=tuple(context for _ in rows),
+        prefills=(),
+        logits_rows=tuple(range(len(rows))),
+        segments=tuple(segments),
+    )
+    try:
+        return median_ms(lambda: runner.forward(plan), runner.device)
+    finally:
+        kv.pool.release(pages)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    """Median milliseconds of fn after 3 warm-up calls (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def hbm_floor_ms(state: RankState, work: Workload, context: int, bandwidth: float) -> float:
+    """Bytes one decode step must read — weights, every row's KV, each distinct adapter once —
+    over the copy bandwidth (which counts read + write bytes, so reads alone go at it too)."""
+    weights = sum(p.numel() * p.element_size() for p in state.runner.model.parameters())
+    kv_token = 2 * state.kv.k[:, 0, 0].numel() * state.kv.k.element_size()
+    kv = kv_token * context * len(work.prompts)
+    adapters = sum(state.adapters.weights(a).nbytes for a in {a for a in work.adapters if a})
+    return (weights + kv + adapters) / bandwidth * 1e3
+
+
+def peft_results(
+    model_dir: Path, adapter_dir: Path, works: list[Workload], new_tokens: int, device: str
+) -> list[Result]:
+    """transformers + PEFT generate over the same adapters, mixed in one batch by
+    `adapter_names`; decode step = (time of 1 + k tokens - time of 1 token) / k."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    names = sorted({a for w in works for a in w.adapters if a}, key=lambda a: int(a[1:]))
+    model = PeftModel.from_pretrained(base, adapter_dir / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_dir / name, adapter_name=name)
+    model.eval()
+    out: list[Result] = []
+
+    def timed(work: Workload, k: int, adapters: list[str] | None) -> float:
+        width = max(len(p) for p in work.prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in work.prompts], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in work.prompts], device=device
+        )
+        gen = GenerationConfig(
+            max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=-1, pad_token_id=0
+        )
+        kwargs = {"adapter_names": adapters} if adapters is not None else {}
+        _sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **kwargs)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for work in works:
+        systems = [("peft", work.adapters)]
+        if work.name == POPULARITY[0]:
+            systems.append(("hf-base", None))
+        for system, adapters in systems:
+            with contextlib.ExitStack() as stack:
+                if adapters is None:
+                    stack.enter_context(model.disable_adapter())
+                timed(work, 1, adapters)  # warm-up
+                first, full = timed(work, 1, adapters), timed(work, 1 + new_tokens, adapters)
+            step = (full - first) / new_tokens
+            out.append(
+                Result(
+                    system=system,
+                    case=work.name,
+                    batch=len(work.prompts),
+                    tokens_per_s=len(work.prompts) * (1 + new_tokens) / full,
+                    decode_tokens_per_s=len(work.prompts) / step,
+                    step_ms=step * 1e3,
+                    ttft_p50_ms=first * 1e3,
+                    ttft_p99_ms=first * 1e3,
+                )
+            )
+            print(_row(out[-1]), flush=True)
+    return out
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_adapters(model_dir: Path, adapter_dir: Path, count: int, rank: int, device: str) -> None:
+    """`count` PEFT folders a0..a{count-1}: rank `rank` on all seven projections, random A and B
+    (generated on the GPU), written by PEFT itself from a meta-device copy of the base."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0)
+    peft_model = get_peft_model(base, lora)
+    shapes = {
+        name.replace(".default", ""): tuple(p.shape)
+        for name, p in peft_model.named_parameters()
+        if "lora_" in name
+    }
+    gen = torch.Generator(device).manual_seed(1)
+    for i in range(count):
+        folder = adapter_dir / f"a{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            name: (torch.randn(shape, generator=gen, device=device) * 0.01).to(torch.bfloat16).cpu()
+            for name, shape in shapes.items()
+        }
+        save_file(tensors, folder / "adapter_model.safetensors")
+        lora.base_model_name_or_path = str(model_dir)
+        lora.save_pretrained(folder)
+
+
+def write_model_dir(model_dir: Path, shape: dict[str, int]) -> None:
+    """config.json of the shape plus a tokenizer; no weights (`--load-format dummy`)."""
+    from transformers import LlamaConfig
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(model_dir)
+    LlamaConfig(**shape, rms_norm_eps=1e-5, dtype="bfloat16").save_pretrained(model_dir)
+
+
+def _row(r: Result) -> str:
+    return (
+        f"{r.system:15s} {r.case:9s} B={r.batch:3d}  {r.tokens_per_s:9.1f} tok/s  "
+        f"decode {r.decode_tokens_per_s:9.1f} tok/s  step {r.step_ms:8.2f} ms  "
+        f"TTFT p50 {r.ttft_p50_ms:8.1f} ms"
+    )
+
+
+def plot(results: list[Result], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r.batch for r in results})
+    systems = ("lorafleet", "lorafleet-base", "peft")
+    fig, axes = plt.subplots(1, len(POPULARITY), figsize=(16, 4), sharey=True)
+    for ax, case in zip(axes, POPULARITY, strict=True):
+        for k, system in enumerate(systems):
+            by_batch = {
+                r.batch: r.decode_tokens_per_s
+                for r in results
+                if r.system == system and (r.case == case or system == "lorafleet-base")
+            }
+            xs = [i + (k - 1) * 0.27 for i, b in enumerate(batches) if b in by_batch]
+            ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], 0.27, label=system)
+        ax.set_title(case)
+        ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_yscale("log")
+    axes[0].set_ylabel("decode tokens/s")
+    axes[0].legend()
+    fig.suptitle("Llama-2-7B shape, r=16 on all projections, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON path; the PNG goes beside")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--shape", default="llama2-7b", choices=tuple(SHAPES))
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--adapters", type=int, default=64)
+    parser.add_argument("--prompt-len", default="64,256")
+    parser.add_argument("--output-len", default="64,160")
+    parser.add_argument("--peft-batches", default="1,8,32")
+    parser.add_argument("--peft-new-tokens", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--command", default="python -m benchmarks.bench_textgen")
+    parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
+    args = parser.parse_args(argv)
+    shape = SHAPES[args.shape]
+    batches = [int(b) for b in args.batches.split(",")]
+    p_lo, p_hi = (int(v) for v in args.prompt_len.split(","))
+    o_lo, o_hi = (int(v) for v in args.output_len.split(","))
+    lengths: Lengths = ((p_lo, p_hi), (o_lo, o_hi))
+    works = [
+        make_workload(case, b, args.adapters, args.seed, lengths, shape["vocab_size"])
+        for b in batches
+        for case in POPULARITY
+    ]
+    cuda = args.device == "cuda"
+    bandwidth = copy_bandwidth() if cuda else None
+    if bandwidth:
+        print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="textgen-"))
+    model_dir, adapter_dir = root / "model", root / "adapters"
+    write_model_dir(model_dir, shape)
+    write_adapters(model_dir, adapter_dir, args.adapters, 16, args.device)
+
+    peft_batches = {int(b) for b in args.peft_batches.split(",")}
+    peft_works = [w for w in works if w.batch in peft_batches]
+    results = peft_results(model_dir, adapter_dir, peft_works, args.peft_new_tokens, args.device)
+
+    argv = ["--model", str(model_dir), "--adapters", str(adapter_dir), "--device", args.device]
+    argv += ["--dtype", "bfloat16" if cuda else "float32", "--load-format", "dummy"]
+    argv += ["--max-batch-size", str(max(batches)), "--adapter-memory-mb", "4096"]
+    argv += ["--max-prefill-tokens", "8192", "--kv-memory-fraction", "0.9"]
+    engine, _, built = build_engine(parse_config(argv, env={}), SINGLE)
+    state: RankState = getattr(built, "state", built)
+    engine.start()
+    floors = []
+    try:
+        for work in works:  # warm-up: adapters resident, kernels built
+            warm = Workload(work.name, work.prompts, [2] * work.batch, work.adapters)
+            run_lorafleet(engine, warm, "warm")
+        graphs = state.runner.decode_graphs
+        if graphs is not None:
+            most = pages_for(p_hi + o_hi, state.kv.page_size)
+            widths = sorted({table_width(n) for n in range(1, most + 1)})
+            graphs.capture_all(ranks=(0, 16), widths=tuple(widths))
+        context = (p_lo + p_hi + o_lo + o_hi) // 2
+        for work in works:
+            results.append(run_lorafleet(engine, work, "lorafleet"))
+            print(_row(results[-1]), flush=True)
+            if work.name == POPULARITY[0]:
+                results.append(run_lorafleet(engine, work.on_base(), "lorafleet-base"))
+                print(_row(results[-1]), flush=True)
+            forward = decode_forward_ms(state, work, context)
+            entry = {"case": work.name, "batch": work.batch, "context": context}
+            entry["forward_ms"] = forward
+            if bandwidth:
+                floor = hbm_floor_ms(state, work, context, bandwidth)
+                entry |= {"floor_ms": floor, "forward_over_floor": forward / floor}
+            floors.append(entry)
+            print(f"  decode forward at context {context}: {entry}", flush=True)
+    finally:
+        engine.stop()
+
+    report = {
+        "benchmark": "bench_textgen",
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": args.commit or git_commit(),
+        "command": args.command,
+        "torch": torch.__version__,
+        "model": shape,
+        "adapter_rank": 16,
+        "adapters": args.adapters,
+        "lengths": {"prompt": [p_lo, p_hi], "output": [o_lo, o_hi]},
+        "kv_pages": state.kv.pool.total,
+        "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None,
+        "results": [asdict(r) for r in results],
+        "decode_forward": floors,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    plot(results, args.out.with_suffix(".png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call for issue 4: build the kernels, run the GPU-path tests, run bench_textgen.
+# Logs, the JSON and the plot land in $OUT. Needs .whl/ (structlog, grpcio 1.85 and friends:
+# the image's grpcio is older than our generated stubs) carried beside the tree.
+# Extra arguments go to bench_textgen (e.g. --batches 8,32).
+set -uo pipefail
+OUT=${OUT:-/tmp/textgen_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
+start=$(date +%s)
+python3 -m shard.ops.build >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+echo "build: $(($(date +%s) - start)) s"
+tests=(tests/test_gpu_path.py)
+[ -f tests/test_attention.py ] && tests+=(tests/test_attention.py)
+python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short "${tests[@]}" >"$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -25 "$OUT/tests.log"
+python3 -m benchmarks.bench_textgen --out "$OUT/textgen_h200.json" --commit "${COMMIT:-unknown}" \
+  --command "bash benchmarks/run_textgen_gpu.sh $*" "$@" 2>&1 \
+  | grep -v "eos_token_id\|adapter read\|decode graph captured" | tee "$OUT/bench.log"
