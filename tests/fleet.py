@@ -216,6 +216,10 @@ def launch(tmp_path_factory) -> Iterator[Callable[..., Process]]:
     try:
         yield start
     finally:
+        # Signal every process first so that their shutdowns overlap, then reap each.
+        for process in started:
+            if process.proc.poll() is None:
+                process.proc.send_signal(signal.SIGTERM)
         for process in reversed(started):
             process.stop()
 
