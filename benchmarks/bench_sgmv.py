@@ -39,6 +39,8 @@ LLAMA7B_PROJECTIONS = (
     ("up", 4096, 11008),
     ("down", 11008, 4096),
 )
+# The projections that share an input, as shard.layers.lora groups them (indices above).
+LLAMA7B_GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,30 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
                 sgmv_shrink(v, x, a_ptrs, seg_starts, ranks, layer)
                 sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer)
 
+    # One shrink and one expand per group: [P, S] tables, one x, y the merged layer's output.
+    grouped = []
+    for members in LLAMA7B_GROUPS:
+        n = len(members)
+        widths = [LLAMA7B_PROJECTIONS[i][2] for i in members]
+        grouped.append(
+            (
+                projs[members[0]][2],  # x
+                torch.randn(rows, sum(widths), device=dev, dtype=DTYPE),  # y
+                torch.empty(rows, n * rank, device=dev, dtype=DTYPE),  # v
+                torch.stack([projs[i][5] for i in members]),  # a_ptrs [P, S]
+                torch.stack([projs[i][6] for i in members]),  # b_ptrs [P, S]
+                ranks.expand(n, rows).contiguous(),
+                scales.expand(n, rows).contiguous(),
+                widths,
+            )
+        )
+
+    def ours_grouped() -> None:
+        for layer in range(layers):
+            for x, y, v, a_ptrs, b_ptrs, g_ranks, g_scales, widths in grouped:
+                sgmv_shrink(v, x, a_ptrs, seg_starts, g_ranks, layer)
+                sgmv_expand(y, v, b_ptrs, seg_starts, g_ranks, g_scales, layer, widths)
+
     def gather_bmm() -> None:
         for layer in range(layers):
             for a, b, x, y, _, _, _ in projs:
@@ -240,6 +266,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
         "weight_gb": weight_bytes / 1e9,
         "bytes": weight_bytes + io_bytes,
         "sgmv_us": time_graph([ours], reps=10),
+        "sgmv_grouped_us": time_graph([ours_grouped], reps=10),
         "gather_bmm_us": time_graph([gather_bmm], reps=3),
     }
 
@@ -289,6 +316,7 @@ def main() -> None:
     print(
         f"7B decode step ({step['layers']} layers x 7 proj, r={step['rank']}, B={step['rows']}): "
         f"floor {step['floor_us']:.0f} us, sgmv {step['sgmv_us']:.0f} us, "
+        f"grouped {step['sgmv_grouped_us']:.0f} us, "
         f"gather+bmm {step['gather_bmm_us']:.0f} us"
     )
     report = {

@@ -41,6 +41,27 @@ void check_rows(const at::Tensor& t, const at::Tensor& like, const char* name,
               " must be aligned to ", bytes, " bytes");
 }
 
+// A per-projection table: [S] (one projection) or [P, S], contiguous. Returns P.
+int64_t check_table(const at::Tensor& t, const at::Tensor& like, const char* name,
+                    at::ScalarType dtype, int64_t num_segments) {
+  check_cuda(t, like, name);
+  TORCH_CHECK((t.dim() == 1 || t.dim() == 2) && t.is_contiguous(), name,
+              " must be a contiguous [S] or [P, S] tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.size(-1) == num_segments, name, " must have ", num_segments,
+              " segments (last dim), got ", t.size(-1));
+  const int64_t num_proj = t.dim() == 2 ? t.size(0) : 1;
+  TORCH_CHECK(num_proj >= 1 && num_proj <= kMaxProjections, name, " must have 1..",
+              kMaxProjections, " projections, got ", num_proj);
+  return num_proj;
+}
+
+void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* name,
+                      const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
+              like.sizes(), ", got ", t.sizes());
+}
+
 std::string no_kernel(at::ScalarType dtype, int64_t rank) {
   return "no kernel for dtype=" + std::string(c10::toString(dtype)) +
          ", rank=" + std::to_string(rank) + " (supported: float16, bfloat16; rank <= 128)";
@@ -84,18 +105,22 @@ void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
                const at::Tensor& seg_starts, const at::Tensor& ranks, int64_t layer_idx) {
   check_rows(x, x, "x", 8);
   check_rows(v, x, "v", 1);
-  const int64_t num_rows = x.size(0), num_segments = a_ptrs.size(0);
+  const int64_t num_rows = x.size(0), num_segments = a_ptrs.size(-1);
   TORCH_CHECK(v.size(0) == num_rows, "v must have ", num_rows, " rows, got ", v.size(0));
   TORCH_CHECK(x.size(1) % 8 == 0, "h_in must be a multiple of 8, got ", x.size(1));
-  check_index(a_ptrs, x, "a_ptrs", at::kLong, num_segments);
+  const int64_t num_proj = check_table(a_ptrs, x, "a_ptrs", at::kLong, num_segments);
+  check_same_shape(ranks, a_ptrs, "ranks", "a_ptrs");
+  check_table(ranks, x, "ranks", at::kInt, num_segments);
   check_index(seg_starts, x, "seg_starts", at::kInt, num_segments + 1);
-  check_index(ranks, x, "ranks", at::kInt, num_segments);
   TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", layer_idx);
+  TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", v.size(1), " columns do not split into ",
+              num_proj, " projections");
+  const int64_t v_cols = v.size(1) / num_proj;
 
   const c10::cuda::CUDAGuard guard(x.device());
   const ShrinkParams p{v.data_ptr(),
                        v.stride(0),
-                       static_cast<int>(v.size(1)),
+                       static_cast<int>(v_cols),
                        x.data_ptr(),
                        x.stride(0),
                        a_ptrs.data_ptr<int64_t>(),
@@ -104,42 +129,60 @@ void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
                        static_cast<int>(num_segments),
                        static_cast<int>(num_rows),
                        static_cast<int>(x.size(1)),
-                       static_cast<int>(layer_idx)};
+                       static_cast<int>(layer_idx),
+                       static_cast<int>(num_proj)};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(dispatch_dtype_rank<ShrinkLaunch>(x.scalar_type(), v.size(1), p, stream),
+  check_launch(dispatch_dtype_rank<ShrinkLaunch>(x.scalar_type(), v_cols, p, stream),
                "sgmv_shrink");
 }
 
 void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
                const at::Tensor& seg_starts, const at::Tensor& ranks, const at::Tensor& scales,
-               int64_t layer_idx) {
+               int64_t layer_idx, at::IntArrayRef widths) {
   check_rows(v, v, "v", 1);
   check_rows(y, v, "y", 2);
-  const int64_t num_rows = v.size(0), num_segments = b_ptrs.size(0);
+  const int64_t num_rows = v.size(0), num_segments = b_ptrs.size(-1);
   TORCH_CHECK(y.size(0) == num_rows, "y must have ", num_rows, " rows, got ", y.size(0));
-  TORCH_CHECK(y.size(1) % 8 == 0, "h_out must be a multiple of 8, got ", y.size(1));
-  check_index(b_ptrs, v, "b_ptrs", at::kLong, num_segments);
+  const int64_t num_proj = check_table(b_ptrs, v, "b_ptrs", at::kLong, num_segments);
+  check_same_shape(ranks, b_ptrs, "ranks", "b_ptrs");
+  check_same_shape(scales, b_ptrs, "scales", "b_ptrs");
+  check_table(ranks, v, "ranks", at::kInt, num_segments);
+  check_table(scales, v, "scales", at::kFloat, num_segments);
   check_index(seg_starts, v, "seg_starts", at::kInt, num_segments + 1);
-  check_index(ranks, v, "ranks", at::kInt, num_segments);
-  check_index(scales, v, "scales", at::kFloat, num_segments);
   TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", layer_idx);
+  TORCH_CHECK(static_cast<int64_t>(widths.size()) == num_proj, "widths must have ", num_proj,
+              " entries (one per projection), got ", widths.size());
+  TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", v.size(1), " columns do not split into ",
+              num_proj, " projections");
+  const int64_t v_cols = v.size(1) / num_proj;
+
+  ExpandParams p{};
+  int64_t col = 0;
+  for (int64_t q = 0; q < num_proj; ++q) {
+    TORCH_CHECK(widths[q] > 0 && widths[q] % 8 == 0,
+                "each h_out must be a positive multiple of 8, got ", widths[q]);
+    p.y_cols[q] = static_cast<int>(col);
+    col += widths[q];
+  }
+  for (int64_t q = num_proj; q <= kMaxProjections; ++q) p.y_cols[q] = static_cast<int>(col);
+  TORCH_CHECK(col == y.size(1), "widths sum to ", col, " but y has ", y.size(1), " columns");
 
   const c10::cuda::CUDAGuard guard(v.device());
-  const ExpandParams p{y.data_ptr(),
-                       y.stride(0),
-                       v.data_ptr(),
-                       v.stride(0),
-                       static_cast<int>(v.size(1)),
-                       b_ptrs.data_ptr<int64_t>(),
-                       seg_starts.data_ptr<int32_t>(),
-                       ranks.data_ptr<int32_t>(),
-                       scales.data_ptr<float>(),
-                       static_cast<int>(num_segments),
-                       static_cast<int>(num_rows),
-                       static_cast<int>(y.size(1)),
-                       static_cast<int>(layer_idx)};
+  p.y = y.data_ptr();
+  p.ldy = y.stride(0);
+  p.v = v.data_ptr();
+  p.ldv = v.stride(0);
+  p.v_cols = static_cast<int>(v_cols);
+  p.b_ptrs = b_ptrs.data_ptr<int64_t>();
+  p.seg_starts = seg_starts.data_ptr<int32_t>();
+  p.ranks = ranks.data_ptr<int32_t>();
+  p.scales = scales.data_ptr<float>();
+  p.num_segments = static_cast<int>(num_segments);
+  p.num_rows = static_cast<int>(num_rows);
+  p.layer_idx = static_cast<int>(layer_idx);
+  p.num_proj = static_cast<int>(num_proj);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(dispatch_dtype_rank<ExpandLaunch>(v.scalar_type(), v.size(1), p, stream),
+  check_launch(dispatch_dtype_rank<ExpandLaunch>(v.scalar_type(), v_cols, p, stream),
                "sgmv_expand");
 }
 
@@ -286,7 +329,7 @@ TORCH_LIBRARY(lorafleet, m) {
       "int layer_idx) -> ()");
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor b_ptrs, Tensor seg_starts, Tensor ranks, "
-      "Tensor scales, int layer_idx) -> ()");
+      "Tensor scales, int layer_idx, int[] widths) -> ()");
   // paged attention
   m.def(
       "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");

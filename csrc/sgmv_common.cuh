@@ -199,13 +199,28 @@ inline int max_tiles(int num_rows, int num_segments, int bm) {
   return static_cast<int>(bound < num_rows ? bound : num_rows);
 }
 
+// LORAFLEET_SM80=1 makes a Hopper GPU take the sm_80 launch paths (no programmatic dependent
+// launch, no clusters), so that those paths are tested where only Hopper GPUs are at hand.
 inline cudaError_t device_info(int* num_sms, int* cc_major) {
+  static const bool force_sm80 = std::getenv("LORAFLEET_SM80") != nullptr;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(num_sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess)
     err = cudaDeviceGetAttribute(cc_major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (force_sm80 && *cc_major > 8) *cc_major = 8;
   return err;
+}
+
+// CTAs of `kernel` (kThreads threads, no dynamic shared memory) that fit on one SM.
+template <typename Params>
+int ctas_per_sm(void (*kernel)(Params)) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query is not a launch error: assume one CTA per SM
+    n = 1;
+  }
+  return n > 0 ? n : 1;
 }
 
 }  // namespace lorafleet::sgmv

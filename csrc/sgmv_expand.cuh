@@ -4,7 +4,8 @@
 // (k = rank rows, zero-padded to a multiple of 16) into shared memory with cp.async before the
 // previous kernel has finished (programmatic dependent launch), then loads the tile's v rows and
 // its y values; its 4 warps (WM x WN) run m16n8k16 MMAs fed by ldmatrix (.trans for B, which is
-// k-major) and write y + scale * acc.
+// k-major) and write y + scale * acc. Column chunks are numbered projection by projection
+// (blockIdx.y), so one launch serves every projection whose output columns share y.
 #pragma once
 
 #include <atomic>
@@ -13,6 +14,33 @@
 #include "sgmv_common.cuh"
 
 namespace lorafleet::sgmv {
+
+// The projection and columns that one CTA's chunk of blockIdx.y covers.
+struct Chunk {
+  int proj;   // -1: no chunk (never, for a grid sized by num_chunks)
+  int col0;   // first column within the projection
+  int h_out;  // the projection's width
+  int y_col;  // the projection's first column in y
+};
+
+template <int BN>
+__device__ __forceinline__ Chunk find_chunk(const ExpandParams& p, int chunk) {
+  Chunk found{-1, 0, 0, 0};
+#pragma unroll
+  for (int q = 0; q < kMaxProjections; ++q) {
+    const int width = p.y_cols[q + 1] - p.y_cols[q];
+    const int n = q < p.num_proj ? (width + BN - 1) / BN : 0;
+    if (found.proj < 0 && chunk >= 0 && chunk < n) found = {q, chunk * BN, width, p.y_cols[q]};
+    chunk -= n;
+  }
+  return found;
+}
+
+inline int num_chunks(const ExpandParams& p, int bn) {
+  int n = 0;
+  for (int q = 0; q < p.num_proj; ++q) n += (p.y_cols[q + 1] - p.y_cols[q] + bn - 1) / bn;
+  return n;
+}
 
 template <int RMAX, int BM, int BN>
 struct ExpandSmem {
@@ -33,22 +61,26 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
   T* sv = sb + RMAX * Smem::kStrideB;    // [BM][kStrideV]: v[row0 + m, k]
   __shared__ Tile s_tile;
 
+  const Chunk chunk = find_chunk<BN>(p, blockIdx.y);
+  if (chunk.proj < 0) return;
+  const int64_t proj_base = static_cast<int64_t>(chunk.proj) * p.num_segments;
+  const int32_t* ranks = p.ranks + proj_base;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp == 0) {
-    const Tile t = find_tile<BM>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<BM>(p.seg_starts, ranks, p.num_segments, blockIdx.x);
     if (lane == 0) s_tile = t;
   }
   __syncthreads();
   const Tile tile = s_tile;
   if (tile.seg < 0) return;
 
-  const int rank = min(min(p.ranks[tile.seg], RMAX), p.v_cols);
+  const int rank = min(min(ranks[tile.seg], RMAX), p.v_cols);
   const int kpad = (rank + 15) / 16 * 16;
   const int row_end = p.seg_starts[tile.seg + 1];
-  const int h_out = p.h_out;
-  const int col0 = blockIdx.y * BN;
-  const T* b = reinterpret_cast<const T*>(p.b_ptrs[tile.seg]) +
-               static_cast<int64_t>(p.layer_idx) * p.ranks[tile.seg] * h_out;
+  const int h_out = chunk.h_out;
+  const int col0 = chunk.col0;
+  const T* b = reinterpret_cast<const T*>(p.b_ptrs[proj_base + tile.seg]) +
+               static_cast<int64_t>(p.layer_idx) * ranks[tile.seg] * h_out;
 
   // B is not written by the previous kernel: start copying it before waiting for that kernel.
   constexpr int kChunksB = BN / 8;
@@ -62,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
   pdl_launch_dependents();
 
   // v rows are few and short: plain loads, zero past the rank (those columns are don't-care).
-  const T* v = static_cast<const T*>(p.v);
+  const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(chunk.proj) * p.v_cols;
   for (int i = threadIdx.x; i < BM * kpad; i += kThreads) {
     const int m = i / kpad, k = i % kpad;
     const int row = tile.row0 + m;
@@ -72,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
 
   // Read this thread's y pairs now so their latency overlaps the copy of B.
   using T2 = typename Pair<T>::type;
-  T* y = static_cast<T*>(p.y);
+  T* y = static_cast<T*>(p.y) + chunk.y_col;
   const int g = lane / 4, c = lane % 4;
   const int wm = warp % WM, wn = warp / WM;
   T2 y_old[MT][2][NW];
@@ -115,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
     }
   }
 
-  const float scale = p.scales[tile.seg];
+  const float scale = p.scales[proj_base + tile.seg];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -152,7 +184,7 @@ cudaError_t launch_expand(const ExpandParams& p, int cc_major, cudaStream_t stre
     if (err != cudaSuccess) return err;
     raised.fetch_or(bit);
   }
-  const dim3 grid(max_tiles(p.num_rows, p.num_segments, BM), (p.h_out + BN - 1) / BN);
+  const dim3 grid(max_tiles(p.num_rows, p.num_segments, BM), num_chunks(p, BN));
   return launch(kernel, grid, kBytes, 1, cc_major, p, stream);
 }
 
@@ -169,21 +201,25 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   __shared__ float s_v[RT][RMAX];
   __shared__ Tile s_tile;
 
+  const Chunk chunk = find_chunk<kRowsCols>(p, blockIdx.y);
+  if (chunk.proj < 0) return;
+  const int64_t proj_base = static_cast<int64_t>(chunk.proj) * p.num_segments;
+  const int32_t* ranks = p.ranks + proj_base;
   if (threadIdx.x < 32) {
-    const Tile t = find_tile<RT>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<RT>(p.seg_starts, ranks, p.num_segments, blockIdx.x);
     if (threadIdx.x == 0) s_tile = t;
   }
   __syncthreads();
   const Tile tile = s_tile;
   if (tile.seg < 0) return;
 
-  const int seg_rank = p.ranks[tile.seg];
+  const int seg_rank = ranks[tile.seg];
   const int rank = min(min(seg_rank, RMAX), p.v_cols);
   const int row_end = p.seg_starts[tile.seg + 1];
-  const int h_out = p.h_out;
-  const int col = blockIdx.y * kRowsCols + threadIdx.x * 8;
+  const int h_out = chunk.h_out;
+  const int col = chunk.col0 + threadIdx.x * 8;
   const bool active = col < h_out;  // h_out % 8 == 0
-  const T* bcol = reinterpret_cast<const T*>(p.b_ptrs[tile.seg]) +
+  const T* bcol = reinterpret_cast<const T*>(p.b_ptrs[proj_base + tile.seg]) +
                   static_cast<int64_t>(p.layer_idx) * seg_rank * h_out + col;
   const uint4 zero = make_uint4(0, 0, 0, 0);
   uint4 bk[KG];
@@ -198,14 +234,14 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   pdl_wait();
   pdl_launch_dependents();
 
-  const T* v = static_cast<const T*>(p.v);
+  const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(chunk.proj) * p.v_cols;
   for (int i = threadIdx.x; i < RT * rank; i += kThreads) {
     const int m = i / rank, k = i % rank;
     const int row = tile.row0 + m;
     s_v[m][k] = row < row_end ? to_float(v[static_cast<int64_t>(row) * p.ldv + k]) : 0.f;
   }
   using T2 = typename Pair<T>::type;
-  T* y = static_cast<T*>(p.y);
+  T* y = static_cast<T*>(p.y) + chunk.y_col;
   const int rows = min(RT, row_end - tile.row0);
   T2 y_old[RT][4];
 #pragma unroll
@@ -244,7 +280,7 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   }
 
   if (!active) return;
-  const float scale = p.scales[tile.seg];
+  const float scale = p.scales[proj_base + tile.seg];
 #pragma unroll
   for (int m = 0; m < RT; ++m) {
     if (m < rows) {
@@ -275,7 +311,7 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   // several sequential groups per thread, so they take the MMA path.
   if (rows_per_segment <= 2 && RMAX <= 32) {
     const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, sgmv::kRowsPerTile),
-                    (p.h_out + sgmv::kRowsCols - 1) / sgmv::kRowsCols);
+                    sgmv::num_chunks(p, sgmv::kRowsCols));
     return sgmv::launch(sgmv::expand_rows_kernel<T, RMAX>, grid, 0, 1, cc_major, p, stream);
   }
   // 64 x 128 tiles reuse B over 64 rows; worth it only with enough tiles to fill the GPU.

@@ -6,6 +6,7 @@
 // the MMA's k slots in any order as long as x and A use the same one, so no shared memory or
 // shuffles are needed. Partial sums are reduced across the WK warps in shared memory and, when
 // few tiles exist (decode), across a cluster of CK CTAs that split h_in further (sm_90 DSMEM).
+// blockIdx.z picks the projection: one launch serves every projection that reads the same x.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -24,19 +25,21 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   __shared__ Tile s_tile;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t proj_base = static_cast<int64_t>(blockIdx.z) * p.num_segments;
+  const int32_t* ranks = p.ranks + proj_base;
   if (warp == 0) {
-    const Tile t = find_tile<BM>(p.seg_starts, p.ranks, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<BM>(p.seg_starts, ranks, p.num_segments, blockIdx.x);
     if (lane == 0) s_tile = t;
   }
   __syncthreads();
   const Tile tile = s_tile;
-  if (tile.seg < 0) return;  // uniform over the cluster: its CTAs share blockIdx.x
+  if (tile.seg < 0) return;  // uniform over the cluster: its CTAs share blockIdx.x and .z
 
-  const int seg_rank = p.ranks[tile.seg];
+  const int seg_rank = ranks[tile.seg];
   const int rank = min(seg_rank, RMAX);
   const int row_end = p.seg_starts[tile.seg + 1];
   const int h_in = p.h_in;
-  const T* a = reinterpret_cast<const T*>(p.a_ptrs[tile.seg]) +
+  const T* a = reinterpret_cast<const T*>(p.a_ptrs[proj_base + tile.seg]) +
                static_cast<int64_t>(p.layer_idx) * seg_rank * h_in;
 
   const int wm = warp % WM, wk = warp / WM;
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
     }
   }
 
-  T* v = static_cast<T*>(p.v);
+  T* v = static_cast<T*>(p.v) + static_cast<int64_t>(blockIdx.z) * p.v_cols;
   int first = threadIdx.x, stride = kThreads;
   if constexpr (kCluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -167,14 +170,18 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
 template <typename T, int RMAX, int WM>
 cudaError_t launch_shrink(const ShrinkParams& p, int num_sms, int cc_major, cudaStream_t stream) {
   constexpr int WK = 4 / WM;
-  const int tiles = max_tiles(p.num_rows, p.num_segments, 16 * WM);
-  // Split h_in over a cluster until ~2 CTAs per SM, keeping >= 2 steps of 32 per warp.
+  const int tiles = max_tiles(p.num_rows, p.num_segments, 16 * WM) * p.num_proj;
+  // Split h_in over a cluster while the grid stays within one wave of resident CTAs (at most 3
+  // per SM), keeping >= 2 steps of 32 per warp. A second wave doubles a decode shrink's time
+  // (v3: B=64 took 2x B=32), so the split stops short of it.
   int ck = 1;
   if (cc_major >= 9) {
+    static const int per_sm = ctas_per_sm(shrink_kernel<T, RMAX, WM, true>);
+    const int wave = num_sms * min(per_sm, 3);
     const int steps = (p.h_in + 31) / 32;
-    while (ck < 8 && tiles * ck < 2 * num_sms && steps >= 4 * ck * WK) ck *= 2;
+    while (ck < 8 && tiles * ck * 2 <= wave && steps >= 4 * ck * WK) ck *= 2;
   }
-  const dim3 grid(tiles, ck);
+  const dim3 grid(tiles / p.num_proj, ck, p.num_proj);
   if (ck == 1) return launch(shrink_kernel<T, RMAX, WM, false>, grid, 0, 1, cc_major, p, stream);
   return launch(shrink_kernel<T, RMAX, WM, true>, grid, 0, ck, cc_major, p, stream);
 }

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard.layers.lora import LoraBatch, add_lora
+from shard.layers.lora import GROUP_KEYS, LoraBatch, add_lora, group_key
 from shard.parallel import TPGroup, all_reduce
 
 
@@ -15,7 +15,8 @@ class MergedColumnLinear(nn.Module):
     """Several projections of the same input fused along the output dimension (q/k/v, gate/up).
 
     Each projection is split across ranks by output rows; LoRA keeps A whole and writes into this
-    rank's output columns, so it needs no collective.
+    rank's output columns, so it needs no collective. The projections' LoRA runs as one group
+    (one shrink and one expand launch for all of them).
     """
 
     def __init__(
@@ -27,8 +28,11 @@ class MergedColumnLinear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        """`modules` maps each HF projection name to its LOCAL output width on this rank."""
+        """`modules` maps each HF projection name to its LOCAL output width on this rank, in the
+        order of a LORA_GROUPS group."""
         super().__init__()
+        if group_key(modules) not in GROUP_KEYS:
+            raise ValueError(f"{list(modules)} is not a LoRA projection group")
         self.layer_idx = layer_idx
         self.group = group
         self.slices: dict[str, slice] = {}
@@ -36,6 +40,8 @@ class MergedColumnLinear(nn.Module):
         for name, width in modules.items():
             self.slices[name] = slice(start, start + width)
             start += width
+        self.lora_modules = tuple(modules)
+        self.lora_widths = tuple(modules.values())
         self.weight = nn.Parameter(
             torch.empty(start, in_features, dtype=dtype, device=device), requires_grad=False
         )
@@ -46,8 +52,7 @@ class MergedColumnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        for name, cols in self.slices.items():
-            add_lora(y[:, cols], x, lora, name, self.layer_idx)
+        add_lora(y, x, lora, self.lora_modules, self.lora_widths, self.layer_idx)
         return y
 
 
@@ -82,5 +87,5 @@ class RowLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        add_lora(y, x, lora, self.module, self.layer_idx)
+        add_lora(y, x, lora, (self.module,), (y.shape[1],), self.layer_idx)
         return all_reduce(y, self.group)

@@ -14,25 +14,42 @@ if TYPE_CHECKING:
     from shard.adapter_loader import AdapterWeights
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Projections that read the same input: each group runs as one shrink and one expand launch,
+# its modules in the column order of the merged layer that computes them.
+LORA_GROUPS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj",),
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+)
+MAX_GROUP = max(len(g) for g in LORA_GROUPS)
+
+
+def group_key(modules: Sequence[str]) -> str:
+    """The LoraBatch.groups key of a group of modules, e.g. ``q_proj+k_proj+v_proj``."""
+    return "+".join(modules)
+
+
+GROUP_KEYS = frozenset(group_key(g) for g in LORA_GROUPS)
 
 
 @dataclass(frozen=True, slots=True)
-class LoraProjection:
-    """Weights of one projection for every segment of the batch."""
+class LoraGroup:
+    """Weights of a group's P projections for every segment of the batch."""
 
-    a_ptrs: torch.Tensor  # [S] int64: address of each segment's A stack [L, r_s, in_local]
-    b_ptrs: torch.Tensor  # [S] int64: address of each segment's B stack [L, r_s, out_local]
-    ranks: torch.Tensor  # [S] int32: r_s, 0 where the segment's adapter skips this projection
-    scales: torch.Tensor  # [S] float32: alpha / r (or alpha / sqrt(r) for rsLoRA)
+    a_ptrs: torch.Tensor  # [P, S] int64: address of each A stack [L, r_ps, in_local] (0: none)
+    b_ptrs: torch.Tensor  # [P, S] int64: address of each B stack [L, r_ps, out_local_p]
+    ranks: torch.Tensor  # [P, S] int32: r_ps, 0 where the segment's adapter skips projection p
+    scales: torch.Tensor  # [P, S] float32: alpha / r (or alpha / sqrt(r) for rsLoRA)
 
 
 @dataclass(frozen=True, slots=True)
 class LoraBatch:
-    """Rows of a forward grouped into adapter segments, and each projection's weights."""
+    """Rows of a forward grouped into adapter segments, and each projection group's weights."""
 
     seg_starts: torch.Tensor  # [S + 1] int32: row offsets of the segments
-    projections: dict[str, LoraProjection]  # by HF module name; missing: no segment targets it
-    buffer: torch.Tensor  # [T, r_max] scratch for x @ A
+    groups: dict[str, LoraGroup]  # by group_key; missing: no segment targets any of its modules
+    buffer: torch.Tensor  # [T, MAX_GROUP * r_max] scratch for x @ A of one group
 
 
 def build_lora_batch(
@@ -50,7 +67,7 @@ def build_lora_batch(
     `num_segments` and `rank` pad the batch to fixed shapes (empty rank-0 segments, a wider
     scratch buffer) so that a CUDA graph captured with one padded batch replays any other batch
     of the same padded shape after a leaf-by-leaf copy: every leaf's shape depends only on
-    (num_segments, rank, num_rows).
+    (num_segments, rank, num_rows), and every group is present.
     """
     pad = (num_segments or len(starts)) - len(starts)
     if pad < 0:
@@ -61,36 +78,47 @@ def build_lora_batch(
     if rank is not None and rank < max_rank:
         raise ValueError(f"rank {max_rank} does not fit a batch padded to rank {rank}")
 
-    def tensor(values: list[int] | list[float], dtype: torch.dtype) -> torch.Tensor:
+    def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    projections = {}
-    for module in LORA_MODULES:
-        per_seg = [w if w is not None and module in w.a else None for w in ws]
-        if all(w is None for w in per_seg) and num_segments is None:
+    groups = {}
+    for modules in LORA_GROUPS:
+        # per_seg[p][s]: segment s's adapter if it targets modules[p], else None
+        per_seg = [[w if w is not None and m in w.a else None for w in ws] for m in modules]
+        if num_segments is None and all(w is None for row in per_seg for w in row):
             continue
-        projections[module] = LoraProjection(
-            a_ptrs=tensor([w.a[module].data_ptr() if w else 0 for w in per_seg], torch.int64),
-            b_ptrs=tensor([w.b[module].data_ptr() if w else 0 for w in per_seg], torch.int64),
-            ranks=tensor([w.rank if w else 0 for w in per_seg], torch.int32),
-            scales=tensor([w.scale if w else 0.0 for w in per_seg], torch.float32),
+        pairs = list(zip(modules, per_seg, strict=True))
+        a_ptrs = [[w.a[m].data_ptr() if w else 0 for w in row] for m, row in pairs]
+        b_ptrs = [[w.b[m].data_ptr() if w else 0 for w in row] for m, row in pairs]
+        groups[group_key(modules)] = LoraGroup(
+            a_ptrs=tensor(a_ptrs, torch.int64),
+            b_ptrs=tensor(b_ptrs, torch.int64),
+            ranks=tensor([[w.rank if w else 0 for w in row] for row in per_seg], torch.int32),
+            scales=tensor([[w.scale if w else 0.0 for w in row] for row in per_seg], torch.float32),
         )
     return LoraBatch(
         seg_starts=tensor(bounds, torch.int32),
-        projections=projections,
-        buffer=torch.empty(num_rows, rank or max_rank, dtype=dtype, device=device),
+        groups=groups,
+        buffer=torch.empty(num_rows, MAX_GROUP * (rank or max_rank), dtype=dtype, device=device),
     )
 
 
 def add_lora(
-    y: torch.Tensor, x: torch.Tensor, lora: LoraBatch | None, module: str, layer_idx: int
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora: LoraBatch | None,
+    modules: Sequence[str],
+    widths: Sequence[int],
+    layer_idx: int,
 ) -> None:
-    """y[T, out] += scale_s * x @ A_s @ B_s for every segment s whose adapter targets `module`."""
+    """y[T, sum(widths)] += scale_s * x @ A_s @ B_s for each of `modules` (a LORA_GROUPS group,
+    projection p into its `widths[p]` columns) and every segment s whose adapter targets it."""
     if lora is None:
         return
-    proj = lora.projections.get(module)
-    if proj is None:
+    group = lora.groups.get(group_key(modules))
+    if group is None:
         return
-    v = lora.buffer[: x.shape[0]]
-    sgmv_shrink(v, x, proj.a_ptrs, lora.seg_starts, proj.ranks, layer_idx)
-    sgmv_expand(y, v, proj.b_ptrs, lora.seg_starts, proj.ranks, proj.scales, layer_idx)
+    r_max = lora.buffer.shape[1] // MAX_GROUP
+    v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
+    sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
+    sgmv_expand(y, v, group.b_ptrs, lora.seg_starts, group.ranks, group.scales, layer_idx, widths)

@@ -20,6 +20,16 @@ Columns ``r_s..r_max`` of those rows are don't-care; rows of rank-0 segments are
 ``y`` may be a column slice of a wider tensor (``stride(1) == 1``, any row stride). Rows outside
 every segment or in rank-0 segments are untouched.
 
+Several projections of the same rows (q/k/v, gate/up: up to 4) run in one launch when the weight
+tables are ``[P, S]`` (``a_ptrs``, ``b_ptrs``, ``ranks``, ``scales``): ``v [T, P * r_max]`` holds
+projection ``p``'s result in columns ``p * r_max ..``, the shrink reads one ``x`` for all of them,
+and the expand adds projection ``p`` into the ``widths[p]`` columns of ``y`` that follow those of
+projections ``0..p-1``::
+
+    vp = v[:, p*r_max : (p+1)*r_max]
+    vp[t, :r_ps] = x[t] @ A_ps[layer_idx].T
+    y[t, off_p : off_p + widths[p]] += scales[p, s] * (vp[t, :r_ps] @ B_ps[layer_idx])
+
 Index tensors live on ``x``'s device: ``a_ptrs``/``b_ptrs [S]`` int64, ``seg_starts [S + 1]``
 int32, ``ranks [S]`` int32, ``scales [S]`` float32. Products accumulate in float32. Both ops write
 into the given outputs and allocate nothing on CUDA, so they can be captured in a CUDA graph.
@@ -60,12 +70,17 @@ def sgmv_expand(
     ranks: Tensor,
     scales: Tensor,
     layer_idx: int,
+    widths: Sequence[int] | None = None,
 ) -> None:
-    """``y[t] += scales[s] * (v[t, :r_s] @ B_s[layer_idx])`` (see the module docstring)."""
+    """``y[t] += scales[s] * (v[t, :r_s] @ B_s[layer_idx])`` (see the module docstring).
+
+    ``widths``: the output width of each projection of ``[P, S]`` tables (default: ``y``'s).
+    """
+    widths = [y.shape[1]] if widths is None else list(widths)
     if v.is_cuda:
-        _ops().sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx)
+        _ops().sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
     else:
-        sgmv_expand_reference(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx)
+        sgmv_expand_reference(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
 
 
 def weight_ptrs(stacks: Sequence[Tensor | None], device: torch.device | str) -> Tensor:
@@ -82,10 +97,11 @@ def sgmv_shrink_reference(
 ) -> None:
     """Plain-torch :func:`sgmv_shrink` for CPU tensors (pointers are host addresses)."""
     h_in = x.shape[1]
-    for ptr, rank, lo, hi in _segments(a_ptrs, seg_starts, ranks, v.shape[1]):
-        if ptr:
-            a = _layer_view(ptr, layer_idx, rank, h_in, x.dtype)  # [r, h_in]
-            v[lo:hi, :rank] = (x[lo:hi].float() @ a.float().T).to(v.dtype)
+    for vp, ptrs, rs in zip(_column_blocks(v, a_ptrs), _table(a_ptrs), _table(ranks), strict=True):
+        for ptr, rank, lo, hi in _segments(ptrs, seg_starts, rs, vp.shape[1]):
+            if ptr:
+                a = _layer_view(ptr, layer_idx, rank, h_in, x.dtype)  # [r, h_in]
+                vp[lo:hi, :rank] = (x[lo:hi].float() @ a.float().T).to(v.dtype)
 
 
 def sgmv_expand_reference(
@@ -96,15 +112,35 @@ def sgmv_expand_reference(
     ranks: Tensor,
     scales: Tensor,
     layer_idx: int,
+    widths: Sequence[int] | None = None,
 ) -> None:
     """Plain-torch :func:`sgmv_expand` for CPU tensors (pointers are host addresses)."""
-    h_out = y.shape[1]
-    segments = _segments(b_ptrs, seg_starts, ranks, v.shape[1])
-    for (ptr, rank, lo, hi), scale in zip(segments, scales.tolist(), strict=True):
-        if ptr:
-            b = _layer_view(ptr, layer_idx, rank, h_out, v.dtype)  # [r, h_out]
-            delta = (v[lo:hi, :rank].float() @ b.float()) * scale  # [rows, h_out]
-            y[lo:hi] = (y[lo:hi].float() + delta).to(y.dtype)
+    widths = [y.shape[1]] if widths is None else list(widths)
+    if sum(widths) != y.shape[1]:
+        raise ValueError(f"widths {widths} do not sum to y's {y.shape[1]} columns")
+    ys = y.split(widths, dim=1)
+    vs = _column_blocks(v, b_ptrs)
+    tables = zip(ys, vs, _table(b_ptrs), _table(ranks), _table(scales), strict=True)
+    for yp, vp, ptrs, rs, ss in tables:
+        segments = _segments(ptrs, seg_starts, rs, vp.shape[1])
+        for (ptr, rank, lo, hi), scale in zip(segments, ss.tolist(), strict=True):
+            if ptr:
+                b = _layer_view(ptr, layer_idx, rank, yp.shape[1], v.dtype)  # [r, h_out_p]
+                delta = (vp[lo:hi, :rank].float() @ b.float()) * scale  # [rows, h_out_p]
+                yp[lo:hi] = (yp[lo:hi].float() + delta).to(y.dtype)
+
+
+def _table(t: Tensor) -> Tensor:
+    """A per-projection table as ``[P, S]`` (a ``[S]`` table is one projection)."""
+    return t.view(1, -1) if t.dim() == 1 else t
+
+
+def _column_blocks(v: Tensor, table: Tensor) -> tuple[Tensor, ...]:
+    """``v [T, P * r_max]`` as P column blocks ``[T, r_max]``, one per row of ``table``."""
+    p = _table(table).shape[0]
+    if v.shape[1] % p:
+        raise ValueError(f"v's {v.shape[1]} columns do not split into {p} projections")
+    return v.split(v.shape[1] // p, dim=1)
 
 
 def _segments(
