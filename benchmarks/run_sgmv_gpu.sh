@@ -31,6 +31,10 @@ python3 /tmp/raise.py 2>&1 | tail -3
 [ "${PIPESTATUS[0]}" = 0 ] || timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 /tmp/raise.py 2>&1 | tail -40
 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
+# The sm_80 launch paths (no PDL, no clusters) on this Hopper GPU: LORAFLEET_SM80=1.
+LORAFLEET_SM80=1 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py \
+  -k "matches_reference or graph or long_prefill" >"$OUT/tests_sm80.log" 2>&1
+echo "sm80-path tests rc=$?"; tail -5 "$OUT/tests_sm80.log"
 python3 -m benchmarks.bench_sgmv --out "$OUT/sgmv_bench.json" --commit "${COMMIT:-unknown}" \
   --command "bash benchmarks/run_sgmv_gpu.sh" 2>&1 | tee "$OUT/bench.log"
 # The 7B step again with programmatic dependent launch off (A/B of that feature).
