@@ -22,15 +22,8 @@ from router.config import LogFormat
 from router.logs import configure_logging
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
-from shard.parallel import TPGroup, destroy, init_group
-from shard.rank import (
-    RankState,
-    build_rank,
-    follower_main,
-    leader_forward,
-    rank_device,
-    stop_followers,
-)
+from shard.parallel import TPGroup, init_group
+from shard.rank import Leader, build_rank, follower_main, rank_device, shutdown_group
 from shard.scheduler import Scheduler
 from shard.server import GeneratorServicer, ShardService, ShardServicer
 
@@ -80,9 +73,11 @@ def loading_health(cfg: ShardConfig) -> Iterator[None]:
         server.stop(grace=None).wait()
 
 
-def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, RankState]:
-    """Loads rank 0's slice of everything and wires the engine and the gRPC service."""
+def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, Leader]:
+    """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
+    tensor-parallel rank kills the engine."""
     state = build_rank(cfg, group)
+    leader = Leader(state, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
     model_cfg = state.model_cfg
     max_context = model_cfg.max_position_embeddings
     scheduler = Scheduler(
@@ -90,7 +85,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     )
     engine = Engine(
         scheduler,
-        leader_forward(state),
+        leader.forward,
         state.tokenizer,
         model_cfg.eos_token_ids,
         max_context,
@@ -109,7 +104,8 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         page_size=cfg.page_size,
         max_context=max_context,
     )
-    return engine, service, state
+    leader.start(on_lost=engine.fail)
+    return engine, service, leader
 
 
 async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None:
@@ -179,15 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     followers = spawn_followers(cfg)
     with loading_health(cfg):
-        group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)))
-        engine, service, state = build_engine(cfg, group)
+        group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
+        engine, service, leader = build_engine(cfg, group)
     try:
         asyncio.run(serve(cfg, engine, service))
     finally:
-        stop_followers(state)
-        for proc in followers:
-            proc.join(10)
-        destroy(group)
+        shutdown_group(leader, followers)
 
 
 def spawn_followers(cfg: ShardConfig) -> list[mp.process.BaseProcess]:

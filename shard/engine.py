@@ -119,6 +119,14 @@ class Engine:
         """Migrates every running migratable request (the end of a drain)."""
         self._inbox.put(("evacuate", None))
 
+    def fail(self, exc: BaseException) -> None:
+        """Marks the engine dead from another thread (a tensor-parallel rank is gone): `alive`
+        turns False at once, and the step loop, if it is not stuck in a collective, ends every
+        stream with the error."""
+        if self.failure is None:
+            self.failure = exc
+        self._inbox.put(("fail", exc))
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.failure is None
@@ -133,7 +141,7 @@ class Engine:
                 self._take_inbox(block=not self._seqs)
                 self._step()
         except BaseException as exc:
-            self.failure = exc
+            self.failure = self.failure or exc
             log.exception("engine failed")
             for seq in list(self._seqs.values()):
                 seq.sink(StepOutput(error=exc))
@@ -160,6 +168,8 @@ class Engine:
             if seq is not None:
                 self.scheduler.release(seq)
                 log.info("request cancelled", request_id=seq.request_id)
+        elif cmd == "fail":
+            raise arg  # type: ignore[misc]
         elif cmd in ("drain", "evacuate"):
             group = self.scheduler.waiting if cmd == "drain" else list(self._seqs.values())
             for seq in list(group):

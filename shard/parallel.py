@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+class GroupLost(RuntimeError):
+    """A collective failed: a rank died, closed its connection or stopped answering within the
+    group timeout. The group cannot recover; the shard must go down so the pod restarts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +23,11 @@ class TPGroup:
 
     rank: int = 0
     size: int = 1
+    # The group of the layers' collectives (NCCL on CUDA, gloo on CPU).
+    tensors: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
+    # gloo group for step plans and heartbeats: CPU-side, so a plan needs no device sync, and
+    # apart from `tensors`, so a heartbeat thread never interleaves with a forward's ops.
+    meta: dist.ProcessGroup | None = field(default=None, compare=False, repr=False)
 
     def split(self, n: int, what: str) -> int:
         """Size of this rank's slice of a dimension of `n` that is divided evenly across ranks."""
@@ -27,23 +39,48 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
-def init_group(rank: int, size: int, device: torch.device, timeout_s: float = 120.0) -> TPGroup:
-    """Joins the process group (NCCL for CUDA, gloo otherwise); env:// rendezvous (torchrun or
-    the spawner sets MASTER_ADDR/MASTER_PORT)."""
+def init_group(
+    rank: int,
+    size: int,
+    device: torch.device,
+    timeout_s: float = 120.0,
+    startup_timeout_s: float = 600.0,
+) -> TPGroup:
+    """Joins the tensor-parallel group: env:// rendezvous (torchrun or the spawner sets
+    MASTER_ADDR/MASTER_PORT) waiting up to `startup_timeout_s` for every rank to start, then a
+    tensor group (NCCL for CUDA, gloo otherwise) and a gloo metadata group whose collectives
+    fail with GroupLost after `timeout_s` instead of waiting forever."""
     if size == 1:
         return SINGLE
-    backend = "nccl" if device.type == "cuda" else "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # The world group only bootstraps (it runs no collective), so its long timeout is harmless.
     dist.init_process_group(
-        backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s)
+        "gloo", rank=rank, world_size=size, timeout=timedelta(seconds=startup_timeout_s)
     )
-    return TPGroup(rank=rank, size=size)
+    timeout = timedelta(seconds=timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    tensors = dist.new_group(backend=backend, timeout=timeout)
+    meta = dist.new_group(backend="gloo", timeout=timeout)
+    return TPGroup(rank=rank, size=size, tensors=tensors, meta=meta)
+
+
+@contextmanager
+def _collective(op: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, GroupLost):
+            raise
+        raise GroupLost(f"tensor-parallel {op} failed (a rank is gone?): {e}") from e
 
 
 def all_reduce(x: torch.Tensor, group: TPGroup) -> torch.Tensor:
     """Sums `x` over the group in place."""
     if group.size > 1:
-        dist.all_reduce(x)
+        with _collective("all_reduce"):
+            dist.all_reduce(x, group=group.tensors)
     return x
 
 
@@ -52,16 +89,20 @@ def all_gather_last_dim(x: torch.Tensor, group: TPGroup) -> torch.Tensor:
     if group.size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(group.size)]
-    dist.all_gather(parts, x.contiguous())
+    with _collective("all_gather"):
+        dist.all_gather(parts, x.contiguous(), group=group.tensors)
     return torch.cat(parts, dim=-1)
 
 
 def broadcast_object(obj: object, group: TPGroup) -> object:
-    """Sends a picklable object from rank 0 to every rank; returns it everywhere."""
+    """Sends a picklable object from rank 0 to every rank over the metadata group; returns it
+    everywhere. A follower waiting here gives up after the group timeout, so rank 0 must send
+    something (a heartbeat) more often than that."""
     if group.size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with _collective("broadcast"):
+        dist.broadcast_object_list(box, src=0, group=group.meta)
     return box[0]
 
 

@@ -3,8 +3,14 @@ step plans that rank 0 broadcasts."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 
 import structlog
 import torch
@@ -19,7 +25,7 @@ from shard.loader import build_model, load_tokenizer
 from shard.memory_plan import activation_peak, plan_kv_pages
 from shard.model_config import ModelConfig, load_model_config
 from shard.model_runner import ModelRunner
-from shard.parallel import TPGroup, broadcast_object, destroy, init_group
+from shard.parallel import GroupLost, TPGroup, broadcast_object, destroy, init_group
 from shard.step_plan import StepPlan
 
 log = structlog.get_logger(__name__)
@@ -70,21 +76,71 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
 
 
-def leader_forward(state: RankState):
-    """Rank 0's forward: broadcast the plan, then run it like every other rank."""
-    if state.group.size == 1:
-        return state.runner.forward
+class Leader:
+    """Rank 0's end of the step-plan channel: it sends every plan before running it, and a
+    heartbeat whenever nothing was sent for `heartbeat_s`, so that a follower's timed wait for
+    the next plan never expires on an idle shard, and a dead follower is noticed (its connection
+    closes) within a heartbeat even when no request runs. `on_lost` hears of a lost rank once."""
 
-    def forward(plan: StepPlan) -> torch.Tensor:
-        broadcast_object(plan, state.group)
-        return state.runner.forward(plan)
+    def __init__(self, state: RankState, heartbeat_s: float = 1.0) -> None:
+        self.state = state
+        self.heartbeat_s = heartbeat_s
+        self.lost: GroupLost | None = None
+        self._on_lost: Callable[[GroupLost], None] = lambda _: None
+        self._lock = threading.Lock()  # one sender at a time on the metadata group
+        self._last_send = time.monotonic()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="tp-heartbeat", daemon=True)
 
-    return forward
+    def start(self, on_lost: Callable[[GroupLost], None]) -> None:
+        self._on_lost = on_lost
+        if self.state.group.size > 1:
+            self._thread.start()
+
+    def forward(self, plan: StepPlan) -> torch.Tensor:
+        """Broadcasts the plan, then runs it like every other rank."""
+        self._send(plan)
+        return self.state.runner.forward(plan)
+
+    def close(self) -> None:
+        """Stops the heartbeat and, if the group is whole, tells the followers to exit."""
+        self._closed.set()
+        with contextlib.suppress(GroupLost):
+            self._send(None)
+
+    def _send(self, msg: StepPlan | Heartbeat | None) -> None:
+        if self.state.group.size == 1:
+            return
+        with self._lock:
+            if self.lost is not None:
+                raise self.lost
+            try:
+                broadcast_object(msg, self.state.group)
+            except GroupLost as e:
+                self.lost = e
+            else:
+                self._last_send = time.monotonic()
+                return
+        log.error("tensor-parallel group lost", error=str(self.lost))
+        self._on_lost(self.lost)
+        raise self.lost
+
+    def _beat(self) -> None:
+        while not self._closed.wait(self.heartbeat_s / 4):
+            if time.monotonic() - self._last_send < self.heartbeat_s:
+                continue
+            try:
+                self._send(HEARTBEAT)
+            except GroupLost:
+                return
 
 
-def stop_followers(state: RankState) -> None:
-    if state.group.size > 1:
-        broadcast_object(None, state.group)
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Rank 0 is alive; nothing to run."""
+
+
+HEARTBEAT = Heartbeat()
 
 
 def ensure_resident(adapters: AdapterCache, adapter_ids: tuple[str, ...]) -> None:
@@ -98,14 +154,38 @@ def ensure_resident(adapters: AdapterCache, adapter_ids: tuple[str, ...]) -> Non
 
 def follower_main(cfg: ShardConfig, rank: int) -> None:
     """Entry point of ranks 1..N-1: replay plans until rank 0 sends None."""
-    group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)))
+    group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)
     torch.set_grad_enabled(False)
     state = build_rank(cfg, group)
     log.info("follower ready", rank=rank)
     try:
-        while (plan := broadcast_object(None, group)) is not None:
-            assert isinstance(plan, StepPlan)
-            ensure_resident(state.adapters, plan.adapters)
-            state.runner.forward(plan)
-    finally:
-        destroy(group)
+        while (msg := broadcast_object(None, group)) is not None:
+            if isinstance(msg, StepPlan):
+                ensure_resident(state.adapters, msg.adapters)
+                state.runner.forward(msg)
+    except GroupLost:
+        log.exception("tensor-parallel group lost: rank 0 is gone or silent", rank=rank)
+        abandon()
+    destroy(group)
+
+
+def shutdown_group(leader: Leader, followers: Sequence[BaseProcess]) -> None:
+    """Ends rank 0's group: when whole, followers are told to exit and joined; when a rank was
+    lost, the surviving followers are killed and this process exits 1 at once."""
+    leader.close()
+    if leader.lost is None:
+        for proc in followers:
+            proc.join(10)
+        destroy(leader.state.group)
+        return
+    for proc in followers:
+        proc.kill()
+    abandon()
+
+
+def abandon() -> None:
+    """Exits 1 without tearing anything down: destroying (or finalizing Python with) a
+    communicator whose peer died can block forever, and Kubernetes restarts the pod anyway."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -125,7 +125,11 @@ class ShardService:
                     err = out.error
                     if isinstance(err, AdapterError):
                         await context.abort(_ADAPTER_CODE[err.kind], str(err))
-                    await context.abort(grpc.StatusCode.INTERNAL, f"shard failure: {err}")
+                    # Only a dead engine sends other errors, and the shard is going down:
+                    # UNAVAILABLE lets the router resume the request on another shard.
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE, f"shard failed, retry elsewhere: {err}"
+                    )
                 done = out.final
                 yield out
         finally:
