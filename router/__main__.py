@@ -16,7 +16,14 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import generate_pb2, generate_pb2_grpc
 from router.admission import Admission
-from router.config import ConfigError, Endpoint, RouterConfig, parse_config
+from router.config import (
+    ConfigError,
+    Endpoint,
+    RouterConfig,
+    parse_config,
+    server_options,
+    shard_channel_options,
+)
 from router.discovery import Discovery
 from router.logs import configure_logging
 from router.metrics import RouterMetrics
@@ -32,7 +39,7 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period."""
-    table = ShardTable(metrics)
+    table = ShardTable(metrics, shard_channel_options(config))
     admission = Admission(
         table,
         RULES[config.policy],
@@ -41,7 +48,7 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
         config.queue_timeout_s,
         metrics,
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=server_options(config))
     generate_pb2_grpc.add_GeneratorServicer_to_server(
         GeneratorService(table, admission, metrics, config.max_migrations), server
     )

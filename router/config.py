@@ -81,6 +81,16 @@ class RouterConfig:
     shutdown_grace_s: float = 30.0
     # Times one request may move between shards before it fails with UNAVAILABLE.
     max_migrations: int = 8
+    # Seconds after which the router asks a client connection to go away (HTTP/2 GOAWAY), so
+    # clients reconnect and spread over router replicas as they scale; 0 keeps connections.
+    max_connection_age_s: float = 300.0
+    # Seconds streams open on a connection told to go away still get before it is closed.
+    max_connection_age_grace_s: float = 600.0
+    # Seconds between HTTP/2 keepalive pings on each shard channel, and how long a ping may go
+    # unanswered before the channel counts as dead: a shard whose host vanished without closing
+    # its connections fails its streams (which then migrate) within about their sum.
+    shard_keepalive_s: float = 10.0
+    shard_keepalive_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if bool(self.shards) == (self.shard_dns is not None):
@@ -107,6 +117,17 @@ class RouterConfig:
             raise ConfigError(f"--shutdown-grace-s must be >= 0, got {self.shutdown_grace_s}")
         if self.max_migrations < 0:
             raise ConfigError(f"--max-migrations must be >= 0, got {self.max_migrations}")
+        if self.max_connection_age_s < 0:
+            raise ConfigError(
+                f"--max-connection-age-s must be >= 0 (0: never), got {self.max_connection_age_s}"
+            )
+        for name, value in (
+            ("--max-connection-age-grace-s", self.max_connection_age_grace_s),
+            ("--shard-keepalive-s", self.shard_keepalive_s),
+            ("--shard-keepalive-timeout-s", self.shard_keepalive_timeout_s),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
 
 
 def _env_bool(text: str) -> bool:
@@ -175,6 +196,26 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--shutdown-grace-s", default=env_default("LORAFLEET_SHUTDOWN_GRACE_S", "30")
     )
     parser.add_argument("--max-migrations", default=env_default("LORAFLEET_MAX_MIGRATIONS", "8"))
+    parser.add_argument(
+        "--max-connection-age-s",
+        default=env_default("LORAFLEET_MAX_CONNECTION_AGE_S", "300"),
+        help="send clients GOAWAY after this long so they spread over router replicas; 0: never",
+    )
+    parser.add_argument(
+        "--max-connection-age-grace-s",
+        default=env_default("LORAFLEET_MAX_CONNECTION_AGE_GRACE_S", "600"),
+        help="how long open streams may run on a connection told to go away",
+    )
+    parser.add_argument(
+        "--shard-keepalive-s",
+        default=env_default("LORAFLEET_SHARD_KEEPALIVE_S", "10"),
+        help="HTTP/2 keepalive ping interval on shard channels",
+    )
+    parser.add_argument(
+        "--shard-keepalive-timeout-s",
+        default=env_default("LORAFLEET_SHARD_KEEPALIVE_TIMEOUT_S", "5"),
+        help="an unanswered keepalive ping fails the shard's calls after this long",
+    )
     return parser
 
 
@@ -219,4 +260,46 @@ def parse_config(
         resolve_interval_s=float(_number("--resolve-interval-s", args.resolve_interval_s, float)),
         shutdown_grace_s=float(_number("--shutdown-grace-s", args.shutdown_grace_s, float)),
         max_migrations=int(_number("--max-migrations", args.max_migrations, int)),
+        max_connection_age_s=float(
+            _number("--max-connection-age-s", args.max_connection_age_s, float)
+        ),
+        max_connection_age_grace_s=float(
+            _number("--max-connection-age-grace-s", args.max_connection_age_grace_s, float)
+        ),
+        shard_keepalive_s=float(_number("--shard-keepalive-s", args.shard_keepalive_s, float)),
+        shard_keepalive_timeout_s=float(
+            _number("--shard-keepalive-timeout-s", args.shard_keepalive_timeout_s, float)
+        ),
+    )
+
+
+def server_options(config: RouterConfig) -> list[tuple[str, int]]:
+    """gRPC options of the router's public server."""
+    # Without so_reuseport = 0 a second process can silently bind the same port.
+    options = [("grpc.so_reuseport", 0)]
+    if config.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
+def shard_channel_options(config: RouterConfig) -> tuple[tuple[str, int], ...]:
+    """gRPC options of every channel to a shard."""
+    return (
+        # Reconnect quickly: a restarted shard pod should take traffic within seconds, not
+        # grpc's default two minutes of channel backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.keepalive_time_ms", round(config.shard_keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(config.shard_keepalive_timeout_s * 1000)),
+        # Any unanswered ping fails the connection this soon: when another ping (flow-control
+        # probing) is in flight, grpc holds the keepalive ping back, and that other ping's own
+        # timeout (a minute by default) would decide.
+        ("grpc.http2.ping_timeout_ms", round(config.shard_keepalive_timeout_s * 1000)),
+        # The router sends no data on its long WatchLoad streams; by default grpc stops pinging
+        # after two pings without outgoing data, which would end the keepalive.
+        ("grpc.http2.max_pings_without_data", 0),
     )

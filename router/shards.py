@@ -28,13 +28,7 @@ from router.policy import Demand, ShardLoad
 
 log = structlog.get_logger("router.shards")
 
-# Reconnect quickly: a restarted shard pod should take traffic within seconds, not grpc's
-# default two minutes of channel backoff.
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
+ChannelOptions = tuple[tuple[str, int], ...]
 # Shards send a snapshot at least every second; a silent stream means a hung or cut-off shard.
 STALE_AFTER_S = 5.0
 _BACKOFF_FIRST_S = 0.1
@@ -73,9 +67,15 @@ class Reservation:
 class ShardHandle:
     """One shard: its channel and stubs, its health, and the load the router believes it has."""
 
-    def __init__(self, address: str, metrics: RouterMetrics, on_change: Callable[[], None]):
+    def __init__(
+        self,
+        address: str,
+        metrics: RouterMetrics,
+        on_change: Callable[[], None],
+        channel_options: ChannelOptions = (),
+    ):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options)
         self.shard = shard_pb2_grpc.ShardStub(self.channel)
         self.generator = generate_pb2_grpc.GeneratorStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -219,8 +219,9 @@ class ShardHandle:
 class ShardTable:
     """All shards the router knows, by dialed address; callbacks fire on every change."""
 
-    def __init__(self, metrics: RouterMetrics):
+    def __init__(self, metrics: RouterMetrics, channel_options: ChannelOptions = ()):
         self._metrics = metrics
+        self._channel_options = channel_options
         self._shards: dict[str, ShardHandle] = {}
         self._listeners: list[Callable[[], None]] = []
 
@@ -232,7 +233,7 @@ class ShardTable:
         """Starts watching a shard; it becomes eligible once SERVING with a first snapshot."""
         if address not in self._shards:
             log.info("shard added", shard=address)
-            handle = ShardHandle(address, self._metrics, self._changed)
+            handle = ShardHandle(address, self._metrics, self._changed, self._channel_options)
             self._shards[address] = handle
             handle.start()
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from router.config import ConfigError, Endpoint, Policy, parse_config
+from router.config import (
+    ConfigError,
+    Endpoint,
+    Policy,
+    parse_config,
+    server_options,
+    shard_channel_options,
+)
 
 
 def test_config_from_flags_and_environment():
@@ -35,8 +42,35 @@ def test_config_from_flags_and_environment():
         (["--shard", "a:1", "--queue-size", "-1"], "--queue-size"),
         (["--shard", "a:1", "--port", "x"], "expected an integer"),
         (["--shard", "a:1", "--dns-server", "127.0.0.1:53"], "--dns-server"),
+        (["--shard", "a:1", "--max-connection-age-s", "-1"], "--max-connection-age-s"),
+        (["--shard", "a:1", "--max-connection-age-grace-s", "0"], "--max-connection-age-grace-s"),
+        (["--shard", "a:1", "--shard-keepalive-s", "0"], "--shard-keepalive-s"),
+        (["--shard", "a:1", "--shard-keepalive-timeout-s", "x"], "expected a number"),
     ],
 )
 def test_config_rejects_bad_values(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv, {})
+
+
+def test_connection_age_and_shard_keepalive_options():
+    default = parse_config(["--shard", "a:1"], {})
+    assert dict(server_options(default)) == {
+        "grpc.so_reuseport": 0,
+        "grpc.max_connection_age_ms": 300_000,
+        "grpc.max_connection_age_grace_ms": 600_000,
+    }
+    channel = dict(shard_channel_options(default))
+    assert channel["grpc.keepalive_time_ms"] == 10_000
+    assert channel["grpc.keepalive_timeout_ms"] == channel["grpc.http2.ping_timeout_ms"] == 5_000
+    assert channel["grpc.http2.max_pings_without_data"] == 0
+    tuned = parse_config(
+        ["--shard", "a:1", "--max-connection-age-grace-s", "2.5", "--shard-keepalive-s", "1"],
+        {"LORAFLEET_MAX_CONNECTION_AGE_S": "60", "LORAFLEET_SHARD_KEEPALIVE_TIMEOUT_S": "0.5"},
+    )
+    assert dict(server_options(tuned))["grpc.max_connection_age_ms"] == 60_000
+    assert dict(server_options(tuned))["grpc.max_connection_age_grace_ms"] == 2_500
+    assert dict(shard_channel_options(tuned))["grpc.keepalive_time_ms"] == 1_000
+    assert dict(shard_channel_options(tuned))["grpc.keepalive_timeout_ms"] == 500
+    never = parse_config(["--shard", "a:1", "--max-connection-age-s", "0"], {})
+    assert dict(server_options(never)) == {"grpc.so_reuseport": 0}

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos import generate_pb2
+from protos import generate_pb2, generate_pb2_grpc
 from tests.fake_shard import expected_tokens, token_text
 from tests.fleet import (
     REPO,
@@ -195,3 +195,33 @@ def test_sigterm_lets_open_streams_finish(launch, fleet):
         ids.extend(message.token_ids)
     assert ids == expected_tokens("a", "finish before exit", 80)
     assert router.proc.wait(10) == 0
+
+
+def _connectivity(address: str) -> tuple[grpc.Channel, list[grpc.ChannelConnectivity]]:
+    states: list[grpc.ChannelConnectivity] = []
+    channel = grpc.insecure_channel(address)
+    channel.subscribe(states.append, try_to_connect=True)
+    return channel, states
+
+
+def test_max_connection_age_moves_clients_without_cutting_streams(launch, fleet):
+    aged = launch(
+        Router,
+        "--max-connection-age-s=0.5",
+        "--max-connection-age-grace-s=30",
+        *(f"--shard={f.address}" for f in fleet.fakes),
+    )
+    aged.wait_shards([f.address for f in fleet.fakes])
+    ready, idle = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE
+    for router, goes_away in ((aged, True), (fleet.router, False)):
+        channel, states = _connectivity(router.address)
+        with channel:
+            stub = generate_pb2_grpc.GeneratorStub(channel)
+            # 200 tokens of 10 ms: the stream outlives the connection's age, inside the grace.
+            assert_exact(generate(stub, "outlive the age", "a", 200), "a", "outlive the age", 200)
+            connected = states.index(ready)
+            # GOAWAY turns the channel IDLE; the default age (minutes) keeps it READY.
+            assert (idle in states[connected:]) == goes_away, states
+            assert_exact(generate(stub, "next call", "b", 3), "b", "next call", 3)
+            assert states[-1] == ready
+    aged.stop()
