@@ -63,6 +63,9 @@ def init_group(
     backend = "nccl" if device.type == "cuda" else "gloo"
     tensors = dist.new_group(backend=backend, timeout=timeout)
     meta = dist.new_group(backend="gloo", timeout=timeout)
+    # NCCL builds its communicator at the first collective, which must not be inside a CUDA
+    # graph capture: make it now.
+    dist.all_reduce(torch.zeros(1, device=device), group=tensors)
     return TPGroup(rank=rank, size=size, tensors=tensors, meta=meta)
 
 

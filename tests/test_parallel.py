@@ -64,3 +64,21 @@ def test_tp2_mixed_adapters_match_peft(tiny, tmp_path: Path) -> None:
         assert tokens == want, adapter
         ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(want)[:, None])[:, 0]
         torch.testing.assert_close(logprobs, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_adds_no_collective(tmp_path: Path) -> None:
+    """TP=2 stack (gloo): LoRA on all seven projections changes the logits, yet every decoder
+    layer makes exactly the base layer's two all-reduces (o_proj and down_proj)."""
+    from benchmarks.bench_tp import main
+
+    report = main(["--device", "cpu", "--parts", "stack", "--out", str(tmp_path / "tp.json")])
+    stack = report["stack"]
+    for rank in ("rank0", "rank1"):
+        r = stack[rank]
+        assert "error" not in r, r
+        assert r["lora_changes_logits"]
+        assert r["base"]["collectives_per_layer"] == [{"all_reduce": 2}] * r["layers"]
+        assert r["lora"]["collectives_per_layer"] == r["base"]["collectives_per_layer"]
+        assert r["lora"]["collectives_outside_layers"] == r["base"]["collectives_outside_layers"]
+        assert r["lora"]["nccl_kernels"] == r["base"]["nccl_kernels"]

@@ -1,0 +1,491 @@
+"""Tensor parallelism on one host with 2 GPUs (issue 7), three parts in one run:
+
+1. A Llama-2-7B-shaped shard (random bf16 weights, `--load-format dummy`) with 32 adapters of
+   rank 16 on all seven projections, batch 32 with Distinct adapters: decode step time and
+   tokens/s at TP=1 and TP=2. Each shard is built exactly as `lorafleet-shard --tp N` builds it
+   (rank 0 in its own process, followers spawned, step plans broadcast), with the engine's CUDA
+   graphs on, and once more with them off (eager). Step time is measured twice: the engine's
+   median inter-token gap (scheduling, plan broadcast, forward, sampling) and one decode forward
+   through rank 0's `Leader.forward` (plan broadcast + forward) timed with CUDA events.
+2. A 70B-shaped layer stack (hidden 8192, 64 heads, 8 KV heads, intermediate 28672) at TP=2, run
+   SPMD by both ranks: collectives per decoder layer with and without LoRA, counted at
+   `torch.distributed` and as NCCL kernels in a torch.profiler trace.
+3. The tiny model (real weights from shard.tiny, float32) at TP=1 and TP=2 on GPU: greedy tokens
+   of a mixed-adapter batch must be equal.
+
+`python -m benchmarks.bench_tp --out benchmarks/results/tp_h200x2.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import queue
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_sgmv import git_commit
+from benchmarks.bench_textgen import SHAPES, Workload, make_workload, write_adapters
+from benchmarks.bench_textgen import write_model_dir as write_shape_dir
+from shard.config import parse_config
+from shard.kv_cache import KvCache, pages_for
+from shard.sampling import SamplingParams
+from shard.sequence import EngineRequest, StepOutput, StopParams
+from shard.step_plan import StepPlan
+
+SHAPE_70B = {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineJob:
+    """What one shard process (rank 0; followers spawned) does."""
+
+    argv: tuple[str, ...]
+    work: Workload
+    warm: Workload
+    context: int  # of the timed decode forward; 0: no timing
+
+
+class Sink:
+    """Token ids and arrival times of one request (called on the engine thread)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self.error: str | None = None
+        self.finished = threading.Event()
+
+    def __call__(self, out: StepOutput) -> None:
+        now = time.perf_counter()
+        self.tokens.extend(out.token_ids)
+        self.times.extend(now for _ in out.token_ids)
+        if out.error is not None:
+            self.error = str(out.error)
+        if out.final:
+            self.finished.set()
+
+
+def run_work(engine, work: Workload, tag: str) -> dict:
+    """Submits the whole workload at once and waits; tokens, tokens/s and step time."""
+    start = time.perf_counter()
+    sinks = [Sink() for _ in work.prompts]
+    for i, (prompt, new, adapter) in enumerate(
+        zip(work.prompts, work.outputs, work.adapters, strict=True)
+    ):
+        req = EngineRequest(
+            request_id=f"{tag}-{i}-{start}",
+            adapter_id=adapter,
+            prompt_ids=tuple(prompt),
+            sampling=SamplingParams(),
+            stopping=StopParams(max_new_tokens=new, ignore_eos=True),
+        )
+        engine.submit(req, sinks[i])
+    for sink in sinks:
+        if not sink.finished.wait(600) or sink.error:
+            raise RuntimeError(f"request failed: {sink.error}")
+    wall = time.perf_counter() - start
+    gaps = [b - a for s in sinks for a, b in zip(s.times, s.times[1:], strict=False)]
+    step = statistics.median(gaps)
+    return {
+        "tokens": [s.tokens for s in sinks],
+        "tokens_per_s": sum(work.outputs) / wall,
+        "step_ms_p50": step * 1e3,
+        "decode_tokens_per_s": len(work.prompts) / step,
+    }
+
+
+def engine_main(job: EngineJob, out: mp.Queue) -> None:
+    """A shard process: rank 0 of `--tp N`, exactly as `lorafleet-shard` builds it."""
+    from shard.__main__ import build_engine, spawn_followers
+    from shard.parallel import TPGroup, init_group
+    from shard.rank import rank_device, shutdown_group
+
+    try:
+        cfg = parse_config(list(job.argv), env={})
+        torch.set_grad_enabled(False)
+        followers = spawn_followers(cfg)
+        group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
+        engine, _, leader = build_engine(cfg, group)
+        engine.start()
+        try:
+            run_work(engine, job.warm, "warm")
+            result = run_work(engine, job.work, "run")
+            if job.context:
+                result["forward_ms"] = leader_forward_ms(leader, job.work, job.context)
+            result["kv_pages"] = leader.state.kv.pool.total
+        finally:
+            engine.stop()
+            shutdown_group(leader, followers)
+        out.put(result)
+    except BaseException:
+        out.put({"error": traceback.format_exc()[-3000:]})
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    """Median milliseconds of fn after 3 warm-up calls (CUDA events on a GPU)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def leader_forward_ms(leader, work: Workload, context: int) -> float:
+    """Median time of one decode step through rank 0's Leader.forward (plan broadcast to the
+    followers + forward, graph replay when captured)."""
+    kv = leader.state.kv
+    plan, pages = decode_plan(kv, work.adapters, context)
+    try:
+        return median_ms(partial(leader.forward, plan), leader.state.runner.device, reps=30)
+    finally:
+        kv.pool.release(pages)
+
+
+def decode_plan(kv: KvCache, adapters: list[str], context: int) -> tuple[StepPlan, list[int]]:
+    """One decode row per entry of `adapters` (sorted into segments), each at `context` tokens,
+    on pages taken from the pool (give them back)."""
+    rows = sorted(adapters)
+    per_seq = pages_for(context, kv.page_size)
+    pages = kv.pool.alloc(per_seq * len(rows))
+    assert pages is not None, "no KV pages free for the decode plan"
+    tables = [tuple(pages[i * per_seq : (i + 1) * per_seq]) for i in range(len(rows))]
+    segments: list[tuple[int, str]] = []
+    for row, adapter in enumerate(rows):
+        if not segments or segments[-1][1] != adapter:
+            segments.append((row, adapter))
+    last = context - 1
+    plan = StepPlan(
+        input_ids=tuple(7 for _ in rows),
+        positions=tuple(last for _ in rows),
+        slots=tuple(t[last // kv.page_size] * kv.page_size + last % kv.page_size for t in tables),
+        decode_pages=tuple(tables),
+        decode_context=tuple(context for _ in rows),
+        prefills=(),
+        logits_rows=tuple(range(len(rows))),
+        segments=tuple(segments),
+        adapters=tuple(sorted({a for a in rows if a})),
+    )
+    return plan, pages
+
+
+COUNTED = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all_single",
+    "send",
+    "recv",
+)
+
+
+def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
+    """Builds this rank's slice of the stack and runs one eager decode forward of 32 rows on the
+    base model and one with the rows spread over `adapters`: torch.distributed calls per decoder
+    layer (forward hooks say which layer is running), NCCL kernels in a profiler trace, and the
+    forward's median time."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from shard.parallel import TPGroup, destroy, init_group
+    from shard.rank import build_rank, rank_device
+
+    cfg = parse_config(argv, env={})
+    group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)
+    torch.set_grad_enabled(False)
+    state = build_rank(cfg, group)
+    device = state.runner.device
+    for name in adapters:
+        if (err := state.adapters.preload(name, pin=True, timeout_s=120)) is not None:
+            raise err
+    where = ["outside"]
+    calls: Counter[tuple[str, str]] = Counter()
+
+    def counting(op: str, fn: Callable) -> Callable:
+        def wrapper(*a, **kw):
+            calls[(where[0], op)] += 1
+            return fn(*a, **kw)
+
+        return wrapper
+
+    for op in COUNTED:
+        if hasattr(dist, op):
+            setattr(dist, op, counting(op, getattr(dist, op)))
+    layers = state.runner.model.layers
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, f"layer{i}"))
+        layer.register_forward_hook(lambda *_: where.__setitem__(0, "outside"))
+    report: dict = {"layers": len(layers)}
+    logits = {}
+    for label, rows in (
+        ("base", [""] * 32),
+        ("lora", [adapters[i % len(adapters)] for i in range(32)]),
+    ):
+        plan, pages = decode_plan(state.kv, rows, 128)
+        state.runner.forward(plan)  # warm-up
+        sync(device)
+        calls.clear()
+        logits[label] = state.runner.forward(plan).float().cpu()
+        sync(device)
+        per_layer = [
+            {op: n for (w, op), n in calls.items() if w == f"layer{i}"} for i in range(len(layers))
+        ]
+        outside = {op: n for (w, op), n in calls.items() if w == "outside"}
+        cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            state.runner.forward(plan)
+            sync(device)
+        # NCCL kernels on a GPU; on a CPU, gloo's profiler ranges stand in for them.
+        kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+        kernels = Counter(
+            e.name
+            for e in prof.events()
+            if e.device_type == kind and ("nccl" if cuda else "gloo:") in e.name.lower()
+        )
+        report[label] = {
+            "collectives_per_layer": per_layer,
+            "collectives_outside_layers": outside,
+            "nccl_kernels": dict(kernels),
+            "nccl_kernels_total": sum(kernels.values()),
+            "forward_ms": median_ms(partial(state.runner.forward, plan), device, reps=10),
+        }
+        state.kv.pool.release(pages)
+    report["lora_changes_logits"] = not torch.allclose(logits["base"], logits["lora"])
+    report["lora_adds_collectives"] = (
+        report["lora"]["collectives_per_layer"] != report["base"]["collectives_per_layer"]
+        or report["lora"]["nccl_kernels_total"] != report["base"]["nccl_kernels_total"]
+    )
+    destroy(group)
+    return report
+
+
+def stack_main(rank: int, argv: tuple[str, ...], adapters: list[str], out: mp.Queue) -> None:
+    """One rank of the SPMD 70B-shaped stack: the same decode forward on both ranks."""
+    try:
+        out.put((rank, count_collectives(rank, list(argv), adapters)))
+    except BaseException:
+        out.put((rank, {"error": traceback.format_exc()[-3000:]}))
+
+
+def in_processes(
+    targets: list[tuple[Callable[..., None], tuple]], timeout_s: float
+) -> list[object]:
+    """Runs each target in a spawned process (the last argument is a result queue); returns
+    one result per process, or an error entry when a process dies or runs past the limit."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(*args, out)) for fn, args in targets]
+    for p in procs:
+        p.start()
+    results: list[object] = []
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(procs) and time.monotonic() < deadline:
+        try:
+            results.append(out.get(timeout=1))
+        except queue.Empty:
+            if all(p.exitcode is not None for p in procs) and out.empty():
+                break
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    while len(results) < len(procs):
+        results.append({"error": f"no result (exit codes {[p.exitcode for p in procs]})"})
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard_argv(
+    model: Path, adapters: Path, tp: int, dtype: str, graphs: bool, device: str
+) -> list[str]:
+    argv = ["--model", str(model), "--adapters", str(adapters), "--device", device]
+    argv += ["--dtype", dtype, "--tp", str(tp), "--max-batch-size", "32"]
+    argv += ["--cuda-graphs", "on" if graphs else "off", "--adapter-memory-mb", "4096"]
+    return [*argv, "--max-prefill-tokens", "4096", "--kv-memory-fraction", "0.5"]
+
+
+# On a CPU (a smoke run of the whole benchmark) the big shapes shrink to these.
+SMALL_STACK = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+}
+
+
+def part_decode(root: Path, args: argparse.Namespace) -> list[dict]:
+    """Llama-2-7B shape, 32 adapters r=16, batch 32 Distinct: TP=1 vs TP=2 shards."""
+    cuda = args.device == "cuda"
+    shape = SHAPES["llama2-7b" if cuda else "tiny"]
+    model, adapters = root / "decode", root / "decode-adapters"
+    write_shape_dir(model, shape)
+    write_adapters(model, adapters, 32, 16, args.device)
+    lengths = ((args.prompt_len, args.prompt_len), (args.new_tokens, args.new_tokens))
+    work = make_workload("distinct", 32, 32, 0, lengths, shape["vocab_size"])
+    warm = Workload("warm", work.prompts, [4] * work.batch, work.adapters)
+    dtype = "bfloat16" if cuda else "float32"
+    rows = []
+    for graphs in (True, False) if args.eager else (True,):
+        for tp in (1, 2):
+            argv = shard_argv(model, adapters, tp, dtype, graphs, args.device)
+            job = EngineJob(
+                (*argv, "--load-format", "dummy"),
+                work,
+                warm,
+                args.prompt_len + args.new_tokens // 2,
+            )
+            (res,) = in_processes([(engine_main, (job,))], 400)
+            assert isinstance(res, dict)
+            res.pop("tokens", None)
+            row = {"tp": tp, "cuda_graphs": graphs and cuda, "batch": 32, **res}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def part_stack(root: Path, args: argparse.Namespace) -> dict:
+    """70B-shaped layers at TP=2: collectives per layer with and without LoRA."""
+    cuda = args.device == "cuda"
+    shape = SHAPE_70B if cuda else SMALL_STACK
+    model, adapters = root / "stack", root / "stack-adapters"
+    write_shape_dir(model, shape)
+    write_adapters(model, adapters, 4, 16, args.device)
+    argv = ["--model", str(model), "--adapters", str(adapters), "--device", args.device]
+    argv += ["--dtype", "bfloat16" if cuda else "float32", "--tp", "2", "--kv-pages", "512"]
+    argv += ["--load-format", "dummy", "--cuda-graphs", "off", "--max-batch-size", "32"]
+    names = [f"a{i}" for i in range(4)]
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        results = in_processes([(stack_main, (r, tuple(argv), names)) for r in range(2)], 300)
+    finally:
+        del os.environ["MASTER_PORT"]
+    ranks = {}
+    for res in results:
+        if isinstance(res, tuple):
+            ranks[f"rank{res[0]}"] = res[1]
+        else:
+            ranks.setdefault("errors", []).append(res)
+    report = {"model": shape, "tp": 2, "decode_rows": 32, "adapters": len(names), **ranks}
+    print(json.dumps(report)[:3000], flush=True)
+    return report
+
+
+def part_tiny(root: Path, args: argparse.Namespace) -> dict:
+    """The tiny model (real weights, float32): greedy tokens at TP=1 and TP=2 must be equal."""
+    from shard.tiny import write_tiny
+
+    tiny = write_tiny(root / "tiny")
+    prompts = [[11 + i, 22, 33 + 2 * i, 44, 55][: 3 + i % 3] for i in range(8)]
+    ids = [*tiny.adapter_ids, ""]
+    work = Workload("tiny", prompts, [24] * 8, [ids[i % len(ids)] for i in range(8)])
+    warm = Workload("warm", prompts, [2] * 8, work.adapters)
+    tokens = {}
+    for tp in (1, 2):
+        argv = shard_argv(tiny.model_dir, tiny.adapters_dir, tp, "float32", True, args.device)
+        job = EngineJob((*argv, "--page-size", "4"), work, warm, 0)
+        (res,) = in_processes([(engine_main, (job,))], 300)
+        assert isinstance(res, dict)
+        tokens[f"tp{tp}"] = res.get("tokens", res.get("error"))
+    report = {"equal": tokens["tp1"] == tokens["tp2"], "adapters": work.adapters, **tokens}
+    print(json.dumps({"tiny_tokens_equal": report["equal"]}), flush=True)
+    return report
+
+
+PARTS: dict[str, Callable[[Path, argparse.Namespace], object]] = {
+    "tiny": part_tiny,
+    "stack": part_stack,
+    "decode": part_decode,
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON, rewritten after each part")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--parts", default="tiny,stack,decode")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--eager", action="store_true", help="also decode without CUDA graphs")
+    parser.add_argument("--command", default="python -m benchmarks.bench_tp")
+    parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="bench-tp-"))
+    cuda = args.device == "cuda"
+    report: dict = {
+        "benchmark": "bench_tp",
+        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+        if cuda
+        else "cpu",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": args.commit or git_commit(),
+        "command": args.command,
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "seconds": {},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for part in args.parts.split(","):
+        started = time.perf_counter()
+        try:
+            report[part] = PARTS[part](root, args)
+        except Exception:
+            report[part] = {"error": traceback.format_exc()[-3000:]}
+            print(report[part]["error"], flush=True)
+        report["seconds"][part] = round(time.perf_counter() - started, 1)
+        print(f"part {part}: {report['seconds'][part]} s", flush=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
