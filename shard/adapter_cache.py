@@ -26,6 +26,7 @@ from shard.adapter_loader import (
     AdapterErrorKind,
     AdapterWeights,
     FileSig,
+    as_adapter_error,
     carve,
     file_sig,
     load_adapter,
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from shard.config import ShardConfig
 
 log = structlog.get_logger(__name__)
+
+TIERS = ("gpu", "host", "disk")  # where a request's adapter is looked for, in this order
 
 
 @dataclass(slots=True)
@@ -66,6 +69,9 @@ class Resident:
     started: float  # perf_counter() when the copy was queued
     refs: int = 0  # running requests that use it
     last_used: float = 0.0
+    # Copied for a waiting request that has not claimed it yet: spared by eviction while that
+    # request still waits, or copies for different waiting requests would evict each other.
+    fresh: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +113,7 @@ class AdapterCache:
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
         self.budget_bytes = budget_bytes
-        self.host_budget_bytes = (
-            4 * budget_bytes if host_budget_bytes is None else host_budget_bytes
-        )
+        self.host_budget_bytes = host_budget_bytes or 4 * budget_bytes
         self.max_rank = max_rank
         self.base_mismatch = base_mismatch  # "warn" or "error"
         self.metrics: ShardMetrics | None = None
@@ -138,13 +142,14 @@ class AdapterCache:
         device: torch.device,
     ) -> AdapterCache:
         """The cache that the shard's flags describe."""
+        budget = device_budget_bytes(cfg.adapter_memory_mb)
         return cls(
             cfg.adapters,
             model_cfg,
             group,
             dtype,
             device,
-            device_budget_bytes(cfg.adapter_memory_mb),
+            budget,
             cfg.max_lora_rank,
             host_budget_bytes=cfg.adapter_host_memory_mb * 2**20,
             base_mismatch=cfg.adapter_base_mismatch,
@@ -162,10 +167,6 @@ class AdapterCache:
         return sum(h.flat.numel() for h in self._host.values())
 
     # -- server side ----------------------------------------------------------------------------
-    def check(self, adapter_id: str) -> None:
-        """Raises AdapterError at once for ids that are invalid or absent."""
-        resolve(self.root, adapter_id)
-
     def lookup(self, adapter_id: str) -> None:
         """Once per request: validates the id, notices replaced files (a new version), counts the
         tier the adapter is found in and starts its read from disk if needed."""
@@ -176,19 +177,12 @@ class AdapterCache:
                 log.info("adapter files changed: loading a new version", adapter_id=adapter_id)
                 self._forget(adapter_id)
                 key = None
-            if key is not None and key in self._resident:
-                tier = "gpu"
-            elif key is not None and key in self._host:
-                tier = "host"
-            else:
-                tier = "disk"
+            tier = "gpu" if key in self._resident else "host" if key in self._host else "disk"
+            if tier == "disk":
                 self._start_load(adapter_id)
             if self.metrics is not None:
-                for t in ("gpu", "host", "disk"):
-                    hit = t == tier
-                    self.metrics.adapter_lookups.labels(t, "hit" if hit else "miss").inc()
-                    if hit:
-                        break
+                for t in TIERS[: TIERS.index(tier) + 1]:
+                    self.metrics.adapter_lookups.labels(t, "hit" if t == tier else "miss").inc()
 
     def preload(self, adapter_id: str, pin: bool, timeout_s: float) -> AdapterError | None:
         """Reads the adapter's files again (a changed content becomes the new version) and waits
@@ -207,7 +201,7 @@ class AdapterCache:
             except TimeoutError:
                 raise
             except Exception as e:  # the load's own error, as every waiting request sees it
-                state = _as_adapter_error(adapter_id, e)
+                state = as_adapter_error(adapter_id, e)
             while state is None and not self._closed:
                 if time.monotonic() > deadline:
                     raise TimeoutError(
@@ -222,9 +216,7 @@ class AdapterCache:
             return None
         finally:
             with self._lock:
-                self._preloading[adapter_id] -= 1
-                if not self._preloading[adapter_id]:
-                    del self._preloading[adapter_id]
+                self._preloading -= Counter([adapter_id])
 
     def evict(self, adapter_id: str) -> bool:
         """Unpins and drops every version of an adapter from device and host memory; versions in
@@ -273,6 +265,7 @@ class AdapterCache:
         with self._lock:
             state = self._poll(adapter_id)
             if isinstance(state, Resident):
+                state.fresh = False
                 state.refs += 1
                 state.last_used = time.time()
             return state
@@ -315,7 +308,7 @@ class AdapterCache:
             del self._loading[adapter_id]
             err = fut.exception()
             if err is not None:
-                return _as_adapter_error(adapter_id, err)
+                return as_adapter_error(adapter_id, err)
         elif fut is not None and version is None:
             return None  # a read is on its way: it may bring a newer version
         key = name if version else self._current.get(adapter_id)
@@ -454,7 +447,8 @@ class AdapterCache:
             res = self._resident[key]
             adapter_id = split_key(key)[0]
             pinned = adapter_id in self._pinned and self._current.get(adapter_id) == key
-            if res.refs == 0 and not pinned:
+            awaited = res.fresh and (adapter_id in self._wanted or adapter_id in self._preloading)
+            if res.refs == 0 and not pinned and not awaited:
                 used -= res.flat.numel()
                 del self._resident[key]
                 self._evicted("gpu", key)
@@ -503,11 +497,3 @@ class AdapterCache:
         if self.metrics is not None:
             self.metrics.adapter_bytes.labels("gpu").set(self.used_bytes)
             self.metrics.adapter_bytes.labels("host").set(self.host_used_bytes)
-
-
-def _as_adapter_error(adapter_id: str, err: BaseException) -> AdapterError:
-    if isinstance(err, AdapterError):
-        return err
-    return AdapterError(
-        AdapterErrorKind.UNSUPPORTED, f"adapter {adapter_id!r} failed to load: {err}"
-    )

@@ -89,6 +89,15 @@ def split_key(name: str) -> tuple[str, str | None]:
     return adapter_id, version or None
 
 
+def as_adapter_error(adapter_id: str, err: BaseException) -> AdapterError:
+    """`err` as an AdapterError (an unexpected failure counts as an unusable adapter)."""
+    if isinstance(err, AdapterError):
+        return err
+    return AdapterError(
+        AdapterErrorKind.UNSUPPORTED, f"adapter {adapter_id!r} failed to load: {err}"
+    )
+
+
 def resolve(root: Path, adapter_id: str) -> Path:
     """The adapter's folder under `root`; refuses ids and links that could escape it."""
     if not ADAPTER_ID.match(adapter_id) or adapter_id in (".", ".."):

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.adapter_cache import AdapterCache
-from shard.adapter_loader import AdapterError, AdapterErrorKind
+from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
 from shard.engine import CapacityError, Engine
 from shard.model_config import ModelConfig
 from shard.request_validation import RequestError, to_engine_request
@@ -248,7 +248,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         """Reads the adapter's files again and waits until it is resident (or fails); replaced
         files become a new version for new requests, running ones finish on the old one."""
         try:
-            self.s.adapters.check(request.adapter_id)
+            resolve(self.s.adapters.root, request.adapter_id)
         except AdapterError as e:
             await context.abort(_ADAPTER_CODE[e.kind], str(e))
         timeout = context.time_remaining() or _LOAD_TIMEOUT_S

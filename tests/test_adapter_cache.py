@@ -139,9 +139,9 @@ def request(adapter: str, prompt: list[int], new: int = NEW) -> generate_pb2.Gen
     )
 
 
-def generate(address: str, req: generate_pb2.GenerateRequest) -> list[int]:
+def generate(address: str, req: generate_pb2.GenerateRequest, timeout: float = 120) -> list[int]:
     with grpc.insecure_channel(address) as ch:
-        stream = generate_pb2_grpc.GeneratorStub(ch).Generate(req, timeout=120)
+        stream = generate_pb2_grpc.GeneratorStub(ch).Generate(req, timeout=timeout)
         return [t for m in stream for t in m.token_ids]
 
 
@@ -208,7 +208,33 @@ def test_base_model_mismatch_warns_or_fails_by_flag(shard, tiny) -> None:
     assert "trained on base model 'meta-llama/Llama-2-7b-hf'" in err.value.details()
 
 
-def test_three_times_more_adapters_than_fit_all_complete_exactly(shard, tiny) -> None:
+class SlowCopy:
+    """Stands in for the CUDA event of a host-to-device copy that takes `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.done_at = time.perf_counter() + seconds
+
+    def query(self) -> bool:
+        return time.perf_counter() >= self.done_at
+
+
+@pytest.fixture(params=["instant", "async"])
+def copies(request, shard, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Device copies done at once (CPU) or finishing a few steps later, as on a GPU, where
+    copies for different waiting requests must not evict each other before they are claimed."""
+    if request.param == "async":
+        to_device = shard.adapters._to_device
+
+        def slow(key, host):
+            res = to_device(key, host)
+            res.ready, res.source = SlowCopy(0.005), host
+            return res
+
+        monkeypatch.setattr(shard.adapters, "_to_device", slow)
+    return request.param
+
+
+def test_three_times_more_adapters_than_fit_all_complete_exactly(shard, tiny, copies) -> None:
     cache = shard.adapters
     for a in ("r8-all", "r16-attn"):
         assert cache.preload(a, False, 30) is None
@@ -226,7 +252,7 @@ def test_three_times_more_adapters_than_fit_all_complete_exactly(shard, tiny) ->
 
     def run(i: int) -> None:
         try:
-            results[i] = generate(shard.address, request(CROWD[i], prompts[i]))
+            results[i] = generate(shard.address, request(CROWD[i], prompts[i]), timeout=60)
         except BaseException as e:  # reported below with its index
             results[i] = e
 
@@ -246,7 +272,7 @@ def test_three_times_more_adapters_than_fit_all_complete_exactly(shard, tiny) ->
     assert shard.metric("lorafleet_shard_adapter_evictions_total", tier="host") > host_evictions
     assert shard.metric("lorafleet_shard_adapter_lookups_total", tier="disk", result="hit") >= 6
     assert shard.metric("lorafleet_shard_adapter_load_seconds_count", stage="disk_to_host") >= 6
-    assert shard.metric("lorafleet_shard_adapter_queue_seconds_count", adapter=CROWD[0]) == 1
+    assert shard.metric("lorafleet_shard_adapter_queue_seconds_count", adapter=CROWD[0]) >= 1
 
 
 def _replace_files(src: Path, dst: Path) -> None:
