@@ -58,8 +58,9 @@ int64_t check_table(const at::Tensor& t, const at::Tensor& like, const char* nam
 
 void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* name,
                       const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
-              like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " (",
+              like.dim(), "-D, ", like.numel(), " elements), got ", t.dim(), "-D, ", t.numel(),
+              " elements");
 }
 
 std::string no_kernel(at::ScalarType dtype, int64_t rank) {

@@ -191,12 +191,12 @@ cudaError_t launch_expand(const ExpandParams& p, int cc_major, cudaStream_t stre
 // Decode-shaped expand (a few rows per segment): CUDA cores, no shared-memory staging of B.
 // Each thread owns 8 adjacent columns and keeps 16 rows of B for them in flight at once (issued
 // before waiting on the previous kernel); v rows are broadcast from shared memory.
-constexpr int kRowsPerTile = 4;
 constexpr int kRowsCols = kThreads * 8;  // columns per CTA
 
-template <typename T, int RMAX>
+// RT rows per tile: 1 when segments have one row each (fewer registers, so more CTAs resident:
+// a distinct decode batch of 64 has 704 CTAs at 4096 -> 11008), else 4.
+template <typename T, int RMAX, int RT>
 __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParams p) {
-  constexpr int RT = kRowsPerTile;
   constexpr int KG = 16;  // B rows loaded per group
   __shared__ float s_v[RT][RMAX];
   __shared__ Tile s_tile;
@@ -310,9 +310,13 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   // Decode with small ranks (about one row per adapter): CUDA cores. Larger ranks would load B in
   // several sequential groups per thread, so they take the MMA path.
   if (rows_per_segment <= 2 && RMAX <= 32) {
-    const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, sgmv::kRowsPerTile),
-                    sgmv::num_chunks(p, sgmv::kRowsCols));
-    return sgmv::launch(sgmv::expand_rows_kernel<T, RMAX>, grid, 0, 1, cc_major, p, stream);
+    const int chunks = sgmv::num_chunks(p, sgmv::kRowsCols);
+    if (rows_per_segment == 1) {
+      const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, 1), chunks);
+      return sgmv::launch(sgmv::expand_rows_kernel<T, RMAX, 1>, grid, 0, 1, cc_major, p, stream);
+    }
+    const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, 4), chunks);
+    return sgmv::launch(sgmv::expand_rows_kernel<T, RMAX, 4>, grid, 0, 1, cc_major, p, stream);
   }
   // 64 x 128 tiles reuse B over 64 rows; worth it only with enough tiles to fill the GPU.
   if (rows_per_segment > 16 && sgmv::max_tiles(p.num_rows, p.num_segments, 64) >= num_sms)
