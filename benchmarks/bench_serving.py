@@ -1,0 +1,376 @@
+"""Open-loop serving benchmark: Poisson arrivals, Zipf adapter popularity, seeded lengths.
+
+Requests are sent at their scheduled times whether or not earlier ones finished (open loop), so
+queueing shows up in the latencies instead of slowing the sender down. Reports throughput and
+time to first token (TTFT), inter-token latency (ITL) and end-to-end latency percentiles.
+
+    python -m benchmarks.bench_serving --target HOST:PORT --rate 20 --requests 500 --out r.json
+
+With `--spawn-tiny` it starts its own shard (the tiny random model on CPU) and router, runs the
+same load straight to the shard and through the router, alternating, and reports the router's
+added latency:
+
+    python -m benchmarks.bench_serving --spawn-tiny --out benchmarks/results/serving_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import generate_pb2, generate_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """The load: how many requests, how fast, over which adapters, how long each."""
+
+    requests: int
+    rate: float  # mean arrivals per second (Poisson process)
+    adapters: tuple[str, ...]  # in popularity order; "" is the base model
+    zipf_s: float  # popularity of the k-th adapter is proportional to 1 / k**zipf_s
+    prompt_tokens: tuple[int, int]  # inclusive range, uniform
+    output_tokens: tuple[int, int]  # inclusive range, uniform
+    vocab_size: int
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    at_s: float  # seconds after the start
+    adapter_id: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the client saw of one request; times in seconds from its send."""
+
+    adapter_id: str
+    # When it was sent, in seconds from the start of the run, and its scheduled time.
+    sent_s: float = 0.0
+    scheduled_s: float = 0.0
+    # One entry per received token; tokens of one message share its arrival time.
+    token_times: list[float] = field(default_factory=list)
+    end_s: float = 0.0
+    error: str | None = None
+
+
+def make_workload(spec: LoadSpec) -> list[Arrival]:
+    """The requests and their send times; the same spec always gives the same workload."""
+    rng = random.Random(spec.seed)
+    weights = [1.0 / (k**spec.zipf_s) for k in range(1, len(spec.adapters) + 1)]
+    # Token ids 0..2 are the tiny tokenizer's specials; stay clear of them in any vocabulary.
+    low_id = min(3, spec.vocab_size - 1)
+    at, arrivals = 0.0, []
+    for _ in range(spec.requests):
+        at += rng.expovariate(spec.rate)
+        length = rng.randint(*spec.prompt_tokens)
+        arrivals.append(
+            Arrival(
+                at_s=at,
+                adapter_id=rng.choices(spec.adapters, weights)[0],
+                prompt_ids=tuple(rng.randrange(low_id, spec.vocab_size) for _ in range(length)),
+                max_new_tokens=rng.randint(*spec.output_tokens),
+            )
+        )
+    return arrivals
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _spread_ms(values: Sequence[float]) -> dict[str, float]:
+    return {f"p{q}": round(percentile(values, q) * 1000, 3) for q in (50, 90, 99)}
+
+
+def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
+    """Throughput and latency percentiles (milliseconds) of finished requests."""
+    done = [o for o in outcomes if o.error is None]
+    lag_s = max((o.sent_s - o.scheduled_s for o in outcomes), default=0.0)
+    itl = [b - a for o in done for a, b in itertools.pairwise(o.token_times)]
+    tokens = sum(len(o.token_times) for o in done)
+    errors: dict[str, int] = {}
+    for o in outcomes:
+        if o.error is not None:
+            errors[o.error] = errors.get(o.error, 0) + 1
+    return {
+        "requests": len(outcomes),
+        "ok": len(done),
+        "errors": errors,
+        "duration_s": round(duration_s, 3),
+        "requests_per_s": round(len(done) / duration_s, 3),
+        "output_tokens_per_s": round(tokens / duration_s, 1),
+        "ttft_ms": _spread_ms([o.token_times[0] for o in done if o.token_times]),
+        "itl_ms": _spread_ms(itl),
+        "e2e_ms": _spread_ms([o.end_s for o in done]),
+        # How late the generator sent requests: large values mean the client, not the server,
+        # limited the load.
+        "send_lag_ms_max": round(lag_s * 1000, 3),
+    }
+
+
+def _request(arrival: Arrival) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(
+        adapter_id=arrival.adapter_id,
+        prompt_token_ids=generate_pb2.TokenIds(ids=arrival.prompt_ids),
+        stopping=generate_pb2.StoppingCriteria(
+            max_new_tokens=arrival.max_new_tokens, ignore_eos=True
+        ),
+    )
+
+
+async def _one(
+    stub: generate_pb2_grpc.GeneratorStub, arrival: Arrival, start: float, timeout_s: float
+) -> Outcome:
+    sent = time.perf_counter()
+    outcome = Outcome(arrival.adapter_id, sent - start, arrival.at_s)
+    try:
+        async for message in stub.Generate(_request(arrival), timeout=timeout_s):
+            now = time.perf_counter() - sent
+            outcome.token_times.extend(now for _ in message.token_ids)
+    except grpc.aio.AioRpcError as err:
+        outcome.error = err.code().name
+    outcome.end_s = time.perf_counter() - sent
+    return outcome
+
+
+async def run_load(
+    target: str, workload: Sequence[Arrival], timeout_s: float = 120.0
+) -> tuple[list[Outcome], float]:
+    """Sends every request at its time over one channel; returns the outcomes and the duration."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        await channel.channel_ready()
+        start = time.perf_counter()
+        tasks = []
+        for arrival in workload:
+            await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+            tasks.append(asyncio.create_task(_one(stub, arrival, start, timeout_s)))
+        outcomes = await asyncio.gather(*tasks)
+        return list(outcomes), time.perf_counter() - start
+
+
+def _target_info(target: str) -> tuple[tuple[str, ...], int]:
+    """Adapters (sorted, base model last) and vocabulary size, asked of the target."""
+    with grpc.insecure_channel(target) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        info = stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10)
+        listed = stub.ListAdapters(generate_pb2.ListAdaptersRequest(), timeout=10)
+    return (*sorted({a.adapter_id for a in listed.adapters}), ""), info.vocab_size
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{address}: the process exited with {proc.returncode}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{address} did not serve within {timeout_s} s")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[tuple[str, str]]:
+    """A tiny-model CPU shard and a router in front of it: yields (shard, router) addresses."""
+    from shard.tiny import write_tiny
+
+    tiny = write_tiny(workdir / "tiny")
+    shard_port, router_port = _free_port(), _free_port()
+    env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json"}
+    common = {"cwd": REPO, "env": env, "stderr": subprocess.STDOUT}
+    procs: list[subprocess.Popen] = []
+    try:
+        shard_args = ["--model", tiny.model_dir, "--adapters", tiny.adapters_dir]
+        shard_args += ["--host", "127.0.0.1", "--port", shard_port, "--device", "cpu"]
+        shard_args += ["--max-batch-size", max_batch_size, "--kv-pages", "4096"]
+        with open(workdir / "shard.log", "w") as log:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "shard", *map(str, shard_args)], stdout=log, **common
+                )
+            )
+        shard = f"127.0.0.1:{shard_port}"
+        _wait_serving(shard, procs[0])
+        router_args = ["--host", "127.0.0.1", "--port", str(router_port), "--shard", shard]
+        with open(workdir / "router.log", "w") as log:
+            router_cmd = [sys.executable, "-m", "router", *router_args]
+            procs.append(subprocess.Popen(router_cmd, stdout=log, **common))
+        router = f"127.0.0.1:{router_port}"
+        _wait_serving(router, procs[1])
+        # The router places only once the shard's first load snapshot arrived.
+        with grpc.insecure_channel(router) as channel:
+            stub = generate_pb2_grpc.GeneratorStub(channel)
+            while not stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10).shards:
+                time.sleep(0.1)
+        yield shard, router
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU, cores, OS, Python, load average when it ran."""
+    cpu = platform.processor()
+    with_model = Path("/proc/cpuinfo")
+    if with_model.exists():
+        names = [ln for ln in with_model.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def compare(target_a: str, target_b: str, workload: list[Arrival], repeats: int) -> dict:
+    """Runs the workload on both targets, alternating `repeats` times; pooled summaries."""
+    pooled: dict[str, list[Outcome]] = {target_a: [], target_b: []}
+    durations = dict.fromkeys(pooled, 0.0)
+    for _ in range(repeats):
+        for target in pooled:
+            outcomes, duration = asyncio.run(run_load(target, workload))
+            pooled[target] += outcomes
+            durations[target] += duration
+    return {target: summarize(pooled[target], durations[target]) for target in pooled}
+
+
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    return int(low), int(high or low)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="HOST:PORT of a router or shard")
+    where.add_argument("--spawn-tiny", action="store_true", help="start a tiny shard + router")
+    parser.add_argument("--rate", type=float, default=10.0, help="mean requests per second")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--adapters", default=None, help="comma list (default: ListAdapters)")
+    parser.add_argument("--zipf-s", type=float, default=1.1)
+    parser.add_argument("--prompt-tokens", type=_range, default=(8, 64), metavar="MIN:MAX")
+    parser.add_argument("--output-tokens", type=_range, default=(16, 64), metavar="MIN:MAX")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="--spawn-tiny: alternations")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="--spawn-tiny: shard's")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    command = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(command)
+
+    with _targets(args) as (targets, load_spec):
+        workload = make_workload(load_spec)
+        if len(targets) == 1:
+            outcomes, duration = asyncio.run(run_load(targets[0], workload))
+            results = {"target": summarize(outcomes, duration)}
+        else:
+            direct, routed = targets
+            by_target = compare(direct, routed, workload, args.repeats)
+            results = {"shard_direct": by_target[direct], "through_router": by_target[routed]}
+            results["router_added_ms"] = {
+                metric: {
+                    q: round(by_target[routed][metric][q] - by_target[direct][metric][q], 3)
+                    for q in ("p50", "p90", "p99")
+                }
+                for metric in ("ttft_ms", "itl_ms", "e2e_ms")
+            }
+    report = {
+        "benchmark": "serving",
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": shlex.join(["python", "-m", "benchmarks.bench_serving", *command]),
+        "load": {**asdict(load_spec), "repeats": args.repeats if args.spawn_tiny else 1},
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+@contextmanager
+def _targets(args: argparse.Namespace) -> Iterator[tuple[list[str], LoadSpec]]:
+    """The target(s) to load and the load spec, spawning processes when asked."""
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        if args.spawn_tiny:
+            with spawn_tiny(Path(tmp), args.max_batch_size) as (shard, router):
+                yield [shard, router], _spec(args, shard)
+        else:
+            yield [args.target], _spec(args, args.target)
+
+
+def _spec(args: argparse.Namespace, target: str) -> LoadSpec:
+    listed, vocab_size = _target_info(target)
+    adapters = tuple(args.adapters.split(",")) if args.adapters is not None else listed
+    spec = LoadSpec(
+        requests=args.requests,
+        rate=args.rate,
+        adapters=adapters,
+        zipf_s=args.zipf_s,
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        vocab_size=vocab_size,
+        seed=args.seed,
+    )
+    # Loads every adapter once, so the first requests do not time adapter loading from disk.
+    warm = [Arrival(0.0, a, (5, 6, 7), 2) for a in spec.adapters]
+    asyncio.run(run_load(target, warm))
+    return spec
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The serving benchmark's load generator and statistics (not its timings)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import statistics
+
+import pytest
+
+from benchmarks.bench_serving import (
+    LoadSpec,
+    Outcome,
+    make_workload,
+    percentile,
+    run_load,
+    summarize,
+)
+
+SPEC = LoadSpec(
+    requests=4000,
+    rate=50.0,
+    adapters=("hot", "warm", "cold", ""),
+    zipf_s=1.0,
+    prompt_tokens=(3, 9),
+    output_tokens=(2, 5),
+    vocab_size=100,
+    seed=7,
+)
+
+
+def test_workload_is_seeded_poisson_zipf_and_in_range() -> None:
+    workload = make_workload(SPEC)
+    assert workload == make_workload(SPEC)
+    assert workload != make_workload(dataclasses.replace(SPEC, seed=8))
+    times = [a.at_s for a in workload]
+    gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    assert all(g > 0 for g in gaps)
+    # Exponential gaps: mean 1/rate and standard deviation equal to the mean.
+    assert statistics.mean(gaps) == pytest.approx(1 / SPEC.rate, rel=0.05)
+    assert statistics.stdev(gaps) == pytest.approx(1 / SPEC.rate, rel=0.1)
+    counts = collections.Counter(a.adapter_id for a in workload)
+    # Zipf with s = 1: shares 1 : 1/2 : 1/3 : 1/4 of 25/12.
+    for rank, adapter in enumerate(SPEC.adapters, start=1):
+        assert counts[adapter] / len(workload) == pytest.approx(12 / 25 / rank, rel=0.1)
+    assert {len(a.prompt_ids) for a in workload} == set(range(3, 10))
+    assert {a.max_new_tokens for a in workload} == set(range(2, 6))
+    assert all(3 <= t < SPEC.vocab_size for a in workload for t in a.prompt_ids)
+
+
+def test_percentiles_and_summary() -> None:
+    assert percentile([], 50) != percentile([], 50)  # NaN
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert percentile([7.0], 99) == 7.0
+    outcomes = [
+        Outcome("a", 0.0, 0.0, [0.010, 0.020, 0.040], 0.050),
+        Outcome("b", 0.5, 0.497, [0.030, 0.035], 0.040),
+        Outcome("c", 1.0, 1.0, error="RESOURCE_EXHAUSTED"),
+    ]
+    summary = summarize(outcomes, duration_s=2.0)
+    assert (summary["requests"], summary["ok"]) == (3, 2)
+    assert summary["errors"] == {"RESOURCE_EXHAUSTED": 1}
+    assert summary["requests_per_s"] == 1.0
+    assert summary["output_tokens_per_s"] == 2.5
+    assert summary["ttft_ms"]["p50"] == 20.0
+    assert summary["itl_ms"]["p50"] == 10.0  # gaps 10, 20 and 5 ms
+    assert summary["e2e_ms"]["p50"] == 45.0
+    assert summary["send_lag_ms_max"] == 3.0
+
+
+def test_open_loop_run_against_a_router(fleet) -> None:
+    spec = LoadSpec(12, 200.0, ("a", "b", ""), 1.1, (2, 6), (3, 7), 32000, seed=1)
+    workload = make_workload(spec)
+    outcomes, duration = asyncio.run(run_load(fleet.router.address, workload))
+    assert [o.adapter_id for o in outcomes] == [a.adapter_id for a in workload]
+    for arrival, outcome in zip(workload, outcomes, strict=True):
+        assert outcome.error is None
+        assert len(outcome.token_times) == arrival.max_new_tokens
+        assert outcome.token_times == sorted(outcome.token_times)
+        assert 0 < outcome.token_times[-1] <= outcome.end_s
+    # Open loop: each request went out at its scheduled time, whatever the earlier ones did.
+    assert all(abs(o.sent_s - a.at_s) < 0.05 for a, o in zip(workload, outcomes, strict=True))
+    assert duration >= workload[-1].at_s
+    summary = summarize(outcomes, duration)
+    assert summary["ok"] == 12 and summary["ttft_ms"]["p50"] > 0
