@@ -238,7 +238,7 @@ def peft_results(
     model_dir: Path, adapter_dir: Path, works: list[Workload], new_tokens: int, device: str
 ) -> list[Result]:
     """transformers + PEFT generate over the same adapters, mixed in one batch by
-    `adapter_names`; decode step = (time of 1 + k tokens - time of 1 token) / k."""
+    `adapter_names`; decode step = median gap between generated steps, timed by a streamer."""
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -253,7 +253,7 @@ def peft_results(
     model.eval()
     out: list[Result] = []
 
-    def timed(work: Workload, k: int, adapters: list[str] | None) -> float:
+    def timed(work: Workload, k: int, adapters: list[str] | None) -> TokenClock:
         width = max(len(p) for p in work.prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in work.prompts], device=device)
         mask = torch.tensor(
@@ -263,12 +263,13 @@ def peft_results(
             max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=-1, pad_token_id=0
         )
         kwargs = {"adapter_names": adapters} if adapters is not None else {}
-        _sync(device)
-        start = time.perf_counter()
+        clock = TokenClock()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **kwargs)
-        _sync(device)
-        return time.perf_counter() - start
+            model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=gen, streamer=clock, **kwargs
+            )
+        clock.end()
+        return clock
 
     for work in works:
         systems = [("peft", work.adapters)]
@@ -278,28 +279,52 @@ def peft_results(
             with contextlib.ExitStack() as stack:
                 if adapters is None:
                     stack.enter_context(model.disable_adapter())
-                timed(work, 1, adapters)  # warm-up
-                first, full = timed(work, 1, adapters), timed(work, 1 + new_tokens, adapters)
-            step = (full - first) / new_tokens
+                timed(work, 2, adapters)  # warm-up
+                clock = timed(work, 1 + new_tokens, adapters)
+            step = statistics.median(clock.gaps)
             out.append(
                 Result(
                     system=system,
                     case=work.name,
                     batch=len(work.prompts),
-                    tokens_per_s=len(work.prompts) * (1 + new_tokens) / full,
+                    tokens_per_s=len(work.prompts) * (1 + new_tokens) / clock.total,
                     decode_tokens_per_s=len(work.prompts) / step,
                     step_ms=step * 1e3,
-                    ttft_p50_ms=first * 1e3,
-                    ttft_p99_ms=first * 1e3,
+                    ttft_p50_ms=clock.ttft * 1e3,
+                    ttft_p99_ms=clock.ttft * 1e3,
                 )
             )
             print(_row(out[-1]), flush=True)
     return out
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+class TokenClock:
+    """A transformers streamer that only timestamps: `generate` calls put() once with the
+    prompt, then once per generated step (every row's token together)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.is_cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.finish = time.perf_counter()
+
+    @property
+    def ttft(self) -> float:
+        return self.times[1] - self.start  # times[0] is the prompt
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times[1:], self.times[2:], strict=False)]
+
+    @property
+    def total(self) -> float:
+        return self.finish - self.start
 
 
 def write_adapters(model_dir: Path, adapter_dir: Path, count: int, rank: int, device: str) -> None:
@@ -424,8 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     argv += ["--dtype", "bfloat16" if cuda else "float32", "--load-format", "dummy"]
     argv += ["--max-batch-size", str(max(batches)), "--adapter-memory-mb", "4096"]
     argv += ["--max-prefill-tokens", "8192", "--kv-memory-fraction", "0.9"]
-    engine, _, built = build_engine(parse_config(argv, env={}), SINGLE)
-    state: RankState = getattr(built, "state", built)
+    engine, _, leader = build_engine(parse_config(argv, env={}), SINGLE)
+    state = leader.state
     engine.start()
     floors = []
     try:

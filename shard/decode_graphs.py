@@ -306,6 +306,7 @@ class DecodeGraphs:
             graphs=sum(s.graph is not None for s in self._shapes.values()),
         )
 
+    @torch.inference_mode()
     def capture_all(self, ranks: tuple[int, ...], widths: tuple[int, ...]) -> None:
         """Captures every batch bucket up to max_batch for these rank classes and page-table
         widths ahead of traffic (largest batch first, so smaller graphs reuse its memory)."""

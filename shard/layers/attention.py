@@ -50,14 +50,15 @@ class PagedAttention(nn.Module):
                 mask = torch.ones(n, span.context_len, dtype=torch.bool, device=q.device).tril(
                     span.context_len - n
                 )
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [n_kv, ctx, d]
+            group = self.num_heads // self.num_kv_heads
+            if group > 1:
+                # Expanded rather than enable_gqa=True: torch's flash kernel does not take GQA,
+                # and its math fallback materialises [heads, n, ctx] scores (GBs for 4k prompts).
+                keys = keys.repeat_interleave(group, dim=0)
+                values = values.repeat_interleave(group, dim=0)
             attn = F.scaled_dot_product_attention(
-                qs,
-                keys.transpose(0, 1),
-                values.transpose(0, 1),
-                attn_mask=mask,
-                is_causal=fresh,
-                scale=self.scale,
-                enable_gqa=True,
+                qs, keys, values, attn_mask=mask, is_causal=fresh, scale=self.scale
             )
             out[span.start : span.end] = attn.transpose(0, 1)
         return out
