@@ -214,9 +214,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    shard: str  # address
+    router: str  # address
+    router_pid: int
+
+
 @contextmanager
-def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[tuple[str, str]]:
-    """A tiny-model CPU shard and a router in front of it: yields (shard, router) addresses."""
+def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
+    """A tiny-model CPU shard and a router in front of it."""
     from shard.tiny import write_tiny
 
     tiny = write_tiny(workdir / "tiny")
@@ -247,7 +254,7 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[tuple[str, str]]:
             stub = generate_pb2_grpc.GeneratorStub(channel)
             while not stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10).shards:
                 time.sleep(0.1)
-        yield shard, router
+        yield Spawned(shard, router, procs[1].pid)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -266,7 +273,7 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -286,6 +293,50 @@ def compare(target_a: str, target_b: str, workload: list[Arrival], repeats: int)
             pooled[target] += outcomes
             durations[target] += duration
     return {target: summarize(pooled[target], durations[target]) for target in pooled}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _sequential(target: str, arrival: Arrival, count: int) -> list[float]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        await _one(stub, arrival, time.perf_counter(), 30.0)  # connects
+        ttfts = []
+        for _ in range(count):
+            outcome = await _one(stub, arrival, time.perf_counter(), 30.0)
+            if outcome.error is not None:
+                raise RuntimeError(f"{target}: {outcome.error}")
+            ttfts.append(outcome.token_times[0])
+        return ttfts
+
+
+def hop_cost(spawned: Spawned, adapter_id: str, count: int, repeats: int) -> dict:
+    """One 1-token request at a time, straight and through the router, alternating.
+
+    With nothing else running, the TTFT difference is the router's added latency; the router's
+    CPU time per request bounds it from above on a machine where the router has a core.
+    """
+    arrival = Arrival(0.0, adapter_id, (5, 6, 7, 8), 1)
+    ttfts: dict[str, list[float]] = {"direct": [], "router": []}
+    router_cpu_s = 0.0
+    for _ in range(repeats):
+        ttfts["direct"] += asyncio.run(_sequential(spawned.shard, arrival, count))
+        before = cpu_seconds(spawned.router_pid)
+        ttfts["router"] += asyncio.run(_sequential(spawned.router, arrival, count))
+        router_cpu_s += cpu_seconds(spawned.router_pid) - before
+    direct, routed = _spread_ms(ttfts["direct"]), _spread_ms(ttfts["router"])
+    return {
+        "requests_each": count * repeats,
+        "ttft_ms_direct": direct,
+        "ttft_ms_router": routed,
+        "router_added_ttft_ms_p50": round(routed["p50"] - direct["p50"], 3),
+        # Includes connecting each repeat's channel and the router's idle load watching.
+        "router_cpu_ms_per_request": round(router_cpu_s / (count * repeats) * 1000, 3),
+    }
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -310,26 +361,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     command = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(command)
+    # Others' work on the machine skews every latency here: record the load before and after.
+    load_before = round(os.getloadavg()[0], 2)
 
-    with _targets(args) as (targets, load_spec):
+    with _targets(args) as (target, load_spec):
         workload = make_workload(load_spec)
-        if len(targets) == 1:
-            outcomes, duration = asyncio.run(run_load(targets[0], workload))
+        if isinstance(target, str):
+            outcomes, duration = asyncio.run(run_load(target, workload))
             results = {"target": summarize(outcomes, duration)}
         else:
-            direct, routed = targets
-            by_target = compare(direct, routed, workload, args.repeats)
-            results = {"shard_direct": by_target[direct], "through_router": by_target[routed]}
-            results["router_added_ms"] = {
-                metric: {
-                    q: round(by_target[routed][metric][q] - by_target[direct][metric][q], 3)
-                    for q in ("p50", "p90", "p99")
-                }
+            by_target = compare(target.shard, target.router, workload, args.repeats)
+            direct, routed = by_target[target.shard], by_target[target.router]
+            results = {
+                "sequential_1_token": hop_cost(target, load_spec.adapters[0], 100, args.repeats),
+                "open_loop": {"shard_direct": direct, "through_router": routed},
+            }
+            results["open_loop"]["router_added_ms"] = {
+                metric: {q: round(routed[metric][q] - direct[metric][q], 3) for q in direct[metric]}
                 for metric in ("ttft_ms", "itl_ms", "e2e_ms")
             }
     report = {
         "benchmark": "serving",
-        "machine": machine(),
+        "machine": {**machine(), "load_average_1m_before": load_before},
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "command": shlex.join(["python", "-m", "benchmarks.bench_serving", *command]),
@@ -343,14 +396,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 @contextmanager
-def _targets(args: argparse.Namespace) -> Iterator[tuple[list[str], LoadSpec]]:
-    """The target(s) to load and the load spec, spawning processes when asked."""
+def _targets(args: argparse.Namespace) -> Iterator[tuple[str | Spawned, LoadSpec]]:
+    """The target to load (an address, or spawned processes) and the load spec."""
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         if args.spawn_tiny:
-            with spawn_tiny(Path(tmp), args.max_batch_size) as (shard, router):
-                yield [shard, router], _spec(args, shard)
+            with spawn_tiny(Path(tmp), args.max_batch_size) as spawned:
+                yield spawned, _spec(args, spawned.shard)
         else:
-            yield [args.target], _spec(args, args.target)
+            yield args.target, _spec(args, args.target)
 
 
 def _spec(args: argparse.Namespace, target: str) -> LoadSpec:
