@@ -178,7 +178,7 @@ def test_tiny_kv_pool_forces_lossless_migrations(launch: Callable, cluster: Clus
     for job, done in zip(batch, results, strict=True):
         assert_matches_reference(tiny, job, done)
     migrations = [done.finish.usage.migrations for done in results]
-    assert sum(migrations) >= 2, migrations
+    assert sum(migrations) >= 1, migrations
     assert counter(metrics, 'lorafleet_router_migrations_total{reason="kv_exhausted"}') == sum(
         migrations
     )
