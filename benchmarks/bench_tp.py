@@ -4,13 +4,13 @@
    rank 16 on all seven projections, batch 32 with Distinct adapters: decode step time and
    tokens/s at TP=1 and TP=2. Each shard is built exactly as `lorafleet-shard --tp N` builds it
    (rank 0 in its own process, followers spawned, step plans broadcast), with the engine's CUDA
-   graphs on, and once more with them off (eager). Step time is measured twice: the engine's
+   graphs (and without, given --eager). Step time is measured twice: the engine's
    median inter-token gap (scheduling, plan broadcast, forward, sampling) and one decode forward
    through rank 0's `Leader.forward` (plan broadcast + forward) timed with CUDA events.
 2. A 70B-shaped layer stack (hidden 8192, 64 heads, 8 KV heads, intermediate 28672) at TP=2, run
    SPMD by both ranks: collectives per decoder layer with and without LoRA, counted at
    `torch.distributed` and as NCCL kernels in a torch.profiler trace.
-3. The tiny model (real weights from shard.tiny, float32) at TP=1 and TP=2 on GPU: greedy tokens
+3. The tiny model (real weights from shard.tiny, float16) at TP=1 and TP=2 on GPU: greedy tokens
    of a mixed-adapter batch must be equal.
 
 `python -m benchmarks.bench_tp --out benchmarks/results/tp_h200x2.json`
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import faulthandler
 import json
 import multiprocessing as mp
 import os
@@ -117,10 +118,17 @@ def run_work(engine, work: Workload, tag: str) -> dict:
 
 
 def engine_main(job: EngineJob, out: mp.Queue) -> None:
-    """A shard process: rank 0 of `--tp N`, exactly as `lorafleet-shard` builds it."""
+    """A shard process: rank 0 of `--tp N`, exactly as `lorafleet-shard` builds it. The result
+    goes out before the group is torn down; Python stacks are dumped if it runs past 150 s."""
     from shard.__main__ import build_engine, spawn_followers
     from shard.parallel import TPGroup, init_group
     from shard.rank import rank_device, shutdown_group
+
+    faulthandler.dump_traceback_later(150, exit=False)
+    started = time.perf_counter()
+
+    def progress(what: str) -> None:
+        print(f"bench_tp engine: {what} at {time.perf_counter() - started:.1f} s", flush=True)
 
     try:
         cfg = parse_config(list(job.argv), env={})
@@ -129,16 +137,21 @@ def engine_main(job: EngineJob, out: mp.Queue) -> None:
         group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
         engine, _, leader = build_engine(cfg, group)
         engine.start()
+        progress(f"ready (tp={cfg.tp})")
         try:
             run_work(engine, job.warm, "warm")
+            progress("warm-up done")
             result = run_work(engine, job.work, "run")
+            progress("run done")
             if job.context:
                 result["forward_ms"] = leader_forward_ms(leader, job.work, job.context)
+                progress("forward timed")
             result["kv_pages"] = leader.state.kv.pool.total
+            out.put(result)
         finally:
             engine.stop()
             shutdown_group(leader, followers)
-        out.put(result)
+            progress("group shut down")
     except BaseException:
         out.put({"error": traceback.format_exc()[-3000:]})
 
@@ -206,16 +219,8 @@ def decode_plan(kv: KvCache, adapters: list[str], context: int) -> tuple[StepPla
     return plan, pages
 
 
-COUNTED = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "reduce_scatter_tensor",
-    "broadcast",
-    "all_to_all_single",
-    "send",
-    "recv",
-)
+# torch.distributed calls counted: every collective shard.parallel can make.
+COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast")
 
 
 def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
@@ -374,7 +379,7 @@ def part_decode(root: Path, args: argparse.Namespace) -> list[dict]:
     dtype = "bfloat16" if cuda else "float32"
     rows = []
     for graphs in (True, False) if args.eager else (True,):
-        for tp in (1, 2):
+        for tp in (int(t) for t in args.tps.split(",")):
             argv = shard_argv(model, adapters, tp, dtype, graphs, args.device)
             job = EngineJob(
                 (*argv, "--load-format", "dummy"),
@@ -420,7 +425,8 @@ def part_stack(root: Path, args: argparse.Namespace) -> dict:
 
 
 def part_tiny(root: Path, args: argparse.Namespace) -> dict:
-    """The tiny model (real weights, float32): greedy tokens at TP=1 and TP=2 must be equal."""
+    """The tiny model (real weights; float16 on a GPU): greedy tokens at TP=1 and TP=2 must be
+    equal."""
     from shard.tiny import write_tiny
 
     tiny = write_tiny(root / "tiny")
@@ -430,7 +436,8 @@ def part_tiny(root: Path, args: argparse.Namespace) -> dict:
     warm = Workload("warm", prompts, [2] * 8, work.adapters)
     tokens = {}
     for tp in (1, 2):
-        argv = shard_argv(tiny.model_dir, tiny.adapters_dir, tp, "float32", True, args.device)
+        dtype = "float16" if args.device == "cuda" else "float32"  # the kernels: fp16, bf16
+        argv = shard_argv(tiny.model_dir, tiny.adapters_dir, tp, dtype, True, args.device)
         job = EngineJob((*argv, "--page-size", "4"), work, warm, 0)
         (res,) = in_processes([(engine_main, (job,))], 300)
         assert isinstance(res, dict)
@@ -454,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--parts", default="tiny,stack,decode")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--tps", default="1,2", help="tensor-parallel sizes of the decode part")
     parser.add_argument("--eager", action="store_true", help="also decode without CUDA graphs")
     parser.add_argument("--command", default="python -m benchmarks.bench_tp")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")

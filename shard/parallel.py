@@ -53,6 +53,9 @@ def init_group(
     if size == 1:
         return SINGLE
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # The ranks share the host's cores: with a full-size intra-op pool each, two ranks slicing
+    # adapters at once ran 10x slower (2.5 s instead of 0.2 s per 7B r16 adapter, 2 x H200).
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // size))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # The world group only bootstraps (it runs no collective), so its long timeout is harmless.

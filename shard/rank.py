@@ -174,9 +174,9 @@ def shutdown_group(leader: Leader, followers: Sequence[BaseProcess]) -> None:
     lost, the surviving followers are killed and this process exits 1 at once."""
     leader.close()
     if leader.lost is None:
+        destroy(leader.state.group)  # with the followers, which tear down on the same message
         for proc in followers:
             proc.join(10)
-        destroy(leader.state.group)
         return
     for proc in followers:
         proc.kill()
