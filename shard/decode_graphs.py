@@ -295,7 +295,9 @@ class DecodeGraphs:
             self._forward(shape)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # Thread-local: the adapter loader copies weights on its own thread and stream during
+        # a capture; in global mode its (legal) calls would invalidate the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             shape.logits = self._forward(shape)
         shape.graph = graph
         log.info(

@@ -62,7 +62,8 @@ def test_graph_replay_equals_eager(gpu_tiny) -> None:
 def test_gpu_greedy_equals_cpu_reference(gpu_tiny) -> None:
     """fp16 on the GPU against float32 on the CPU: greedy tokens agree until a near-tie (two
     tokens within the fp16 noise of each other) may flip one; at such a flip both paths pick
-    a token of the same logprob. Logprobs agree everywhere before it."""
+    a token of the same logprob. Logprobs agree everywhere before it, to 0.1: the tiny model's
+    logits have a standard deviation near 3, and fp16 carries about 3 significant digits."""
     gpu_tokens, gpu_lp, _ = generate(gpu_tiny, "--device", "cuda", "--dtype", "float16")
     cpu_tokens, cpu_lp, _ = generate(gpu_tiny, "--device", "cpu", "--dtype", "float32")
     matched = 0
@@ -71,8 +72,8 @@ def test_gpu_greedy_equals_cpu_reference(gpu_tiny) -> None:
         same = next((i for i, (g, c) in pairs if g != c), len(c_tok))
         matched += same
         torch.testing.assert_close(
-            torch.tensor(g_lp[:same]), torch.tensor(c_lp[:same]), atol=5e-2, rtol=0
+            torch.tensor(g_lp[:same]), torch.tensor(c_lp[:same]), atol=0.1, rtol=0
         )
         if same < len(c_tok):
-            assert abs(g_lp[same] - c_lp[same]) < 5e-2, (same, g_lp[same], c_lp[same])
+            assert abs(g_lp[same] - c_lp[same]) < 0.1, (same, g_lp[same], c_lp[same])
     assert matched >= 0.75 * sum(len(t) for t in cpu_tokens), matched

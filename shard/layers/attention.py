@@ -57,8 +57,14 @@ class PagedAttention(nn.Module):
                 # and its math fallback materialises [heads, n, ctx] scores (GBs for 4k prompts).
                 keys = keys.repeat_interleave(group, dim=0)
                 values = values.repeat_interleave(group, dim=0)
+            # 4-d [1, heads, n, d] inputs: the flash and memory-efficient kernels take no other.
             attn = F.scaled_dot_product_attention(
-                qs, keys, values, attn_mask=mask, is_causal=fresh, scale=self.scale
+                qs[None],
+                keys[None],
+                values[None],
+                attn_mask=mask,
+                is_causal=fresh,
+                scale=self.scale,
             )
-            out[span.start : span.end] = attn.transpose(0, 1)
+            out[span.start : span.end] = attn[0].transpose(0, 1)
         return out
