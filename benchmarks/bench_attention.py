@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import subprocess
 from collections.abc import Callable
@@ -31,6 +32,7 @@ DTYPE = torch.bfloat16
 SHAPES = (("llama7b", 32, 32, 128), ("gqa-32q8kv", 32, 8, 128))  # (name, n_q, n_kv, d)
 BATCHES = (1, 8, 32, 64)
 CONTEXTS = (512, 2048, 8192)
+VARIANT_ENV = ("LORAFLEET_ATTN_UNROLL", "LORAFLEET_ATTN_NO_PREFETCH")  # kernel A/B switches
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +47,9 @@ class Result:
     floor_us: float
     ours_us: float
     ours_no_split_us: float
-    torch_us: float  # the plain-torch reference path (gather, float32 einsum, softmax)
-    sdpa_gather_us: float  # gather the pages, then F.scaled_dot_product_attention
-    sdpa_us: float  # SDPA alone, KV already contiguous
+    torch_us: float | None  # the plain-torch reference path (gather, float32 einsum, softmax)
+    sdpa_gather_us: float | None  # gather the pages, then F.scaled_dot_product_attention
+    sdpa_us: float | None  # SDPA alone, KV already contiguous (None: baselines not run)
 
 
 class Case:
@@ -163,14 +165,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / best
 
 
-def run_case(name: str, n_q: int, n_kv: int, d: int, batch: int, context: int, bw: float) -> Result:
+def run_case(
+    name: str, n_q: int, n_kv: int, d: int, batch: int, context: int, bw: float, baselines: bool
+) -> Result:
     case = Case(n_q, n_kv, d, batch, context)
-    times = {
+    times: dict[str, float | None] = {
         "ours": time_graph(case.ours(8)),
         "ours_no_split": time_graph(case.ours(1)),
-        "torch": time_graph(case.reference(), reps=3),
-        "sdpa_gather": time_graph(case.sdpa_gather(), reps=3),
-        "sdpa": time_graph(case.sdpa_contiguous(), reps=5),
+        "torch": time_graph(case.reference(), reps=3) if baselines else None,
+        "sdpa_gather": time_graph(case.sdpa_gather(), reps=3) if baselines else None,
+        "sdpa": time_graph(case.sdpa_contiguous(), reps=5) if baselines else None,
     }
     del case
     torch.cuda.empty_cache()
@@ -206,6 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--command", default="python -m benchmarks.bench_attention", help="recorded"
     )
+    parser.add_argument("--ours-only", action="store_true", help="skip the torch baselines")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -215,7 +220,7 @@ def main() -> None:
     for name, n_q, n_kv, d in SHAPES:
         for batch in BATCHES:
             for context in CONTEXTS:
-                results.append(run_case(name, n_q, n_kv, d, batch, context, bw))
+                results.append(run_case(name, n_q, n_kv, d, batch, context, bw, not args.ours_only))
                 r = results[-1]
                 print(f"{name} B={batch} ctx={context}: ours {r.ours_us:.1f} us", flush=True)
                 write_report(args, bw, results)  # so far: a run cut short still leaves data
@@ -230,7 +235,8 @@ def main() -> None:
         print(
             f"{r.shape:11} {r.batch:3d} {r.context:5d} {r.kv_bytes / 1e6:7.1f} {r.floor_us:7.1f} "
             f"{r.ours_us:7.1f} {r.ours_no_split_us:7.1f} {tbps:5.2f} {pct:5.0f} "
-            f"{r.torch_us:8.1f} {r.sdpa_gather_us:8.1f} {r.sdpa_us:7.1f}"
+            f"{r.torch_us or math.nan:8.1f} {r.sdpa_gather_us or math.nan:8.1f} "
+            f"{r.sdpa_us or math.nan:7.1f}"
         )
 
 
@@ -245,6 +251,7 @@ def write_report(args: argparse.Namespace, bw: float, results: list[Result]) -> 
         "page_size": PAGE_SIZE,
         "copy_bandwidth_tbps": bw / 1e12,
         "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
+        "variant": {k: os.environ.get(k) for k in VARIANT_ENV},
         "cases": [asdict(r) | {"ours_tbps": r.kv_bytes / r.ours_us / 1e6} for r in results],
     }
     with open(args.out, "w") as f:

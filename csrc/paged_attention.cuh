@@ -27,7 +27,6 @@ using sgmv::mma16816;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kUnroll = 2;  // pages each warp has in flight per iteration
 constexpr float kLog2e = 1.4426950408889634f;
 
 __global__ void kv_append_kernel(const KvAppendParams p) {
@@ -83,7 +82,8 @@ __device__ __forceinline__ float3 merge(int n, int head, int d, Get get) {
   return make_float3(m, l, acc);
 }
 
-template <typename T, int D, bool kCluster>
+// kUnroll: pages each warp has in flight per iteration.
+template <typename T, int D, int kUnroll, bool kCluster>
 __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) {
   constexpr int kSpans = D / 32;  // QK: a lane's 16-byte chunk per 32 of d
   constexpr int kHalves = D / 64;  // PV: 8 lanes x 8 elements per 64 of d
@@ -123,12 +123,17 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   float acc[kHalves][4][4] = {};
   constexpr int kStride = kWarps * kUnroll;
 
-  int phys[kUnroll];
+  // Page ids of this iteration and the next one (whose pages are prefetched into L2).
+  int phys[kUnroll], phys_next[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const int page = page0 + warp * kUnroll + u;
     phys[u] = page < page1 ? table[page] : 0;
+    phys_next[u] = page + kStride < page1 ? table[page + kStride] : 0;
   }
+  // Lane l prefetches token l % 16 of the keys (l < 16) or values of a page: D * 2 bytes.
+  const char* prefetch_base = static_cast<const char*>(lane < 16 ? p.k_cache : p.v_cache) +
+                              ((lane % 16) * tok_stride + kvh * D) * sizeof(T);
   for (int first = page0 + warp * kUnroll; first < page1; first += kStride) {
     uint4 kf[kUnroll][2][kSpans];
     uint4 vf[kUnroll][kHalves][4];
@@ -154,11 +159,18 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
           vf[u][h][j] = ok ? ld_stream(vp + v_tok[j] * tok_stride + h * 64) : zero;
       }
     }
-    // The next iteration's page ids, while this one's loads are in flight.
+    // While this iteration's loads are in flight: pull the next one's pages into L2 (so its
+    // loads wait for L2, not HBM, without holding registers) and read the page ids after it.
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int page = first + kStride + u;
-      phys[u] = page < page1 ? table[page] : 0;
+      if (p.l2_prefetch && page < page1) {
+        const char* line = prefetch_base + phys_next[u] * page_stride * sizeof(T);
+#pragma unroll
+        for (int b = 0; b < D * static_cast<int>(sizeof(T)); b += 128) sgmv::prefetch_l2(line + b);
+      }
+      phys[u] = phys_next[u];
+      phys_next[u] = page + kStride < page1 ? table[page + kStride] : 0;
     }
 
     // Scores of head g at tokens 2c, 2c+1 (tile 0) and 8 + 2c, 9 + 2c (tile 1) of each page.
@@ -281,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   }
 }
 
-template <typename T, int D, bool kCluster>
+template <typename T, int D, int kUnroll, bool kCluster>
 cudaError_t launch_decode(const DecodeParams& p, int splits, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(splits, p.num_kv_heads, p.batch);
@@ -294,7 +306,7 @@ cudaError_t launch_decode(const DecodeParams& p, int splits, cudaStream_t stream
   attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = kCluster ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, decode_kernel<T, D, kCluster>, p);
+  return cudaLaunchKernelEx(&cfg, decode_kernel<T, D, kUnroll, kCluster>, p);
 }
 
 }  // namespace lorafleet::attention
@@ -304,6 +316,13 @@ namespace lorafleet {
 template <typename T, int D>
 cudaError_t paged_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
+  // LORAFLEET_ATTN_NO_PREFETCH=1 turns the L2 prefetch of the next pages off, to measure it.
+  static const bool prefetch = std::getenv("LORAFLEET_ATTN_NO_PREFETCH") == nullptr;
+  // LORAFLEET_ATTN_UNROLL=1 has each warp read one page per iteration instead of two.
+  static const char* unroll_env = std::getenv("LORAFLEET_ATTN_UNROLL");
+  static const int unroll = unroll_env != nullptr && unroll_env[0] == '1' ? 1 : 2;
+  DecodeParams params = p;
+  params.l2_prefetch = prefetch ? 1 : 0;
   int num_sms = 0, cc_major = 0;
   const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
@@ -312,13 +331,18 @@ cudaError_t paged_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   int splits = 1;
   if (cc_major >= 9) {
     const int ctas = p.batch * p.num_kv_heads;
-    const int pages_per_cta = attention::kWarps * attention::kUnroll;
+    const int pages_per_cta = attention::kWarps * unroll;
     while (splits * 2 <= p.max_splits && ctas * splits < 2 * num_sms &&
            p.max_pages >= 2 * splits * pages_per_cta)
       splits *= 2;
   }
-  if (splits == 1) return attention::launch_decode<T, D, false>(p, 1, stream);
-  return attention::launch_decode<T, D, true>(p, splits, stream);
+  using attention::launch_decode;
+  if (unroll == 1) {
+    if (splits == 1) return launch_decode<T, D, 1, false>(params, 1, stream);
+    return launch_decode<T, D, 1, true>(params, splits, stream);
+  }
+  if (splits == 1) return launch_decode<T, D, 2, false>(params, 1, stream);
+  return launch_decode<T, D, 2, true>(params, splits, stream);
 }
 
 }  // namespace lorafleet
