@@ -248,13 +248,15 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             usage.generated_tokens = len(progress.token_ids)
             usage.time_to_first_token_s = progress.first_token_s
             usage.migrations = progress.migrations
+        await context.write(chunk)
+        if last:
+            # Logged after the write: the client should not wait for a log line.
             log.info(
                 "request finished",
                 reason=generate_pb2.FinishReason.Name(chunk.finish_reason),
-                tokens=usage.generated_tokens,
-                migrations=usage.migrations,
+                tokens=chunk.usage.generated_tokens,
+                migrations=chunk.usage.migrations,
             )
-        await context.write(chunk)
         return last
 
     async def ListAdapters(
