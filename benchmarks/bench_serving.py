@@ -301,41 +301,44 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _sequential(target: str, arrival: Arrival, count: int) -> list[float]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = generate_pb2_grpc.GeneratorStub(channel)
-        await _one(stub, arrival, time.perf_counter(), 30.0)  # connects
-        ttfts = []
+async def _paired(spawned: Spawned, arrival: Arrival, count: int) -> tuple[list[float], float]:
+    """`count` pairs of TTFTs (direct, then routed) and the router's CPU seconds meanwhile."""
+    async with (
+        grpc.aio.insecure_channel(spawned.shard) as direct,
+        grpc.aio.insecure_channel(spawned.router) as routed,
+    ):
+        stubs = [generate_pb2_grpc.GeneratorStub(ch) for ch in (direct, routed)]
+        for stub in stubs:
+            await _one(stub, arrival, time.perf_counter(), 30.0)  # connects
+        pairs: list[float] = []
+        before = cpu_seconds(spawned.router_pid)
         for _ in range(count):
-            outcome = await _one(stub, arrival, time.perf_counter(), 30.0)
-            if outcome.error is not None:
-                raise RuntimeError(f"{target}: {outcome.error}")
-            ttfts.append(outcome.token_times[0])
-        return ttfts
+            for stub in stubs:
+                outcome = await _one(stub, arrival, time.perf_counter(), 30.0)
+                if outcome.error is not None:
+                    raise RuntimeError(outcome.error)
+                pairs.append(outcome.token_times[0])
+        return pairs, cpu_seconds(spawned.router_pid) - before
 
 
-def hop_cost(spawned: Spawned, adapter_id: str, count: int, repeats: int) -> dict:
-    """One 1-token request at a time, straight and through the router, alternating.
+def hop_cost(spawned: Spawned, adapter_id: str, count: int) -> dict:
+    """1-token requests one at a time, alternating straight to the shard and through the router.
 
-    With nothing else running, the TTFT difference is the router's added latency; the router's
-    CPU time per request bounds it from above on a machine where the router has a core.
+    The median of the paired differences is the router's added TTFT; pairing keeps drifts in the
+    machine's load out of it. The router's CPU time per request bounds the added latency from
+    above where the router has a core to itself.
     """
     arrival = Arrival(0.0, adapter_id, (5, 6, 7, 8), 1)
-    ttfts: dict[str, list[float]] = {"direct": [], "router": []}
-    router_cpu_s = 0.0
-    for _ in range(repeats):
-        ttfts["direct"] += asyncio.run(_sequential(spawned.shard, arrival, count))
-        before = cpu_seconds(spawned.router_pid)
-        ttfts["router"] += asyncio.run(_sequential(spawned.router, arrival, count))
-        router_cpu_s += cpu_seconds(spawned.router_pid) - before
-    direct, routed = _spread_ms(ttfts["direct"]), _spread_ms(ttfts["router"])
+    ttfts, router_cpu_s = asyncio.run(_paired(spawned, arrival, count))
+    direct, routed = ttfts[0::2], ttfts[1::2]
+    added = [r - d for d, r in zip(direct, routed, strict=True)]
     return {
-        "requests_each": count * repeats,
-        "ttft_ms_direct": direct,
-        "ttft_ms_router": routed,
-        "router_added_ttft_ms_p50": round(routed["p50"] - direct["p50"], 3),
-        # Includes connecting each repeat's channel and the router's idle load watching.
-        "router_cpu_ms_per_request": round(router_cpu_s / (count * repeats) * 1000, 3),
+        "pairs": count,
+        "ttft_ms_direct": _spread_ms(direct),
+        "ttft_ms_router": _spread_ms(routed),
+        "router_added_ttft_ms": _spread_ms(added),
+        # Includes the load snapshots the router handles meanwhile.
+        "router_cpu_ms_per_request": round(router_cpu_s / count * 1000, 3),
     }
 
 
@@ -358,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="--spawn-tiny: alternations")
     parser.add_argument("--max-batch-size", type=int, default=32, help="--spawn-tiny: shard's")
+    parser.add_argument("--pairs", type=int, default=300, help="--spawn-tiny: 1-token pairs")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     command = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(command)
@@ -373,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             by_target = compare(target.shard, target.router, workload, args.repeats)
             direct, routed = by_target[target.shard], by_target[target.router]
             results = {
-                "sequential_1_token": hop_cost(target, load_spec.adapters[0], 100, args.repeats),
+                "sequential_1_token": hop_cost(target, load_spec.adapters[0], args.pairs),
                 "open_loop": {"shard_direct": direct, "through_router": routed},
             }
             results["open_loop"]["router_added_ms"] = {
