@@ -12,6 +12,12 @@
 namespace lorafleet {
 namespace {
 
+// Integers enter check messages as strings: streaming an int64_t into a TORCH_CHECK message
+// segfaulted inside std::ostream::_M_insert<long> on the H200 machine (cuda-gdb backtrace, a
+// libstdc++ mismatch between the extension and the process), so a failed check crashed instead
+// of raising.
+std::string num(int64_t v) { return std::to_string(v); }
+
 void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ",
@@ -23,22 +29,23 @@ void check_index(const at::Tensor& t, const at::Tensor& like, const char* name,
   check_cuda(t, like, name);
   TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, " must be a contiguous 1-D tensor");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.size(0) == size, name, " must have ", size, " elements, got ", t.size(0));
+  TORCH_CHECK(t.size(0) == size, name, " must have ", num(size), " elements, got ",
+              num(t.size(0)));
 }
 
 // Rows of [T, width] matrices: unit column stride, rows aligned for `align_elems`-wide accesses.
 void check_rows(const at::Tensor& t, const at::Tensor& like, const char* name,
                 int64_t align_elems) {
   check_cuda(t, like, name);
-  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D, got ", num(t.dim()), "-D");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must be ", like.scalar_type(),
               ", got ", t.scalar_type());
   TORCH_CHECK(t.stride(1) == 1, name, " must have stride(1) == 1");
   const int64_t bytes = align_elems * t.element_size();
   TORCH_CHECK(t.size(0) <= 1 || t.stride(0) % align_elems == 0, name,
-              " row stride must be a multiple of ", align_elems);
+              " row stride must be a multiple of ", num(align_elems));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0, name,
-              " must be aligned to ", bytes, " bytes");
+              " must be aligned to ", num(bytes), " bytes");
 }
 
 // A per-projection table: [S] (one projection) or [P, S], contiguous. Returns P.
@@ -48,19 +55,19 @@ int64_t check_table(const at::Tensor& t, const at::Tensor& like, const char* nam
   TORCH_CHECK((t.dim() == 1 || t.dim() == 2) && t.is_contiguous(), name,
               " must be a contiguous [S] or [P, S] tensor");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.size(-1) == num_segments, name, " must have ", num_segments,
-              " segments (last dim), got ", t.size(-1));
+  TORCH_CHECK(t.size(-1) == num_segments, name, " must have ", num(num_segments),
+              " segments (last dim), got ", num(t.size(-1)));
   const int64_t num_proj = t.dim() == 2 ? t.size(0) : 1;
   TORCH_CHECK(num_proj >= 1 && num_proj <= kMaxProjections, name, " must have 1..",
-              kMaxProjections, " projections, got ", num_proj);
+              num(kMaxProjections), " projections, got ", num(num_proj));
   return num_proj;
 }
 
 void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* name,
                       const char* like_name) {
   TORCH_CHECK(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " (",
-              like.dim(), "-D, ", like.numel(), " elements), got ", t.dim(), "-D, ", t.numel(),
-              " elements");
+              num(like.dim()), "-D, ", num(like.numel()), " elements), got ", num(t.dim()), "-D, ",
+              num(t.numel()), " elements");
 }
 
 std::string no_kernel(at::ScalarType dtype, int64_t rank) {
@@ -107,15 +114,16 @@ void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
   check_rows(x, x, "x", 8);
   check_rows(v, x, "v", 1);
   const int64_t num_rows = x.size(0), num_segments = a_ptrs.size(-1);
-  TORCH_CHECK(v.size(0) == num_rows, "v must have ", num_rows, " rows, got ", v.size(0));
-  TORCH_CHECK(x.size(1) % 8 == 0, "h_in must be a multiple of 8, got ", x.size(1));
+  TORCH_CHECK(v.size(0) == num_rows, "v must have ", num(num_rows), " rows, got ",
+              num(v.size(0)));
+  TORCH_CHECK(x.size(1) % 8 == 0, "h_in must be a multiple of 8, got ", num(x.size(1)));
   const int64_t num_proj = check_table(a_ptrs, x, "a_ptrs", at::kLong, num_segments);
   check_same_shape(ranks, a_ptrs, "ranks", "a_ptrs");
   check_table(ranks, x, "ranks", at::kInt, num_segments);
   check_index(seg_starts, x, "seg_starts", at::kInt, num_segments + 1);
-  TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", layer_idx);
-  TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", v.size(1), " columns do not split into ",
-              num_proj, " projections");
+  TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", num(layer_idx));
+  TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", num(v.size(1)),
+              " columns do not split into ", num(num_proj), " projections");
   const int64_t v_cols = v.size(1) / num_proj;
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -143,30 +151,33 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
   check_rows(v, v, "v", 1);
   check_rows(y, v, "y", 2);
   const int64_t num_rows = v.size(0), num_segments = b_ptrs.size(-1);
-  TORCH_CHECK(y.size(0) == num_rows, "y must have ", num_rows, " rows, got ", y.size(0));
+  TORCH_CHECK(y.size(0) == num_rows, "y must have ", num(num_rows), " rows, got ",
+              num(y.size(0)));
   const int64_t num_proj = check_table(b_ptrs, v, "b_ptrs", at::kLong, num_segments);
   check_same_shape(ranks, b_ptrs, "ranks", "b_ptrs");
   check_same_shape(scales, b_ptrs, "scales", "b_ptrs");
   check_table(ranks, v, "ranks", at::kInt, num_segments);
   check_table(scales, v, "scales", at::kFloat, num_segments);
   check_index(seg_starts, v, "seg_starts", at::kInt, num_segments + 1);
-  TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", layer_idx);
-  TORCH_CHECK(static_cast<int64_t>(widths.size()) == num_proj, "widths must have ", num_proj,
-              " entries (one per projection), got ", widths.size());
-  TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", v.size(1), " columns do not split into ",
-              num_proj, " projections");
+  TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", num(layer_idx));
+  TORCH_CHECK(static_cast<int64_t>(widths.size()) == num_proj, "widths must have ",
+              num(num_proj), " entries (one per projection), got ",
+              num(static_cast<int64_t>(widths.size())));
+  TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", num(v.size(1)),
+              " columns do not split into ", num(num_proj), " projections");
   const int64_t v_cols = v.size(1) / num_proj;
 
   ExpandParams p{};
   int64_t col = 0;
   for (int64_t q = 0; q < num_proj; ++q) {
     TORCH_CHECK(widths[q] > 0 && widths[q] % 8 == 0,
-                "each h_out must be a positive multiple of 8, got ", widths[q]);
+                "each h_out must be a positive multiple of 8, got ", num(widths[q]));
     p.y_cols[q] = static_cast<int>(col);
     col += widths[q];
   }
   for (int64_t q = num_proj; q <= kMaxProjections; ++q) p.y_cols[q] = static_cast<int>(col);
-  TORCH_CHECK(col == y.size(1), "widths sum to ", col, " but y has ", y.size(1), " columns");
+  TORCH_CHECK(col == y.size(1), "widths sum to ", num(col), " but y has ", num(y.size(1)),
+              " columns");
 
   const c10::cuda::CUDAGuard guard(v.device());
   p.y = y.data_ptr();
