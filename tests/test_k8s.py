@@ -5,10 +5,12 @@ ConfigMap keys the CLIs read). Needs `kubectl` with kustomize v5 (`.ci/install-k
 
 from __future__ import annotations
 
+import ast
 import enum
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -429,3 +431,28 @@ def test_dockerfiles_pin_bases_and_run_as_the_pod_user(built: dict[str, Path], i
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"^\.PHONY:.* image\b", make, re.M) and "\nimage:" in make
     assert f"-f k8s/images/{image}.Dockerfile" in make
+
+
+def test_cpu_image_has_what_the_tiny_model_writer_imports() -> None:
+    """cpu-demo's initContainer runs `python -m shard.tiny` in the cpu image: every package that
+    module imports must be installed there (the `shard` extra, torch, or a RUN pip install)."""
+    tree = ast.parse((ROOT / "shard" / "tiny.py").read_text())
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom) and getattr(node, "level", 0) == 0
+        for alias in node.names
+    }
+    third_party = imported - set(sys.stdlib_module_names) - {"shard", "__future__"}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    shard_extra = re.search(r"^shard = \[(.*)\]$", pyproject, re.M)
+    assert shard_extra, "pyproject.toml has no `shard` extra"
+    (cpu,) = [
+        lines
+        for _, lines in _dockerfile_stages(K8S / "images" / "shard.Dockerfile")
+        if any(x.startswith("ENTRYPOINT") for x in lines) and "AOT_KERNELS" not in str(lines)
+    ]
+    installed = " ".join(x for x in cpu if x.startswith("RUN pip install")) + shard_extra[1]
+    # huggingface_hub arrives as a dependency of transformers.
+    missing = {m for m in third_party - {"huggingface_hub"} if m not in installed}
+    assert not missing, f"the cpu image lacks {missing}, which shard.tiny imports"

@@ -36,6 +36,9 @@ COPY router ./router
 COPY shard ./shard
 COPY csrc ./csrc
 RUN pip install -e '.[shard]'
+# The cpu-demo initContainer writes the tiny model with `python -m shard.tiny`, which builds it
+# with transformers and its adapters with peft (the versions the tests check it with).
+RUN pip install "transformers==5.23.0" "peft==0.21.2"
 USER 10001:10001
 EXPOSE 50061 9090
 ENTRYPOINT ["lorafleet-shard"]
