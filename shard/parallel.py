@@ -113,5 +113,11 @@ def broadcast_object(obj: object, group: TPGroup) -> object:
 
 
 def destroy(group: TPGroup) -> None:
-    if group.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leaves the group at process exit. An NCCL group is left to the process's end: its teardown
+    after decode graphs were captured over it blocked a rank for good (2 x H200, torch 2.11,
+    NCCL 2.28)."""
+    if group.size == 1 or not dist.is_initialized():
+        return
+    if group.tensors is not None and dist.get_backend(group.tensors) == "nccl":
+        return
+    dist.destroy_process_group()

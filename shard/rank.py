@@ -167,6 +167,7 @@ def follower_main(cfg: ShardConfig, rank: int) -> None:
         log.exception("tensor-parallel group lost: rank 0 is gone or silent", rank=rank)
         abandon()
     destroy(group)
+    abandon(0)  # nothing left to finalize that could block the exit
 
 
 def shutdown_group(leader: Leader, followers: Sequence[BaseProcess]) -> None:
@@ -183,9 +184,9 @@ def shutdown_group(leader: Leader, followers: Sequence[BaseProcess]) -> None:
     abandon()
 
 
-def abandon() -> None:
-    """Exits 1 without tearing anything down: destroying (or finalizing Python with) a
+def abandon(code: int = 1) -> None:
+    """Exits without tearing anything down: destroying (or finalizing Python with) a
     communicator whose peer died can block forever, and Kubernetes restarts the pod anyway."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)
