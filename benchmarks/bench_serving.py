@@ -6,9 +6,9 @@ time to first token (TTFT), inter-token latency (ITL) and end-to-end latency per
 
     python -m benchmarks.bench_serving --target HOST:PORT --rate 20 --requests 500 --out r.json
 
-With `--spawn-tiny` it starts its own shard (the tiny random model on CPU) and router, runs the
-same load straight to the shard and through the router, alternating, and reports the router's
-added latency:
+With `--spawn-tiny` it starts its own shard (the tiny random model on CPU), a router and a bare
+passthrough proxy (the control, benchmarks/passthrough_proxy.py), runs the same load straight to
+the shard and through the router, alternating, and reports the latency each proxy adds:
 
     python -m benchmarks.bench_serving --spawn-tiny --out benchmarks/results/serving_cpu.json
 """
@@ -216,14 +216,19 @@ def _free_port() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Spawned:
-    shard: str  # address
-    router: str  # address
+    """Addresses of the spawned shard and proxies, and the proxies' process ids."""
+
+    shard: str
+    router: str
     router_pid: int
+    # benchmarks.passthrough_proxy: a bare forwarder, the control for the router.
+    passthrough: str
+    passthrough_pid: int
 
 
 @contextmanager
 def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
-    """A tiny-model CPU shard and a router in front of it."""
+    """A tiny-model CPU shard, and a router and a passthrough proxy in front of it."""
     from shard.tiny import write_tiny
 
     tiny = write_tiny(workdir / "tiny")
@@ -254,7 +259,14 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
             stub = generate_pb2_grpc.GeneratorStub(channel)
             while not stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10).shards:
                 time.sleep(0.1)
-        yield Spawned(shard, router, procs[1].pid)
+        passthrough_port = _free_port()
+        with open(workdir / "passthrough.log", "w") as log:
+            module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
+            command = [sys.executable, *module, "--port", str(passthrough_port)]
+            procs.append(subprocess.Popen(command, stdout=log, **common))
+        passthrough = f"127.0.0.1:{passthrough_port}"
+        _wait_serving(passthrough, procs[2])
+        yield Spawned(shard, router, procs[1].pid, passthrough, procs[2].pid)
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -301,44 +313,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _paired(spawned: Spawned, arrival: Arrival, count: int) -> tuple[list[float], float]:
-    """`count` pairs of TTFTs (direct, then routed) and the router's CPU seconds meanwhile."""
+async def _paired(
+    shard: str, proxy: str, proxy_pid: int, arrival: Arrival, count: int
+) -> tuple[list[float], float]:
+    """`count` pairs of TTFTs (direct, then proxied) and the proxy's CPU seconds meanwhile."""
     async with (
-        grpc.aio.insecure_channel(spawned.shard) as direct,
-        grpc.aio.insecure_channel(spawned.router) as routed,
+        grpc.aio.insecure_channel(shard) as direct,
+        grpc.aio.insecure_channel(proxy) as routed,
     ):
         stubs = [generate_pb2_grpc.GeneratorStub(ch) for ch in (direct, routed)]
         for stub in stubs:
             await _one(stub, arrival, time.perf_counter(), 30.0)  # connects
         pairs: list[float] = []
-        before = cpu_seconds(spawned.router_pid)
+        before = cpu_seconds(proxy_pid)
         for _ in range(count):
             for stub in stubs:
                 outcome = await _one(stub, arrival, time.perf_counter(), 30.0)
                 if outcome.error is not None:
                     raise RuntimeError(outcome.error)
                 pairs.append(outcome.token_times[0])
-        return pairs, cpu_seconds(spawned.router_pid) - before
+        return pairs, cpu_seconds(proxy_pid) - before
 
 
-def hop_cost(spawned: Spawned, adapter_id: str, count: int) -> dict:
-    """1-token requests one at a time, alternating straight to the shard and through the router.
+def hop_cost(shard: str, proxy: str, proxy_pid: int, adapter_id: str, count: int) -> dict:
+    """1-token requests one at a time, alternating straight to the shard and through a proxy.
 
-    The median of the paired differences is the router's added TTFT; pairing keeps drifts in the
-    machine's load out of it. The router's CPU time per request bounds the added latency from
-    above where the router has a core to itself.
+    The median of the paired differences is the proxy's added TTFT; pairing keeps drifts in the
+    machine's load out of it. The proxy's CPU time per request bounds the added latency from
+    above where the proxy has a core to itself.
     """
     arrival = Arrival(0.0, adapter_id, (5, 6, 7, 8), 1)
-    ttfts, router_cpu_s = asyncio.run(_paired(spawned, arrival, count))
-    direct, routed = ttfts[0::2], ttfts[1::2]
-    added = [r - d for d, r in zip(direct, routed, strict=True)]
+    ttfts, proxy_cpu_s = asyncio.run(_paired(shard, proxy, proxy_pid, arrival, count))
+    direct, proxied = ttfts[0::2], ttfts[1::2]
+    added = [p - d for d, p in zip(direct, proxied, strict=True)]
     return {
         "pairs": count,
         "ttft_ms_direct": _spread_ms(direct),
-        "ttft_ms_router": _spread_ms(routed),
-        "router_added_ttft_ms": _spread_ms(added),
-        # Includes the load snapshots the router handles meanwhile.
-        "router_cpu_ms_per_request": round(router_cpu_s / count * 1000, 3),
+        "ttft_ms_proxied": _spread_ms(proxied),
+        "added_ttft_ms": _spread_ms(added),
+        # The router's includes the load snapshots it handles meanwhile.
+        "proxy_cpu_ms_per_request": round(proxy_cpu_s / count * 1000, 3),
     }
 
 
@@ -376,8 +390,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             by_target = compare(target.shard, target.router, workload, args.repeats)
             direct, routed = by_target[target.shard], by_target[target.router]
+            proxies = {
+                "router": (target.router, target.router_pid),
+                "passthrough_proxy": (target.passthrough, target.passthrough_pid),
+            }
             results = {
-                "sequential_1_token": hop_cost(target, load_spec.adapters[0], args.pairs),
+                "sequential_1_token": {
+                    name: hop_cost(target.shard, *proxy, load_spec.adapters[0], args.pairs)
+                    for name, proxy in proxies.items()
+                },
                 "open_loop": {"shard_direct": direct, "through_router": routed},
             }
             results["open_loop"]["router_added_ms"] = {

@@ -1,0 +1,62 @@
+"""The least a gRPC proxy in Python can do: the control that prices the router's own logic.
+
+It forwards each `Generator.Generate` to one shard's `Shard.Generate` and writes the chunks back:
+no placement, no accounting, no migration, no metrics, no logs. The benchmark's router-minus-
+direct latency, less this proxy's, is what the router's logic costs over grpc's own hop.
+
+    python -m benchmarks.passthrough_proxy --port 50052 --shard 127.0.0.1:50061
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+
+
+class Passthrough(generate_pb2_grpc.GeneratorServicer):
+    def __init__(self, shard: str):
+        self._channel = grpc.aio.insecure_channel(shard)
+        self._shard = shard_pb2_grpc.ShardStub(self._channel)
+
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Forwards the stream unchanged; a migration notice ends it (the tiny pool is roomy)."""
+        call = self._shard.Generate(shard_pb2.ShardGenerateRequest(request=request))
+        async for message in call:
+            if message.HasField("chunk"):
+                await context.write(message.chunk)
+
+
+async def serve(port: int, shard: str) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    generate_pb2_grpc.add_GeneratorServicer_to_server(Passthrough(shard), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--shard", required=True, help="HOST:PORT")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args.port, args.shard))
+
+
+if __name__ == "__main__":
+    main()
