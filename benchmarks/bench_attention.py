@@ -32,7 +32,7 @@ DTYPE = torch.bfloat16
 SHAPES = (("llama7b", 32, 32, 128), ("gqa-32q8kv", 32, 8, 128))  # (name, n_q, n_kv, d)
 BATCHES = (1, 8, 32, 64)
 CONTEXTS = (512, 2048, 8192)
-VARIANT_ENV = ("LORAFLEET_ATTN_UNROLL", "LORAFLEET_ATTN_NO_PREFETCH")  # kernel A/B switches
+VARIANT_ENV = ("LORAFLEET_ATTN_UNROLL", "LORAFLEET_ATTN_L2_PREFETCH")  # kernel A/B switches
 
 
 @dataclass(frozen=True, slots=True)

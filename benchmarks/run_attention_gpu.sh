@@ -25,6 +25,6 @@ bench() {  # bench NAME [--ours-only]
     --command "bash benchmarks/run_attention_gpu.sh" "${@:2}" 2>&1 | tee -a "$OUT/bench.log"
 }
 bench attention_bench
-LORAFLEET_ATTN_NO_PREFETCH=1 bench u2_no_prefetch --ours-only
-LORAFLEET_ATTN_UNROLL=1 bench u1_prefetch --ours-only
-LORAFLEET_ATTN_UNROLL=1 LORAFLEET_ATTN_NO_PREFETCH=1 bench u1_no_prefetch --ours-only
+LORAFLEET_ATTN_L2_PREFETCH=1 bench u2_prefetch --ours-only
+LORAFLEET_ATTN_UNROLL=1 bench u1_no_prefetch --ours-only
+LORAFLEET_ATTN_UNROLL=1 LORAFLEET_ATTN_L2_PREFETCH=1 bench u1_prefetch --ours-only
