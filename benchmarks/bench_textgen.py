@@ -178,6 +178,9 @@ def decode_forward_ms(state: RankState, work: Workload, context: int) -> float:
     """GPU time of one decode forward (graph replay included) for the workload's rows at
     `context` tokens each, from CUDA events."""
     runner, kv = state.runner, state.kv
+    for adapter in {a for a in work.adapters if a}:  # resident again if a later run evicted it
+        if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
+            raise RuntimeError(f"adapter {adapter}: {err}")
     rows = sorted(range(len(work.adapters)), key=lambda i: work.adapters[i])
     per_seq = pages_for(context, kv.page_size)
     pages = kv.pool.alloc(per_seq * len(rows))
@@ -419,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peft-batches", default="1,8,32")
     parser.add_argument("--peft-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=("on", "off"), default="off")
     parser.add_argument("--command", default="python -m benchmarks.bench_textgen")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     args = parser.parse_args(argv)
@@ -441,14 +445,19 @@ def main(argv: list[str] | None = None) -> dict:
     write_model_dir(model_dir, shape)
     write_adapters(model_dir, adapter_dir, args.adapters, 16, args.device)
 
-    peft_batches = {int(b) for b in args.peft_batches.split(",")}
+    peft_batches = {int(b) for b in args.peft_batches.split(",") if b}  # "": no baseline
     peft_works = [w for w in works if w.batch in peft_batches]
-    results = peft_results(model_dir, adapter_dir, peft_works, args.peft_new_tokens, args.device)
+    results = (
+        peft_results(model_dir, adapter_dir, peft_works, args.peft_new_tokens, args.device)
+        if peft_works
+        else []
+    )
 
     argv = ["--model", str(model_dir), "--adapters", str(adapter_dir), "--device", args.device]
     argv += ["--dtype", "bfloat16" if cuda else "float32", "--load-format", "dummy"]
-    argv += ["--max-batch-size", str(max(batches)), "--adapter-memory-mb", "4096"]
+    argv += ["--max-batch-size", str(max(batches)), "--adapter-memory-mb", "8192"]
     argv += ["--max-prefill-tokens", "8192", "--kv-memory-fraction", "0.9"]
+    argv += ["--compile", args.compile]
     engine, _, leader = build_engine(parse_config(argv, env={}), SINGLE)
     state = leader.state
     engine.start()
@@ -489,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "model": shape,
         "adapter_rank": 16,
+        "compile": args.compile,
         "adapters": args.adapters,
         "lengths": {"prompt": [p_lo, p_hi], "output": [o_lo, o_hi]},
         "kv_pages": state.kv.pool.total,

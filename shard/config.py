@@ -40,6 +40,7 @@ class ShardConfig:
     tp_timeout_s: float  # longest wait of any tensor-parallel collective before the shard exits
     cuda_graphs: bool  # replay decode steps from CUDA graphs (CUDA only)
     load_format: str  # "safetensors", or "dummy": seeded random weights (benchmarks)
+    compile: bool  # torch.compile the elementwise chains (CUDA only)
 
 
 def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -92,6 +93,7 @@ def parse_config(
     add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
     add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
     add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
+    add("--compile", "COMPILE", "off", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
     a = p.parse_args(argv)
 
     if not a.model or not a.adapters:
@@ -147,4 +149,5 @@ def parse_config(
         tp_timeout_s=a.tp_timeout_s,
         cuda_graphs=a.cuda_graphs == "on",
         load_format=a.load_format,
+        compile=a.compile == "on",
     )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shard.forward_meta import ForwardMeta
+from shard.fusion import elementwise
 from shard.layers.attention import PagedAttention
 from shard.layers.embedding import VocabParallel
 from shard.layers.linear import MergedColumnLinear, RowLinear
@@ -73,6 +74,12 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.view(t, self.heads * d), meta.lora)
 
 
+@elementwise
+def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up of the merged [T, 2 * inter] projection."""
+    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
 class LlamaMLP(nn.Module):
     def __init__(
         self,
@@ -94,8 +101,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, meta.lora)
-        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
-        return self.down_proj(act, meta.lora)
+        return self.down_proj(silu_mul(gate_up, self.inter), meta.lora)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import structlog
 import torch
 
+from shard.adapter_cache import device_budget_bytes
 from shard.adapter_loader import AdapterWeights
 from shard.config import ShardConfig
 from shard.kv_cache import KvCache, pages_for
@@ -29,7 +30,7 @@ def plan_kv_pages(
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = int(free * cfg.kv_memory_fraction) - activation_bytes
-        budget -= cfg.adapter_memory_mb * 2**20
+        budget -= device_budget_bytes(cfg.adapter_memory_mb)
         if budget < page_bytes:
             raise RuntimeError(
                 f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free after the "

@@ -16,6 +16,7 @@ import structlog
 import torch
 from tokenizers import Tokenizer
 
+from shard import fusion
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError
 from shard.config import ShardConfig
@@ -51,6 +52,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size."""
     device = rank_device(cfg, group)
     dtype = getattr(torch, cfg.dtype)
+    fusion.set_enabled(cfg.compile)
     model_cfg = load_model_config(cfg.model)
     model = build_model(model_cfg, cfg.model, group, dtype, device, cfg.load_format)
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
@@ -59,15 +61,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
-    adapters = AdapterCache(
-        cfg.adapters,
-        model_cfg,
-        group,
-        dtype,
-        device,
-        cfg.adapter_memory_mb * 2**20,
-        cfg.max_lora_rank,
-    )
+    adapters = AdapterCache.from_config(cfg, model_cfg, group, dtype, device)
     graphs = None
     if device.type == "cuda" and cfg.cuda_graphs:
         max_pages = pages_for(max_context, cfg.page_size)

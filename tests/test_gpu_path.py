@@ -77,3 +77,13 @@ def test_gpu_greedy_equals_cpu_reference(gpu_tiny) -> None:
         if same < len(c_tok):
             assert abs(g_lp[same] - c_lp[same]) < 0.1, (same, g_lp[same], c_lp[same])
     assert matched >= 0.75 * sum(len(t) for t in cpu_tokens), matched
+
+
+def test_compiled_elementwise_chains_equal_eager(gpu_tiny) -> None:
+    fused, fused_lp, _ = generate(
+        gpu_tiny, "--device", "cuda", "--dtype", "float16", "--compile", "on"
+    )
+    plain, plain_lp, _ = generate(gpu_tiny, "--device", "cuda", "--dtype", "float16")
+    assert fused == plain
+    for f, p in zip(fused_lp, plain_lp, strict=True):
+        torch.testing.assert_close(torch.tensor(f), torch.tensor(p), atol=2e-2, rtol=0)

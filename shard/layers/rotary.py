@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from shard.fusion import elementwise
 from shard.model_config import RopeScaling
 
 
@@ -54,6 +55,7 @@ class RotaryEmbedding(nn.Module):
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+@elementwise
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
