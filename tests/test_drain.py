@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -230,9 +232,21 @@ def test_sigterm_shard_under_load_drains_without_failing_a_stream(
 def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny):
     # Two requests at a time: the rest wait in the router's queue, so streams stay open for seconds.
     shard = launch("shard", "--max-batch-size=2")
-    router = launch("router", f"--shard={shard.address}", "--shutdown-grace-s=30")
+    metrics_port = free_port()
+    router = launch(
+        "router",
+        f"--shard={shard.address}",
+        "--shutdown-grace-s=30",
+        f"--metrics-port={metrics_port}",
+    )
     wait_until(lambda: running(shard.address) == 0, "the shard to answer")
     jobs = jobs_for(tiny, 10, 200)
+
+    def queued_in_router() -> float:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        return float(re.search(r"^lorafleet_router_queue_depth (\S+)$", text, re.M)[1])
+
     statuses: list[int] = []
 
     def watch_router_health() -> None:
@@ -254,7 +268,11 @@ def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny
         watcher = pool.submit(watch_router_health)
         wait_until(lambda: statuses, "the router's health watch")
         futures = [pool.submit(run, router.address, job) for job in jobs]
-        wait_until(lambda: running(shard.address) == 2, "streams on the shard")
+        # Every call is in the router (two on the shard, the rest queued) before the signal.
+        wait_until(
+            lambda: running(shard.address) == 2 and queued_in_router() == len(jobs) - 2,
+            "two streams on the shard and the rest queued in the router",
+        )
         router.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: NOT_SERVING in statuses, "the router to report NOT_SERVING")
         refused_at = refused()
