@@ -18,14 +18,13 @@ import datetime
 import json
 import math
 import os
-import statistics
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import copy_bandwidth, git_commit, time_graph
 from shard.ops.attention import PAGE_SIZE, paged_decode_attention, paged_decode_attention_reference
 
 DTYPE = torch.bfloat16
@@ -122,56 +121,13 @@ class Case:
         return [lambda s=s: self.sdpa(s, *kv[s]) for s in range(self.sets)]
 
 
-def time_graph(calls: list[Callable[[], None]], reps: int = 10) -> float:
-    """Median microseconds per call of `calls` captured back to back in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:  # warm-up: lazy build, cuDNN/cuBLAS handles, allocator
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # the capture allocates its own pool: return the warm-up's memory
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda")  # 2 GiB
-    dst = torch.empty_like(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
-    for _ in range(5):
-        start.record()
-        for _ in range(5):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e-3 / 5)
-    return 2 * src.numel() * src.element_size() / best
-
-
 def run_case(
     name: str, n_q: int, n_kv: int, d: int, batch: int, context: int, bw: float, baselines: bool
 ) -> Result:
     case = Case(n_q, n_kv, d, batch, context)
     times: dict[str, float | None] = {
-        "ours": time_graph(case.ours(8)),
-        "ours_no_split": time_graph(case.ours(1)),
+        "ours": time_graph(case.ours(8), reps=10),
+        "ours_no_split": time_graph(case.ours(1), reps=10),
         "torch": time_graph(case.reference(), reps=3) if baselines else None,
         "sdpa_gather": time_graph(case.sdpa_gather(), reps=3) if baselines else None,
         "sdpa": time_graph(case.sdpa_contiguous(), reps=5) if baselines else None,
@@ -193,14 +149,6 @@ def run_case(
         sdpa_gather_us=times["sdpa_gather"],
         sdpa_us=times["sdpa"],
     )
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

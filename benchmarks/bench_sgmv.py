@@ -17,13 +17,11 @@ import itertools
 import json
 import math
 import random
-import statistics
-import subprocess
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from benchmarks.timing import copy_bandwidth, git_commit, time_graph
 from shard.ops import sgmv_expand, sgmv_shrink
 
 DTYPE = torch.bfloat16
@@ -128,47 +126,6 @@ class Batch:
             self.y[lo:hi] += (v @ self.b[i][0]) * 0.5
 
 
-def time_graph(calls: list[Callable[[], None]], reps: int = 15) -> float:
-    """Median microseconds per call of `calls` captured back to back in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for call in calls:  # warm-up: lazy build, cuBLAS handles, allocator
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda")  # 2 GiB
-    dst = torch.empty_like(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = math.inf
-    for _ in range(5):
-        start.record()
-        for _ in range(5):
-            dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e-3 / 5)
-    return 2 * src.numel() * src.element_size() / best
-
-
 def run_case(
     case: str, popularity: str, rows: int, ranks: list[int], h_in: int, h_out: int
 ) -> Result:
@@ -269,14 +226,6 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
         "sgmv_grouped_us": time_graph([ours_grouped], reps=10),
         "gather_bmm_us": time_graph([gather_bmm], reps=3),
     }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

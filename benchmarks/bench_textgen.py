@@ -27,13 +27,13 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_sgmv import adapters_of_rows, copy_bandwidth, git_commit
+from benchmarks.bench_sgmv import adapters_of_rows
+from benchmarks.timing import copy_bandwidth, git_commit, median_ms
 from shard.__main__ import build_engine
 from shard.config import parse_config
 from shard.decode_graphs import table_width
@@ -205,26 +205,6 @@ def decode_forward_ms(state: RankState, work: Workload, context: int) -> float:
         return median_ms(lambda: runner.forward(plan), runner.device)
     finally:
         kv.pool.release(pages)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
-    """Median milliseconds of fn after 3 warm-up calls (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def hbm_floor_ms(state: RankState, work: Workload, context: int, bandwidth: float) -> float:

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_sgmv import git_commit
 from benchmarks.bench_textgen import SHAPES, Workload, make_workload, write_adapters
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
+from benchmarks.timing import git_commit, median_ms
 from shard.config import parse_config
 from shard.kv_cache import KvCache, pages_for
 from shard.sampling import SamplingParams
@@ -154,26 +154,6 @@ def engine_main(job: EngineJob, out: mp.Queue) -> None:
             progress("group shut down")
     except BaseException:
         out.put({"error": traceback.format_exc()[-3000:]})
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
-    """Median milliseconds of fn after 3 warm-up calls (CUDA events on a GPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def sync(device: torch.device) -> None:

@@ -5,16 +5,7 @@
 # Needs .whl/ (structlog) carried beside the tree; COMMIT names the commit measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/attention_out}
-WHL=${WHL:-.whl}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site "$WHL"/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/bench.log"
-start=$(date +%s)
-python3 -m shard.ops.build >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-echo "build: $(($(date +%s) - start)) s"
+source "$(dirname "$0")/gpu_setup.sh"
 for unroll in 2 1; do
   LORAFLEET_ATTN_UNROLL=$unroll python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
     tests/test_attention.py >>"$OUT/tests.log" 2>&1

@@ -3,15 +3,7 @@
 # Logs and the JSON land in $OUT. Needs .whl/ (structlog) carried beside the tree.
 set -uo pipefail
 OUT=${OUT:-/tmp/sgmv_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
-start=$(date +%s)
-python3 -m shard.ops.build >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-echo "build: $(($(date +%s) - start)) s"
+source "$(dirname "$0")/gpu_setup.sh"
 # A failed TORCH_CHECK must raise, not crash: on a crash, show where (cuda-gdb debugs host code).
 cat >/tmp/raise.py <<'PY'
 import torch

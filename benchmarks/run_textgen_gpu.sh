@@ -5,15 +5,7 @@
 # Extra arguments go to bench_textgen (e.g. --batches 8,32).
 set -uo pipefail
 OUT=${OUT:-/tmp/textgen_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
-start=$(date +%s)
-python3 -m shard.ops.build >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-echo "build: $(($(date +%s) - start)) s"
+source "$(dirname "$0")/gpu_setup.sh"
 tests=(tests/test_gpu_path.py)
 [ -f tests/test_attention.py ] && tests+=(tests/test_attention.py)
 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short "${tests[@]}" >"$OUT/tests.log" 2>&1

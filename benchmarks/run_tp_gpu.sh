@@ -5,18 +5,10 @@
 # Extra arguments go to bench_tp (e.g. --parts decode --eager).
 set -uo pipefail
 OUT=${OUT:-/tmp/tp_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 # NVLink multicast stays off (shared host: see the device notes).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 nvidia-smi topo -m | tee "$OUT/topo.txt"
-start=$(date +%s)
-python3 -m shard.ops.build >"$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-echo "build: $(($(date +%s) - start)) s"
 python3 -m benchmarks.bench_tp --out "$OUT/tp_h200x2.json" --commit "${COMMIT:-unknown}" \
   --command "bash benchmarks/run_tp_gpu.sh $*" "$@" >"$OUT/bench.log" 2>&1
 echo "bench rc=$?"

@@ -22,7 +22,7 @@ from shard.engine import Engine
 from shard.kv_cache import pages_for
 from shard.layers.lora import LoraBatch, build_lora_batch
 from shard.parallel import SINGLE
-from tests.test_engine import Collector, mixed_rows, reference, request
+from tests.test_engine import mixed_rows, reference, submit_all
 
 
 def padded_engine(tiny, *extra: str) -> tuple[Engine, DecodeGraphs]:
@@ -81,11 +81,7 @@ def test_padded_decode_matches_peft(tiny) -> None:
     rows = mixed_rows(tiny)  # 7 rows: 5 adapters of ranks 4..64 and 2 base rows -> bucket 8
     engine, graphs = padded_engine(tiny)
     try:
-        sinks = [Collector() for _ in rows]
-        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
-            engine.submit(request(f"g{i}", adapter, prompt), sink)
-        for sink in sinks:
-            assert sink.done.wait(60)
+        sinks = submit_all(engine, rows, "g")
     finally:
         engine.stop()
     used = set(graphs._shapes)
@@ -101,11 +97,7 @@ def test_padded_decode_base_only_batch_matches_peft(tiny) -> None:
     rows = [("", p) for _, p in mixed_rows(tiny)[:3]]
     engine, graphs = padded_engine(tiny)
     try:
-        sinks = [Collector() for _ in rows]
-        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
-            engine.submit(request(f"b{i}", adapter, prompt), sink)
-        for sink in sinks:
-            assert sink.done.wait(60)
+        sinks = submit_all(engine, rows, "b")
     finally:
         engine.stop()
     assert {key.rank for key in graphs._shapes} == {0}

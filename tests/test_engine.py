@@ -74,6 +74,18 @@ def reference(tiny, adapter: str, prompt: list[int]) -> tuple[list[int], torch.T
     )
 
 
+def submit_all(
+    engine: Engine, rows: list[tuple[str, list[int]]], prefix: str, new: int = NEW_TOKENS
+) -> list[Collector]:
+    """Submits one request per (adapter, prompt) row and waits until all have finished."""
+    sinks = [Collector() for _ in rows]
+    for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
+        engine.submit(request(f"{prefix}{i}", adapter, prompt, new=new), sink)
+    for sink in sinks:
+        assert sink.done.wait(120)
+    return sinks
+
+
 def mixed_rows(tiny) -> list[tuple[str, list[int]]]:
     adapters = [*tiny.adapter_ids, "", ""]
     return [(a, PROMPTS[i % len(PROMPTS)]) for i, a in enumerate(adapters)]
@@ -84,11 +96,7 @@ def test_mixed_batch_matches_peft_alone(tiny) -> None:
     assert len({a for a, _ in rows if a}) >= 5
     engine = make_engine(tiny)
     try:
-        sinks = [Collector() for _ in rows]
-        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
-            engine.submit(request(f"r{i}", adapter, prompt), sink)
-        for sink in sinks:
-            assert sink.done.wait(60)
+        sinks = submit_all(engine, rows, "r")
         assert engine.steps < len(rows) * NEW_TOKENS  # rows really shared forward steps
     finally:
         engine.stop()
@@ -127,11 +135,7 @@ def test_kv_exhaustion_preempts_and_recomputes_exactly(tiny) -> None:
     # 4 requests need ~4 x 10 pages of 4 tokens by the end; 24 pages force evictions.
     engine = make_engine(tiny, "--kv-pages", "24")
     try:
-        sinks = [Collector() for _ in rows]
-        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
-            engine.submit(request(f"k{i}", adapter, prompt), sink)
-        for sink in sinks:
-            assert sink.done.wait(60)
+        sinks = submit_all(engine, rows, "k")
         assert engine.load().kv_pages_free == 24
     finally:
         engine.stop()

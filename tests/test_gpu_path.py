@@ -12,7 +12,7 @@ from shard.__main__ import build_engine
 from shard.config import parse_config
 from shard.parallel import SINGLE
 from shard.tiny import TinySpec, write_tiny
-from tests.test_engine import Collector, mixed_rows, request
+from tests.test_engine import mixed_rows, submit_all
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,12 +36,8 @@ def generate(tiny, *flags: str) -> tuple[list[list[int]], list[list[float]], obj
     engine.start()
     rows = mixed_rows(tiny)
     try:
-        sinks = [Collector() for _ in rows]
-        for i, ((adapter, prompt), sink) in enumerate(zip(rows, sinks, strict=True)):
-            engine.submit(request(f"g{i}", adapter, prompt, new=NEW_TOKENS), sink)
-        for sink in sinks:
-            assert sink.done.wait(120)
-            assert sink.outputs[-1].error is None
+        sinks = submit_all(engine, rows, "g", new=NEW_TOKENS)
+        assert all(sink.outputs[-1].error is None for sink in sinks)
     finally:
         engine.stop()
     return [s.tokens for s in sinks], [s.logprobs for s in sinks], leader.state.runner
