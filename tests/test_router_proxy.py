@@ -217,8 +217,8 @@ def test_max_connection_age_moves_clients_without_cutting_streams(launch, fleet)
         channel, states = _connectivity(router.address)
         with channel:
             stub = generate_pb2_grpc.GeneratorStub(channel)
-            # 200 tokens of 10 ms: the stream outlives the connection's age, inside the grace.
-            assert_exact(generate(stub, "outlive the age", "a", 200), "a", "outlive the age", 200)
+            # 120 tokens of 10 ms: the stream outlives the connection's age, inside the grace.
+            assert_exact(generate(stub, "outlive the age", "a", 120), "a", "outlive the age", 120)
             connected = states.index(ready)
             # GOAWAY turns the channel IDLE; the default age (minutes) keeps it READY.
             assert (idle in states[connected:]) == goes_away, states
