@@ -18,6 +18,13 @@ namespace {
 // of raising.
 std::string num(int64_t v) { return std::to_string(v); }
 
+// A tensor's shape as "[a, b, c]", for the same reason.
+std::string dims(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + num(t.size(i));
+  return out + "]";
+}
+
 void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.device() == like.device(), name, " must be on ", like.device(), ", got ",
@@ -203,7 +210,7 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
 // [rows, n_kv or n_q, d] with each row's heads contiguous; any 16-byte aligned row stride.
 void check_head_rows(const at::Tensor& t, const at::Tensor& like, const char* name) {
   check_cuda(t, like, name);
-  TORCH_CHECK(t.dim() == 3, name, " must be 3-D [rows, heads, head_dim], got ", t.dim(), "-D");
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-D [rows, heads, head_dim], got ", num(t.dim()), "-D");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must be ", like.scalar_type(),
               ", got ", t.scalar_type());
   TORCH_CHECK(t.stride(2) == 1 && (t.size(1) == 1 || t.stride(1) == t.size(2)), name,
@@ -211,7 +218,7 @@ void check_head_rows(const at::Tensor& t, const at::Tensor& like, const char* na
               "head_dim); any row stride works, e.g. a column slice of a fused qkv output");
   const int64_t vec = 16 / t.element_size();
   TORCH_CHECK(t.size(0) <= 1 || t.stride(0) % vec == 0, name, " row stride must be a multiple of ",
-              vec, " elements (16 bytes), got ", t.stride(0));
+              num(vec), " elements (16 bytes), got ", num(t.stride(0)));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
               " must be aligned to 16 bytes");
 }
@@ -219,7 +226,7 @@ void check_head_rows(const at::Tensor& t, const at::Tensor& like, const char* na
 void check_cache(const at::Tensor& t, const at::Tensor& like, const char* name) {
   check_cuda(t, like, name);
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D [pages, page_size, n_kv, head_dim], got ",
-              t.dim(), "-D");
+              num(t.dim()), "-D");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, " must be ", like.scalar_type(),
               ", got ", t.scalar_type());
@@ -232,19 +239,19 @@ void kv_append_op(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
   check_cache(k_cache, k_cache, "k_cache");
   check_cache(v_cache, k_cache, "v_cache");
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
-              k_cache.sizes(), ", got ", v_cache.sizes());
+              dims(k_cache), ", got ", dims(v_cache));
   check_head_rows(k, k_cache, "k");
   check_head_rows(v, k_cache, "v");
   const int64_t num_rows = k.size(0);
   for (const auto* t : {&k, &v}) {
     TORCH_CHECK(t->size(0) == num_rows && t->size(1) == k_cache.size(2) &&
                     t->size(2) == k_cache.size(3),
-                "k and v must be [", num_rows, ", ", k_cache.size(2), ", ", k_cache.size(3),
-                "] (the cache's n_kv, head_dim), got ", t->sizes());
+                "k and v must be [", num(num_rows), ", ", num(k_cache.size(2)), ", ",
+                num(k_cache.size(3)), "] (the cache's n_kv, head_dim), got ", dims(*t));
   }
   const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
   TORCH_CHECK(row_bytes % 16 == 0, "n_kv * head_dim * element size must be a multiple of 16 "
-              "bytes, got ", row_bytes);
+              "bytes, got ", num(row_bytes));
   check_index(slots, k_cache, "slots", at::kLong, num_rows);
 
   const c10::cuda::CUDAGuard guard(k.device());
@@ -282,18 +289,18 @@ void paged_decode_attention_op(at::Tensor out, const at::Tensor& q, const at::Te
                                int64_t max_splits) {
   check_head_rows(q, q, "q");
   check_head_rows(out, q, "out");
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ",
-              out.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape ", dims(q), ", got ",
+              dims(out));
   check_cache(k_cache, q, "k_cache");
   check_cache(v_cache, q, "v_cache");
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
-              k_cache.sizes(), ", got ", v_cache.sizes());
+              dims(k_cache), ", got ", dims(v_cache));
   const int64_t batch = q.size(0), n_q = q.size(1), head_dim = q.size(2);
   const int64_t page_size = k_cache.size(1), n_kv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache head_dim ", k_cache.size(3),
-              " must equal q's ", head_dim);
-  TORCH_CHECK(n_kv > 0 && n_q % n_kv == 0, "n_q (", n_q, ") must be a multiple of n_kv (", n_kv,
-              ")");
+  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache head_dim ", num(k_cache.size(3)),
+              " must equal q's ", num(head_dim));
+  TORCH_CHECK(n_kv > 0 && n_q % n_kv == 0, "n_q (", num(n_q), ") must be a multiple of n_kv (",
+              num(n_kv), ")");
   const int64_t group = n_q / n_kv;
   const at::ScalarType dtype = q.scalar_type();
   TORCH_CHECK((dtype == at::kHalf || dtype == at::kBFloat16) && (head_dim == 64 ||
@@ -302,11 +309,11 @@ void paged_decode_attention_op(at::Tensor out, const at::Tensor& q, const at::Te
   check_cuda(block_tables, q, "block_tables");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch &&
                   block_tables.stride(1) == 1 && block_tables.scalar_type() == at::kInt,
-              "block_tables must be int32 [", batch, ", max_pages] with stride(1) == 1, got ",
-              block_tables.scalar_type(), " ", block_tables.sizes());
+              "block_tables must be int32 [", num(batch), ", max_pages] with stride(1) == 1, got ",
+              block_tables.scalar_type(), " ", dims(block_tables));
   check_index(context_lens, q, "context_lens", at::kInt, batch);
   TORCH_CHECK(max_splits >= 1 && max_splits <= kMaxSplits, "max_splits must be in [1, ",
-              kMaxSplits, "], got ", max_splits);
+              num(kMaxSplits), "], got ", num(max_splits));
 
   const c10::cuda::CUDAGuard guard(q.device());
   const DecodeParams p{out.data_ptr(),
