@@ -37,6 +37,10 @@ class CapacityError(Exception):
     """The shard cannot take the request (queue full, or it can never fit the KV pool)."""
 
 
+class DrainingError(CapacityError):
+    """The shard drains: any other shard can take the request."""
+
+
 @dataclass(frozen=True, slots=True)
 class LoadState:
     """The engine's load, as the shard's WatchLoad reports it."""
@@ -103,7 +107,7 @@ class Engine:
         if self._load.queued >= self.max_queue:
             raise CapacityError(f"the shard's queue is full ({self.max_queue} requests waiting)")
         if self._draining:
-            raise CapacityError("the shard is draining and takes no new requests")
+            raise DrainingError("the shard is draining and takes no new requests")
         self._inbox.put(("submit", (req, sink)))
 
     def cancel(self, request_id: str) -> None:

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
-from shard.engine import CapacityError, Engine
+from shard.engine import CapacityError, DrainingError, Engine
 from shard.model_config import ModelConfig
 from shard.request_validation import RequestError, to_engine_request
 from shard.sequence import FinishReason, MigrationReason, Resume, StepOutput
@@ -114,6 +114,9 @@ class ShardService:
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         try:
             self.engine.submit(req, lambda o: loop.call_soon_threadsafe(outputs.put_nowait, o))
+        except DrainingError as e:
+            # Nothing ran here yet: UNAVAILABLE makes the router place it on another shard.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}, retry elsewhere")
         except CapacityError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         done = False
