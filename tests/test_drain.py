@@ -251,7 +251,10 @@ def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny
 
     def watch_router_health() -> None:
         with grpc.insecure_channel(router.address) as channel:
-            stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            # The timeout ends the watch (and the test's thread pool) should the router not stop.
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
             for message in stream:
                 statuses.append(message.status)
                 if message.status != SERVING:
@@ -268,11 +271,13 @@ def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny
         watcher = pool.submit(watch_router_health)
         wait_until(lambda: statuses, "the router's health watch")
         futures = [pool.submit(run, router.address, job) for job in jobs]
-        # Every call is in the router (two on the shard, the rest queued) before the signal.
-        wait_until(
-            lambda: running(shard.address) == 2 and queued_in_router() == len(jobs) - 2,
-            "two streams on the shard and the rest queued in the router",
-        )
+
+        # Every call is inside the router before the signal: done, on the shard, or queued.
+        def all_inside() -> bool:
+            queued, done = queued_in_router(), sum(f.done() for f in futures)
+            return queued >= 2 and queued + running(shard.address) + done == len(jobs)
+
+        wait_until(all_inside, "every call to be inside the router, some queued")
         router.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: NOT_SERVING in statuses, "the router to report NOT_SERVING")
         refused_at = refused()
