@@ -21,14 +21,14 @@ except RuntimeError as e:
 PY
 python3 /tmp/raise.py 2>&1 | tail -3
 [ "${PIPESTATUS[0]}" = 0 ] || timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 /tmp/raise.py 2>&1 | tail -40
-python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py >"$OUT/tests.log" 2>&1
+python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py tests/test_sgmv_groups.py >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
 # The bad-table checks again outside pytest: on a crash, where (v1 saw a segfault on a TORCH_CHECK).
-python3 -c "from tests.test_sgmv import BAD_GROUP_CALLS as s; print(s)" >/tmp/bad.py
+python3 -c "from tests.test_sgmv_groups import BAD_GROUP_CALLS as s; print(s)" >/tmp/bad.py
 python3 /tmp/bad.py 2>&1 | tail -3
 [ "${PIPESTATUS[0]}" = 0 ] || timeout 120 cuda-gdb -q -batch -ex run -ex bt --args python3 /tmp/bad.py 2>&1 | tail -40
 # The sm_80 launch paths (no PDL, no clusters) on this Hopper GPU: LORAFLEET_SM80=1.
-LORAFLEET_SM80=1 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py \
+LORAFLEET_SM80=1 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/test_sgmv.py tests/test_sgmv_groups.py \
   -k "matches_reference or graph or long_prefill" >"$OUT/tests_sm80.log" 2>&1
 echo "sm80-path tests rc=$?"; tail -5 "$OUT/tests_sm80.log"
 python3 -m benchmarks.bench_sgmv --out "$OUT/sgmv_bench.json" --commit "${COMMIT:-unknown}" \
