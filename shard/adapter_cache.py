@@ -13,7 +13,6 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +34,7 @@ from shard.adapter_loader import (
     resolve,
     split_key,
 )
+from shard.adapter_tiers import AdapterEntry, HostCopy, Resident, device_budget_bytes
 from shard.metrics import ShardMetrics
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
@@ -45,52 +45,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 TIERS = ("gpu", "host", "disk")  # where a request's adapter is looked for, in this order
-
-
-@dataclass(slots=True)
-class HostCopy:
-    """One adapter version in host memory (pinned on CUDA shards), packed in one buffer so that
-    its trip to the device is a single copy."""
-
-    weights: AdapterWeights  # views into `flat`
-    flat: torch.Tensor  # [nbytes] uint8
-    last_used: float = 0.0
-
-
-@dataclass(slots=True)
-class Resident:
-    """An adapter version in device memory (hot, mutable state)."""
-
-    key: str  # id@version
-    weights: AdapterWeights  # views into `flat`
-    flat: torch.Tensor  # [nbytes] uint8 on the device
-    ready: torch.cuda.Event | None  # set when its host-to-device copy has finished
-    source: HostCopy | None  # keeps the pinned source alive until the copy has finished
-    started: float  # perf_counter() when the copy was queued
-    refs: int = 0  # running requests that use it
-    last_used: float = 0.0
-    # Copied for a waiting request that has not claimed it yet: spared by eviction while that
-    # request still waits, or copies for different waiting requests would evict each other.
-    fresh: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterEntry:
-    """What ListAdapters reports for one adapter."""
-
-    adapter_id: str
-    residency: str  # "gpu" (device, whatever the device is), "host" or "disk"
-    rank: int
-    size_bytes: int
-    digest: str
-    last_used: float
-    targets: tuple[str, ...]
-
-
-def device_budget_bytes(adapter_memory_mb: int) -> int:
-    """Device bytes the adapter cache may hold (what the KV planner sets aside): resident
-    adapters of every version never exceed it, copies in flight included."""
-    return adapter_memory_mb * 2**20
 
 
 class AdapterCache:
@@ -213,10 +167,30 @@ class AdapterCache:
             if isinstance(state, AdapterError):
                 self._pinned.discard(adapter_id)
                 return state
-            return None
+            return self._check_pin_share(adapter_id) if pin else None
         finally:
             with self._lock:
                 self._preloading -= Counter([adapter_id])
+
+    def _check_pin_share(self, adapter_id: str) -> AdapterError | None:
+        """Pins may hold at most half of the device budget, so that requests for unpinned
+        adapters always find room (they would wait forever behind a budget full of pins)."""
+        with self._lock:
+            pinned = sum(
+                res.flat.numel()
+                for key, res in self._resident.items()
+                if split_key(key)[0] in self._pinned and self._current.get(split_key(key)[0]) == key
+            )
+            if pinned <= self.budget_bytes // 2:
+                return None
+            self._pinned.discard(adapter_id)
+        return AdapterError(
+            AdapterErrorKind.EXHAUSTED,
+            f"pinning {adapter_id!r} would hold {pinned / 2**20:.1f} MiB of pinned adapters, more "
+            f"than half of the device adapter budget ({self.budget_bytes / 2**20:.1f} MiB, "
+            "--adapter-memory-mb); it stays loaded unpinned. Unpin others (EvictAdapter) or "
+            "raise the budget",
+        )
 
     def evict(self, adapter_id: str) -> bool:
         """Unpins and drops every version of an adapter from device and host memory; versions in

@@ -41,6 +41,7 @@ class AdapterErrorKind(enum.Enum):
     NOT_FOUND = "not_found"  # no such adapter under the root
     INVALID = "invalid"  # the request names the adapter wrongly (bad id, escapes the root)
     UNSUPPORTED = "unsupported"  # the adapter exists but cannot be served by this base model
+    EXHAUSTED = "exhausted"  # serving it would break a memory rule (e.g. too much pinned)
 
 
 class AdapterError(Exception):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import structlog
 import torch
 
-from shard.adapter_cache import device_budget_bytes
 from shard.adapter_loader import AdapterWeights
+from shard.adapter_tiers import device_budget_bytes
 from shard.config import ShardConfig
 from shard.kv_cache import KvCache, pages_for
 from shard.llama import LlamaForCausalLM

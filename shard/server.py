@@ -39,6 +39,7 @@ _ADAPTER_CODE = {
     AdapterErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     AdapterErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterErrorKind.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterErrorKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 _LOAD_TIMEOUT_S = 300.0  # LoadAdapter's wait for device room when the call has no deadline
 _RESIDENCY = {

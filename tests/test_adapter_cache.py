@@ -321,3 +321,30 @@ def test_hot_reload_old_stream_keeps_old_weights_new_gets_new(shard, tiny, root:
     assert hot.digest == hashlib.sha256((old_src / WEIGHTS).read_bytes()).hexdigest()
     assert hot.residency == generate_pb2.ADAPTER_RESIDENCY_GPU
     assert len([k for k in shard.adapters.resident_ids() if k == "hot"]) == 1
+
+
+def test_pins_hold_at_most_half_the_device_budget(shard) -> None:
+    cache = shard.adapters
+    saved = cache.budget_bytes
+    assert cache.preload("r8-all", False, 30) is None
+    size = packed_size(cache.weights("r8-all"))
+    cache.budget_bytes = 3 * size  # room for three: one pin fits in half, two do not
+    try:
+        with grpc.insecure_channel(shard.address) as ch:
+            stub = shard_pb2_grpc.ShardStub(ch)
+            pin = shard_pb2.LoadAdapterRequest(adapter_id="r8-all", pin=True)
+            assert stub.LoadAdapter(pin, timeout=60).adapter.adapter_id == "r8-all"
+            with pytest.raises(grpc.RpcError) as err:
+                stub.LoadAdapter(
+                    shard_pb2.LoadAdapterRequest(adapter_id="r16-attn", pin=True), timeout=60
+                )
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than half of the device adapter budget" in err.value.details()
+        assert "--adapter-memory-mb" in err.value.details()
+        # Refused as a pin, still served unpinned; the first pin stands.
+        assert len(generate(shard.address, request("r16-attn", [7, 8, 9]))) == NEW
+        assert cache._pinned == {"r8-all"}
+    finally:
+        cache.evict("r8-all")
+        cache.evict("r16-attn")
+        cache.budget_bytes = saved

@@ -1,0 +1,55 @@
+"""What one adapter version is in each tier of the cache, and the device budget rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shard.adapter_loader import AdapterWeights
+
+
+@dataclass(slots=True)
+class HostCopy:
+    """One adapter version in host memory (pinned on CUDA shards), packed in one buffer so that
+    its trip to the device is a single copy."""
+
+    weights: AdapterWeights  # views into `flat`
+    flat: torch.Tensor  # [nbytes] uint8
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class Resident:
+    """An adapter version in device memory (hot, mutable state)."""
+
+    key: str  # id@version
+    weights: AdapterWeights  # views into `flat`
+    flat: torch.Tensor  # [nbytes] uint8 on the device
+    ready: torch.cuda.Event | None  # set when its host-to-device copy has finished
+    source: HostCopy | None  # keeps the pinned source alive until the copy has finished
+    started: float  # perf_counter() when the copy was queued
+    refs: int = 0  # running requests that use it
+    last_used: float = 0.0
+    # Copied for a waiting request that has not claimed it yet: spared by eviction while that
+    # request still waits, or copies for different waiting requests would evict each other.
+    fresh: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterEntry:
+    """What ListAdapters reports for one adapter."""
+
+    adapter_id: str
+    residency: str  # "gpu" (device, whatever the device is), "host" or "disk"
+    rank: int
+    size_bytes: int
+    digest: str
+    last_used: float
+    targets: tuple[str, ...]
+
+
+def device_budget_bytes(adapter_memory_mb: int) -> int:
+    """Device bytes the adapter cache may hold (what the KV planner sets aside): resident
+    adapters of every version never exceed it, copies in flight included."""
+    return adapter_memory_mb * 2**20
