@@ -33,6 +33,10 @@ class Schedule:
         return not self.decode and not self.prefill
 
 
+# How long a request may wait for its adapter while later requests overtake it.
+ADAPTER_WAIT_BARRIER_S = 2.0
+
+
 class Scheduler:
     """FCFS admission with a token budget; engine thread only."""
 
@@ -64,10 +68,23 @@ class Scheduler:
 
     def schedule(self) -> Schedule:
         out = Schedule()
-        self.adapters.want({s.adapter_id for s in self.waiting if s.adapter_id})
+        self.adapters.want(self._wanted_adapters())
         self._grow_running(out)
         self._admit(out)
         return out
+
+    def _wanted_adapters(self) -> set[str]:
+        """Adapters of waiting requests, in order, up to the first one past the wait barrier:
+        copies made for requests behind it must not hold the room its adapter needs."""
+        wanted: set[str] = set()
+        now = time.monotonic()
+        for seq in self.waiting:
+            if not seq.adapter_id:
+                continue
+            wanted.add(seq.adapter_id)
+            if not seq.holds_adapter and now - seq.req.arrival >= ADAPTER_WAIT_BARRIER_S:
+                break
+        return wanted
 
     def _grow_running(self, out: Schedule) -> None:
         """Gives each running request a page for its next token, evicting the newest if needed."""
@@ -104,7 +121,11 @@ class Scheduler:
                     out.failed.append((seq, claimed))
                     continue
                 if claimed is None:
-                    continue  # still loading: later requests may go ahead
+                    if time.monotonic() - seq.req.arrival < ADAPTER_WAIT_BARRIER_S:
+                        continue  # still loading: later requests may go ahead
+                    # Waited too long: admit no one behind it, so the adapters of running
+                    # requests fall idle and one can be evicted to make room for its adapter.
+                    break
             # The prompt's pages now, plus room for the first generated token.
             need = pages_for(len(seq.token_ids) + 1, self.page_size)
             got = self.pool.alloc(need)
