@@ -214,15 +214,22 @@ def test_cancelled_stream_frees_kv_pages(cluster) -> None:
         )
         call = stub.Generate(req, timeout=60)
         next(call)
-        assert snapshot(cluster["shard"]).kv_pages_free < total
+        # Load snapshots are published once per step: the first one may predate the request.
+        held = poll_snapshot(cluster["shard"], lambda s: s.kv_pages_free < total)
+        assert held.kv_pages_free < total
         call.cancel()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        snap = snapshot(cluster["shard"])
-        if snap.kv_pages_free == total and snap.running == 0:
-            break
+    freed = poll_snapshot(cluster["shard"], lambda s: s.kv_pages_free == total and not s.running)
+    assert freed.kv_pages_free == total and freed.running == 0
+
+
+def poll_snapshot(address: str, done, timeout: float = 10.0):
+    """The shard's load snapshot once `done(snapshot)` holds, or the last one at the timeout."""
+    deadline = time.monotonic() + timeout
+    snap = snapshot(address)
+    while not done(snap) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert snap.kv_pages_free == total and snap.running == 0
+        snap = snapshot(address)
+    return snap
 
 
 # Series that appear only after a migration or an eviction, which this traffic does not cause.
