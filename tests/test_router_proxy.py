@@ -59,9 +59,11 @@ def test_deadline_reaches_the_shard(fleet):
 
 
 def test_deadline_expiry_ends_the_shard_call(fleet):
+    # 500 tokens take 5 s; 1.5 s leaves a loaded machine time to reach the shard first.
     with pytest.raises(grpc.RpcError) as raised:
-        generate(fleet.router.stub, "too slow", tokens=500, request_id="deadline-2", timeout=0.5)
+        generate(fleet.router.stub, "too slow", tokens=500, request_id="deadline-2", timeout=1.5)
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [e for f in fleet.fakes for e in f.events("start", "deadline-2")]
     wait_until(
         lambda: [e for f in fleet.fakes for e in f.events("cancelled", "deadline-2")],
         "the shard to see its call end",
