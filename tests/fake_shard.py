@@ -67,6 +67,9 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
         self.pages: dict[str, int] = {}
         self.draining = False
         self.sequence = 0
+        # Bumped on every change; WatchLoad compares it so a change made while it was busy
+        # sending is not missed until the next one-second tick.
+        self.version = 0
         self.changed = asyncio.Condition()
 
     def snapshot(self) -> shard_pb2.LoadSnapshot:
@@ -87,15 +90,19 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
 
     async def notify(self) -> None:
         async with self.changed:
+            self.version += 1
             self.changed.notify_all()
 
     async def WatchLoad(self, request, context):
         """Snapshot now, on every change, and at least every second."""
         while True:
+            sent = self.version
             yield shard_pb2.WatchLoadResponse(snapshot=self.snapshot())
             async with self.changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), 1.0)
+                    await asyncio.wait_for(
+                        self.changed.wait_for(lambda sent=sent: self.version != sent), 1.0
+                    )
 
     async def Generate(self, request, context):
         """Deterministic tokens every `--token-delay-s`; resumes exactly; scripted failures."""
