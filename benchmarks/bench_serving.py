@@ -233,7 +233,9 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
 
     tiny = write_tiny(workdir / "tiny")
     shard_port, router_port = _free_port(), _free_port()
-    env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json"}
+    # One torch thread: on a small machine the shard's parallel matmuls otherwise stall whenever
+    # the router or the client takes a core, which would be charged to the router.
+    env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
     common = {"cwd": REPO, "env": env, "stderr": subprocess.STDOUT}
     procs: list[subprocess.Popen] = []
     try:
