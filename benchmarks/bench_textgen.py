@@ -19,21 +19,28 @@ distinct adapters' bytes over the measured copy bandwidth. Writes JSON and a PNG
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
-import random
 import statistics
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_sgmv import adapters_of_rows
+from benchmarks.peft_baseline import peft_results, write_adapters
 from benchmarks.timing import copy_bandwidth, git_commit, median_ms
+from benchmarks.workloads import (
+    POPULARITY,
+    SHAPES,
+    Lengths,
+    Result,
+    Workload,
+    format_row,
+    make_workload,
+)
 from shard.__main__ import build_engine
 from shard.config import parse_config
 from shard.decode_graphs import table_width
@@ -46,89 +53,19 @@ from shard.sequence import EngineRequest, StepOutput, StopParams
 from shard.step_plan import StepPlan
 from shard.tiny import write_tokenizer
 
-POPULARITY = ("distinct", "uniform", "skewed", "identical")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SHAPES = {
-    "llama2-7b": {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-        "max_position_embeddings": 4096,
-    },
-    # For a CPU smoke run of the whole benchmark (tests/test_bench_textgen.py).
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 512,
-        "max_position_embeddings": 512,
-    },
-}
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    name: str  # popularity case
-    prompts: list[list[int]]
-    outputs: list[int]  # new tokens per request
-    adapters: list[str]  # per request; "" = base model
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts)
-
-    def on_base(self) -> Workload:
-        return Workload(self.name, self.prompts, self.outputs, [""] * len(self.prompts))
-
-
-@dataclass(slots=True)
-class Result:
-    system: str  # lorafleet | lorafleet-base | peft | hf-base
-    case: str
-    batch: int
-    tokens_per_s: float  # generated tokens over wall time, prefill included
-    decode_tokens_per_s: float  # batch / decode step
-    step_ms: float  # decode step: p50 inter-token latency (lorafleet) or timed (transformers)
-    ttft_p50_ms: float
-    ttft_p99_ms: float
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-Lengths = tuple[tuple[int, int], tuple[int, int]]  # (prompt lo, hi), (output lo, hi)
-
-
-def make_workload(
-    case: str, batch: int, adapters: int, seed: int, lengths: Lengths, vocab: int
-) -> Workload:
-    """Seeded prompts (random ids) and output lengths; adapters by Punica's popularity."""
-    rng = random.Random(f"{seed}-{case}-{batch}")
-    (p_lo, p_hi), (o_lo, o_hi) = lengths
-    prompts = [
-        [rng.randrange(3, vocab) for _ in range(rng.randint(p_lo, p_hi))] for _ in range(batch)
-    ]
-    outputs = [rng.randint(o_lo, o_hi) for _ in range(batch)]
-    picks = adapters_of_rows(case, batch, rng)
-    if max(picks) >= adapters:
-        raise ValueError(f"{case} at batch {batch} needs {max(picks) + 1} adapters ({adapters})")
-    rng.shuffle(picks)
-    return Workload(case, prompts, outputs, [f"a{i}" for i in picks])
-
 
 class Timings:
-    """Arrival time of every token of one request (called on the engine thread)."""
+    """Tokens of one request and when each arrived (called on the engine thread)."""
 
     def __init__(self) -> None:
+        self.tokens: list[int] = []
         self.times: list[float] = []
         self.done = threading.Event()
         self.error: str | None = None
 
     def __call__(self, out: StepOutput) -> None:
         now = time.perf_counter()
+        self.tokens.extend(out.token_ids)
         self.times.extend(now for _ in out.token_ids)
         if out.error is not None:
             self.error = str(out.error)
@@ -136,14 +73,16 @@ class Timings:
             self.done.set()
 
 
-def run_lorafleet(engine: Engine, work: Workload, system: str) -> Result:
+def submit_workload(engine: Engine, work: Workload, tag: str) -> tuple[list[Timings], float, float]:
+    """Submits every request of the workload at once (greedy, exact output lengths) and waits
+    for all: (per-request timings, start perf_counter, wall seconds)."""
     start = time.perf_counter()
     sinks = [Timings() for _ in work.prompts]
     for i, (prompt, new, adapter) in enumerate(
         zip(work.prompts, work.outputs, work.adapters, strict=True)
     ):
         req = EngineRequest(
-            request_id=f"{system}-{work.name}-{i}-{start}",
+            request_id=f"{tag}-{i}-{start}",
             adapter_id=adapter,
             prompt_ids=tuple(prompt),
             sampling=SamplingParams(),
@@ -153,7 +92,11 @@ def run_lorafleet(engine: Engine, work: Workload, system: str) -> Result:
     for sink in sinks:
         if not sink.done.wait(600) or sink.error:
             raise RuntimeError(f"request failed: {sink.error}")
-    wall = time.perf_counter() - start
+    return sinks, start, time.perf_counter() - start
+
+
+def run_lorafleet(engine: Engine, work: Workload, system: str) -> Result:
+    sinks, start, wall = submit_workload(engine, work, f"{system}-{work.name}")
     ttft = sorted((s.times[0] - start) * 1e3 for s in sinks)
     gaps = [b - a for s in sinks for a, b in zip(s.times, s.times[1:], strict=False)]
     step = statistics.median(gaps) * 1e3
@@ -217,129 +160,6 @@ def hbm_floor_ms(state: RankState, work: Workload, context: int, bandwidth: floa
     return (weights + kv + adapters) / bandwidth * 1e3
 
 
-def peft_results(
-    model_dir: Path, adapter_dir: Path, works: list[Workload], new_tokens: int, device: str
-) -> list[Result]:
-    """transformers + PEFT generate over the same adapters, mixed in one batch by
-    `adapter_names`; decode step = median gap between generated steps, timed by a streamer."""
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    names = sorted({a for w in works for a in w.adapters if a}, key=lambda a: int(a[1:]))
-    model = PeftModel.from_pretrained(base, adapter_dir / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(adapter_dir / name, adapter_name=name)
-    model.eval()
-    out: list[Result] = []
-
-    def timed(work: Workload, k: int, adapters: list[str] | None) -> TokenClock:
-        width = max(len(p) for p in work.prompts)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in work.prompts], device=device)
-        mask = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in work.prompts], device=device
-        )
-        gen = GenerationConfig(
-            max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=-1, pad_token_id=0
-        )
-        kwargs = {"adapter_names": adapters} if adapters is not None else {}
-        clock = TokenClock()
-        with torch.no_grad():
-            model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=gen, streamer=clock, **kwargs
-            )
-        clock.end()
-        return clock
-
-    for work in works:
-        systems = [("peft", work.adapters)]
-        if work.name == POPULARITY[0]:
-            systems.append(("hf-base", None))
-        for system, adapters in systems:
-            with contextlib.ExitStack() as stack:
-                if adapters is None:
-                    stack.enter_context(model.disable_adapter())
-                timed(work, 2, adapters)  # warm-up
-                clock = timed(work, 1 + new_tokens, adapters)
-            step = statistics.median(clock.gaps)
-            out.append(
-                Result(
-                    system=system,
-                    case=work.name,
-                    batch=len(work.prompts),
-                    tokens_per_s=len(work.prompts) * (1 + new_tokens) / clock.total,
-                    decode_tokens_per_s=len(work.prompts) / step,
-                    step_ms=step * 1e3,
-                    ttft_p50_ms=clock.ttft * 1e3,
-                    ttft_p99_ms=clock.ttft * 1e3,
-                )
-            )
-            print(_row(out[-1]), flush=True)
-    return out
-
-
-class TokenClock:
-    """A transformers streamer that only timestamps: `generate` calls put() once with the
-    prompt, then once per generated step (every row's token together)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if value.is_cuda:
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        self.finish = time.perf_counter()
-
-    @property
-    def ttft(self) -> float:
-        return self.times[1] - self.start  # times[0] is the prompt
-
-    @property
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.times[1:], self.times[2:], strict=False)]
-
-    @property
-    def total(self) -> float:
-        return self.finish - self.start
-
-
-def write_adapters(model_dir: Path, adapter_dir: Path, count: int, rank: int, device: str) -> None:
-    """`count` PEFT folders a0..a{count-1}: rank `rank` on all seven projections, random A and B
-    (generated on the GPU), written by PEFT itself from a meta-device copy of the base."""
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config)
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0)
-    peft_model = get_peft_model(base, lora)
-    shapes = {
-        name.replace(".default", ""): tuple(p.shape)
-        for name, p in peft_model.named_parameters()
-        if "lora_" in name
-    }
-    gen = torch.Generator(device).manual_seed(1)
-    for i in range(count):
-        folder = adapter_dir / f"a{i}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            name: (torch.randn(shape, generator=gen, device=device) * 0.01).to(torch.bfloat16).cpu()
-            for name, shape in shapes.items()
-        }
-        save_file(tensors, folder / "adapter_model.safetensors")
-        lora.base_model_name_or_path = str(model_dir)
-        lora.save_pretrained(folder)
-
-
 def write_model_dir(model_dir: Path, shape: dict[str, int]) -> None:
     """config.json of the shape plus a tokenizer; no weights (`--load-format dummy`)."""
     from transformers import LlamaConfig
@@ -347,14 +167,6 @@ def write_model_dir(model_dir: Path, shape: dict[str, int]) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     write_tokenizer(model_dir)
     LlamaConfig(**shape, rms_norm_eps=1e-5, dtype="bfloat16").save_pretrained(model_dir)
-
-
-def _row(r: Result) -> str:
-    return (
-        f"{r.system:15s} {r.case:9s} B={r.batch:3d}  {r.tokens_per_s:9.1f} tok/s  "
-        f"decode {r.decode_tokens_per_s:9.1f} tok/s  step {r.step_ms:8.2f} ms  "
-        f"TTFT p50 {r.ttft_p50_ms:8.1f} ms"
-    )
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -454,10 +266,10 @@ def main(argv: list[str] | None = None) -> dict:
         context = (p_lo + p_hi + o_lo + o_hi) // 2
         for work in works:
             results.append(run_lorafleet(engine, work, "lorafleet"))
-            print(_row(results[-1]), flush=True)
+            print(format_row(results[-1]), flush=True)
             if work.name == POPULARITY[0]:
                 results.append(run_lorafleet(engine, work.on_base(), "lorafleet-base"))
-                print(_row(results[-1]), flush=True)
+                print(format_row(results[-1]), flush=True)
             forward = decode_forward_ms(state, work, context)
             entry = {"case": work.name, "batch": work.batch, "context": context}
             entry["forward_ms"] = forward

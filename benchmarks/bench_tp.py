@@ -28,7 +28,6 @@ import queue
 import socket
 import statistics
 import tempfile
-import threading
 import time
 import traceback
 from collections import Counter
@@ -39,13 +38,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_textgen import SHAPES, Workload, make_workload, write_adapters
+from benchmarks.bench_textgen import submit_workload
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
+from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import git_commit, median_ms
+from benchmarks.workloads import SHAPES, Workload, make_workload
 from shard.config import parse_config
 from shard.kv_cache import KvCache, pages_for
-from shard.sampling import SamplingParams
-from shard.sequence import EngineRequest, StepOutput, StopParams
 from shard.step_plan import StepPlan
 
 SHAPE_70B = {
@@ -69,44 +68,9 @@ class EngineJob:
     context: int  # of the timed decode forward; 0: no timing
 
 
-class Sink:
-    """Token ids and arrival times of one request (called on the engine thread)."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.times: list[float] = []
-        self.error: str | None = None
-        self.finished = threading.Event()
-
-    def __call__(self, out: StepOutput) -> None:
-        now = time.perf_counter()
-        self.tokens.extend(out.token_ids)
-        self.times.extend(now for _ in out.token_ids)
-        if out.error is not None:
-            self.error = str(out.error)
-        if out.final:
-            self.finished.set()
-
-
 def run_work(engine, work: Workload, tag: str) -> dict:
     """Submits the whole workload at once and waits; tokens, tokens/s and step time."""
-    start = time.perf_counter()
-    sinks = [Sink() for _ in work.prompts]
-    for i, (prompt, new, adapter) in enumerate(
-        zip(work.prompts, work.outputs, work.adapters, strict=True)
-    ):
-        req = EngineRequest(
-            request_id=f"{tag}-{i}-{start}",
-            adapter_id=adapter,
-            prompt_ids=tuple(prompt),
-            sampling=SamplingParams(),
-            stopping=StopParams(max_new_tokens=new, ignore_eos=True),
-        )
-        engine.submit(req, sinks[i])
-    for sink in sinks:
-        if not sink.finished.wait(600) or sink.error:
-            raise RuntimeError(f"request failed: {sink.error}")
-    wall = time.perf_counter() - start
+    sinks, _, wall = submit_workload(engine, work, tag)
     gaps = [b - a for s in sinks for a, b in zip(s.times, s.times[1:], strict=False)]
     step = statistics.median(gaps)
     return {

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.bench_textgen import POPULARITY, main
+from benchmarks.bench_textgen import main
+from benchmarks.workloads import POPULARITY
 
 
 def test_bench_textgen_smoke(tmp_path) -> None:

@@ -1,0 +1,89 @@
+"""What the text-generation benchmarks run: model shapes, Punica's adapter popularities, seeded
+workloads, and the result rows every system reports."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from benchmarks.bench_sgmv import adapters_of_rows
+
+POPULARITY = ("distinct", "uniform", "skewed", "identical")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {
+    "llama2-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    },
+    # For a CPU smoke run of the whole benchmark (tests/test_bench_textgen.py).
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+        "max_position_embeddings": 512,
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str  # popularity case
+    prompts: list[list[int]]
+    outputs: list[int]  # new tokens per request
+    adapters: list[str]  # per request; "" = base model
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    def on_base(self) -> Workload:
+        return Workload(self.name, self.prompts, self.outputs, [""] * len(self.prompts))
+
+
+@dataclass(slots=True)
+class Result:
+    system: str  # lorafleet | lorafleet-base | peft | hf-base
+    case: str
+    batch: int
+    tokens_per_s: float  # generated tokens over wall time, prefill included
+    decode_tokens_per_s: float  # batch / decode step
+    step_ms: float  # decode step: p50 inter-token latency (lorafleet) or timed (transformers)
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+Lengths = tuple[tuple[int, int], tuple[int, int]]  # (prompt lo, hi), (output lo, hi)
+
+
+def make_workload(
+    case: str, batch: int, adapters: int, seed: int, lengths: Lengths, vocab: int
+) -> Workload:
+    """Seeded prompts (random ids) and output lengths; adapters by Punica's popularity."""
+    rng = random.Random(f"{seed}-{case}-{batch}")
+    (p_lo, p_hi), (o_lo, o_hi) = lengths
+    prompts = [
+        [rng.randrange(3, vocab) for _ in range(rng.randint(p_lo, p_hi))] for _ in range(batch)
+    ]
+    outputs = [rng.randint(o_lo, o_hi) for _ in range(batch)]
+    picks = adapters_of_rows(case, batch, rng)
+    if max(picks) >= adapters:
+        raise ValueError(f"{case} at batch {batch} needs {max(picks) + 1} adapters ({adapters})")
+    rng.shuffle(picks)
+    return Workload(case, prompts, outputs, [f"a{i}" for i in picks])
+
+
+def format_row(r: Result) -> str:
+    return (
+        f"{r.system:15s} {r.case:9s} B={r.batch:3d}  {r.tokens_per_s:9.1f} tok/s  "
+        f"decode {r.decode_tokens_per_s:9.1f} tok/s  step {r.step_ms:8.2f} ms  "
+        f"TTFT p50 {r.ttft_p50_ms:8.1f} ms"
+    )
