@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generate_pb2, generate_pb2_grpc
+from router.health_probe import wait_serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,20 +192,8 @@ def _target_info(target: str) -> tuple[tuple[str, ...], int]:
 
 
 def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{address}: the process exited with {proc.returncode}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{address} did not serve within {timeout_s} s")
+    if (why := wait_serving(address, proc, timeout_s)) is not None:
+        raise RuntimeError(why)
 
 
 def _free_port() -> int:

@@ -21,12 +21,12 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from protos import generate_pb2, generate_pb2_grpc
+from router.health_probe import wait_serving as probe_serving
 
 PROMPT = "Once upon a time, in a land far away,"
 MAX_STREAMS = 6
@@ -111,20 +111,8 @@ def free_port() -> int:
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
     """Waits until `address` reports health SERVING; fails early if the process dies."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"demo: {address} exited early; see {log}")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise SystemExit(f"demo: {address} did not serve within {timeout:.0f} s; see {log}")
+    if (why := probe_serving(address, proc, timeout)) is not None:
+        raise SystemExit(f"demo: {why}; see {log}")
 
 
 @dataclass(slots=True)

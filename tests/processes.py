@@ -7,11 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from router.health_probe import wait_serving as probe_serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,20 +33,8 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_serving(address: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{address} exited early:\n{log.read_text()[-3000:]}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{address} not SERVING after {timeout}s:\n{log.read_text()[-3000:]}")
+    if (why := probe_serving(address, proc, timeout)) is not None:
+        raise RuntimeError(f"{why}:\n{log.read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
