@@ -29,12 +29,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.__main__ import SERVICES, loading_health
 from shard.config import parse_config
+from tests.fleet import wait_until
 from tests.processes import free_port, shard_args, start, stop, wait_serving
 
 pytestmark = pytest.mark.slow
 
 # The test's terminationGracePeriodSeconds: a drained shard or router must be gone by then.
 GRACE_S = 15.0
+# Seconds any one wait of the test may take.
+WAIT_S = 20.0
 SHARD_SERVICE = shard_pb2.DESCRIPTOR.services_by_name["Shard"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -97,15 +100,6 @@ def jobs_for(tiny, count: int, new_tokens: int) -> list[Job]:
     ]
 
 
-def wait_until(check: Callable[[], object], what: str, timeout: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def running(address: str) -> int:
     """The shard's running batch size from a fresh WatchLoad stream (0 if it cannot answer)."""
     try:
@@ -134,7 +128,9 @@ class HealthPoller:
         self.seen = {s: [] for s in self.services}
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
-        wait_until(lambda: all(self.seen.values()), f"a first health answer from {self.address}")
+        wait_until(
+            lambda: all(self.seen.values()), f"a first health answer from {self.address}", WAIT_S
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -199,7 +195,9 @@ def test_sigterm_shard_under_load_drains_without_failing_a_stream(
             )
         )
     router = launch("router", *(f"--shard={s.address}" for s in shards))
-    wait_until(lambda: all(running(s.address) == 0 for s in shards), "both shards to answer")
+    wait_until(
+        lambda: all(running(s.address) == 0 for s in shards), "both shards to answer", WAIT_S
+    )
     jobs = jobs_for(tiny, 12, 160)
     with ThreadPoolExecutor(6) as pool:
         undisturbed = [d.tokens for d in pool.map(lambda j: run(router.address, j), jobs)]
@@ -209,6 +207,7 @@ def test_sigterm_shard_under_load_drains_without_failing_a_stream(
         victim = wait_until(
             lambda: next((s for s in shards if running(s.address) >= 2), None),
             "a shard running two or more streams",
+            WAIT_S,
         )
         with HealthPoller(victim.address, ("", SHARD_SERVICE)) as health:
             victim.proc.send_signal(signal.SIGTERM)
@@ -239,7 +238,7 @@ def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny
         "--shutdown-grace-s=30",
         f"--metrics-port={metrics_port}",
     )
-    wait_until(lambda: running(shard.address) == 0, "the shard to answer")
+    wait_until(lambda: running(shard.address) == 0, "the shard to answer", WAIT_S)
     jobs = jobs_for(tiny, 10, 200)
 
     def queued_in_router() -> float:
@@ -269,7 +268,7 @@ def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny
 
     with ThreadPoolExecutor(12) as pool:
         watcher = pool.submit(watch_router_health)
-        wait_until(lambda: statuses, "the router's health watch")
+        wait_until(lambda: statuses, "the router's health watch", WAIT_S)
         futures = [pool.submit(run, router.address, job) for job in jobs]
 
         # Every call is inside the router before the signal: done, on the shard, or queued.
@@ -277,9 +276,9 @@ def test_sigterm_router_refuses_new_calls_and_finishes_open_streams(launch, tiny
             queued, done = queued_in_router(), sum(f.done() for f in futures)
             return queued >= 2 and queued + running(shard.address) + done == len(jobs)
 
-        wait_until(all_inside, "every call to be inside the router, some queued")
+        wait_until(all_inside, "every call to be inside the router, some queued", WAIT_S)
         router.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: NOT_SERVING in statuses, "the router to report NOT_SERVING")
+        wait_until(lambda: NOT_SERVING in statuses, "the router to report NOT_SERVING", WAIT_S)
         refused_at = refused()
         results = [f.result(timeout=90) for f in futures]
         watcher.result(timeout=10)

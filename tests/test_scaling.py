@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import pytest
 from dnslib.server import DNSLogger, DNSServer
 
 from protos import generate_pb2, generate_pb2_grpc
+from tests.fleet import wait_until
 from tests.processes import free_port, shard_args, start, stop, wait_serving
 
 pytestmark = pytest.mark.slow
@@ -32,6 +32,8 @@ pytestmark = pytest.mark.slow
 NAME = "lorafleet-shard.test"
 NEW_TOKENS = 40
 CLIENTS = 6
+# Seconds any one wait of the test may take.
+WAIT_S = 60.0
 
 
 class Zone:
@@ -108,13 +110,6 @@ def run(address: str, adapter: str, prompt: tuple[int, ...]) -> list[int]:
         return [t for m in stub.Generate(request, timeout=60) for t in m.token_ids]
 
 
-def wait_until(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path):
     dns, dns_port = zone
     port = pod_port()
@@ -146,7 +141,7 @@ def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path
 
         adapters = [*tiny.adapter_ids, ""]
         jobs = [(adapters[i % len(adapters)], (50 + i, 60, 70 + i)) for i in range(CLIENTS)]
-        wait_until(lambda: _serves(router_address), "the router to see the first shard")
+        wait_until(lambda: _serves(router_address), "the router to see the first shard", WAIT_S)
         expected = {job: run(router_address, *job) for job in jobs}
 
         done: list[tuple[str, tuple[int, ...]]] = []
@@ -168,7 +163,7 @@ def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path
             for job in jobs:
                 pool.submit(client, job)
             try:
-                wait_until(lambda: len(done) >= CLIENTS, "the load to run on one shard")
+                wait_until(lambda: len(done) >= CLIENTS, "the load to run on one shard", WAIT_S)
                 # Scale out: the new pods are published at once, before they have loaded, which
                 # is harsher than Kubernetes (which lists only ready pods): the router must wait
                 # for SERVING on its own.
@@ -180,6 +175,7 @@ def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path
                 wait_until(
                     lambda: all(pod.finished_requests() >= 3 for pod in added),
                     "the new shards to finish requests",
+                    WAIT_S,
                 )
             finally:
                 stop_load.set()
