@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import dnslib
 import grpc
 import pytest
+from dnslib.server import DNSLogger, DNSServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
@@ -222,6 +225,42 @@ def launch(tmp_path_factory) -> Iterator[Callable[..., Process]]:
                 process.proc.send_signal(signal.SIGTERM)
         for process in reversed(started):
             process.stop()
+
+
+class Zone:
+    """A DNS resolver answering one name with a changeable list of A records, like the shards'
+    headless Service."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.addresses: list[str] = []
+        self.lock = threading.Lock()
+
+    def resolve(self, request: dnslib.DNSRecord, handler: object) -> dnslib.DNSRecord:
+        reply = request.reply()
+        if str(request.q.qname).rstrip(".") != self.name:
+            reply.header.rcode = dnslib.RCODE.NXDOMAIN
+            return reply
+        with self.lock:
+            for address in self.addresses:
+                reply.add_answer(dnslib.RR(request.q.qname, rdata=dnslib.A(address), ttl=1))
+        return reply
+
+    def publish(self, address: str) -> None:
+        with self.lock:
+            self.addresses.append(address)
+
+
+@pytest.fixture
+def dns() -> Iterator[tuple[Zone, int]]:
+    """A DNS server on a loopback port answering `shards.lorafleet.test`: (its zone, its port)."""
+    zone = Zone("shards.lorafleet.test")
+    server = DNSServer(zone, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda _: None))
+    server.start_thread()
+    try:
+        yield zone, server.server.server_address[1]
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -2,51 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import dnslib
-import pytest
-from dnslib.server import DNSLogger, DNSServer
-
-from tests.fleet import (
-    Fake,
-    Router,
-    assert_exact,
-    generate,
-    wait_until,
-)
-
-
-class Zone:
-    """A DNS resolver answering one name with a changeable list of A records."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.addresses: list[str] = []
-        self.lock = threading.Lock()
-
-    def resolve(self, request: dnslib.DNSRecord, handler) -> dnslib.DNSRecord:
-        reply = request.reply()
-        if str(request.q.qname).rstrip(".") != self.name:
-            reply.header.rcode = dnslib.RCODE.NXDOMAIN
-            return reply
-        with self.lock:
-            for address in self.addresses:
-                reply.add_answer(dnslib.RR(request.q.qname, rdata=dnslib.A(address), ttl=1))
-        return reply
-
-
-@pytest.fixture
-def dns() -> Iterator[tuple[Zone, int]]:
-    zone = Zone("shards.lorafleet.test")
-    server = DNSServer(zone, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda _: None))
-    server.start_thread()
-    try:
-        yield zone, server.server.server_address[1]
-    finally:
-        server.stop()
+from tests.fleet import Fake, Router, assert_exact, generate, wait_until
 
 
 def test_dns_discovery_adds_and_removes_shards_while_requests_run(launch, dns):

@@ -13,15 +13,12 @@ import socket
 import subprocess
 import threading
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import dnslib
 import grpc
 import pytest
-from dnslib.server import DNSLogger, DNSServer
 
 from protos import generate_pb2, generate_pb2_grpc
 from tests.fleet import wait_until
@@ -29,44 +26,10 @@ from tests.processes import free_port, shard_args, start, stop, wait_serving
 
 pytestmark = pytest.mark.slow
 
-NAME = "lorafleet-shard.test"
 NEW_TOKENS = 40
 CLIENTS = 6
 # Seconds any one wait of the test may take.
 WAIT_S = 60.0
-
-
-class Zone:
-    """Answers A queries for NAME with the current pod addresses, like a headless Service."""
-
-    def __init__(self) -> None:
-        self.addresses: list[str] = []
-        self.lock = threading.Lock()
-
-    def resolve(self, request: dnslib.DNSRecord, handler: object) -> dnslib.DNSRecord:
-        reply = request.reply()
-        if str(request.q.qname).rstrip(".") != NAME:
-            reply.header.rcode = dnslib.RCODE.NXDOMAIN
-            return reply
-        with self.lock:
-            for address in self.addresses:
-                reply.add_answer(dnslib.RR(request.q.qname, rdata=dnslib.A(address), ttl=1))
-        return reply
-
-    def publish(self, address: str) -> None:
-        with self.lock:
-            self.addresses.append(address)
-
-
-@pytest.fixture
-def zone() -> Iterator[tuple[Zone, int]]:
-    zone = Zone()
-    server = DNSServer(zone, address="127.0.0.1", port=0, logger=DNSLogger(logf=lambda _: None))
-    server.start_thread()
-    try:
-        yield zone, server.server.server_address[1]
-    finally:
-        server.stop()
 
 
 @dataclass
@@ -110,8 +73,8 @@ def run(address: str, adapter: str, prompt: tuple[int, ...]) -> list[int]:
         return [t for m in stub.Generate(request, timeout=60) for t in m.token_ids]
 
 
-def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path):
-    dns, dns_port = zone
+def test_shards_added_behind_the_dns_name_take_new_requests(tiny, dns, tmp_path):
+    zone, dns_port = dns
     port = pod_port()
     pods: list[Pod] = []
 
@@ -129,8 +92,8 @@ def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path
     try:
         first = start_pod("127.0.0.2")
         wait_serving(f"127.0.0.2:{port}", first.proc, first.log)
-        dns.publish("127.0.0.2")
-        discovery = [f"--shard-dns={NAME}:{port}", f"--dns-server=127.0.0.1:{dns_port}"]
+        zone.publish("127.0.0.2")
+        discovery = [f"--shard-dns={zone.name}:{port}", f"--dns-server=127.0.0.1:{dns_port}"]
         timing = ["--resolve-interval-s=0.2", "--queue-timeout-s=60"]
         router = start(
             ["router", "--host", "127.0.0.1", "--port", str(router_port), *discovery, *timing],
@@ -169,7 +132,7 @@ def test_shards_added_behind_the_dns_name_take_new_requests(tiny, zone, tmp_path
                 # for SERVING on its own.
                 added = [start_pod(host) for host in ("127.0.0.3", "127.0.0.4")]
                 for pod in added:
-                    dns.publish(pod.host)
+                    zone.publish(pod.host)
                 for pod in added:
                     wait_serving(f"{pod.host}:{port}", pod.proc, pod.log)
                 wait_until(
