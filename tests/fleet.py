@@ -26,9 +26,9 @@ import dnslib
 import grpc
 import pytest
 from dnslib.server import DNSLogger, DNSServer
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+from router.health_probe import wait_serving
 from tests.fake_shard import expected_tokens, token_text
 from tests.processes import REPO, free_port, shard_args
 
@@ -135,15 +135,8 @@ class Shard(Process):
         )
 
     def wait_serving(self) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            serving = health_pb2.HealthCheckResponse.SERVING
-
-            def ready() -> bool:
-                assert self.proc.poll() is None, f"{self.name} exited:\n{self.output()}"
-                return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == serving
-
-            wait_until(ready, f"shard {self.name} to serve", SHARD_START_TIMEOUT_S)
+        why = wait_serving(self.address, self.proc, SHARD_START_TIMEOUT_S)
+        assert why is None, f"shard {self.name}: {why}:\n{self.output()}"
 
     def snapshot(self) -> shard_pb2.LoadSnapshot:
         return load_snapshot(self.address)
@@ -175,13 +168,8 @@ class Router(Process):
         self.address = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.stub = generate_pb2_grpc.GeneratorStub(self.channel)
-        health = health_pb2_grpc.HealthStub(self.channel)
-        serving = health_pb2.HealthCheckResponse.SERVING
-        wait_until(
-            lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == serving,
-            f"router {name} to serve",
-            START_TIMEOUT_S,
-        )
+        why = wait_serving(self.address, self.proc, START_TIMEOUT_S)
+        assert why is None, f"router {name}: {why}:\n{self.output()}"
 
     def shards(self) -> list[str]:
         try:
