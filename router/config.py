@@ -105,23 +105,20 @@ class RouterConfig:
             raise ConfigError(f"--metrics-port {self.metrics_port} is outside 1..65535")
         if self.metrics_port == self.port:
             raise ConfigError(f"--metrics-port and --port are both {self.port}")
-        if self.queue_size < 0:
-            raise ConfigError(f"--queue-size must be >= 0, got {self.queue_size}")
         for name, value in (
-            ("--queue-timeout-s", self.queue_timeout_s),
-            ("--resolve-interval-s", self.resolve_interval_s),
+            ("--queue-size", self.queue_size),
+            ("--shutdown-grace-s", self.shutdown_grace_s),
+            ("--max-migrations", self.max_migrations),
         ):
-            if not value > 0:
-                raise ConfigError(f"{name} must be > 0, got {value}")
-        if self.shutdown_grace_s < 0:
-            raise ConfigError(f"--shutdown-grace-s must be >= 0, got {self.shutdown_grace_s}")
-        if self.max_migrations < 0:
-            raise ConfigError(f"--max-migrations must be >= 0, got {self.max_migrations}")
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if self.max_connection_age_s < 0:
             raise ConfigError(
                 f"--max-connection-age-s must be >= 0 (0: never), got {self.max_connection_age_s}"
             )
         for name, value in (
+            ("--queue-timeout-s", self.queue_timeout_s),
+            ("--resolve-interval-s", self.resolve_interval_s),
             ("--max-connection-age-grace-s", self.max_connection_age_grace_s),
             ("--shard-keepalive-s", self.shard_keepalive_s),
             ("--shard-keepalive-timeout-s", self.shard_keepalive_timeout_s),
