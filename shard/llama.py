@@ -16,6 +16,7 @@ from shard.layers.attention import PagedAttention
 from shard.layers.embedding import VocabParallel
 from shard.layers.linear import MergedColumnLinear, RowLinear
 from shard.layers.norm import RMSNorm
+from shard.layers.placement import Placement
 from shard.layers.rotary import RotaryEmbedding
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
@@ -39,23 +40,19 @@ class LlamaAttention(nn.Module):
         cfg: ModelConfig,
         layer_idx: int,
         rotary: RotaryEmbedding,
-        group: TPGroup,
-        dtype: torch.dtype,
-        device: torch.device,
+        at: Placement,
     ) -> None:
         super().__init__()
         d = cfg.head_dim
-        self.heads = group.split(cfg.num_heads, "num_attention_heads")
-        self.kv_heads = local_kv_heads(cfg, group)
+        self.heads = at.group.split(cfg.num_heads, "num_attention_heads")
+        self.kv_heads = local_kv_heads(cfg, at.group)
         widths = {
             "q_proj": self.heads * d,
             "k_proj": self.kv_heads * d,
             "v_proj": self.kv_heads * d,
         }
-        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, group, dtype, device)
-        self.o_proj = RowLinear(
-            self.heads * d, cfg.hidden_size, "o_proj", layer_idx, group, dtype, device
-        )
+        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, at)
+        self.o_proj = RowLinear(self.heads * d, cfg.hidden_size, "o_proj", layer_idx, at)
         self.rotary = rotary
         self.attn = PagedAttention(self.heads, self.kv_heads, d)
         self.head_dim = d
@@ -81,22 +78,13 @@ def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
 
 
 class LlamaMLP(nn.Module):
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        layer_idx: int,
-        group: TPGroup,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, at: Placement) -> None:
         super().__init__()
-        inter = group.split(cfg.intermediate_size, "intermediate_size")
+        inter = at.group.split(cfg.intermediate_size, "intermediate_size")
         self.gate_up_proj = MergedColumnLinear(
-            cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, layer_idx, group, dtype, device
+            cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, layer_idx, at
         )
-        self.down_proj = RowLinear(
-            inter, cfg.hidden_size, "down_proj", layer_idx, group, dtype, device
-        )
+        self.down_proj = RowLinear(inter, cfg.hidden_size, "down_proj", layer_idx, at)
         self.inter = inter
 
     def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
@@ -106,19 +94,13 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self,
-        cfg: ModelConfig,
-        layer_idx: int,
-        rotary: RotaryEmbedding,
-        group: TPGroup,
-        dtype: torch.dtype,
-        device: torch.device,
+        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, at: Placement
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, group, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, layer_idx, group, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
+        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, at)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
+        self.mlp = LlamaMLP(cfg, layer_idx, at)
 
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: ForwardMeta
@@ -135,18 +117,19 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = VocabParallel(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
+        at = Placement(group, dtype, device)
+        self.embed_tokens = VocabParallel(cfg.vocab_size, cfg.hidden_size, at)
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, group, dtype, device) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, rotary, at) for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
         self.lm_head = (
             self.embed_tokens
             if cfg.tie_word_embeddings
-            else VocabParallel(cfg.vocab_size, cfg.hidden_size, group, dtype, device)
+            else VocabParallel(cfg.vocab_size, cfg.hidden_size, at)
         )
 
     def forward(

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard.parallel import TPGroup, all_gather_last_dim, all_reduce
+from shard.layers.placement import Placement
+from shard.parallel import all_gather_last_dim, all_reduce
 
 
 class VocabParallel(nn.Module):
@@ -15,16 +16,14 @@ class VocabParallel(nn.Module):
     Used as the token embedding (`embed`) and as the LM head (`logits`); a tied model shares one.
     """
 
-    def __init__(
-        self, vocab_size: int, hidden: int, group: TPGroup, dtype: torch.dtype, device: torch.device
-    ) -> None:
+    def __init__(self, vocab_size: int, hidden: int, at: Placement) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.group = group
-        self.rows = -(-vocab_size // group.size)
-        self.start = group.rank * self.rows
+        self.group = at.group
+        self.rows = -(-vocab_size // at.group.size)
+        self.start = at.group.rank * self.rows
         self.weight = nn.Parameter(
-            torch.zeros(self.rows, hidden, dtype=dtype, device=device), requires_grad=False
+            torch.zeros(self.rows, hidden, dtype=at.dtype, device=at.device), requires_grad=False
         )
 
     def load(self, full: torch.Tensor) -> None:

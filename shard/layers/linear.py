@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shard.layers.lora import GROUP_KEYS, LoraBatch, add_lora, group_key
-from shard.parallel import TPGroup, all_reduce
+from shard.layers.placement import Placement
+from shard.parallel import all_reduce
 
 
 class MergedColumnLinear(nn.Module):
@@ -24,9 +25,7 @@ class MergedColumnLinear(nn.Module):
         in_features: int,
         modules: dict[str, int],
         layer_idx: int,
-        group: TPGroup,
-        dtype: torch.dtype,
-        device: torch.device,
+        at: Placement,
     ) -> None:
         """`modules` maps each HF projection name to its LOCAL output width on this rank, in the
         order of a LORA_GROUPS group."""
@@ -34,7 +33,7 @@ class MergedColumnLinear(nn.Module):
         if group_key(modules) not in GROUP_KEYS:
             raise ValueError(f"{list(modules)} is not a LoRA projection group")
         self.layer_idx = layer_idx
-        self.group = group
+        self.group = at.group
         self.slices: dict[str, slice] = {}
         start = 0
         for name, width in modules.items():
@@ -43,7 +42,7 @@ class MergedColumnLinear(nn.Module):
         self.lora_modules = tuple(modules)
         self.lora_widths = tuple(modules.values())
         self.weight = nn.Parameter(
-            torch.empty(start, in_features, dtype=dtype, device=device), requires_grad=False
+            torch.empty(start, in_features, dtype=at.dtype, device=at.device), requires_grad=False
         )
 
     def load(self, module: str, full: torch.Tensor, rows: torch.Tensor | slice) -> None:
@@ -69,16 +68,15 @@ class RowLinear(nn.Module):
         out_features: int,
         module: str,
         layer_idx: int,
-        group: TPGroup,
-        dtype: torch.dtype,
-        device: torch.device,
+        at: Placement,
     ) -> None:
         super().__init__()
         self.module = module
         self.layer_idx = layer_idx
-        self.group = group
+        self.group = at.group
         self.weight = nn.Parameter(
-            torch.empty(out_features, in_local, dtype=dtype, device=device), requires_grad=False
+            torch.empty(out_features, in_local, dtype=at.dtype, device=at.device),
+            requires_grad=False,
         )
 
     def load(self, full: torch.Tensor, cols: slice) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from shard.fusion import elementwise
+from shard.layers.placement import Placement
 
 
 @elementwise
@@ -19,11 +20,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 like the reference implementation."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, size: int, eps: float, at: Placement) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(
-            torch.ones(size, dtype=dtype, device=device), requires_grad=False
+            torch.ones(size, dtype=at.dtype, device=at.device), requires_grad=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
