@@ -16,6 +16,7 @@ from shard.ops.attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
+from shard.ops.build import ops
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -305,23 +306,21 @@ def test_cuda_graph_replay_equals_eager() -> None:
 @needs_cuda
 def test_cuda_unsupported_shapes() -> None:
     """The op names what it lacks; the facade sends such shapes to the reference instead."""
-    from shard.ops.build import load_extension
-
-    load_extension()
+    lorafleet = ops()
     p = make_problem((20, 3), 8, 2, 80, torch.bfloat16, seed=9).to("cuda")
     out = torch.empty_like(p.q)
     args = (out, p.q, p.k_cache, p.v_cache, p.block_tables, p.context_lens, p.scale)
     with pytest.raises(RuntimeError, match="no kernel for dtype=BFloat16, head_dim=80"):
-        torch.ops.lorafleet.paged_decode_attention(*args)
+        lorafleet.paged_decode_attention(*args)
     paged_decode_attention(*args)
     assert_close_per_request(out, reference(p), TOL[torch.bfloat16])
     p = make_problem((20,), 16, 1, 64, torch.bfloat16, seed=9).to("cuda")
     with pytest.raises(RuntimeError, match="n_q/n_kv=16"):
-        torch.ops.lorafleet.paged_decode_attention(
+        lorafleet.paged_decode_attention(
             torch.empty_like(p.q), p.q, p.k_cache, p.v_cache, p.block_tables, p.context_lens, 1.0
         )
     k = torch.zeros(3, 2, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.lorafleet.kv_append(
+        lorafleet.kv_append(
             p.k_cache, p.v_cache, k, k, torch.zeros(3, dtype=torch.int64, device="cuda")
         )

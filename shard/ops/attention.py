@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from shard.ops.build import ops as _ops
+
 PAGE_SIZE = 16  # the kernels' page size
 HEAD_DIMS = (64, 128)
 MAX_GROUP = 8  # query heads per kv head the kernel serves
@@ -123,10 +125,3 @@ def _decode_has_kernel(q: Tensor, k_cache: Tensor) -> bool:
         and n_q % n_kv == 0
         and n_q // n_kv <= MAX_GROUP
     )
-
-
-def _ops():  # the torch.ops.lorafleet namespace, once the extension is loaded
-    from shard.ops.build import load_extension
-
-    load_extension()
-    return torch.ops.lorafleet

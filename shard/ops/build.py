@@ -48,6 +48,11 @@ def load_extension(verbose: bool = False) -> None:
     log.info("kernels.build.done", name=NAME, seconds=round(time.perf_counter() - start, 1))
 
 
+def ops():  # the torch.ops.lorafleet namespace, once the extension is loaded
+    load_extension()
+    return torch.ops.lorafleet
+
+
 def main() -> None:
     load_extension(verbose=True)
 

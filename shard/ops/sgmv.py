@@ -54,6 +54,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from shard.ops.build import ops as _ops
+
 
 def sgmv_shrink(
     v: Tensor, x: Tensor, a_ptrs: Tensor, seg_starts: Tensor, ranks: Tensor, layer_idx: int
@@ -175,10 +177,3 @@ def _host_view(ptr: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     count = math.prod(shape)
     buf = (ctypes.c_byte * (count * dtype.itemsize)).from_address(ptr)
     return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
-
-
-def _ops():  # the torch.ops.lorafleet namespace, once the extension is loaded
-    from shard.ops.build import load_extension
-
-    load_extension()
-    return torch.ops.lorafleet
