@@ -190,7 +190,7 @@ class Engine:
         text = TextStream(
             self.tokenizer, req.prompt_ids, stop=req.stopping.stop, generated_ids=resumed
         )
-        seq = Sequence(req, req.sampling.seed or 0, sink, text)
+        seq = Sequence(req, sink, text)
         self._seqs[req.request_id] = seq
         self.scheduler.add(seq)
 

@@ -26,7 +26,6 @@ class MigrationReason(enum.Enum):
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +95,11 @@ class Sequence:
     def __init__(
         self,
         req: EngineRequest,
-        seed: int,
         sink: Callable[[StepOutput], None],
         text: TextStream,
     ) -> None:
         resumed = req.resume.generated_ids if req.resume else ()
         self.req = req
-        self.seed = seed
         self.sink = sink
         self.text = text
         self.token_ids: list[int] = [*req.prompt_ids, *resumed]

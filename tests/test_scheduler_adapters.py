@@ -42,7 +42,7 @@ def seq(rid: str, adapter: str, arrival: float) -> Sequence:
         stopping=StopParams(max_new_tokens=4),
         arrival=arrival,
     )
-    return Sequence(req, seed=0, sink=lambda _: None, text=None)  # type: ignore[arg-type]
+    return Sequence(req, sink=lambda _: None, text=None)  # type: ignore[arg-type]
 
 
 def scheduler(slow: str) -> Scheduler:
