@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.timing import copy_bandwidth, git_commit, time_graph
-from shard.ops import sgmv_expand, sgmv_shrink
+from shard.ops import sgmv_expand, sgmv_shrink, weight_ptrs
 
 DTYPE = torch.bfloat16
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
@@ -92,8 +92,8 @@ class Batch:
         self.seg_starts = torch.tensor(starts, dtype=torch.int32, device=dev)
         self.ranks = torch.tensor(ranks, dtype=torch.int32, device=dev)
         self.scales = torch.full((n,), 0.5, device=dev)
-        self.a_ptrs = torch.tensor([w.data_ptr() for w in self.a], device=dev)
-        self.b_ptrs = torch.tensor([w.data_ptr() for w in self.b], device=dev)
+        self.a_ptrs = weight_ptrs(self.a, dev)
+        self.b_ptrs = weight_ptrs(self.b, dev)
         # gather+bmm needs one rank: stacks padded to r_max.
         self.a_all = torch.zeros(n, r_max, h_in, device=dev, dtype=DTYPE)  # [n, r_max, h_in]
         self.b_all = torch.zeros(n, r_max, h_out, device=dev, dtype=DTYPE)  # [n, r_max, h_out]
@@ -172,8 +172,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
         x = torch.randn(rows, h_in, device=dev, dtype=DTYPE)
         y = torch.randn(rows, h_out, device=dev, dtype=DTYPE)
         v = torch.empty(rows, rank, device=dev, dtype=DTYPE)
-        a_ptrs = torch.tensor([a[i].data_ptr() for i in range(rows)], device=dev)
-        b_ptrs = torch.tensor([b[i].data_ptr() for i in range(rows)], device=dev)
+        a_ptrs, b_ptrs = weight_ptrs(a.unbind(), dev), weight_ptrs(b.unbind(), dev)
         projs.append((a, b, x, y, v, a_ptrs, b_ptrs))
         weight_bytes += (a.numel() + b.numel()) * 2
         io_bytes += layers * (x.numel() + 2 * y.numel()) * 2
