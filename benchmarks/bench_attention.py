@@ -71,9 +71,11 @@ class Case:
         self.out = torch.empty_like(self.q)
         self.scale = d**-0.5
 
-    def ours(self, max_splits: int) -> list[Callable[[], None]]:
+    def per_set(self, op: Callable[..., None], **kwargs: int) -> list[Callable[[], None]]:
+        """One call of ``op`` (a paged_decode_attention signature) per input set."""
+
         def call(s: int) -> None:
-            paged_decode_attention(
+            op(
                 self.out[s],
                 self.q[s],
                 self.k_cache,
@@ -81,24 +83,16 @@ class Case:
                 self.tables[s],
                 self.lens,
                 self.scale,
-                max_splits=max_splits,
+                **kwargs,
             )
 
         return [lambda s=s: call(s) for s in range(self.sets)]
+
+    def ours(self, max_splits: int) -> list[Callable[[], None]]:
+        return self.per_set(paged_decode_attention, max_splits=max_splits)
 
     def reference(self) -> list[Callable[[], None]]:
-        def call(s: int) -> None:
-            paged_decode_attention_reference(
-                self.out[s],
-                self.q[s],
-                self.k_cache,
-                self.v_cache,
-                self.tables[s],
-                self.lens,
-                self.scale,
-            )
-
-        return [lambda s=s: call(s) for s in range(self.sets)]
+        return self.per_set(paged_decode_attention_reference)
 
     def gathered(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, n_kv, S, d] keys and values of set s, gathered from their pages."""
@@ -132,6 +126,7 @@ def run_case(
         "sdpa_gather": time_graph(case.sdpa_gather(), reps=3) if baselines else None,
         "sdpa": time_graph(case.sdpa_contiguous(), reps=5) if baselines else None,
     }
+    kv_bytes = case.kv_bytes
     del case
     torch.cuda.empty_cache()
     return Result(
@@ -141,8 +136,8 @@ def run_case(
         head_dim=d,
         batch=batch,
         context=context,
-        kv_bytes=2 * batch * context * n_kv * d * DTYPE.itemsize,
-        floor_us=2 * batch * context * n_kv * d * DTYPE.itemsize / bw * 1e6,
+        kv_bytes=kv_bytes,
+        floor_us=kv_bytes / bw * 1e6,
         ours_us=times["ours"],
         ours_no_split_us=times["ours_no_split"],
         torch_us=times["torch"],
