@@ -38,6 +38,7 @@ from benchmarks.workloads import (
     Lengths,
     Result,
     Workload,
+    decode_plan,
     format_row,
     make_workload,
 )
@@ -50,7 +51,6 @@ from shard.parallel import SINGLE
 from shard.rank import RankState
 from shard.sampling import SamplingParams
 from shard.sequence import EngineRequest, StepOutput, StopParams
-from shard.step_plan import StepPlan
 from shard.tiny import write_tokenizer
 
 
@@ -124,26 +124,7 @@ def decode_forward_ms(state: RankState, work: Workload, context: int) -> float:
     for adapter in {a for a in work.adapters if a}:  # resident again if a later run evicted it
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
-    rows = sorted(range(len(work.adapters)), key=lambda i: work.adapters[i])
-    per_seq = pages_for(context, kv.page_size)
-    pages = kv.pool.alloc(per_seq * len(rows))
-    assert pages is not None, "no KV pages free for the decode timing"
-    tables = [tuple(pages[i * per_seq : (i + 1) * per_seq]) for i in range(len(rows))]
-    segments: list[tuple[int, str]] = []
-    for row, i in enumerate(rows):
-        if not segments or segments[-1][1] != work.adapters[i]:
-            segments.append((row, work.adapters[i]))
-    last = context - 1
-    plan = StepPlan(
-        input_ids=tuple(7 for _ in rows),
-        positions=tuple(last for _ in rows),
-        slots=tuple(t[last // kv.page_size] * kv.page_size + last % kv.page_size for t in tables),
-        decode_pages=tuple(tables),
-        decode_context=tuple(context for _ in rows),
-        prefills=(),
-        logits_rows=tuple(range(len(rows))),
-        segments=tuple(segments),
-    )
+    plan, pages = decode_plan(kv, work.adapters, context)
     try:
         return median_ms(lambda: runner.forward(plan), runner.device)
     finally:

@@ -42,10 +42,8 @@ from benchmarks.bench_textgen import submit_workload
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import git_commit, median_ms
-from benchmarks.workloads import SHAPES, Workload, make_workload
+from benchmarks.workloads import SHAPES, Workload, decode_plan, make_workload
 from shard.config import parse_config
-from shard.kv_cache import KvCache, pages_for
-from shard.step_plan import StepPlan
 
 SHAPE_70B = {
     "hidden_size": 8192,
@@ -134,33 +132,6 @@ def leader_forward_ms(leader, work: Workload, context: int) -> float:
         return median_ms(partial(leader.forward, plan), leader.state.runner.device, reps=30)
     finally:
         kv.pool.release(pages)
-
-
-def decode_plan(kv: KvCache, adapters: list[str], context: int) -> tuple[StepPlan, list[int]]:
-    """One decode row per entry of `adapters` (sorted into segments), each at `context` tokens,
-    on pages taken from the pool (give them back)."""
-    rows = sorted(adapters)
-    per_seq = pages_for(context, kv.page_size)
-    pages = kv.pool.alloc(per_seq * len(rows))
-    assert pages is not None, "no KV pages free for the decode plan"
-    tables = [tuple(pages[i * per_seq : (i + 1) * per_seq]) for i in range(len(rows))]
-    segments: list[tuple[int, str]] = []
-    for row, adapter in enumerate(rows):
-        if not segments or segments[-1][1] != adapter:
-            segments.append((row, adapter))
-    last = context - 1
-    plan = StepPlan(
-        input_ids=tuple(7 for _ in rows),
-        positions=tuple(last for _ in rows),
-        slots=tuple(t[last // kv.page_size] * kv.page_size + last % kv.page_size for t in tables),
-        decode_pages=tuple(tables),
-        decode_context=tuple(context for _ in rows),
-        prefills=(),
-        logits_rows=tuple(range(len(rows))),
-        segments=tuple(segments),
-        adapters=tuple(sorted({a for a in rows if a})),
-    )
-    return plan, pages
 
 
 # torch.distributed calls counted: every collective shard.parallel can make.

@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass, field
 
 from benchmarks.bench_sgmv import adapters_of_rows
+from shard.kv_cache import KvCache, pages_for
+from shard.step_plan import StepPlan
 
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -87,3 +89,30 @@ def format_row(r: Result) -> str:
         f"decode {r.decode_tokens_per_s:9.1f} tok/s  step {r.step_ms:8.2f} ms  "
         f"TTFT p50 {r.ttft_p50_ms:8.1f} ms"
     )
+
+
+def decode_plan(kv: KvCache, adapters: list[str], context: int) -> tuple[StepPlan, list[int]]:
+    """One decode row per entry of `adapters` (sorted into segments), each at `context` tokens,
+    on pages taken from the pool (give them back)."""
+    rows = sorted(adapters)
+    per_seq = pages_for(context, kv.page_size)
+    pages = kv.pool.alloc(per_seq * len(rows))
+    assert pages is not None, "no KV pages free for the decode plan"
+    tables = [tuple(pages[i * per_seq : (i + 1) * per_seq]) for i in range(len(rows))]
+    segments: list[tuple[int, str]] = []
+    for row, adapter in enumerate(rows):
+        if not segments or segments[-1][1] != adapter:
+            segments.append((row, adapter))
+    last = context - 1
+    plan = StepPlan(
+        input_ids=tuple(7 for _ in rows),
+        positions=tuple(last for _ in rows),
+        slots=tuple(t[last // kv.page_size] * kv.page_size + last % kv.page_size for t in tables),
+        decode_pages=tuple(tables),
+        decode_context=tuple(context for _ in rows),
+        prefills=(),
+        logits_rows=tuple(range(len(rows))),
+        segments=tuple(segments),
+        adapters=tuple(sorted({a for a in rows if a})),
+    )
+    return plan, pages
