@@ -72,6 +72,15 @@ def adapter_of_rows(popularity: str, rows: int, adapters: int, rng: random.Rando
     return sorted(picks)
 
 
+def random_stack(
+    rank: int, width: int, dtype: torch.dtype, gen: torch.Generator
+) -> torch.Tensor | None:
+    """A random ``[NUM_LAYERS, rank, width]`` weight stack (None for rank 0: no adapter)."""
+    if rank == 0:
+        return None
+    return (torch.randn(NUM_LAYERS, rank, width, generator=gen) / width**0.5).to(dtype)
+
+
 def make_problem(
     popularity: str,
     rows: int,
@@ -100,15 +109,10 @@ def make_problem(
     for c in counts:
         starts.append(starts[-1] + c)
 
-    def stack(rank: int, width: int) -> torch.Tensor | None:
-        if rank == 0:
-            return None
-        return (torch.randn(NUM_LAYERS, rank, width, generator=gen) / width**0.5).to(dtype)
-
     return Problem(
         x=torch.randn(starts[-1], h_in, generator=gen).to(dtype),
-        a_stacks=[stack(r, h_in) for r in seg_ranks],
-        b_stacks=[stack(r, h_out) for r in seg_ranks],
+        a_stacks=[random_stack(r, h_in, dtype, gen) for r in seg_ranks],
+        b_stacks=[random_stack(r, h_out, dtype, gen) for r in seg_ranks],
         seg_starts=torch.tensor(starts, dtype=torch.int32),
         ranks=torch.tensor(seg_ranks, dtype=torch.int32),
         scales=torch.rand(len(counts), generator=gen) + 0.5,
@@ -172,6 +176,3 @@ def expand_input(p: Problem, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         v[lo:hi, int(p.ranks[s]) :] = float("nan")
     y = torch.randn(p.x.shape[0], p.h_out, generator=gen)
     return v.to(p.x.dtype), y.to(p.x.dtype)
-
-
-# ---------------------------------------------------------------- CPU: reference vs naive loop

@@ -26,6 +26,7 @@ from tests.sgmv_problems import (
     naive_expand,
     naive_shrink,
     needs_cuda,
+    random_stack,
     rel_err,
 )
 
@@ -59,17 +60,11 @@ def make_group(
         ranks = [
             0 if r == 0 or rng.random() < 0.2 else rng.choice(RANKS) for r in first.ranks.tolist()
         ]
-
-        def stack(rank: int, w: int) -> torch.Tensor | None:
-            if rank == 0:
-                return None
-            return (torch.randn(NUM_LAYERS, rank, w, generator=gen) / w**0.5).to(dtype)
-
         group.append(
             Problem(
                 x=first.x,
-                a_stacks=[stack(r, h_in) for r in ranks],
-                b_stacks=[stack(r, width) for r in ranks],
+                a_stacks=[random_stack(r, h_in, dtype, gen) for r in ranks],
+                b_stacks=[random_stack(r, width, dtype, gen) for r in ranks],
                 seg_starts=first.seg_starts,
                 ranks=torch.tensor(ranks, dtype=torch.int32),
                 scales=torch.rand(len(ranks), generator=gen) + 0.5,
