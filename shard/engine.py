@@ -161,7 +161,8 @@ class Engine:
             try:
                 cmd, arg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
+        self._publish()  # once per batch of commands: a burst of submits is one snapshot
 
     def _handle(self, cmd: str, arg: object) -> None:
         if cmd == "submit":
@@ -179,7 +180,6 @@ class Engine:
             for seq in list(group):
                 if seq.req.migratable:
                     self._migrate(seq, MigrationReason.DRAINING)
-        self._publish()
 
     def _admit_request(self, req: EngineRequest, sink: Sink) -> None:
         if req.sampling.seed is None:
