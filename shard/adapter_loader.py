@@ -30,7 +30,6 @@ log = structlog.get_logger(__name__)
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-BASE_MISMATCH_MODES = ("warn", "error")
 _ALIGN = 256  # bytes; every tensor of a packed adapter starts on this boundary (kernel loads)
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"

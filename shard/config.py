@@ -11,6 +11,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
+BASE_MISMATCH_MODES = ("warn", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ def parse_config(
         "ADAPTER_BASE_MISMATCH",
         "warn",
         "adapter of another base model: warn or error",
-        choices=("warn", "error"),
+        choices=BASE_MISMATCH_MODES,
     )
     add("--max-lora-rank", "MAX_LORA_RANK", "128", "largest adapter rank accepted", type=int)
     add("--max-queue", "MAX_QUEUE", "1024", "waiting requests before refusing", type=int)
