@@ -73,6 +73,15 @@ def tensor_leaves(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def step_leaves(lora: LoraBatch | None) -> dict[str, torch.Tensor]:
+    """The per-step data of a LoraBatch (its scratch left out), by arena name."""
+    return {
+        f"lora.{name}": t
+        for name, t in tensor_leaves(lora).items()
+        if name.split(".")[-1] not in SCRATCH_LEAVES
+    }
+
+
 def replace_leaves(obj: object, leaves: dict[str, torch.Tensor], prefix: str = "") -> object:
     """A copy of the tree with the tensors at `leaves`' paths swapped in."""
     if isinstance(obj, torch.Tensor):
@@ -147,17 +156,15 @@ class PaddedDecode:
         device: torch.device,
     ) -> None:
         self.key = key
+        self.kv = kv
+        self.dtype = dtype
         n = key.batch
         template_lora = (
             build_lora_batch([0], [None], n, dtype, device, num_segments=n + 1, rank=key.rank)
             if key.rank
             else None
         )
-        lora_leaves = {
-            f"lora.{name}": t
-            for name, t in tensor_leaves(template_lora).items()
-            if name.split(".")[-1] not in SCRATCH_LEAVES
-        }
+        lora_leaves = step_leaves(template_lora)
         specs = {
             "input_ids": ((n,), torch.int64),
             "positions": ((n,), torch.int64),
@@ -193,41 +200,34 @@ class PaddedDecode:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def fill(
-        self,
-        plan: StepPlan,
-        weights: list[AdapterWeights | None],
-        kv: KvCache,
-        dtype: torch.dtype,
-    ) -> None:
+    def fill(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> None:
         """Writes the plan's rows into the host mirror; rows past the plan become padding."""
         self.arena.wait_host()
         host = self.arena.host
         b, n = plan.num_rows, self.key.batch
-        scratch_slot = kv.scratch_page * kv.page_size
+        scratch_slot = self.kv.scratch_page * self.kv.page_size
         width = self.key.width
-        tables = [list(p) + [kv.scratch_page] * (width - len(p)) for p in plan.decode_pages]
+        tables = [list(p) + [self.kv.scratch_page] * (width - len(p)) for p in plan.decode_pages]
         pad = n - b
         host["input_ids"].copy_(torch.tensor([*plan.input_ids, *([0] * pad)]))
         host["positions"].copy_(torch.tensor([*plan.positions, *([0] * pad)]))
         host["slot_mapping"].copy_(torch.tensor([*plan.slots, *([scratch_slot] * pad)]))
         host["context_lens"].copy_(torch.tensor([*plan.decode_context, *([1] * pad)]))
         host["block_tables"][:b].copy_(torch.tensor(tables, dtype=torch.int32).view(b, -1))
-        host["block_tables"][b:].fill_(kv.scratch_page)
+        host["block_tables"][b:].fill_(self.kv.scratch_page)
         if self.key.rank:
             starts = [row for row, _ in plan.segments] + [b]
             lora = build_lora_batch(
                 starts,
                 [*weights, None],
                 n,
-                dtype,
+                self.dtype,
                 torch.device("cpu"),
                 num_segments=n + 1,
                 rank=self.key.rank,
             )
-            for name, t in tensor_leaves(lora).items():
-                if name.split(".")[-1] not in SCRATCH_LEAVES:
-                    host[f"lora.{name}"].copy_(t)
+            for name, t in step_leaves(lora).items():
+                host[name].copy_(t)
         self.arena.upload()
 
 
@@ -274,7 +274,7 @@ class DecodeGraphs:
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._shapes[key] = PaddedDecode(key, self.kv, self.dtype, self.device)
-        shape.fill(plan, weights, self.kv, self.dtype)
+        shape.fill(plan, weights)
         if not self.use_graphs:
             return self._forward(shape)[: plan.num_rows]
         if shape.graph is None:

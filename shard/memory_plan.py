@@ -54,7 +54,7 @@ def activation_peak(
     tokens = min(cfg.max_prefill_tokens, model_cfg.max_position_embeddings)
     pages = tuple(range(pages_for(tokens, cfg.page_size)))
     kv = KvCache(model_cfg, group, len(pages), cfg.page_size, dtype, device)
-    runner = ModelRunner(model, kv, _no_adapters, 0, device)
+    runner = ModelRunner(model, kv, _no_adapters, device)
     plan = StepPlan(
         input_ids=(0,) * tokens,
         positions=tuple(range(tokens)),

@@ -24,7 +24,6 @@ class ModelRunner:
         model: LlamaForCausalLM,
         kv: KvCache,
         adapter_weights: Callable[[str], AdapterWeights],
-        max_rank: int,
         device: torch.device,
         decode_graphs: DecodeGraphs | None = None,
     ) -> None:
@@ -32,7 +31,6 @@ class ModelRunner:
         self.kv = kv
         self.kv_layers = kv.layers()
         self.adapter_weights = adapter_weights
-        self.max_rank = max_rank
         self.device = device
         self.dtype = kv.k.dtype
         self.decode_graphs = decode_graphs
@@ -40,7 +38,7 @@ class ModelRunner:
     def _tensor(self, values: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def meta(self, plan: StepPlan) -> ForwardMeta:
+    def meta(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> ForwardMeta:
         nd = len(plan.decode_pages)
         width = max((len(p) for p in plan.decode_pages), default=1)
         tables = [list(p) + [0] * (width - len(p)) for p in plan.decode_pages]
@@ -55,25 +53,24 @@ class ModelRunner:
                 for p in plan.prefills
             ),
             logits_rows=self._tensor(plan.logits_rows, torch.int64),
-            lora=self.lora_batch(plan),
+            lora=self.lora_batch(plan, weights),
         )
 
-    def lora_batch(self, plan: StepPlan) -> LoraBatch | None:
+    def lora_batch(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> LoraBatch | None:
         """Segments and per-projection weight pointers; None when no row uses an adapter."""
-        if not any(adapter for _, adapter in plan.segments):
+        if all(w is None for w in weights):
             return None
         starts = [row for row, _ in plan.segments]
-        weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
         return build_lora_batch(starts, weights, plan.num_rows, self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
         """float32 logits [B, vocab] for the rows in plan.logits_rows (on CUDA possibly a view
         of a graph's output: read it before the next forward)."""
+        weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
         if self.decode_graphs is not None:
-            weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
             key = self.decode_graphs.key(plan, weights)
             if key is not None:
                 return self.decode_graphs.run(plan, weights, key)
         ids = self._tensor(plan.input_ids, torch.int64)
-        return self.model(ids, self.meta(plan), self.kv_layers)
+        return self.model(ids, self.meta(plan, weights), self.kv_layers)

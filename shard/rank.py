@@ -66,7 +66,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     if device.type == "cuda" and cfg.cuda_graphs:
         max_pages = pages_for(max_context, cfg.page_size)
         graphs = DecodeGraphs(model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True)
-    runner = ModelRunner(model, kv, adapters.weights, cfg.max_lora_rank, device, graphs)
+    runner = ModelRunner(model, kv, adapters.weights, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
 
 
