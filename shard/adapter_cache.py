@@ -177,9 +177,7 @@ class AdapterCache:
         adapters always find room (they would wait forever behind a budget full of pins)."""
         with self._lock:
             pinned = sum(
-                res.flat.numel()
-                for key, res in self._resident.items()
-                if split_key(key)[0] in self._pinned and self._current.get(split_key(key)[0]) == key
+                res.flat.numel() for key, res in self._resident.items() if self._pinned_newest(key)
             )
             if pinned <= self.budget_bytes // 2:
                 return None
@@ -412,6 +410,11 @@ class AdapterCache:
         needed = adapter_id in self._wanted or adapter_id in self._preloading
         return needed and self._current.get(adapter_id) == key
 
+    def _pinned_newest(self, key: str) -> bool:
+        """Whether `key` is the newest version of a pinned adapter (older ones are not pinned)."""
+        adapter_id = split_key(key)[0]
+        return adapter_id in self._pinned and self._current.get(adapter_id) == key
+
     def _make_room(self, nbytes: int) -> bool:
         """Evicts least recently used idle, unpinned device entries until `nbytes` fit."""
         used = self.used_bytes
@@ -420,9 +423,8 @@ class AdapterCache:
                 break
             res = self._resident[key]
             adapter_id = split_key(key)[0]
-            pinned = adapter_id in self._pinned and self._current.get(adapter_id) == key
             awaited = res.fresh and (adapter_id in self._wanted or adapter_id in self._preloading)
-            if res.refs == 0 and not pinned and not awaited:
+            if res.refs == 0 and not self._pinned_newest(key) and not awaited:
                 used -= res.flat.numel()
                 del self._resident[key]
                 self._evicted("gpu", key)
