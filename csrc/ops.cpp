@@ -234,12 +234,17 @@ void check_cache(const at::Tensor& t, const at::Tensor& like, const char* name) 
               " must be aligned to 16 bytes");
 }
 
-void kv_append_op(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
-                  const at::Tensor& v, const at::Tensor& slots) {
-  check_cache(k_cache, k_cache, "k_cache");
-  check_cache(v_cache, k_cache, "v_cache");
+// The k and v caches: both pass check_cache against `like`, and v_cache has k_cache's shape.
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& like) {
+  check_cache(k_cache, like, "k_cache");
+  check_cache(v_cache, like, "v_cache");
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
               dims(k_cache), ", got ", dims(v_cache));
+}
+
+void kv_append_op(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k,
+                  const at::Tensor& v, const at::Tensor& slots) {
+  check_caches(k_cache, v_cache, k_cache);
   check_head_rows(k, k_cache, "k");
   check_head_rows(v, k_cache, "v");
   const int64_t num_rows = k.size(0);
@@ -291,10 +296,7 @@ void paged_decode_attention_op(at::Tensor out, const at::Tensor& q, const at::Te
   check_head_rows(out, q, "out");
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape ", dims(q), ", got ",
               dims(out));
-  check_cache(k_cache, q, "k_cache");
-  check_cache(v_cache, q, "v_cache");
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ",
-              dims(k_cache), ", got ", dims(v_cache));
+  check_caches(k_cache, v_cache, q);
   const int64_t batch = q.size(0), n_q = q.size(1), head_dim = q.size(2);
   const int64_t page_size = k_cache.size(1), n_kv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache head_dim ", num(k_cache.size(3)),
