@@ -25,7 +25,6 @@ import os
 import platform
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 import grpc
 
 from protos import generate_pb2, generate_pb2_grpc
-from router.health_probe import wait_serving
+from router.local_process import free_port, wait_serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -196,12 +195,6 @@ def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0
         raise RuntimeError(why)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True, slots=True)
 class Spawned:
     """Addresses of the spawned shard and proxies, and the proxies' process ids."""
@@ -220,7 +213,7 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
     from shard.tiny import write_tiny
 
     tiny = write_tiny(workdir / "tiny")
-    shard_port, router_port = _free_port(), _free_port()
+    shard_port, router_port = free_port(), free_port()
     # One torch thread: on a small machine the shard's parallel matmuls otherwise stall whenever
     # the router or the client takes a core, which would be charged to the router.
     env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
@@ -249,7 +242,7 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
             stub = generate_pb2_grpc.GeneratorStub(channel)
             while not stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10).shards:
                 time.sleep(0.1)
-        passthrough_port = _free_port()
+        passthrough_port = free_port()
         with open(workdir / "passthrough.log", "w") as log:
             module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
             command = [sys.executable, *module, "--port", str(passthrough_port)]

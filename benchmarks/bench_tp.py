@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import socket
 import statistics
 import tempfile
 import time
@@ -43,6 +42,7 @@ from benchmarks.bench_textgen import write_model_dir as write_shape_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import git_commit, median_ms
 from benchmarks.workloads import SHAPES, Workload, decode_plan, make_workload
+from router.local_process import free_port
 from shard.config import parse_config
 
 SHAPE_70B = {
@@ -252,12 +252,6 @@ def in_processes(
     while len(results) < len(procs):
         results.append({"error": f"no result (exit codes {[p.exitcode for p in procs]})"})
     return results
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_argv(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,8 @@ from rich.live import Live
 from rich.table import Table
 
 from protos import generate_pb2, generate_pb2_grpc
-from router.health_probe import wait_serving as probe_serving
+from router.local_process import free_port
+from router.local_process import wait_serving as probe_serving
 
 PROMPT = "Once upon a time, in a land far away,"
 MAX_STREAMS = 6
@@ -100,13 +100,6 @@ class Children:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:

@@ -28,9 +28,9 @@ import pytest
 from dnslib.server import DNSLogger, DNSServer
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
-from router.health_probe import wait_serving
+from router.local_process import free_port, wait_serving
 from tests.fake_shard import expected_tokens, token_text
-from tests.processes import REPO, free_port, shard_args
+from tests.processes import REPO, shard_args
 
 START_TIMEOUT_S = 15.0
 # A real shard imports torch and loads the tiny model; several start at once on two cores.

@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
-from tests.processes import free_port, shard_args, start, stop, wait_serving
+from router.local_process import free_port
+from tests.processes import shard_args, start, stop, wait_serving
 from tests.reference import greedy
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from protos import generate_pb2, generate_pb2_grpc
+from router.local_process import free_port
 from shard.parallel import TPGroup
 from shard.sharding import input_cols, output_rows
-from tests.processes import free_port, shard_args, start, stop, wait_serving
+from tests.processes import shard_args, start, stop, wait_serving
 from tests.reference import greedy
 
 NEW = 12

@@ -21,8 +21,9 @@ import grpc
 import pytest
 
 from protos import generate_pb2, generate_pb2_grpc
+from router.local_process import free_port
 from tests.fleet import wait_until
-from tests.processes import free_port, shard_args, start, stop, wait_serving
+from tests.processes import shard_args, start, stop, wait_serving
 
 pytestmark = pytest.mark.slow
 

@@ -1,12 +1,21 @@
-"""Waiting for a freshly started process to report grpc.health.v1 SERVING."""
+"""Starting local processes: a free loopback port for one, and waiting until it reports
+grpc.health.v1 SERVING (the demo, the serving benchmark and the tests)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_serving(address: str, proc: subprocess.Popen, timeout_s: float) -> str | None:
