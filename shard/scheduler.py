@@ -106,10 +106,14 @@ class Scheduler:
                 out.decode.append(seq)
 
     def _admit(self, out: Schedule) -> None:
+        """Admits waiting requests in FCFS order. Each one looked at leaves the queue's front in
+        O(1); those that stay (adapter still loading) go back in front, in order, at the end:
+        one pass over a long queue, not a `remove` per admitted request."""
         budget = self.max_prefill_tokens
-        for seq in list(self.waiting):
-            if len(self.running) >= self.max_batch_size:
-                break
+        waiting = self.waiting
+        passed: list[Sequence] = []  # overtaken while their adapter loads; they keep their place
+        while waiting and len(self.running) < self.max_batch_size:
+            seq = waiting[0]
             rows = seq.new_tokens
             if rows > budget and out.prefill:
                 break
@@ -117,11 +121,12 @@ class Scheduler:
             if seq.adapter_id and not seq.holds_adapter:
                 claimed = self.adapters.claim(seq.adapter_id)
                 if isinstance(claimed, AdapterError):
-                    self.waiting.remove(seq)
+                    waiting.popleft()
                     out.failed.append((seq, claimed))
                     continue
                 if claimed is None:
                     if time.monotonic() - seq.req.arrival < ADAPTER_WAIT_BARRIER_S:
+                        passed.append(waiting.popleft())
                         continue  # still loading: later requests may go ahead
                     # Waited too long: admit no one behind it, so the adapters of running
                     # requests fall idle and one can be evicted to make room for its adapter.
@@ -133,7 +138,7 @@ class Scheduler:
                 if claimed is not None:
                     self.adapters.release(claimed.key)
                 break
-            self.waiting.remove(seq)
+            waiting.popleft()
             seq.pages = got
             if claimed is not None:
                 seq.adapter_key = claimed.key
@@ -144,6 +149,7 @@ class Scheduler:
             self.running.append(seq)
             out.prefill.append(seq)
             budget -= rows
+        waiting.extendleft(reversed(passed))
 
     def _evict(self, seq: Sequence) -> None:
         """Takes a running request out of the batch and frees its pages; it keeps its tokens and

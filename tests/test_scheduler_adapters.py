@@ -45,8 +45,8 @@ def seq(rid: str, adapter: str, arrival: float) -> Sequence:
     return Sequence(req, sink=lambda _: None, text=None)  # type: ignore[arg-type]
 
 
-def scheduler(slow: str) -> Scheduler:
-    return Scheduler(PagePool(64), 4, 8, 4096, Adapters(slow))  # type: ignore[arg-type]
+def scheduler(slow: str, max_batch: int = 8, pages: int = 64) -> Scheduler:
+    return Scheduler(PagePool(pages), 4, max_batch, 10**9, Adapters(slow))  # type: ignore[arg-type]
 
 
 def test_requests_overtake_an_adapter_that_is_loading() -> None:
@@ -72,3 +72,47 @@ def test_a_starving_adapter_stops_the_overtaking() -> None:
     assert [q.request_id for q in s.waiting] == ["a", "b", "c"]
     # Copies made for the requests behind it may be evicted to make room for its adapter.
     assert s.adapters.wanted == {"cold"}
+
+
+LONG_QUEUE = 5000
+
+
+def test_a_long_queue_is_admitted_in_one_fcfs_pass() -> None:
+    """5,000 waiting requests, every other one on an adapter that is loading: the others are
+    admitted in arrival order up to the batch limit, and the overtaken keep their order."""
+    s = scheduler("cold", LONG_QUEUE, 4 * LONG_QUEUE)
+    now = time.monotonic()
+    for i in range(LONG_QUEUE):
+        s.add(seq(f"r{i}", "cold" if i % 2 else f"hot{i % 7}", now))
+    out = s.schedule()
+    assert [q.request_id for q in out.prefill] == [f"r{i}" for i in range(0, LONG_QUEUE, 2)]
+    assert [q.request_id for q in s.waiting] == [f"r{i}" for i in range(1, LONG_QUEUE, 2)]
+    assert all(q.adapter_key == f"hot{int(q.request_id[1:]) % 7}@v1" for q in out.prefill)
+
+
+def test_a_long_queue_stops_at_the_batch_limit_and_at_a_starving_adapter() -> None:
+    now = time.monotonic()
+    s = scheduler("cold", 100, 4 * LONG_QUEUE)
+    for i in range(LONG_QUEUE):
+        s.add(seq(f"r{i}", "cold" if i % 3 == 0 else "hot", now))
+    out = s.schedule()
+    # Batch full after 100 admissions: requests 1, 2, 4, 5, ... ; the cold ones before the
+    # last admitted one were overtaken and stay in front of the untouched rest, in order.
+    admitted = [f"r{i}" for i in range(LONG_QUEUE) if i % 3][:100]
+    assert [q.request_id for q in out.prefill] == admitted
+    assert [q.request_id for q in s.waiting] == [
+        f"r{i}" for i in range(LONG_QUEUE) if f"r{i}" not in set(admitted)
+    ]
+
+    s = scheduler("cold", LONG_QUEUE, 4 * LONG_QUEUE)
+    starving = LONG_QUEUE // 2
+    for i in range(LONG_QUEUE):
+        old = i == starving
+        arrival = now - ADAPTER_WAIT_BARRIER_S - 0.1 if old else now
+        s.add(seq(f"r{i}", "cold" if old or i % 3 == 0 else "hot", arrival))
+    out = s.schedule()
+    # Everything before the starving request that could run did; no one behind it was admitted.
+    assert [q.request_id for q in out.prefill] == [f"r{i}" for i in range(starving) if i % 3]
+    waiting = [q.request_id for q in s.waiting]
+    assert waiting[: starving // 3 + 1] == [f"r{i}" for i in range(0, starving, 3)]
+    assert waiting[starving // 3 + 1 :] == [f"r{i}" for i in range(starving, LONG_QUEUE)]
