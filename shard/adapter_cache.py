@@ -204,27 +204,28 @@ class AdapterCache:
 
     def entries(self) -> list[AdapterEntry]:
         """Every adapter folder under the root with the residency of its newest version."""
-        out = []
         with self._lock:
-            for path in sorted(self.root.iterdir()):
-                if path.is_symlink() or not (path / CONFIG_FILE).is_file():
-                    continue
-                key = self._current.get(path.name, "")
-                res, host = self._resident.get(key), self._host.get(key)
-                w = res.weights if res else (host.weights if host else None)
-                residency = "gpu" if res else ("host" if host else "disk")
-                out.append(
-                    AdapterEntry(
-                        path.name,
-                        residency,
-                        w.rank if w else 0,
-                        w.nbytes if w else 0,
-                        w.digest if w else "",
-                        max(res.last_used if res else 0.0, host.last_used if host else 0.0),
-                        w.targets if w else (),
-                    )
-                )
-        return out
+            return [
+                self.entry(path.name)
+                for path in sorted(self.root.iterdir())
+                if not path.is_symlink() and (path / CONFIG_FILE).is_file()
+            ]
+
+    def entry(self, adapter_id: str) -> AdapterEntry:
+        """One adapter's residency (its newest version), without listing the root."""
+        with self._lock:
+            key = self._current.get(adapter_id, "")
+            res, host = self._resident.get(key), self._host.get(key)
+        w = res.weights if res else (host.weights if host else None)
+        return AdapterEntry(
+            adapter_id,
+            "gpu" if res else ("host" if host else "disk"),
+            w.rank if w else 0,
+            w.nbytes if w else 0,
+            w.digest if w else "",
+            max(res.last_used if res else 0.0, host.last_used if host else 0.0),
+            w.targets if w else (),
+        )
 
     # -- engine side ----------------------------------------------------------------------------
     def want(self, adapter_ids: set[str]) -> None:

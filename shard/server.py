@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
+from shard.adapter_tiers import AdapterEntry
 from shard.engine import CapacityError, DrainingError, Engine
 from shard.model_config import ModelConfig
 from shard.request_validation import RequestError, to_engine_request
@@ -160,18 +161,19 @@ class ShardService:
         )
 
     def adapter_infos(self) -> list[generate_pb2.AdapterInfo]:
-        return [
-            generate_pb2.AdapterInfo(
-                adapter_id=e.adapter_id,
-                residency=_RESIDENCY[e.residency],
-                rank=e.rank,
-                size_bytes=e.size_bytes,
-                digest=e.digest,
-                last_used_unix_s=e.last_used,
-                target_modules=list(e.targets),
-            )
-            for e in self.adapters.entries()
-        ]
+        return [_adapter_info(e) for e in self.adapters.entries()]
+
+
+def _adapter_info(e: AdapterEntry) -> generate_pb2.AdapterInfo:
+    return generate_pb2.AdapterInfo(
+        adapter_id=e.adapter_id,
+        residency=_RESIDENCY[e.residency],
+        rank=e.rank,
+        size_bytes=e.size_bytes,
+        digest=e.digest,
+        last_used_unix_s=e.last_used,
+        target_modules=list(e.targets),
+    )
 
 
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
@@ -264,7 +266,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         if err is not None:
             await context.abort(_ADAPTER_CODE[err.kind], str(err))
-        info = next(i for i in self.s.adapter_infos() if i.adapter_id == request.adapter_id)
+        info = _adapter_info(self.s.adapters.entry(request.adapter_id))
         return shard_pb2.LoadAdapterResponse(adapter=info)
 
     async def EvictAdapter(

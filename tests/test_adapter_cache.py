@@ -348,3 +348,20 @@ def test_pins_hold_at_most_half_the_device_budget(shard) -> None:
         cache.evict("r8-all")
         cache.evict("r16-attn")
         cache.budget_bytes = saved
+
+
+def test_load_adapter_reports_one_adapter_without_listing_the_root(
+    shard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoadAdapter answers from the cache's maps: O(1) however many folders the root holds."""
+
+    def listing(self) -> None:
+        raise AssertionError("LoadAdapter listed the adapter root")
+
+    monkeypatch.setattr(type(shard.adapters.root), "iterdir", listing)
+    info = load_adapter(shard.address, "r4-qv")
+    assert info.adapter_id == "r4-qv"
+    assert info.residency == generate_pb2.ADAPTER_RESIDENCY_GPU
+    assert info.rank == 4 and info.size_bytes > 0 and len(info.digest) == 64
+    assert set(info.target_modules) == {"q_proj", "v_proj"}
+    shard.adapters.evict("r4-qv")
