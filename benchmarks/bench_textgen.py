@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peft-batches", default="1,8,32")
     parser.add_argument("--peft-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", choices=("on", "off"), default="off")
+    parser.add_argument("--compile", choices=("on", "off"), default="on")
     parser.add_argument("--command", default="python -m benchmarks.bench_textgen")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     args = parser.parse_args(argv)

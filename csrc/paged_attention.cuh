@@ -36,7 +36,7 @@ __global__ void kv_append_kernel(const KvAppendParams p) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / chunks, chunk = i % chunks;
     const int64_t slot = p.slots[row];
-    if (slot < 0 || slot >= p.num_slots) continue;  // a padded row (CUDA graphs)
+    if (slot < 0 || slot >= p.num_slots) continue;  // guards memory; graph padding has real slots
     const int64_t dst = slot * p.row_bytes + chunk * 16;
     const auto* k = static_cast<const char*>(p.k) + row * p.k_row_stride + chunk * 16;
     const auto* v = static_cast<const char*>(p.v) + row * p.v_row_stride + chunk * 16;

@@ -22,7 +22,7 @@ struct KvAppendParams {
   const void* v;
   int64_t k_row_stride;       // bytes between rows of k (any multiple of 16)
   int64_t v_row_stride;
-  const int64_t* slots;       // [T]; < 0 or >= num_slots: row skipped
+  const int64_t* slots;       // [T]; out of range: row skipped (a memory guard, never relied on)
   int64_t num_slots;          // pages * page_size
   int num_rows;
   int row_bytes;              // n_kv * d * element size, a multiple of 16

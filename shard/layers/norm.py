@@ -1,4 +1,4 @@
-"""RMSNorm."""
+"""RMSNorm, optionally fused with the residual add in front of it."""
 
 from __future__ import annotations
 
@@ -9,12 +9,24 @@ from shard.fusion import elementwise
 from shard.layers.placement import Placement
 
 
-@elementwise
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(dtype)
+
+
+# Two compiled chains over one plain body: a compiled function must not call another.
+rms_norm = elementwise(_normalize)
+
+
+@elementwise
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + delta), x + delta): the residual add and the norm after it in one chain."""
+    total = x + delta
+    return _normalize(total, weight, eps), total
 
 
 class RMSNorm(nn.Module):
@@ -27,5 +39,10 @@ class RMSNorm(nn.Module):
             torch.ones(size, dtype=at.dtype, device=at.device), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, residual): the residual stream x, plus `delta` when given, and its norm."""
+        if delta is None:
+            return rms_norm(x, self.weight, self.eps), x
+        return add_rms_norm(x, delta, self.weight, self.eps)

@@ -3,7 +3,9 @@
 Semantics (the CPU reference below is the oracle for any faster backend):
 - `kv_append(k_cache, v_cache, k, v, slots)`: for each row t, writes k[t], v[t] ([n_kv, d]) to
   page `slots[t] // page_size`, offset `slots[t] % page_size` of k_cache / v_cache
-  ([pages, page_size, n_kv, d]). A negative slot skips its row (padded rows of a CUDA graph).
+  ([pages, page_size, n_kv, d]). Every slot must be a slot of the cache: a CUDA graph's padding
+  rows write to the KV cache's scratch page (shard/decode_graphs.py), so no row is ever skipped
+  and the reference needs no host sync to filter rows.
 - `paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale)`: for each
   request b, one query q[b] [n_q, d] attends to the first context_lens[b] cached tokens whose pages
   are block_tables[b] ([max_pages] int32, in order); GQA maps query head h to kv head
@@ -38,7 +40,7 @@ MAX_SPLITS = 8
 
 
 def kv_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
-    """Scatters new keys/values [T, n_kv, d] into their cache slots [T] int64 (< 0: skipped)."""
+    """Scatters new keys/values [T, n_kv, d] into their cache slots [T] int64."""
     if k.is_cuda and _append_has_kernel(k_cache):
         _ops().kv_append(k_cache, v_cache, k, v, slots)
     else:
@@ -71,9 +73,6 @@ def kv_append_reference(
     k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor
 ) -> None:
     """Plain-torch :func:`kv_append`."""
-    keep = slots >= 0
-    if not bool(keep.all()):
-        slots, k, v = slots[keep], k[keep], v[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 

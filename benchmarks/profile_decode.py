@@ -1,0 +1,164 @@
+"""Where a decode step's time goes: GPU kernel time by kind (GEMM, attention, SGMV, fused and
+plain elementwise) against the step's byte floor, for the base model and for Distinct adapters.
+
+The text-generation benchmark gives the step time; this one explains it. One decode plan
+(`--batch` rows at `--context` tokens, Llama-2-7B shape, dummy bf16 weights, r16 adapters on all
+seven projections) runs eagerly under torch.profiler, with the elementwise chains plain and then
+compiled (`--compile`). Per kind it reports milliseconds per step, launches per step and, for
+GEMMs, the weight bytes read per second. The CUDA-graph replay of the same step is timed with CUDA
+events beside it: replay minus kernel time is what launch gaps and tails cost.
+
+`python -m benchmarks.profile_decode --out profile.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+import tempfile
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.bench_textgen import hbm_floor_ms, write_model_dir
+from benchmarks.peft_baseline import write_adapters
+from benchmarks.timing import copy_bandwidth, git_commit, median_ms
+from benchmarks.workloads import SHAPES, Workload, decode_plan
+from shard import fusion
+from shard.__main__ import build_engine
+from shard.config import parse_config
+from shard.parallel import SINGLE
+from shard.rank import RankState
+
+# Kernel-name patterns, first match wins; anything else is plain (unfused) elementwise work.
+KINDS = (
+    ("sgmv", re.compile(r"sgmv|shrink|expand", re.I)),
+    ("attention", re.compile(r"paged|decode_attention|kv_append|flash|attention", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|nvjet|xmma|cutlass|matmul|splitk", re.I)),
+    ("fused", re.compile(r"triton", re.I)),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KindTime:
+    kind: str
+    ms_per_step: float
+    launches_per_step: float
+
+
+def kind_of(kernel: str) -> str:
+    return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "elementwise")
+
+
+def kernel_times(state: RankState, adapters: list[str], context: int, steps: int) -> list[KindTime]:
+    """GPU kernel time per decode step by kind, from an eager run under the profiler."""
+    runner, kv = state.runner, state.kv
+    plan, pages = decode_plan(kv, adapters, context)
+    graphs, runner.decode_graphs = runner.decode_graphs, None
+    try:
+        for _ in range(3):  # warm-up: compiled chains built, cuBLAS heuristics cached
+            runner.forward(plan)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner.forward(plan)
+            torch.cuda.synchronize()
+    finally:
+        runner.decode_graphs = graphs
+        kv.pool.release(pages)
+    total_us: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
+            kind = kind_of(event.name)
+            total_us[kind] += event.device_time
+            count[kind] += 1
+    return [
+        KindTime(kind, total_us[kind] / steps / 1e3, count[kind] / steps)
+        for kind in sorted(total_us, key=total_us.get, reverse=True)  # type: ignore[arg-type]
+    ]
+
+
+def graph_ms(state: RankState, adapters: list[str], context: int) -> float:
+    """The same step replayed from its CUDA graph (captured afresh), CUDA-event timed."""
+    runner = state.runner
+    if runner.decode_graphs is not None:
+        runner.decode_graphs._shapes.clear()
+    plan, pages = decode_plan(state.kv, adapters, context)
+    try:
+        return median_ms(lambda: runner.forward(plan), runner.device)
+    finally:
+        state.kv.pool.release(pages)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=272)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--command", default="python -m benchmarks.profile_decode")
+    parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
+    args = parser.parse_args(argv)
+    shape = SHAPES["llama2-7b"]
+    bandwidth = copy_bandwidth()
+    root = Path(tempfile.mkdtemp(prefix="profile-"))
+    model_dir, adapter_dir = root / "model", root / "adapters"
+    write_model_dir(model_dir, shape)
+    write_adapters(model_dir, adapter_dir, args.batch, 16, "cuda")
+    argv = ["--model", str(model_dir), "--adapters", str(adapter_dir), "--device", "cuda"]
+    argv += ["--dtype", "bfloat16", "--load-format", "dummy", "--kv-memory-fraction", "0.5"]
+    argv += ["--max-batch-size", str(args.batch), "--adapter-memory-mb", "8192"]
+    _, _, leader = build_engine(parse_config(argv, env={}), SINGLE)
+    state = leader.state
+    weight_bytes = sum(p.numel() * p.element_size() for p in state.runner.model.parameters())
+    cases = {"base": [""] * args.batch, "distinct": [f"a{i}" for i in range(args.batch)]}
+    for adapter in cases["distinct"]:
+        if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
+            raise RuntimeError(f"adapter {adapter}: {err}")
+    rows = []
+    for compiled in (False, True):
+        fusion.set_enabled(compiled)
+        for case, adapters in cases.items():
+            kinds = kernel_times(state, adapters, args.context, args.steps)
+            work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)
+            row = {
+                "case": case,
+                "compiled": compiled,
+                "graph_step_ms": graph_ms(state, adapters, args.context),
+                "kernel_ms": sum(k.ms_per_step for k in kinds),
+                "launches": sum(k.launches_per_step for k in kinds),
+                "floor_ms": hbm_floor_ms(state, work, args.context, bandwidth),
+                "kinds": [asdict(k) for k in kinds],
+            }
+            gemm = next((k for k in kinds if k.kind == "gemm"), None)
+            if gemm is not None:
+                row["gemm_weight_tb_s"] = weight_bytes / (gemm.ms_per_step * 1e-3) / 1e12
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    report = {
+        "benchmark": "profile_decode",
+        "device": torch.cuda.get_device_name(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": args.commit or git_commit(),
+        "command": args.command,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "context": args.context,
+        "copy_bandwidth_tb_s": bandwidth / 1e12,
+        "weight_gb": weight_bytes / 1e9,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
