@@ -36,8 +36,6 @@ class ShardLoad:
     adapters_resident: frozenset[str] = field(default_factory=frozenset)
     # The shard stopped taking new requests (Drain or shutdown).
     draining: bool = False
-    # Health says SERVING and the load stream is live.
-    serving: bool = True
 
     @property
     def occupancy(self) -> int:
@@ -73,13 +71,14 @@ class Demand:
 
 
 def fits(load: ShardLoad, demand: Demand) -> bool:
-    """The shard serves, has a batch slot, and has KV pages for the request.
+    """The shard takes requests, has a batch slot, and has KV pages for the request.
 
-    An idle shard fits any request: the estimate is an upper bound and only the shard itself can
-    tell whether the prompt fits its context, so it answers INVALID_ARGUMENT instead of the request
-    waiting forever.
+    Shards that are not SERVING or have no live snapshot have no load at all: `router.shards`
+    leaves them out. An idle shard fits any request: the estimate is an upper bound and only the
+    shard itself can tell whether the prompt fits its context, so it answers INVALID_ARGUMENT
+    instead of the request waiting forever.
     """
-    if not load.serving or load.draining or load.occupancy >= load.max_batch_size:
+    if load.draining or load.occupancy >= load.max_batch_size:
         return False
     return load.occupancy == 0 or demand.pages(load.kv_page_size) <= load.kv_pages_available
 

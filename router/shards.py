@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -27,6 +28,8 @@ from router.metrics import RouterMetrics
 from router.policy import Demand, ShardLoad
 
 log = structlog.get_logger("router.shards")
+
+Message = TypeVar("Message")
 
 ChannelOptions = tuple[tuple[str, int], ...]
 # Shards send a snapshot at least every second; a silent stream means a hung or cut-off shard.
@@ -80,6 +83,9 @@ class ShardHandle:
         self.generator = generate_pb2_grpc.GeneratorStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._metrics = metrics
+        # Labelled children looked up once: a busy shard sends a snapshot per batch change.
+        self._running_gauge = metrics.shard_running.labels(address)
+        self._pages_gauge = metrics.shard_kv_pages_used.labels(address)
         self._on_change = on_change
         self._serving = False
         self._load: ShardLoad | None = None
@@ -91,23 +97,44 @@ class ShardHandle:
 
     def start(self) -> None:
         """Starts the load and health watches (reconnecting with backoff until closed)."""
+        health = health_pb2.HealthCheckRequest(service="")
+        watches = {
+            "load stream": (
+                lambda: self.shard.WatchLoad(shard_pb2.WatchLoadRequest()),
+                self._accept,
+                self._load_lost,
+            ),
+            "health watch": (
+                lambda: self._health.Watch(health),
+                self._health_said,
+                lambda: self._set_serving(False),
+            ),
+        }
         self._tasks = [
-            asyncio.create_task(self._watch_load(), name=f"watch-load {self.address}"),
-            asyncio.create_task(self._watch_health(), name=f"watch-health {self.address}"),
+            asyncio.create_task(self._keep_watching(what, *watch), name=f"{what} {self.address}")
+            for what, watch in watches.items()
         ]
+
+    def eligible(self) -> bool:
+        """SERVING, with a fresh snapshot, and still in the table."""
+        return (
+            not self._removed
+            and self._serving
+            and self._load is not None
+            and time.monotonic() - self._received_at <= STALE_AFTER_S
+        )
 
     def load(self) -> ShardLoad | None:
         """The believed load, or None while the shard is not eligible for placement."""
-        if self._removed or not self._serving or self._load is None:
-            return None
-        if time.monotonic() - self._received_at > STALE_AFTER_S:
+        load = self._load
+        if load is None or not self.eligible():
             return None
         if not self._pending:
-            return self._load
+            return load
         return dataclasses.replace(
-            self._load,
-            running=self._load.running + len(self._pending),
-            kv_pages_free=max(0, self._load.kv_pages_free - sum(self._pending.values())),
+            load,
+            running=load.running + len(self._pending),
+            kv_pages_free=max(0, load.kv_pages_free - sum(self._pending.values())),
         )
 
     def reserve(self, demand: Demand) -> Reservation:
@@ -158,28 +185,34 @@ class ShardHandle:
         if self._active_calls == 0:
             await self.channel.close()
 
-    async def _watch_load(self) -> None:
+    async def _keep_watching(
+        self,
+        what: str,
+        open_stream: Callable[[], AsyncIterable[Message]],
+        on_message: Callable[[Message], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        """Follows one server stream of the shard, reopening it with backoff until cancelled."""
         backoff = _BACKOFF_FIRST_S
         while True:
             try:
-                async for message in self.shard.WatchLoad(shard_pb2.WatchLoadRequest()):
+                async for message in open_stream():
                     backoff = _BACKOFF_FIRST_S
-                    self._accept(message.snapshot)
-                log.info("load stream ended", shard=self.address)
+                    on_message(message)
+                log.info(f"{what} ended", shard=self.address)
             except grpc.aio.AioRpcError as err:
                 log.info(
-                    "load stream failed",
+                    f"{what} failed",
                     shard=self.address,
                     code=err.code().name,
                     details=err.details(),
                 )
-            if self._load is not None:
-                self._load = None
-                self._on_change()
+            on_lost()
             await asyncio.sleep(backoff)
             backoff = min(2 * backoff, _BACKOFF_MAX_S)
 
-    def _accept(self, snapshot: shard_pb2.LoadSnapshot) -> None:
+    def _accept(self, message: shard_pb2.WatchLoadResponse) -> None:
+        snapshot = message.snapshot
         first = self._load is None
         load = load_from_proto(snapshot, self.address)
         grown = load.occupancy - (0 if first else self._load.occupancy)
@@ -187,27 +220,19 @@ class ShardHandle:
             del self._pending[reservation]
         self._load = load
         self._received_at = time.monotonic()
-        self._metrics.shard_running.labels(self.address).set(snapshot.running)
-        self._metrics.shard_kv_pages_used.labels(self.address).set(
-            snapshot.kv_pages_total - snapshot.kv_pages_free
-        )
+        self._running_gauge.set(snapshot.running)
+        self._pages_gauge.set(snapshot.kv_pages_total - snapshot.kv_pages_free)
         if first:
             log.info("load stream live", shard=self.address, shard_id=snapshot.shard_id)
         self._on_change()
 
-    async def _watch_health(self) -> None:
-        backoff = _BACKOFF_FIRST_S
-        request = health_pb2.HealthCheckRequest(service="")
-        while True:
-            try:
-                async for message in self._health.Watch(request):
-                    backoff = _BACKOFF_FIRST_S
-                    self._set_serving(message.status == health_pb2.HealthCheckResponse.SERVING)
-            except grpc.aio.AioRpcError as err:
-                log.info("health watch failed", shard=self.address, code=err.code().name)
-            self._set_serving(False)
-            await asyncio.sleep(backoff)
-            backoff = min(2 * backoff, _BACKOFF_MAX_S)
+    def _load_lost(self) -> None:
+        if self._load is not None:
+            self._load = None
+            self._on_change()
+
+    def _health_said(self, message: health_pb2.HealthCheckResponse) -> None:
+        self._set_serving(message.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _set_serving(self, serving: bool) -> None:
         if serving != self._serving:
@@ -224,6 +249,9 @@ class ShardTable:
         self._channel_options = channel_options
         self._shards: dict[str, ShardHandle] = {}
         self._listeners: list[Callable[[], None]] = []
+        # Counted when scraped (in the exporter's thread), not on every snapshot; that also
+        # notices a shard going stale, which changes nothing in the table.
+        metrics.shards.set_function(self._eligible_count)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Calls `listener` (synchronously, in the event loop) whenever a shard's state changes."""
@@ -266,7 +294,10 @@ class ShardTable:
         for address in list(self._shards):
             await self.remove(address)
 
+    def _eligible_count(self) -> int:
+        # list() copies the values in one step, safe against the event loop adding a shard.
+        return sum(handle.eligible() for handle in list(self._shards.values()))
+
     def _changed(self) -> None:
-        self._metrics.shards.set(len(self.loads()))
         for listener in self._listeners:
             listener()

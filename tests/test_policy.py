@@ -18,7 +18,6 @@ def shard(
     pages_queued: int = 0,
     resident: tuple[str, ...] = (),
     draining: bool = False,
-    serving: bool = True,
     page_size: int = 16,
 ) -> ShardLoad:
     return ShardLoad(
@@ -32,7 +31,6 @@ def shard(
         kv_pages_queued=pages_queued,
         adapters_resident=frozenset(resident),
         draining=draining,
-        serving=serving,
     )
 
 
@@ -59,9 +57,8 @@ def test_pages_cover_context_plus_first_token(context_tokens, page_size, pages):
         ([shard("s1", 4), shard("s2", 2, queued=6)], "s1"),
         # Different max batch sizes: fullness is judged per shard.
         ([shard("s1", 7, max_batch=7), shard("s2", 6, max_batch=16)], "s2"),
-        # Draining and unhealthy shards are excluded even when they are the busiest.
+        # A draining shard is excluded even when it is the busiest.
         ([shard("s1", 6, draining=True), shard("s2", 2)], "s2"),
-        ([shard("s1", 6, serving=False), shard("s2", 2)], "s2"),
         # All idle: the smallest id, deterministically.
         ([shard("s3"), shard("s1"), shard("s2")], "s1"),
         # Equal batches: the shard holding the adapter.
@@ -104,7 +101,7 @@ def test_an_idle_shard_fits_any_request():
     [
         [],
         [shard("s1", 8), shard("s2", 8)],
-        [shard("s1", 4, draining=True), shard("s2", 1, serving=False)],
+        [shard("s1", 4, draining=True), shard("s2", 1, draining=True)],
         [shard("s1", 1, free=0), shard("s2", 3, free=2, pages_queued=2)],
         [shard("s1", 0, queued=8)],
     ],

@@ -1,0 +1,125 @@
+"""The shard table against an in-process shard: eligibility, accounting, gauges, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from protos import shard_pb2, shard_pb2_grpc
+from router import shards
+from router.local_process import free_port
+from router.metrics import RouterMetrics
+from router.policy import Demand
+from router.shards import ShardTable
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class LoadFeed(shard_pb2_grpc.ShardServicer):
+    """WatchLoad sends whatever snapshot the test puts in the queue."""
+
+    def __init__(self) -> None:
+        self.snapshots: asyncio.Queue[shard_pb2.LoadSnapshot] = asyncio.Queue()
+
+    async def WatchLoad(self, request, context) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
+        while True:
+            yield shard_pb2.WatchLoadResponse(snapshot=await self.snapshots.get())
+
+
+async def start_shard(port: int) -> tuple[grpc.aio.Server, LoadFeed, health_aio.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    feed, health = LoadFeed(), health_aio.HealthServicer()
+    shard_pb2_grpc.add_ShardServicer_to_server(feed, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await health.set("", SERVING)
+    return server, feed, health
+
+
+def snapshot(running: int, free: int = 90) -> shard_pb2.LoadSnapshot:
+    return shard_pb2.LoadSnapshot(
+        running=running, max_batch_size=8, kv_pages_free=free, kv_pages_total=100, kv_page_size=16
+    )
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def scenario(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    server, feed, health = await start_shard(port)
+    metrics = RouterMetrics()
+    table = ShardTable(metrics)
+    changes: list[int] = []
+    table.subscribe(lambda: changes.append(1))
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(f"lorafleet_router_{name}", labels)
+
+    def running() -> int | None:
+        loads = table.loads()
+        return loads[0].running if loads else None
+
+    table.add(address)
+    await asyncio.sleep(0.2)
+    assert table.loads() == [] and gauge("shards") == 0  # SERVING, but no snapshot yet
+    await feed.snapshots.put(snapshot(2))
+    await until(lambda: running() == 2, "the first snapshot")
+    assert gauge("shards") == 1
+    assert gauge("shard_running", shard=address) == 2
+    assert gauge("shard_kv_pages_used", shard=address) == 10
+
+    # A dispatch counts at once; the snapshot that shows the batch grown takes it over.
+    reservation = table.get(address).reserve(Demand("a", context_tokens=40))  # 3 pages
+    (load,) = table.loads()
+    assert (load.running, load.kv_pages_free) == (3, 87)
+    await feed.snapshots.put(snapshot(3, free=87))
+    await until(lambda: gauge("shard_running", shard=address) == 3, "the grown snapshot")
+    assert running() == 3
+    reservation.release()  # already taken over: no double count, no change fired
+    assert running() == 3
+
+    await health.set("", NOT_SERVING)
+    await until(lambda: not table.loads(), "NOT_SERVING to take the shard out")
+    assert gauge("shards") == 0
+    await health.set("", SERVING)
+    await until(lambda: running() == 3, "SERVING to bring it back")
+
+    # Silence is staleness: no event fires, yet placement and the gauge both see it.
+    monkeypatch.setattr(shards, "STALE_AFTER_S", 0.2)
+    fired = len(changes)
+    await until(lambda: not table.loads(), "the snapshot to go stale")
+    assert gauge("shards") == 0 and len(changes) == fired
+    await feed.snapshots.put(snapshot(2))
+    await until(lambda: running() == 2, "a fresh snapshot")
+    monkeypatch.setattr(shards, "STALE_AFTER_S", 5.0)
+
+    # A restarted shard is found again by the same watches.
+    await server.stop(None)
+    await until(lambda: not table.loads(), "the lost load stream")
+    server, feed, health = await start_shard(port)
+    await feed.snapshots.put(snapshot(1))
+    await until(lambda: running() == 1, "the reconnected load stream")
+    assert gauge("shards") == 1
+
+    await table.remove(address)
+    assert table.loads() == [] and gauge("shards") == 0
+    assert gauge("shard_running", shard=address) is None
+    await server.stop(None)
+
+
+def test_table_follows_health_snapshots_staleness_and_restarts(monkeypatch: pytest.MonkeyPatch):
+    asyncio.run(asyncio.wait_for(scenario(monkeypatch), 30))
