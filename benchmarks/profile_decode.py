@@ -32,6 +32,7 @@ from benchmarks.workloads import SHAPES, Workload, decode_plan
 from shard import fusion
 from shard.__main__ import build_engine
 from shard.config import parse_config
+from shard.decode_graphs import DecodeGraphs
 from shard.parallel import SINGLE
 from shard.rank import RankState
 
@@ -85,10 +86,13 @@ def kernel_times(state: RankState, adapters: list[str], context: int, steps: int
 
 
 def graph_ms(state: RankState, adapters: list[str], context: int) -> float:
-    """The same step replayed from its CUDA graph (captured afresh), CUDA-event timed."""
-    runner = state.runner
-    if runner.decode_graphs is not None:
-        runner.decode_graphs._shapes.clear()
+    """The same step replayed from a CUDA graph captured afresh (a new DecodeGraphs, so the
+    chains are captured as they are now: plain or compiled), CUDA-event timed."""
+    runner, old = state.runner, state.runner.decode_graphs
+    if old is not None:
+        runner.decode_graphs = DecodeGraphs(
+            runner.model, state.kv, old.max_batch, old.max_pages, runner.device, use_graphs=True
+        )
     plan, pages = decode_plan(state.kv, adapters, context)
     try:
         return median_ms(lambda: runner.forward(plan), runner.device)
