@@ -34,7 +34,8 @@ from shard.adapter_loader import (
     resolve,
     split_key,
 )
-from shard.adapter_tiers import AdapterEntry, HostCopy, Resident, device_budget_bytes
+from shard.adapter_replicas import Replicas, Replicate
+from shard.adapter_tiers import AdapterEntry, HostCopy, Resident, device_budget_bytes, entry_of
 from shard.metrics import ShardMetrics
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
@@ -82,6 +83,7 @@ class AdapterCache:
         self._wanted: frozenset[str] = frozenset()  # ids that waiting requests need
         self._preloading: Counter[str] = Counter()
         self._host_reserved = 0
+        self._replicas: Replicas | None = None  # rank 0 of a tensor-parallel group
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -111,6 +113,11 @@ class AdapterCache:
 
     def attach_metrics(self, metrics: ShardMetrics) -> None:
         self.metrics = metrics
+
+    def attach_replicas(self, replicate: Replicate) -> None:
+        """Rank 0 of a tensor-parallel group: a version is claimed (enters step plans) only once
+        every follower holds exactly that version (see `shard.adapter_replicas`)."""
+        self._replicas = Replicas(replicate)
 
     @property
     def used_bytes(self) -> int:
@@ -164,6 +171,8 @@ class AdapterCache:
                     )
                 time.sleep(0.002)
                 state = self.poll(adapter_id)
+            if isinstance(state, Resident) and self._replicas is not None:
+                state = self._replicate(state.key) or state
             if isinstance(state, AdapterError):
                 self._pinned.discard(adapter_id)
                 return state
@@ -215,33 +224,33 @@ class AdapterCache:
         """One adapter's residency (its newest version), without listing the root."""
         with self._lock:
             key = self._current.get(adapter_id, "")
-            res, host = self._resident.get(key), self._host.get(key)
-        w = res.weights if res else (host.weights if host else None)
-        return AdapterEntry(
-            adapter_id,
-            "gpu" if res else ("host" if host else "disk"),
-            w.rank if w else 0,
-            w.nbytes if w else 0,
-            w.digest if w else "",
-            max(res.last_used if res else 0.0, host.last_used if host else 0.0),
-            w.targets if w else (),
-        )
+            return entry_of(adapter_id, self._resident.get(key), self._host.get(key))
 
     # -- engine side ----------------------------------------------------------------------------
     def want(self, adapter_ids: set[str]) -> None:
         """The ids waiting requests need: the host tier keeps those until they reach the device."""
         self._wanted = frozenset(adapter_ids)
 
-    def claim(self, adapter_id: str) -> Resident | AdapterError | None:
-        """The newest version, resident and marked as used by one more request; the error that
-        stopped its load; or None while it is on its way (its load is moved along)."""
+    def claim(self, name: str) -> Resident | AdapterError | None:
+        """The newest version (or the exact `id@version`), resident and marked as used by one
+        more request; the error that stopped its load; or None while it is on its way (its load
+        is moved along). With followers, it blocks while they read a version new to them."""
         with self._lock:
-            state = self._poll(adapter_id)
-            if isinstance(state, Resident):
-                state.fresh = False
-                state.refs += 1
-                state.last_used = time.time()
+            state = self._poll(name)
+            if not isinstance(state, Resident):
+                return state
+            state.fresh = False
+            state.refs += 1
+            state.last_used = time.time()
+            if self._replicas is None or state.key in self._replicas.held:
+                return state
+        err = self._replicate(state.key)
+        if err is None:
             return state
+        self.release(state.key)
+        changed = err.kind is AdapterErrorKind.CHANGED
+        with self._lock:  # None: this rank reads the new files, the request waits for them
+            return None if changed and self._replicas.retry(split_key(name)[0]) else err
 
     def poll(self, name: str) -> Resident | AdapterError | None:
         """Like `claim` without marking it used; `name` is an id (its newest version) or an exact
@@ -273,6 +282,18 @@ class AdapterCache:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _replicate(self, key: str) -> AdapterError | None:
+        """The second phase of residency of a version resident here (see `Replicas`)."""
+        assert self._replicas is not None
+        err = self._replicas.confirm(key, self._lock, self._resident)
+        adapter_id = split_key(key)[0]
+        if err is not None and err.kind is AdapterErrorKind.CHANGED:
+            with self._lock:
+                if self._current.get(adapter_id) == key:
+                    log.info("adapter files changed while followers read them", key=key)
+                    self._forget(adapter_id)  # the next claim reads the files again
+        return err
+
     # -- internals (lock held) ------------------------------------------------------------------
     def _poll(self, name: str) -> Resident | AdapterError | None:
         adapter_id, version = split_key(name)
@@ -303,9 +324,9 @@ class AdapterCache:
             if version is not None and self._tried.get(adapter_id) == key:
                 del self._tried[adapter_id]
                 return AdapterError(
-                    AdapterErrorKind.UNSUPPORTED,
+                    AdapterErrorKind.CHANGED,
                     f"adapter {adapter_id!r} changed on disk: version {version} is not there "
-                    "any more",
+                    "any more; retry to get the new version",
                 )
             if version is not None:
                 self._tried[adapter_id] = key
@@ -376,6 +397,8 @@ class AdapterCache:
             old = self._current.get(adapter_id)
             self._current[adapter_id] = w.key
             self._sigs[adapter_id] = sig
+            if self._tried.get(adapter_id) == w.key:
+                del self._tried[adapter_id]  # the version asked for was read: no change to report
             if old is not None and old != w.key:
                 log.info("adapter reloaded", adapter_id=adapter_id, old=old, new=w.key)
                 self._drop(old)

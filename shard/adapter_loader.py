@@ -41,12 +41,19 @@ class AdapterErrorKind(enum.Enum):
     INVALID = "invalid"  # the request names the adapter wrongly (bad id, escapes the root)
     UNSUPPORTED = "unsupported"  # the adapter exists but cannot be served by this base model
     EXHAUSTED = "exhausted"  # serving it would break a memory rule (e.g. too much pinned)
+    # Its files were replaced while the ranks of a tensor-parallel shard read them: a retry
+    # reads the new version everywhere.
+    CHANGED = "changed"
 
 
 class AdapterError(Exception):
     def __init__(self, kind: AdapterErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self) -> tuple[type[AdapterError], tuple[AdapterErrorKind, str]]:
+        # Followers send their errors to rank 0 pickled; the default would drop `kind`.
+        return AdapterError, (self.kind, str(self))
 
 
 @dataclass(frozen=True, slots=True)

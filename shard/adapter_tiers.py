@@ -53,3 +53,17 @@ def device_budget_bytes(adapter_memory_mb: int) -> int:
     """Device bytes the adapter cache may hold (what the KV planner sets aside): resident
     adapters of every version never exceed it, copies in flight included."""
     return adapter_memory_mb * 2**20
+
+
+def entry_of(adapter_id: str, res: Resident | None, host: HostCopy | None) -> AdapterEntry:
+    """What ListAdapters reports for a version found in these tiers (neither: on disk only)."""
+    w = res.weights if res else (host.weights if host else None)
+    return AdapterEntry(
+        adapter_id,
+        "gpu" if res else ("host" if host else "disk"),
+        w.rank if w else 0,
+        w.nbytes if w else 0,
+        w.digest if w else "",
+        max(res.last_used if res else 0.0, host.last_used if host else 0.0),
+        w.targets if w else (),
+    )

@@ -112,6 +112,17 @@ def broadcast_object(obj: object, group: TPGroup) -> object:
     return box[0]
 
 
+def gather_object(obj: object, group: TPGroup) -> list[object]:
+    """Every rank's picklable `obj` in rank order on rank 0 (an empty list elsewhere), over the
+    metadata group: how followers answer a message of rank 0's."""
+    if group.size == 1:
+        return [obj]
+    out: list[object] | None = [None] * group.size if group.rank == 0 else None
+    with _collective("gather"):
+        dist.gather_object(obj, out, dst=0, group=group.meta)
+    return out or []
+
+
 def destroy(group: TPGroup) -> None:
     """Leaves the group at process exit. An NCCL group is left to the process's end: its teardown
     after decode graphs were captured over it blocked a rank for good (2 x H200, torch 2.11,

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from shard import fusion
 from shard.adapter_cache import AdapterCache
-from shard.adapter_loader import AdapterError
+from shard.adapter_loader import AdapterError, AdapterErrorKind
 from shard.config import ShardConfig
 from shard.decode_graphs import DecodeGraphs
 from shard.kv_cache import KvCache, pages_for
@@ -26,7 +26,14 @@ from shard.loader import build_model, load_tokenizer
 from shard.memory_plan import activation_peak, plan_kv_pages
 from shard.model_config import ModelConfig, load_model_config
 from shard.model_runner import ModelRunner
-from shard.parallel import GroupLost, TPGroup, broadcast_object, destroy, init_group
+from shard.parallel import (
+    GroupLost,
+    TPGroup,
+    broadcast_object,
+    destroy,
+    gather_object,
+    init_group,
+)
 from shard.step_plan import StepPlan
 
 log = structlog.get_logger(__name__)
@@ -78,6 +85,8 @@ class Leader:
 
     def __init__(self, state: RankState, heartbeat_s: float = 1.0) -> None:
         self.state = state
+        if state.group.size > 1:
+            state.adapters.attach_replicas(self.replicate)
         self.heartbeat_s = heartbeat_s
         self.lost: GroupLost | None = None
         self._on_lost: Callable[[GroupLost], None] = lambda _: None
@@ -96,25 +105,37 @@ class Leader:
         self._send(plan)
         return self.state.runner.forward(plan)
 
+    def replicate(self, key: str, keep: tuple[str, ...]) -> AdapterError | None:
+        """Asks every follower to hold adapter version `key` (reading it if needed) and to keep
+        holding `keep`; the first follower error, naming its rank, or None when all hold it."""
+        replies = self._send(Hold(key, keep), answered=True)
+        for rank, err in enumerate(replies):
+            if isinstance(err, AdapterError):
+                return AdapterError(err.kind, f"{err} (tensor-parallel rank {rank})")
+        return None
+
     def close(self) -> None:
         """Stops the heartbeat and, if the group is whole, tells the followers to exit."""
         self._closed.set()
         with contextlib.suppress(GroupLost):
             self._send(None)
 
-    def _send(self, msg: StepPlan | Heartbeat | None) -> None:
+    def _send(self, msg: Message, answered: bool = False) -> list[object]:
+        """Broadcasts `msg`; with `answered`, every rank's answer (gathered in the same turn
+        of the lock, so no heartbeat comes between)."""
         if self.state.group.size == 1:
-            return
+            return []
         with self._lock:
             if self.lost is not None:
                 raise self.lost
             try:
                 broadcast_object(msg, self.state.group)
+                replies = gather_object(None, self.state.group) if answered else []
             except GroupLost as e:
                 self.lost = e
             else:
                 self._last_send = time.monotonic()
-                return
+                return replies
         log.error("tensor-parallel group lost", error=str(self.lost))
         self._on_lost(self.lost)
         raise self.lost
@@ -137,13 +158,56 @@ class Heartbeat:
 HEARTBEAT = Heartbeat()
 
 
-def ensure_resident(adapters: AdapterCache, adapter_ids: tuple[str, ...]) -> None:
-    """Blocks until every adapter of a plan is resident on this rank."""
-    for adapter_id in adapter_ids:
-        while (state := adapters.poll(adapter_id)) is None:
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Rank 0 has adapter version `key` on its device and claims it for a request once every
+    follower answers that it holds the same version; followers let go of held versions that
+    are neither `key` nor in `keep` (rank 0 no longer has them on its device)."""
+
+    key: str  # id@version
+    keep: tuple[str, ...]  # id@version
+
+
+Message = StepPlan | Heartbeat | Hold | None
+
+
+class Holds:
+    """A follower's adapter versions held for rank 0: one reference each in its cache, so its
+    own LRU never evicts, and a reload never drops, a version that a running request uses."""
+
+    def __init__(self, adapters: AdapterCache, timeout_s: float) -> None:
+        self.adapters = adapters
+        self.timeout_s = timeout_s  # below the group timeout: rank 0 waits for the answer
+        self.held: set[str] = set()
+
+    def replicate(self, msg: Hold) -> AdapterError | None:
+        """Holds `msg.key` (the error if this rank cannot: e.g. the files now hold another
+        version) and lets go of what rank 0 no longer keeps."""
+        for key in self.held - {msg.key, *msg.keep}:
+            self.held.discard(key)
+            self.adapters.release(key)
+        if msg.key in self.held:
+            return None
+        deadline = time.monotonic() + self.timeout_s
+        while (state := self.adapters.claim(msg.key)) is None:
+            if time.monotonic() > deadline:
+                return AdapterError(
+                    AdapterErrorKind.EXHAUSTED,
+                    f"adapter {msg.key!r} did not become resident within {self.timeout_s:.0f} s",
+                )
             time.sleep(0.001)
         if isinstance(state, AdapterError):
-            raise state
+            return state
+        self.held.add(msg.key)
+        return None
+
+    def check(self, plan: StepPlan) -> None:
+        """Rank 0 puts only versions every rank holds into a plan; anything else is a bug."""
+        missing = set(plan.adapters) - self.held
+        if missing:
+            raise RuntimeError(
+                f"step plan names adapter versions this rank does not hold: {missing}"
+            )
 
 
 def follower_main(cfg: ShardConfig, rank: int) -> None:
@@ -151,11 +215,14 @@ def follower_main(cfg: ShardConfig, rank: int) -> None:
     group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)
     torch.set_grad_enabled(False)
     state = build_rank(cfg, group)
+    holds = Holds(state.adapters, cfg.tp_timeout_s / 2)
     log.info("follower ready", rank=rank)
     try:
         while (msg := broadcast_object(None, group)) is not None:
-            if isinstance(msg, StepPlan):
-                ensure_resident(state.adapters, msg.adapters)
+            if isinstance(msg, Hold):
+                gather_object(holds.replicate(msg), group)
+            elif isinstance(msg, StepPlan):
+                holds.check(msg)
                 state.runner.forward(msg)
     except GroupLost:
         log.exception("tensor-parallel group lost: rank 0 is gone or silent", rank=rank)

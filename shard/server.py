@@ -41,6 +41,7 @@ _ADAPTER_CODE = {
     AdapterErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterErrorKind.UNSUPPORTED: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterErrorKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AdapterErrorKind.CHANGED: grpc.StatusCode.ABORTED,  # a retry reads the new files
 }
 _LOAD_TIMEOUT_S = 300.0  # LoadAdapter's wait for device room when the call has no deadline
 _RESIDENCY = {

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.__main__ import build_engine
 from shard.adapter_cache import AdapterCache
-from shard.adapter_loader import packed_size
+from shard.adapter_loader import AdapterError, AdapterErrorKind, packed_size
+from shard.adapter_replicas import MAX_CHANGED_RETRIES
 from shard.config import parse_config
 from shard.parallel import SINGLE
 from shard.server import GeneratorServicer, ShardServicer
@@ -365,3 +366,45 @@ def test_load_adapter_reports_one_adapter_without_listing_the_root(
     assert info.rank == 4 and info.size_bytes > 0 and len(info.digest) == 64
     assert set(info.target_modules) == {"q_proj", "v_proj"}
     shard.adapters.evict("r4-qv")
+
+
+def test_tensor_parallel_claims_wait_for_every_rank_and_fail_cleanly_on_changing_files(
+    shard, tiny
+) -> None:
+    """Rank 0's side of two-phase residency, with the followers' answers faked: a version is
+    asked of the followers once (not per request) with what rank 0 keeps on its device; files
+    that keep changing under the followers end in ABORTED, and the shard serves on."""
+    cache = shard.adapters
+    rounds: list[tuple[str, tuple[str, ...]]] = []
+    answer: list[AdapterError | None] = [None]
+
+    def replicate(key: str, keep: tuple[str, ...]) -> AdapterError | None:
+        rounds.append((key, keep))
+        return answer[0]
+
+    cache.attach_replicas(replicate)
+    try:
+        prompt = [3, 4, 5]
+        want = greedy(tiny.model_dir, tiny.adapter_dir("r16-attn"), prompt, NEW)[0]
+        assert generate(shard.address, request("r16-attn", prompt)) == want
+        assert generate(shard.address, request("r16-attn", prompt)) == want
+        key = cache._current["r16-attn"]
+        assert [k for k, _ in rounds] == [key]
+        assert all(k in cache._resident for k in rounds[0][1])
+
+        rounds.clear()
+        answer[0] = AdapterError(AdapterErrorKind.CHANGED, "adapter 'r8-all' changed on disk")
+        with pytest.raises(grpc.RpcError) as err:
+            generate(shard.address, request("r8-all", prompt), timeout=30)
+        assert err.value.code() == grpc.StatusCode.ABORTED
+        assert "changed on disk" in err.value.details()
+        # Rank 0 read the files again before each retry; it gave up after the last one.
+        assert len(rounds) == MAX_CHANGED_RETRIES + 1
+        assert "r8-all" not in cache._current
+    finally:
+        cache._replicas = None
+        cache.evict("r16-attn")
+    assert (
+        generate(shard.address, request("r8-all", prompt))
+        == greedy(tiny.model_dir, tiny.adapter_dir("r8-all"), prompt, NEW)[0]
+    )
