@@ -12,7 +12,6 @@ device-to-device copy bandwidth measured first.
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
@@ -21,8 +20,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.timing import copy_bandwidth, git_commit, time_graph
+from benchmarks.timing import copy_bandwidth, provenance, time_graph
+from shard.layers.lora import LORA_GROUPS, MAX_GROUP, LoraBatch, LoraGroup, add_lora, group_key
 from shard.ops import sgmv_expand, sgmv_shrink, weight_ptrs
+from shard.ops.sgmv import sgmv_fused
 
 DTYPE = torch.bfloat16
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
@@ -53,6 +54,7 @@ class Result:
     shrink_us: float
     expand_us: float
     sgmv_us: float  # shrink + expand
+    fused_us: float  # sgmv_fused: one launch where it applies, else shrink + expand
     gather_bmm_us: float
     loop_us: float
 
@@ -114,6 +116,19 @@ class Batch:
         self.shrink()
         self.expand()
 
+    def fused(self) -> None:
+        sgmv_fused(
+            self.y,
+            self.x,
+            self.v,
+            self.a_ptrs,
+            self.b_ptrs,
+            self.seg_starts,
+            self.ranks,
+            self.scales,
+            0,
+        )
+
     def gather_bmm(self) -> None:
         a = self.a_all[self.row_adapter]  # [T, r, h_in]
         b = self.b_all[self.row_adapter]  # [T, r, h_out]
@@ -140,7 +155,7 @@ def run_case(
     ]
     times = {
         name: time_graph([getattr(b, name) for b in sets])
-        for name in ("shrink", "expand", "sgmv", "gather_bmm", "loop")
+        for name in ("shrink", "expand", "sgmv", "fused", "gather_bmm", "loop")
     }
     return Result(
         case,
@@ -153,6 +168,7 @@ def run_case(
         shrink_us=times["shrink"],
         expand_us=times["expand"],
         sgmv_us=times["sgmv"],
+        fused_us=times["fused"],
         gather_bmm_us=times["gather_bmm"],
         loop_us=times["loop"],
     )
@@ -208,6 +224,23 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
                 sgmv_shrink(v, x, a_ptrs, seg_starts, g_ranks, layer)
                 sgmv_expand(y, v, b_ptrs, seg_starts, g_ranks, g_scales, layer, widths)
 
+    # As the model runs it: shard.layers.lora.add_lora per group (what production dispatches).
+    lora = LoraBatch(
+        seg_starts=seg_starts,
+        groups={
+            group_key(modules): LoraGroup(a_ptrs, b_ptrs, g_ranks, g_scales)
+            for modules, (_, _, _, a_ptrs, b_ptrs, g_ranks, g_scales, _) in zip(
+                LORA_GROUPS, grouped, strict=True
+            )
+        },
+        buffer=torch.empty(rows, MAX_GROUP * rank, device=dev, dtype=DTYPE),
+    )
+
+    def production() -> None:
+        for layer in range(layers):
+            for modules, (x, y, _, _, _, _, _, widths) in zip(LORA_GROUPS, grouped, strict=True):
+                add_lora(y, x, lora, modules, widths, layer)
+
     def gather_bmm() -> None:
         for layer in range(layers):
             for a, b, x, y, _, _, _ in projs:
@@ -223,6 +256,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
         "bytes": weight_bytes + io_bytes,
         "sgmv_us": time_graph([ours], reps=10),
         "sgmv_grouped_us": time_graph([ours_grouped], reps=10),
+        "add_lora_us": time_graph([production], reps=10),
         "gather_bmm_us": time_graph([gather_bmm], reps=3),
     }
 
@@ -254,27 +288,22 @@ def main() -> None:
     print(f"copy bandwidth (best of two) {bw / 1e12:.2f} TB/s")
 
     header = f"{'case':26} {'pop':9} {'T':>4} {'floor':>7} {'shrink':>7} {'expand':>7} {'sgmv':>7} "
-    print(header + f"{'gbmm':>8} {'loop':>8}  (us)")
+    print(header + f"{'fused':>7} {'gbmm':>8} {'loop':>8}  (us)")
     for r in results:
         floor = r.bytes / bw * 1e6
         print(
             f"{r.case:26} {r.popularity:9} {r.rows:4d} {floor:7.1f} {r.shrink_us:7.1f} "
-            f"{r.expand_us:7.1f} {r.sgmv_us:7.1f} {r.gather_bmm_us:8.1f} {r.loop_us:8.1f}"
+            f"{r.expand_us:7.1f} {r.sgmv_us:7.1f} {r.fused_us:7.1f} {r.gather_bmm_us:8.1f} "
+            f"{r.loop_us:8.1f}"
         )
     print(
         f"7B decode step ({step['layers']} layers x 7 proj, r={step['rank']}, B={step['rows']}): "
         f"floor {step['floor_us']:.0f} us, sgmv {step['sgmv_us']:.0f} us, "
-        f"grouped {step['sgmv_grouped_us']:.0f} us, "
+        f"grouped {step['sgmv_grouped_us']:.0f} us, add_lora {step['add_lora_us']:.0f} us, "
         f"gather+bmm {step['gather_bmm_us']:.0f} us"
     )
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or git_commit(),
-        "command": args.command,
-        "torch": torch.__version__,
+    report = provenance(args.command, args.commit, bw) | {
         "dtype": str(DTYPE),
-        "copy_bandwidth_tbps": bw / 1e12,
         "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
         "cases": [asdict(r) | {"floor_us": r.bytes / bw * 1e6} for r in results],
         "whole_step": step,

@@ -3,6 +3,7 @@ device's copy bandwidth (the denominator of every floor), and the commit a resul
 
 from __future__ import annotations
 
+import datetime
 import math
 import statistics
 import subprocess
@@ -82,3 +83,15 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def provenance(command: str, commit: str | None, bandwidth: float) -> dict[str, object]:
+    """The header of a results file: device, date, commit, command, torch, copy bandwidth."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit or git_commit(),
+        "command": command,
+        "torch": torch.__version__,
+        "copy_bandwidth_tbps": bandwidth / 1e12,
+    }

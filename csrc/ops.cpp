@@ -92,6 +92,11 @@ struct ExpandLaunch {
   static cudaError_t run(const ExpandParams& p, cudaStream_t s) { return sgmv_expand<T, R>(p, s); }
 };
 
+template <typename T, int R>
+struct FusedLaunch {
+  static cudaError_t run(const FusedParams& p, cudaStream_t s) { return sgmv_fused<T, R>(p, s); }
+};
+
 // Runs Launch<T, RMAX>::run for the kernel serving `dtype` and ranks <= r_max.
 template <template <typename, int> class Launch, typename T, typename Params>
 cudaError_t dispatch_rank(at::ScalarType dtype, int64_t r_max, const Params& p, cudaStream_t s) {
@@ -116,8 +121,10 @@ void check_launch(cudaError_t err, const char* op) {
 
 // ------------------------------------------------------------------------------------ SGMV
 
-void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
-               const at::Tensor& seg_starts, const at::Tensor& ranks, int64_t layer_idx) {
+// Checks the shrink's arguments and returns its parameters.
+ShrinkParams shrink_params(const at::Tensor& v, const at::Tensor& x, const at::Tensor& a_ptrs,
+                           const at::Tensor& seg_starts, const at::Tensor& ranks,
+                           int64_t layer_idx) {
   check_rows(x, x, "x", 8);
   check_rows(v, x, "v", 1);
   const int64_t num_rows = x.size(0), num_segments = a_ptrs.size(-1);
@@ -131,30 +138,25 @@ void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
   TORCH_CHECK(layer_idx >= 0, "layer_idx must be >= 0, got ", num(layer_idx));
   TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", num(v.size(1)),
               " columns do not split into ", num(num_proj), " projections");
-  const int64_t v_cols = v.size(1) / num_proj;
-
-  const c10::cuda::CUDAGuard guard(x.device());
-  const ShrinkParams p{v.data_ptr(),
-                       v.stride(0),
-                       static_cast<int>(v_cols),
-                       x.data_ptr(),
-                       x.stride(0),
-                       a_ptrs.data_ptr<int64_t>(),
-                       seg_starts.data_ptr<int32_t>(),
-                       ranks.data_ptr<int32_t>(),
-                       static_cast<int>(num_segments),
-                       static_cast<int>(num_rows),
-                       static_cast<int>(x.size(1)),
-                       static_cast<int>(layer_idx),
-                       static_cast<int>(num_proj)};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(dispatch_dtype_rank<ShrinkLaunch>(x.scalar_type(), v_cols, p, stream),
-               "sgmv_shrink");
+  return ShrinkParams{v.data_ptr(),
+                      v.stride(0),
+                      static_cast<int>(v.size(1) / num_proj),
+                      x.data_ptr(),
+                      x.stride(0),
+                      a_ptrs.data_ptr<int64_t>(),
+                      seg_starts.data_ptr<int32_t>(),
+                      ranks.data_ptr<int32_t>(),
+                      static_cast<int>(num_segments),
+                      static_cast<int>(num_rows),
+                      static_cast<int>(x.size(1)),
+                      static_cast<int>(layer_idx),
+                      static_cast<int>(num_proj)};
 }
 
-void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
-               const at::Tensor& seg_starts, const at::Tensor& ranks, const at::Tensor& scales,
-               int64_t layer_idx, at::IntArrayRef widths) {
+// Checks the expand's arguments and returns its parameters.
+ExpandParams expand_params(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b_ptrs,
+                           const at::Tensor& seg_starts, const at::Tensor& ranks,
+                           const at::Tensor& scales, int64_t layer_idx, at::IntArrayRef widths) {
   check_rows(v, v, "v", 1);
   check_rows(y, v, "y", 2);
   const int64_t num_rows = v.size(0), num_segments = b_ptrs.size(-1);
@@ -172,7 +174,6 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
               num(static_cast<int64_t>(widths.size())));
   TORCH_CHECK(v.size(1) % num_proj == 0, "v's ", num(v.size(1)),
               " columns do not split into ", num(num_proj), " projections");
-  const int64_t v_cols = v.size(1) / num_proj;
 
   ExpandParams p{};
   int64_t col = 0;
@@ -185,13 +186,11 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
   for (int64_t q = num_proj; q <= kMaxProjections; ++q) p.y_cols[q] = static_cast<int>(col);
   TORCH_CHECK(col == y.size(1), "widths sum to ", num(col), " but y has ", num(y.size(1)),
               " columns");
-
-  const c10::cuda::CUDAGuard guard(v.device());
   p.y = y.data_ptr();
   p.ldy = y.stride(0);
   p.v = v.data_ptr();
   p.ldv = v.stride(0);
-  p.v_cols = static_cast<int>(v_cols);
+  p.v_cols = static_cast<int>(v.size(1) / num_proj);
   p.b_ptrs = b_ptrs.data_ptr<int64_t>();
   p.seg_starts = seg_starts.data_ptr<int32_t>();
   p.ranks = ranks.data_ptr<int32_t>();
@@ -200,9 +199,39 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
   p.num_rows = static_cast<int>(num_rows);
   p.layer_idx = static_cast<int>(layer_idx);
   p.num_proj = static_cast<int>(num_proj);
+  return p;
+}
+
+void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
+               const at::Tensor& seg_starts, const at::Tensor& ranks, int64_t layer_idx) {
+  const ShrinkParams p = shrink_params(v, x, a_ptrs, seg_starts, ranks, layer_idx);
+  const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(dispatch_dtype_rank<ExpandLaunch>(v.scalar_type(), v_cols, p, stream),
+  check_launch(dispatch_dtype_rank<ShrinkLaunch>(x.scalar_type(), p.v_cols, p, stream),
+               "sgmv_shrink");
+}
+
+void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
+               const at::Tensor& seg_starts, const at::Tensor& ranks, const at::Tensor& scales,
+               int64_t layer_idx, at::IntArrayRef widths) {
+  const ExpandParams p =
+      expand_params(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths);
+  const c10::cuda::CUDAGuard guard(v.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(dispatch_dtype_rank<ExpandLaunch>(v.scalar_type(), p.v_cols, p, stream),
                "sgmv_expand");
+}
+
+void fused_op(at::Tensor y, const at::Tensor& x, at::Tensor v, const at::Tensor& a_ptrs,
+              const at::Tensor& b_ptrs, const at::Tensor& seg_starts, const at::Tensor& ranks,
+              const at::Tensor& scales, int64_t layer_idx, at::IntArrayRef widths) {
+  const FusedParams p{shrink_params(v, x, a_ptrs, seg_starts, ranks, layer_idx),
+                      expand_params(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)};
+  check_same_shape(b_ptrs, a_ptrs, "b_ptrs", "a_ptrs");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(dispatch_dtype_rank<FusedLaunch>(x.scalar_type(), p.shrink.v_cols, p, stream),
+               "sgmv_fused");
 }
 
 // ------------------------------------------------------------------------ paged attention
@@ -351,6 +380,9 @@ TORCH_LIBRARY(lorafleet, m) {
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor b_ptrs, Tensor seg_starts, Tensor ranks, "
       "Tensor scales, int layer_idx, int[] widths) -> ()");
+  m.def(
+      "sgmv_fused(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor a_ptrs, Tensor b_ptrs, "
+      "Tensor seg_starts, Tensor ranks, Tensor scales, int layer_idx, int[] widths) -> ()");
   // paged attention
   m.def(
       "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
@@ -362,6 +394,7 @@ TORCH_LIBRARY(lorafleet, m) {
 TORCH_LIBRARY_IMPL(lorafleet, CUDA, m) {
   m.impl("sgmv_shrink", &shrink_op);
   m.impl("sgmv_expand", &expand_op);
+  m.impl("sgmv_fused", &fused_op);
   // paged attention
   m.impl("kv_append", &kv_append_op);
   m.impl("paged_decode_attention", &paged_decode_attention_op);

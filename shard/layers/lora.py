@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shard.ops.sgmv import sgmv_expand, sgmv_shrink
+from shard.ops.sgmv import sgmv_fused
 
 if TYPE_CHECKING:
     from shard.adapter_loader import AdapterWeights
@@ -120,5 +120,5 @@ def add_lora(
         return
     r_max = lora.buffer.shape[1] // MAX_GROUP
     v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
-    sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
-    sgmv_expand(y, v, group.b_ptrs, lora.seg_starts, group.ranks, group.scales, layer_idx, widths)
+    tables = (group.a_ptrs, group.b_ptrs, lora.seg_starts, group.ranks, group.scales)
+    sgmv_fused(y, x, v, *tables, layer_idx, widths)
