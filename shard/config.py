@@ -90,7 +90,7 @@ def parse_config(
     add("--metrics-port", "METRICS_PORT", None, "Prometheus /metrics port", type=int)
     add("--shard-id", "SHARD_ID", None, "name in load snapshots (default host:port)")
     add("--drain-timeout-s", "DRAIN_TIMEOUT_S", "25", "SIGTERM drain limit", type=float)
-    add("--log-format", "LOG_FORMAT", "auto", "json, console or auto")
+    add("--log-format", "LOG_FORMAT", "auto", "log lines", choices=("auto", "json", "console"))
     add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
     add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
     add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
