@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, models
 from shard.adapter_cache import AdapterCache
 from shard.engine import Engine
 from shard.kv_cache import PagePool
+from shard.metrics import ShardMetrics
 from shard.model_config import ModelConfig
 from shard.parallel import SINGLE
 from shard.sampling import SamplingParams
@@ -88,14 +89,52 @@ def write_adapters(root: Path, cfg: ModelConfig, count: int, rank: int) -> list[
     return ids
 
 
-def load_times(cache: AdapterCache, adapter_id: str, repeats: int) -> dict[str, float]:
-    """Disk -> host once through the cache, then the host -> device copy of the packed adapter
-    (one copy of pinned memory), timed with CUDA events."""
+def drop_page_cache(path: Path) -> bool:
+    """Asks the kernel to forget `path`'s cached pages (best effort, no root needed), so the
+    next read comes from the disk; False where the platform has no posix_fadvise."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
+
+
+def through_cache(cache: AdapterCache, adapter_id: str) -> dict[str, float]:
+    """One adapter disk -> device through the cache (LoadAdapter's path), with its stages from
+    the cache's own histograms: read + validate + pack into pinned memory, then the copy."""
+
+    def stage_sum(stage: str) -> float:
+        name = "lorafleet_shard_adapter_load_seconds_sum"
+        return metrics.registry.get_sample_value(name, {"stage": stage}) or 0.0
+
+    metrics = cache.metrics
+    assert metrics is not None
+    before = {s: stage_sum(s) for s in ("disk_to_host", "host_to_gpu")}
     start = time.perf_counter()
     assert cache.preload(adapter_id, False, 120) is None
-    first = time.perf_counter() - start
-    host = cache._host[cache._current[adapter_id]]  # the packed host copy the cache moves
-    out: dict[str, float] = {"bytes": host.flat.numel(), "first_load_through_cache_s": first}
+    total = time.perf_counter() - start
+    return {
+        "disk_to_gpu_s": total,  # includes the preload's 2 ms residency polls
+        "disk_to_host_s": stage_sum("disk_to_host") - before["disk_to_host"],
+        "host_to_gpu_s": stage_sum("host_to_gpu") - before["host_to_gpu"],
+    }
+
+
+def load_times(cache: AdapterCache, ids: list[str], weights: Path, repeats: int) -> dict:
+    """Disk -> device through the cache for one adapter read from the disk (its file dropped
+    from the page cache first) and one read from the page cache (the same bytes: the ids share
+    one hard-linked file); then the bare host -> device copy of the packed, pinned adapter,
+    timed with CUDA events."""
+    cache.attach_metrics(ShardMetrics())
+    dropped = drop_page_cache(weights)
+    out: dict = {"page_cache_dropped": dropped, "cold": through_cache(cache, ids[0])}
+    out["page_cache"] = through_cache(cache, ids[1])
+    host = cache._host[cache._current[ids[0]]]  # the packed host copy the cache moves
+    out["bytes"] = host.flat.numel()
     if cache.device.type != "cuda":
         return out
     stream = torch.cuda.Stream(cache.device)
@@ -198,6 +237,12 @@ def ttft_phase(engine: Engine, adapters: list[str], n: int, rate: float, prompt_
     }
 
 
+def save(result: dict, out: Path) -> None:
+    """Writes what is measured so far: a later phase that hangs still leaves the earlier ones."""
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
@@ -217,15 +262,40 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(a.small)
     count = a.budget_adapters * a.working_set
+    result: dict = {
+        "benchmark": "adapters",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": a.commit,
+        "command": a.command,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": {
+            "hidden": cfg.hidden_size,
+            "intermediate": cfg.intermediate_size,
+            "layers": cfg.num_layers,
+            "rank": a.rank,
+            "modules": list(MODULES),
+            "dtype": str(dtype),
+        },
+        # Punica (arXiv 2310.18547): ~2 ms host -> GPU for a 7B r16 adapter over PCIe Gen4; the
+        # issue's bar: TTFT with a working set 4x the device budget under 2x warm TTFT.
+        "targets": {"host_to_gpu_ms_punica": 2.0, "ttft_ratio_max": 2.0},
+        "device_budget_adapters": a.budget_adapters,
+        "working_set_adapters": count,
+        "arrival_rate_per_s": a.rate,
+        "prompt_len": a.prompt_len,
+        "max_new_tokens": 16,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         start = time.perf_counter()
         ids = write_adapters(root, cfg, count, a.rank)
         setup = {"write_adapters_s": time.perf_counter() - start}
         probe = AdapterCache(root, cfg, SINGLE, dtype, device, 2**34, 128)
-        load = load_times(probe, ids[0], repeats=20)
+        result["load"] = load_times(probe, ids, root / "weights.safetensors", repeats=20)
         probe.close()
-        size = int(load["bytes"])
+        save(result, a.out)
+        size = int(result["load"]["bytes"])
         cache = AdapterCache(
             root,
             cfg,
@@ -242,6 +312,7 @@ def main() -> None:
         while sum(e.residency == "host" for e in cache.entries()) < count:
             time.sleep(0.05)
         setup["disk_to_host_all_s"] = time.perf_counter() - start
+        result["setup"] = setup
         pool = PagePool(4096)
         scheduler = Scheduler(pool, 16, 32, 4096, cache)
         tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
@@ -253,44 +324,19 @@ def main() -> None:
             warm = ttft_phase(
                 engine, ids[: a.budget_adapters // 2], a.requests, a.rate, a.prompt_len
             )
+            result["warm"] = warm
+            save(result, a.out)
             cold = ttft_phase(engine, ids, a.requests, a.rate, a.prompt_len)
         finally:
             engine.stop()
-        evictions = engine.metrics.registry.get_sample_value(
+        result["working_set_4x"] = cold
+        result["ttft_p50_ratio"] = cold["ttft_p50_ms"] / warm["ttft_p50_ms"]
+        result["ttft_p99_ratio"] = cold["ttft_p99_ms"] / warm["ttft_p99_ms"]
+        result["gpu_evictions"] = engine.metrics.registry.get_sample_value(
             "lorafleet_shard_adapter_evictions_total", {"tier": "gpu"}
         )
-        steps = engine.steps
-    result = {
-        "benchmark": "adapters",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": a.commit,
-        "command": a.command,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "shape": {
-            "hidden": cfg.hidden_size,
-            "intermediate": cfg.intermediate_size,
-            "layers": cfg.num_layers,
-            "rank": a.rank,
-            "modules": list(MODULES),
-            "dtype": str(dtype),
-        },
-        "load": load,
-        "setup": setup,
-        "device_budget_adapters": a.budget_adapters,
-        "working_set_adapters": count,
-        "arrival_rate_per_s": a.rate,
-        "prompt_len": a.prompt_len,
-        "max_new_tokens": 16,
-        "warm": warm,
-        "working_set_4x": cold,
-        "ttft_p50_ratio": cold["ttft_p50_ms"] / warm["ttft_p50_ms"],
-        "ttft_p99_ratio": cold["ttft_p99_ms"] / warm["ttft_p99_ms"],
-        "gpu_evictions": evictions,
-        "engine_steps": steps,
-    }
-    a.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+        result["engine_steps"] = engine.steps
+    save(result, a.out)
 
 
 if __name__ == "__main__":
