@@ -12,8 +12,8 @@
 // in passes of at most kPassCols columns, ldmatrix.trans + m16n8k16 MMAs.
 //
 // Two launches cost two dependent chains (and a grid-wide flush between them); one launch also
-// lets the B loads start with the A loads. Decode-shaped batches (few tiles) gain most; the
-// dispatch in sgmv_fused() falls back to the two launches elsewhere and on sm_80.
+// lets the B loads start with the A loads. The dispatch in sgmv_fused() takes this kernel only
+// when asked to (LORAFLEET_FUSED=1) and the batch fits; the two launches otherwise and on sm_80.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -35,9 +35,10 @@ struct FusedSmem {
   static constexpr int kVCols = kMaxProjections * RMAX;
   static constexpr int kStrideV = kVCols + 8;
   static constexpr int kB = RMAX * kStrideB * 2;                 // B pass [RMAX][kStrideB] T
+  static constexpr int kY = kFusedRows * kStrideB * 2;           // y pass [16][kStrideB] T
   static constexpr int kV = kFusedRows * kStrideV * 2;           // v tile [16][kStrideV] T
   static constexpr int kPart = kFusedRows * kVCols * 4;          // float [16][kVCols]
-  static constexpr int kBytes = kB + kV + kPart;
+  static constexpr int kBytes = kB + kY + kV + kPart;
 };
 
 // The projection that owns 8-column chunk `col` of the concatenated output.
@@ -66,8 +67,9 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams p) {
   constexpr int PC = Smem::kPassCols / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sb = reinterpret_cast<T*>(smem);                        // [RMAX][kStrideB]
-  T* sv = reinterpret_cast<T*>(smem + Smem::kB);             // [16][kStrideV]
-  float* s_part = reinterpret_cast<float*>(smem + Smem::kB + Smem::kV);  // [16][kVCols]
+  T* sy = reinterpret_cast<T*>(smem + Smem::kB);             // [16][kStrideB]
+  T* sv = reinterpret_cast<T*>(smem + Smem::kB + Smem::kY);  // [16][kStrideV]
+  float* s_part = reinterpret_cast<float*>(smem + Smem::kB + Smem::kY + Smem::kV);  // [16][kVCols]
   __shared__ Tile s_tile;
 
   const ShrinkParams& sp = p.shrink;
@@ -148,9 +150,19 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams p) {
       cp_async16(sb + k * Smem::kStrideB + ch * 8, from, ok ? 16 : 0);
     }
   };
+  // The tile's y values of a pass, in flight while the shrink runs (written before this kernel).
+  T* y = static_cast<T*>(ep.y);
+  const auto copy_y = [&](int first, int count) {
+    for (int i = threadIdx.x; i < rows * count; i += kThreads) {
+      const int m = i / count, ch = i % count;
+      cp_async16(sy + m * Smem::kStrideB + ch * 8,
+                 y + static_cast<int64_t>(tile.row0 + m) * ep.ldy + (first + ch) * 8, 16);
+    }
+  };
   copy_b(c_lo, min(PC, c_hi - c_lo));
   pdl_wait();
   pdl_launch_dependents();
+  copy_y(c_lo, min(PC, c_hi - c_lo));
 
   // Shrink: partial v over this warp's share of the CTA's h_in range.
   const int warp_steps = (cta_steps + 3) / 4;
@@ -257,66 +269,49 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(const FusedParams p) {
     }
   }
   using T2 = typename Pair<T>::type;
-  T* y = static_cast<T*>(ep.y);
   const int row_a = tile.row0 + g, row_b = row_a + 8;
-  constexpr int G = 4;  // chunks per warp whose y loads are issued together
   for (int first = c_lo; first < c_hi; first += PC) {
     const int count = min(PC, c_hi - first);
     if (first != c_lo) {
       __syncthreads();  // every warp is done with the previous pass
       copy_b(first, count);
+      copy_y(first, count);
     }
     cp_async_wait_all();
     __syncthreads();
-    for (int base = warp; base < count; base += 4 * G) {
-      T2 y_old[G][2];
-      int qs[G];
+    for (int ch = warp; ch < count; ch += kThreads / 32) {
+      const int col = (first + ch) * 8 + 2 * c;
+      const int qc = proj_of(ep, col);  // uniform over the warp
+      float out[4] = {};
+      float scale = 0.f;
+      bool busy = false;
 #pragma unroll
-      for (int u = 0; u < G; ++u) {
-        const int ch = base + 4 * u;
-        const int col = (first + ch) * 8 + 2 * c;
-        qs[u] = ch < count ? proj_of(ep, col) : -1;
-        if (qs[u] >= 0) {
-          if (has_a) y_old[u][0] = *reinterpret_cast<const T2*>(y + row_a * ep.ldy + col);
-          if (has_b) y_old[u][1] = *reinterpret_cast<const T2*>(y + row_b * ep.ldy + col);
-        }
-      }
+      for (int q = 0; q < kMaxProjections; ++q) {
+        if (q != qc || rk[q] == 0) continue;
+        busy = true;
+        scale = ep.scales[static_cast<int64_t>(q) * num_seg + tile.seg];
 #pragma unroll
-      for (int u = 0; u < G; ++u) {
-        const int ch = base + 4 * u;
-        if (qs[u] < 0) continue;  // uniform over the warp
-        float out[4] = {};
-        float scale = 0.f;
-        bool busy = false;
-#pragma unroll
-        for (int q = 0; q < kMaxProjections; ++q) {
-          if (q != qs[u] || rk[q] == 0) continue;
-          busy = true;
-          scale = ep.scales[static_cast<int64_t>(q) * num_seg + tile.seg];
-#pragma unroll
-          for (int kt = 0; kt < KT; ++kt) {
-            if (kt * 16 < kpad) {
-              uint32_t bf[2];
-              ldmatrix_x2_trans(bf, sb + (kt * 16 + lane % 16) * Smem::kStrideB + ch * 8);
-              mma16816<T>(out, af[q][kt][0], af[q][kt][1], af[q][kt][2], af[q][kt][3], bf[0],
-                          bf[1]);
-            }
+        for (int kt = 0; kt < KT; ++kt) {
+          if (kt * 16 < kpad) {
+            uint32_t bf[2];
+            ldmatrix_x2_trans(bf, sb + (kt * 16 + lane % 16) * Smem::kStrideB + ch * 8);
+            mma16816<T>(out, af[q][kt][0], af[q][kt][1], af[q][kt][2], af[q][kt][3], bf[0], bf[1]);
           }
         }
-        if (!busy) continue;  // the segment skips this projection: its columns stay untouched
-        const int col = (first + ch) * 8 + 2 * c;
-        if (has_a) {
-          float2 o = to_float2(y_old[u][0]);
-          o.x += scale * out[0];
-          o.y += scale * out[1];
-          *reinterpret_cast<T2*>(y + row_a * ep.ldy + col) = from_float2<T>(o);
-        }
-        if (has_b) {
-          float2 o = to_float2(y_old[u][1]);
-          o.x += scale * out[2];
-          o.y += scale * out[3];
-          *reinterpret_cast<T2*>(y + row_b * ep.ldy + col) = from_float2<T>(o);
-        }
+      }
+      if (!busy) continue;  // the segment skips this projection: its columns stay untouched
+      if (has_a) {
+        float2 o = to_float2(*reinterpret_cast<const T2*>(sy + g * Smem::kStrideB + ch * 8 + 2 * c));
+        o.x += scale * out[0];
+        o.y += scale * out[1];
+        *reinterpret_cast<T2*>(y + row_a * ep.ldy + col) = from_float2<T>(o);
+      }
+      if (has_b) {
+        const T* old = sy + (g + 8) * Smem::kStrideB + ch * 8 + 2 * c;
+        float2 o = to_float2(*reinterpret_cast<const T2*>(old));
+        o.x += scale * out[2];
+        o.y += scale * out[3];
+        *reinterpret_cast<T2*>(y + row_b * ep.ldy + col) = from_float2<T>(o);
       }
     }
   }
@@ -381,12 +376,16 @@ cudaError_t sgmv_fused(const FusedParams& p, cudaStream_t stream) {
   int num_sms = 0, cc_major = 0;
   cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
-  // One launch needs clusters (sm_90) and a v tile that fits its shared memory (ranks <= 32).
+  // One launch needs clusters (sm_90), a v tile that fits its shared memory (ranks <= 32) and
+  // 16-byte aligned y rows (staged with cp.async). It is opt-in (LORAFLEET_FUSED=1): on the
+  // H200 it measured slower than the two launches (benchmarks/results/sgmv_NOTES.md, v8).
   // The largest cluster whose grid stays resident in one wave wins: more CTAs share a tile's
-  // bytes. Larger batches (prefill) take the two launches, whose 64-row tiles reuse weights.
-  static const bool off = std::getenv("LORAFLEET_NO_FUSED") != nullptr;
+  // bytes. Larger batches take the two launches, whose 64-row tiles reuse weights.
+  static const bool on = std::getenv("LORAFLEET_FUSED") != nullptr;
+  const ExpandParams& e = p.expand;
+  const bool y_aligned = reinterpret_cast<uintptr_t>(e.y) % 16 == 0 && e.ldy % 8 == 0;
   if constexpr (RMAX <= 32) {
-    if (cc_major >= 9 && !off) {
+    if (cc_major >= 9 && on && y_aligned) {
       int clusters[3];
       err = sgmv::fused_capacity<T, RMAX>(clusters);
       if (err != cudaSuccess) return err;

@@ -1,6 +1,7 @@
-"""sgmv_fused (one projection group's shrink + expand, one launch for decode on sm_90): the CPU
-reference against a float64 per-row oracle, the CUDA op against the reference over popularity,
-odd sizes, mixed and zero ranks, every model width, a poisoned scratch, and graph replay."""
+"""sgmv_fused (one projection group's shrink + expand; one launch on sm_90 with
+LORAFLEET_FUSED=1, two otherwise): the CPU reference against a float64 per-row oracle, the CUDA op
+against the reference over popularity, odd sizes, mixed and zero ranks, every model width, a
+poisoned scratch, and graph replay. benchmarks/run_sgmv_gpu.sh runs the GPU tests both ways."""
 
 from __future__ import annotations
 

@@ -262,7 +262,7 @@ def test_cuda_group_rejects_bad_tables() -> None:
         [sys.executable, "-c", BAD_GROUP_CALLS], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = out.stdout.splitlines()
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("raised", "no error"))]
     assert len(lines) == 2, out.stdout
     assert "ranks must have the shape of a_ptrs" in lines[0]
     assert "widths sum to 136 but y has 128 columns" in lines[1]

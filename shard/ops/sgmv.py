@@ -36,11 +36,13 @@ shrink followed by the expand of one group (``[P, S]`` tables or ``[S]``), with 
     sgmv_shrink(v, x, a_ptrs, seg_starts, ranks, layer_idx)
     sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
 
-On sm_90, when the batch's 16-row tiles fit one wave of thread-block clusters and ranks are at
-most 32 (decode), it runs as one kernel that never writes ``v``: the rank vector of a tile lives
-in the cluster's shared memory, rounded to the model dtype as the two-launch path stores it. In
-every other case it runs the two launches. Either way, ``v``'s contents afterwards are
-unspecified and ``y`` gets the same result up to float32 summation order.
+With ``LORAFLEET_FUSED=1`` on sm_90, when the batch's 16-row tiles fit one wave of thread-block
+clusters, ranks are at most 32 and ``y``'s rows are 16-byte aligned, it runs as one kernel that
+never writes ``v``: a tile's rank vector lives in the cluster's shared memory, rounded to the
+model dtype as the two-launch path stores it. Otherwise (the default: one launch measured slower
+on the H200, see ``benchmarks/results/sgmv_NOTES.md``) it runs the two launches. Either way
+``v``'s contents afterwards are unspecified and ``y`` gets the same result up to float32
+summation order.
 
 Index tensors live on ``x``'s device: ``a_ptrs``/``b_ptrs [S]`` int64, ``seg_starts [S + 1]``
 int32, ``ranks [S]`` int32, ``scales [S]`` float32. Products accumulate in float32. Both ops write
@@ -53,8 +55,8 @@ On sm_90 the kernels use programmatic dependent launch: they start reading the w
 index tensors while the kernel just before them on the stream still runs, so that kernel must not
 write those (weights and segment metadata are written earlier in a step, as usual). Two
 environment switches, read at the first launch, serve measurements and tests:
-``LORAFLEET_NO_PDL=1`` turns programmatic dependent launch off, ``LORAFLEET_NO_FUSED=1`` makes
-``sgmv_fused`` always take the two launches, and ``LORAFLEET_SM80=1`` makes a Hopper GPU take the
+``LORAFLEET_NO_PDL=1`` turns programmatic dependent launch off, ``LORAFLEET_FUSED=1`` lets
+``sgmv_fused`` take its one-launch kernel, and ``LORAFLEET_SM80=1`` makes a Hopper GPU take the
 sm_80 launch paths (no PDL, no clusters, no fused kernel).
 """
 
@@ -114,7 +116,7 @@ def sgmv_fused(
     widths: Sequence[int] | None = None,
 ) -> None:
     """``y[t] += scales[s] * (x[t] @ A_s.T @ B_s)`` with ``v`` as scratch (see the module
-    docstring): one launch for decode batches on sm_90, shrink + expand otherwise."""
+    docstring): shrink + expand, or one launch where opted in (``LORAFLEET_FUSED=1``)."""
     widths = [y.shape[1]] if widths is None else list(widths)
     if x.is_cuda:
         _ops().sgmv_fused(y, x, v, a_ptrs, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
