@@ -40,6 +40,8 @@ from protos import generate_pb2, generate_pb2_grpc
 from router.local_process import free_port, wait_serving
 
 REPO = Path(__file__).resolve().parent.parent
+# What --spawn-tiny measures: 1-token requests in pairs, and the open loop.
+MODES = ("paired", "open-loop")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +209,25 @@ class Spawned:
     passthrough_pid: int
 
 
+@dataclass(frozen=True, slots=True)
+class Pins:
+    """CPU lists (taskset syntax, e.g. "4-7") for each spawned process; None leaves it unpinned.
+
+    On a many-core host, disjoint lists keep the client, router and shard from taking each
+    other's cores, so the router's added latency is its own and not a fight for a core.
+    """
+
+    shard: str | None = None
+    router: str | None = None
+    passthrough: str | None = None
+
+
+def _pinned(cpus: str | None, command: list[str]) -> list[str]:
+    return ["taskset", "-c", cpus, *command] if cpus else command
+
+
 @contextmanager
-def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
+def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Iterator[Spawned]:
     """A tiny-model CPU shard, and a router and a passthrough proxy in front of it."""
     from shard.tiny import write_tiny
 
@@ -224,17 +243,14 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
         shard_args += ["--host", "127.0.0.1", "--port", shard_port, "--device", "cpu"]
         shard_args += ["--max-batch-size", max_batch_size, "--kv-pages", "4096"]
         with open(workdir / "shard.log", "w") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "shard", *map(str, shard_args)], stdout=log, **common
-                )
-            )
+            shard_cmd = [sys.executable, "-m", "shard", *map(str, shard_args)]
+            procs.append(subprocess.Popen(_pinned(pins.shard, shard_cmd), stdout=log, **common))
         shard = f"127.0.0.1:{shard_port}"
         _wait_serving(shard, procs[0])
         router_args = ["--host", "127.0.0.1", "--port", str(router_port), "--shard", shard]
         with open(workdir / "router.log", "w") as log:
             router_cmd = [sys.executable, "-m", "router", *router_args]
-            procs.append(subprocess.Popen(router_cmd, stdout=log, **common))
+            procs.append(subprocess.Popen(_pinned(pins.router, router_cmd), stdout=log, **common))
         router = f"127.0.0.1:{router_port}"
         _wait_serving(router, procs[1])
         # The router places only once the shard's first load snapshot arrived.
@@ -246,7 +262,7 @@ def spawn_tiny(workdir: Path, max_batch_size: int) -> Iterator[Spawned]:
         with open(workdir / "passthrough.log", "w") as log:
             module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
             command = [sys.executable, *module, "--port", str(passthrough_port)]
-            procs.append(subprocess.Popen(command, stdout=log, **common))
+            procs.append(subprocess.Popen(_pinned(pins.passthrough, command), stdout=log, **common))
         passthrough = f"127.0.0.1:{passthrough_port}"
         _wait_serving(passthrough, procs[2])
         yield Spawned(shard, router, procs[1].pid, passthrough, procs[2].pid)
@@ -266,6 +282,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "client_cpus": sorted(os.sched_getaffinity(0)),
         "os": platform.platform(),
         "python": platform.python_version(),
         "load_average_1m_after": round(os.getloadavg()[0], 2),
@@ -273,8 +290,14 @@ def machine() -> dict:
 
 
 def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    """HEAD of the checkout (+dirty with local edits), or "unknown" outside one (pass --commit)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
+    except OSError:
+        return "unknown"
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
@@ -359,9 +382,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="--spawn-tiny: alternations")
     parser.add_argument("--max-batch-size", type=int, default=32, help="--spawn-tiny: shard's")
     parser.add_argument("--pairs", type=int, default=300, help="--spawn-tiny: 1-token pairs")
+    parser.add_argument(
+        "--modes",
+        default="paired,open-loop",
+        type=lambda text: frozenset(text.split(",")),
+        help=f"--spawn-tiny: comma list of {' and '.join(MODES)}",
+    )
+    for name in ("shard", "router", "passthrough"):
+        parser.add_argument(f"--{name}-cpus", help=f"--spawn-tiny: taskset CPU list of the {name}")
+    parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     command = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(command)
+    if unknown := args.modes.difference(MODES):
+        parser.error(f"--modes: unknown {', '.join(sorted(unknown))} (know {', '.join(MODES)})")
     # Others' work on the machine skews every latency here: record the load before and after.
     load_before = round(os.getloadavg()[0], 2)
 
@@ -371,30 +405,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             outcomes, duration = asyncio.run(run_load(target, workload))
             results = {"target": summarize(outcomes, duration)}
         else:
-            by_target = compare(target.shard, target.router, workload, args.repeats)
-            direct, routed = by_target[target.shard], by_target[target.router]
-            proxies = {
-                "router": (target.router, target.router_pid),
-                "passthrough_proxy": (target.passthrough, target.passthrough_pid),
-            }
-            results = {
-                "sequential_1_token": {
-                    name: hop_cost(target.shard, *proxy, load_spec.adapters[0], args.pairs)
-                    for name, proxy in proxies.items()
-                },
-                "open_loop": {"shard_direct": direct, "through_router": routed},
-            }
-            results["open_loop"]["router_added_ms"] = {
-                metric: {q: round(routed[metric][q] - direct[metric][q], 3) for q in direct[metric]}
-                for metric in ("ttft_ms", "itl_ms", "e2e_ms")
-            }
+            results = _spawned_results(target, load_spec, workload, args)
     report = {
         "benchmark": "serving",
         "machine": {**machine(), "load_average_1m_before": load_before},
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": args.commit or git_commit(),
         "command": shlex.join(["python", "-m", "benchmarks.bench_serving", *command]),
         "load": {**asdict(load_spec), "repeats": args.repeats if args.spawn_tiny else 1},
+        "pinning": asdict(_pins(args)),
         "results": results,
     }
     text = json.dumps(report, indent=2)
@@ -403,12 +422,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.out.write_text(text + "\n")
 
 
+def _spawned_results(
+    target: Spawned, spec: LoadSpec, workload: list[Arrival], args: argparse.Namespace
+) -> dict:
+    """The 1-token pairs per proxy (on the most popular adapter) and the open loop straight to
+    the shard vs through the router, as --modes asks."""
+    results: dict[str, dict] = {}
+    if MODES[0] in args.modes:
+        proxies = {
+            "router": (target.router, target.router_pid),
+            "passthrough_proxy": (target.passthrough, target.passthrough_pid),
+        }
+        results["sequential_1_token"] = {
+            name: hop_cost(target.shard, *proxy, spec.adapters[0], args.pairs)
+            for name, proxy in proxies.items()
+        }
+    if MODES[1] in args.modes:
+        by_target = compare(target.shard, target.router, workload, args.repeats)
+        direct, routed = by_target[target.shard], by_target[target.router]
+        added = {
+            metric: {q: round(routed[metric][q] - direct[metric][q], 3) for q in direct[metric]}
+            for metric in ("ttft_ms", "itl_ms", "e2e_ms")
+        }
+        results["open_loop"] = {
+            "shard_direct": direct,
+            "through_router": routed,
+            "router_added_ms": added,
+        }
+    return results
+
+
+def _pins(args: argparse.Namespace) -> Pins:
+    return Pins(args.shard_cpus, args.router_cpus, args.passthrough_cpus)
+
+
 @contextmanager
 def _targets(args: argparse.Namespace) -> Iterator[tuple[str | Spawned, LoadSpec]]:
     """The target to load (an address, or spawned processes) and the load spec."""
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         if args.spawn_tiny:
-            with spawn_tiny(Path(tmp), args.max_batch_size) as spawned:
+            with spawn_tiny(Path(tmp), args.max_batch_size, _pins(args)) as spawned:
                 yield spawned, _spec(args, spawned.shard)
         else:
             yield args.target, _spec(args, args.target)

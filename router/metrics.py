@@ -53,6 +53,9 @@ class RouterMetrics:
             ["adapter", "status"],
             registry=r,
         )
+        # Labelled children by (adapter, status): labels() takes a lock and builds a key on
+        # every call; this map grows exactly as the exported series do.
+        self._request_counts: dict[tuple[str, str], Counter] = {}
         self.queue_time = Histogram(
             "lorafleet_router_queue_time_seconds",
             "Seconds a request waited in the router's queue for a shard with room.",
@@ -99,6 +102,14 @@ class RouterMetrics:
             ["shard"],
             registry=r,
         )
+
+    def request_ended(self, adapter_id: str, status: str) -> None:
+        """Counts a Generate call that ended with `status` (a gRPC code name)."""
+        key = (adapter_label(adapter_id, status), status)
+        counter = self._request_counts.get(key)
+        if counter is None:
+            counter = self._request_counts[key] = self.requests.labels(*key)
+        counter.inc()
 
     def forget_shard(self, shard: str) -> None:
         """Drops the per-shard series of a shard that left the table."""

@@ -17,7 +17,7 @@ import structlog
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2
 from router.admission import Admission, QueueFull, QueueTimeout
-from router.metrics import RouterMetrics, adapter_label
+from router.metrics import RouterMetrics
 from router.policy import Demand
 from router.shards import Reservation, ShardHandle, ShardTable
 
@@ -124,8 +124,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                 log.info("request cancelled", tokens=len(progress.token_ids))
                 raise
             finally:
-                label = adapter_label(request.adapter_id, status.name)
-                self._metrics.requests.labels(label, status.name).inc()
+                self._metrics.request_ended(request.adapter_id, status.name)
 
     async def _generate(
         self,

@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks.bench_serving import (
     LoadSpec,
     Outcome,
+    _pinned,
+    main,
     make_workload,
     percentile,
     run_load,
@@ -85,3 +91,18 @@ def test_open_loop_run_against_a_router(fleet) -> None:
     assert duration >= workload[-1].at_s
     summary = summarize(outcomes, duration)
     assert summary["ok"] == 12 and summary["ttft_ms"]["p50"] > 0
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
+def test_pinned_process_runs_on_the_given_cpus() -> None:
+    cpu = max(os.sched_getaffinity(0))
+    show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    assert _pinned(None, show) == show
+    done = subprocess.run(_pinned(str(cpu), show), capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"[{cpu}]"
+
+
+def test_unknown_mode_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--target", "127.0.0.1:1", "--modes", "paired,closed-loop"])
+    assert "--modes: unknown closed-loop" in capsys.readouterr().err
