@@ -21,7 +21,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.timing import copy_bandwidth, provenance, time_graph
-from shard.layers.lora import LORA_GROUPS, MAX_GROUP, LoraBatch, LoraGroup, add_lora, group_key
+from shard.layers.lora import (
+    LORA_GROUPS,
+    MAX_GROUP,
+    LoraBatch,
+    LoraGroup,
+    finish_lora,
+    group_key,
+    start_lora,
+)
 from shard.ops import sgmv_expand, sgmv_shrink, weight_ptrs
 from shard.ops.sgmv import sgmv_fused
 
@@ -224,7 +232,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
                 sgmv_shrink(v, x, a_ptrs, seg_starts, g_ranks, layer)
                 sgmv_expand(y, v, b_ptrs, seg_starts, g_ranks, g_scales, layer, widths)
 
-    # As the model runs it: shard.layers.lora.add_lora per group (what production dispatches).
+    # As the model runs it: start_lora + finish_lora per group (no base GEMM to hide under here).
     lora = LoraBatch(
         seg_starts=seg_starts,
         groups={
@@ -239,7 +247,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
     def production() -> None:
         for layer in range(layers):
             for modules, (x, y, _, _, _, _, _, widths) in zip(LORA_GROUPS, grouped, strict=True):
-                add_lora(y, x, lora, modules, widths, layer)
+                finish_lora(y, start_lora(x, lora, modules, layer), widths)
 
     def gather_bmm() -> None:
         for layer in range(layers):

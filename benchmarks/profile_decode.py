@@ -3,10 +3,11 @@ plain elementwise) against the step's byte floor, for the base model and for Dis
 
 The text-generation benchmark gives the step time; this one explains it. One decode plan
 (`--batch` rows at `--context` tokens, Llama-2-7B shape, dummy bf16 weights, r16 adapters on all
-seven projections) runs eagerly under torch.profiler, with the elementwise chains plain and then
-compiled (`--compile`). Per kind it reports milliseconds per step, launches per step and, for
-GEMMs, the weight bytes read per second. The CUDA-graph replay of the same step is timed with CUDA
-events beside it: replay minus kernel time is what launch gaps and tails cost.
+seven projections) runs eagerly under torch.profiler: with the defaults (compiled elementwise
+chains, LoRA shrinks beside the base GEMMs), then with each switched off. Per kind it reports
+milliseconds per step, launches per step and, for GEMMs, the weight bytes read per second. The
+CUDA-graph replay of the same step is timed with CUDA events beside it: replay minus kernel time
+is what launch gaps and tails cost.
 
 `python -m benchmarks.profile_decode --out profile.json`
 """
@@ -33,6 +34,7 @@ from shard import fusion
 from shard.__main__ import build_engine
 from shard.config import parse_config
 from shard.decode_graphs import DecodeGraphs
+from shard.layers.lora import set_overlap
 from shard.parallel import SINGLE
 from shard.rank import RankState
 
@@ -126,14 +128,19 @@ def main(argv: list[str] | None = None) -> dict:
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
     rows = []
-    for compiled in (False, True):
+    # (compiled chains, LoRA shrink beside the base GEMM): the defaults, then one switch each off.
+    for compiled, overlap in ((True, True), (True, False), (False, True)):
         fusion.set_enabled(compiled)
+        set_overlap(overlap)
         for case, adapters in cases.items():
+            if case == "base" and not overlap:
+                continue  # no LoRA: the overlap switch changes nothing
             kinds = kernel_times(state, adapters, args.context, args.steps)
             work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)
             row = {
                 "case": case,
                 "compiled": compiled,
+                "lora_overlap": overlap,
                 "graph_step_ms": graph_ms(state, adapters, args.context),
                 "kernel_ms": sum(k.ms_per_step for k in kinds),
                 "launches": sum(k.launches_per_step for k in kinds),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shard.layers.lora import GROUP_KEYS, LoraBatch, add_lora, group_key
+from shard.layers.lora import GROUP_KEYS, LoraBatch, finish_lora, group_key, start_lora
 from shard.layers.placement import Placement
 from shard.parallel import all_reduce
 
@@ -50,8 +50,9 @@ class MergedColumnLinear(nn.Module):
         self.weight.data[self.slices[module]].copy_(full[rows])
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        pending = start_lora(x, lora, self.lora_modules, self.layer_idx)
         y = F.linear(x, self.weight)
-        add_lora(y, x, lora, self.lora_modules, self.lora_widths, self.layer_idx)
+        finish_lora(y, pending, self.lora_widths)
         return y
 
 
@@ -84,6 +85,7 @@ class RowLinear(nn.Module):
         self.weight.data.copy_(full[:, cols])
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        pending = start_lora(x, lora, (self.module,), self.layer_idx)
         y = F.linear(x, self.weight)
-        add_lora(y, x, lora, (self.module,), (y.shape[1],), self.layer_idx)
+        finish_lora(y, pending, (y.shape[1],))
         return all_reduce(y, self.group)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from shard.ops.sgmv import sgmv_fused
+from shard.ops.sgmv import sgmv_expand, sgmv_shrink
 
 if TYPE_CHECKING:
     from shard.adapter_loader import AdapterWeights
@@ -103,22 +103,72 @@ def build_lora_batch(
     )
 
 
-def add_lora(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora: LoraBatch | None,
-    modules: Sequence[str],
-    widths: Sequence[int],
-    layer_idx: int,
-) -> None:
-    """y[T, sum(widths)] += scale_s * x @ A_s @ B_s for each of `modules` (a LORA_GROUPS group,
-    projection p into its `widths[p]` columns) and every segment s whose adapter targets it."""
+@dataclass(frozen=True, slots=True)
+class PendingLora:
+    """A group's shrink, issued (on CUDA on a side stream) and waiting for its expand."""
+
+    v: torch.Tensor  # [T, P * r_max] view of LoraBatch.buffer: x @ A per projection
+    group: LoraGroup
+    seg_starts: torch.Tensor
+    layer_idx: int
+    side: torch.cuda.Stream | None  # the stream the shrink runs on; None: the current one
+
+
+_overlap = True
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def set_overlap(on: bool) -> None:
+    """Whether CUDA shrinks run beside the base GEMM (on by default; off for A/B runs)."""
+    global _overlap
+    _overlap = on
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
+
+
+def start_lora(
+    x: torch.Tensor, lora: LoraBatch | None, modules: Sequence[str], layer_idx: int
+) -> PendingLora | None:
+    """Issues the shrink v = x @ A of each of `modules` (a LORA_GROUPS group) for every segment.
+
+    Call it before the base projection of the same x: on CUDA the shrink runs on a side stream
+    forked from the current one, so its launch latency and tail hide under the base GEMM (both
+    only read x). `finish_lora` joins it. Inside a CUDA graph capture the fork and join become
+    graph edges. None when no segment's adapter targets the group."""
     if lora is None:
-        return
+        return None
     group = lora.groups.get(group_key(modules))
     if group is None:
-        return
+        return None
     r_max = lora.buffer.shape[1] // MAX_GROUP
     v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
-    tables = (group.a_ptrs, group.b_ptrs, lora.seg_starts, group.ranks, group.scales)
-    sgmv_fused(y, x, v, *tables, layer_idx, widths)
+    side = _side_stream(x.device) if x.is_cuda and _overlap else None
+    if side is None:
+        sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
+    else:
+        # The previous group's expand (on the current stream) has read the shared buffer by
+        # the time the fork point is reached, so the shrink may overwrite it.
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
+    return PendingLora(v, group, lora.seg_starts, layer_idx, side)
+
+
+def finish_lora(y: torch.Tensor, pending: PendingLora | None, widths: Sequence[int]) -> None:
+    """y[T, sum(widths)] += scale_s * v @ B_s for each projection p into its `widths[p]`
+    columns and every segment s whose adapter targets it, after the shrink `start_lora` issued.
+
+    Joining before the expand also orders every later use of x and of the buffer on the current
+    stream after the shrink, so the caching allocator may hand their memory out again."""
+    if pending is None:
+        return
+    if pending.side is not None:
+        torch.cuda.current_stream(y.device).wait_stream(pending.side)
+    g = pending.group
+    sgmv_expand(
+        y, pending.v, g.b_ptrs, pending.seg_starts, g.ranks, g.scales, pending.layer_idx, widths
+    )
