@@ -8,7 +8,7 @@
 # Two runs of benchmarks.bench_serving --spawn-tiny, each with a hard time limit: the 1-token
 # pairs (direct vs router, direct vs passthrough) and the open loop (direct vs router). Writes
 # $OUT/serving_host_paired.json, $OUT/serving_host_open_loop.json, their logs and $OUT/host.txt
-# (nproc, CPU model, layout). About 100 s; at most ~150 s. Knobs (environment): PAIRS, REQUESTS,
+# (nproc, CPU model, layout). About 100 s; at most ~145 s. Knobs (environment): PAIRS, REQUESTS,
 # RATE, REPEATS, COMMIT, and CLIENT_CPUS ROUTER_CPUS PASSTHROUGH_CPUS SHARD_CPUS (taskset lists;
 # by default chosen from nproc, unpinned below 4 cores).
 set -uo pipefail
@@ -30,14 +30,17 @@ python3 -c "import protos.generate_pb2_grpc, protos.shard_pb2_grpc, structlog, p
 import grpc_health.v1.health, grpc_reflection.v1alpha.reflection, torch, safetensors, tokenizers" \
   || { echo "missing or mismatched packages: cannot run"; exit 1; }
 
-cores=$(nproc --all)
+# The CPUs this process may use (a container's cpuset need not start at 0), by position.
+read -ra cpus <<<"$(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))')"
+cores=${#cpus[@]}
+pick() { local IFS=,; echo "${cpus[*]:$1:$2}"; }
 if [ "$cores" -ge 12 ]; then
   # Two cores each for the grpc processes (event loop + grpc's poller thread), four for the
-  # shard (engine thread, event loop, poller); cores 0-1 left to the system.
-  layout=(2-3 4-5 6-7 8-11)
+  # shard (engine thread, event loop, poller); the first two left to the system.
+  layout=("$(pick 2 2)" "$(pick 4 2)" "$(pick 6 2)" "$(pick 8 4)")
 elif [ "$cores" -ge 4 ]; then
   # The router and the passthrough never carry load at the same time: they may share a core.
-  layout=(0 1 1 2-$((cores - 1)))
+  layout=("$(pick 0 1)" "$(pick 1 1)" "$(pick 1 1)" "$(pick 2 $((cores - 2)))")
 else
   layout=("" "" "" "")
 fi
@@ -50,7 +53,7 @@ if ! command -v taskset >/dev/null; then
   CLIENT_CPUS="" ROUTER_CPUS="" PASSTHROUGH_CPUS="" SHARD_CPUS=""
 fi
 {
-  echo "nproc: $cores"
+  echo "nproc: $cores usable ($(nproc --all) in the machine): ${cpus[*]}"
   grep -m1 'model name' /proc/cpuinfo
   echo "client=${CLIENT_CPUS:-any} router=${ROUTER_CPUS:-any}" \
     "passthrough=${PASSTHROUGH_CPUS:-any} shard=${SHARD_CPUS:-any}"
@@ -77,7 +80,7 @@ bench() {
   echo "$mode: rc=$rc after $(($(date +%s) - started)) s"
   [ $rc -eq 0 ] || grep -v '"event"' "$OUT/$name.log" | tail -15
 }
-bench paired 45 --pairs "${PAIRS:-1000}"
+bench paired 45 --pairs "${PAIRS:-800}"
 bench open-loop 90 --requests "${REQUESTS:-120}" --rate "${RATE:-8}" --repeats "${REPEATS:-2}" \
   --output-tokens 16:48
 
