@@ -247,7 +247,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
     def production() -> None:
         for layer in range(layers):
             for modules, (x, y, _, _, _, _, _, widths) in zip(LORA_GROUPS, grouped, strict=True):
-                finish_lora(y, start_lora(x, lora, modules, layer), widths)
+                finish_lora(y, start_lora(x, lora, modules, widths, layer))
 
     def gather_bmm() -> None:
         for layer in range(layers):

@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
     rows = []
-    # (compiled chains, LoRA shrink beside the base GEMM): the defaults, then one switch each off.
-    for compiled, overlap in ((True, True), (True, False), (False, True)):
+    # (compiled chains, LoRA beside the base GEMM): the defaults first, then the alternatives.
+    for compiled, overlap in ((True, "all"), (True, "shrink"), (True, "off"), (False, "all")):
         fusion.set_enabled(compiled)
         set_overlap(overlap)
         for case, adapters in cases.items():
-            if case == "base" and not overlap:
+            if case == "base" and overlap != "all":
                 continue  # no LoRA: the overlap switch changes nothing
             kinds = kernel_times(state, adapters, args.context, args.steps)
             work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)

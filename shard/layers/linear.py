@@ -50,9 +50,9 @@ class MergedColumnLinear(nn.Module):
         self.weight.data[self.slices[module]].copy_(full[rows])
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        pending = start_lora(x, lora, self.lora_modules, self.layer_idx)
+        pending = start_lora(x, lora, self.lora_modules, self.lora_widths, self.layer_idx)
         y = F.linear(x, self.weight)
-        finish_lora(y, pending, self.lora_widths)
+        finish_lora(y, pending)
         return y
 
 
@@ -85,7 +85,7 @@ class RowLinear(nn.Module):
         self.weight.data.copy_(full[:, cols])
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        pending = start_lora(x, lora, (self.module,), self.layer_idx)
+        pending = start_lora(x, lora, (self.module,), (self.weight.shape[0],), self.layer_idx)
         y = F.linear(x, self.weight)
-        finish_lora(y, pending, (y.shape[1],))
+        finish_lora(y, pending)
         return all_reduce(y, self.group)

@@ -105,23 +105,32 @@ def build_lora_batch(
 
 @dataclass(frozen=True, slots=True)
 class PendingLora:
-    """A group's shrink, issued (on CUDA on a side stream) and waiting for its expand."""
+    """A group's LoRA, issued by `start_lora` and waiting for `finish_lora`."""
 
     v: torch.Tensor  # [T, P * r_max] view of LoraBatch.buffer: x @ A per projection
     group: LoraGroup
     seg_starts: torch.Tensor
     layer_idx: int
-    side: torch.cuda.Stream | None  # the stream the shrink runs on; None: the current one
+    widths: tuple[int, ...]  # output columns per projection
+    side: torch.cuda.Stream | None  # the stream the LoRA runs on; None: the current one
+    delta: torch.Tensor | None  # [T, sum(widths)]: the whole LoRA term, when the side stream
+    # computed it (OVERLAP "all"); None: the expand is still to run, into y
 
 
-_overlap = True
+# Where a group's LoRA runs on CUDA: "off" all on the current stream after the base GEMM;
+# "shrink" the shrink on a side stream beside the GEMM; "all" shrink and expand beside it, into a
+# separate buffer that is added to the GEMM's output after the join.
+OVERLAP_MODES = ("off", "shrink", "all")
+_overlap = "all"
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def set_overlap(on: bool) -> None:
-    """Whether CUDA shrinks run beside the base GEMM (on by default; off for A/B runs)."""
+def set_overlap(mode: str) -> None:
+    """One of OVERLAP_MODES for CUDA forwards (A/B runs; the CPU path is always "off")."""
     global _overlap
-    _overlap = on
+    if mode not in OVERLAP_MODES:
+        raise ValueError(f"overlap mode must be one of {OVERLAP_MODES}, got {mode!r}")
+    _overlap = mode
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -131,14 +140,19 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def start_lora(
-    x: torch.Tensor, lora: LoraBatch | None, modules: Sequence[str], layer_idx: int
+    x: torch.Tensor,
+    lora: LoraBatch | None,
+    modules: Sequence[str],
+    widths: Sequence[int],
+    layer_idx: int,
 ) -> PendingLora | None:
-    """Issues the shrink v = x @ A of each of `modules` (a LORA_GROUPS group) for every segment.
+    """Issues the LoRA term of `modules` (a LORA_GROUPS group, projection p into `widths[p]`
+    output columns) for every segment of the batch; None when no segment's adapter targets it.
 
-    Call it before the base projection of the same x: on CUDA the shrink runs on a side stream
+    Call it before the base projection of the same x: on CUDA the work runs on a side stream
     forked from the current one, so its launch latency and tail hide under the base GEMM (both
-    only read x). `finish_lora` joins it. Inside a CUDA graph capture the fork and join become
-    graph edges. None when no segment's adapter targets the group."""
+    only read x). `finish_lora` joins it; inside a CUDA graph capture fork and join are graph
+    edges. The previous group's expand has read the shared scratch buffer by the fork point."""
     if lora is None:
         return None
     group = lora.groups.get(group_key(modules))
@@ -146,29 +160,52 @@ def start_lora(
         return None
     r_max = lora.buffer.shape[1] // MAX_GROUP
     v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
-    side = _side_stream(x.device) if x.is_cuda and _overlap else None
-    if side is None:
+    mode = _overlap if x.is_cuda else "off"
+    if mode == "off":
         sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
-    else:
-        # The previous group's expand (on the current stream) has read the shared buffer by
-        # the time the fork point is reached, so the shrink may overwrite it.
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
-    return PendingLora(v, group, lora.seg_starts, layer_idx, side)
+        return PendingLora(v, group, lora.seg_starts, layer_idx, tuple(widths), None, None)
+    # Allocated on the current stream, which waits for the side stream before it frees it.
+    delta = x.new_empty(x.shape[0], sum(widths)) if mode == "all" else None
+    side = _side_stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
+        if delta is not None:
+            delta.zero_()
+            sgmv_expand(
+                delta,
+                v,
+                group.b_ptrs,
+                lora.seg_starts,
+                group.ranks,
+                group.scales,
+                layer_idx,
+                widths,
+            )
+    return PendingLora(v, group, lora.seg_starts, layer_idx, tuple(widths), side, delta)
 
 
-def finish_lora(y: torch.Tensor, pending: PendingLora | None, widths: Sequence[int]) -> None:
-    """y[T, sum(widths)] += scale_s * v @ B_s for each projection p into its `widths[p]`
-    columns and every segment s whose adapter targets it, after the shrink `start_lora` issued.
+def finish_lora(y: torch.Tensor, pending: PendingLora | None) -> None:
+    """y[T, sum(widths)] += scale_s * x @ A_s @ B_s for each projection and every segment whose
+    adapter targets it, completing what `start_lora` issued.
 
-    Joining before the expand also orders every later use of x and of the buffer on the current
-    stream after the shrink, so the caching allocator may hand their memory out again."""
+    Joining first also orders every later use of x, of the scratch buffer and of the delta on
+    the current stream after the side stream's work, so the caching allocator may reuse them."""
     if pending is None:
         return
     if pending.side is not None:
         torch.cuda.current_stream(y.device).wait_stream(pending.side)
+    if pending.delta is not None:
+        y += pending.delta
+        return
     g = pending.group
     sgmv_expand(
-        y, pending.v, g.b_ptrs, pending.seg_starts, g.ranks, g.scales, pending.layer_idx, widths
+        y,
+        pending.v,
+        g.b_ptrs,
+        pending.seg_starts,
+        g.ranks,
+        g.scales,
+        pending.layer_idx,
+        pending.widths,
     )
