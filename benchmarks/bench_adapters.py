@@ -5,9 +5,12 @@ Engine level, no gRPC: the real `Engine`, `Scheduler`, `PagePool` and `AdapterCa
 synthetic 7B-shaped forward (32 layers of the dense projections as bf16 matmuls, no attention,
 the LoRA term of q_proj applied per segment from the resident adapter weights), so the step time
 is a 7B step's and every request really waits for its adapter's copy. `--small` runs a tiny shape
-on CPU to check the script.
+on CPU to check the script; `--sim-step-ms` and `--sim-copy-ms` add the GPU's step time and
+host -> device copy latency to a CPU run, so the GPU's queueing regime can be studied on a CPU.
 
     python -m benchmarks.bench_adapters --out adapters.json [--small --device cpu]
+    python -m benchmarks.bench_adapters --out a.json --small --device cpu \
+        --sim-step-ms 8 --sim-copy-ms 1.45
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
 from shard.adapter_cache import AdapterCache
+from shard.adapter_tiers import HostCopy, Resident
 from shard.engine import Engine
 from shard.kv_cache import PagePool
 from shard.metrics import ShardMetrics
@@ -153,14 +157,62 @@ def load_times(cache: AdapterCache, ids: list[str], weights: Path, repeats: int)
     return out
 
 
+class SimulatedCopy:
+    """A host -> device copy that takes `seconds` after the ones queued before it (one copy
+    stream), as a CUDA event would report it: `query` polls, `wait` orders the compute after
+    it (here: the engine thread sleeps, as the GPU's compute stream would stall)."""
+
+    def __init__(self, done_at: float) -> None:
+        self.done_at = done_at
+
+    def query(self) -> bool:
+        return time.perf_counter() >= self.done_at
+
+    def wait(self, stream: None = None) -> None:
+        time.sleep(max(0.0, self.done_at - time.perf_counter()))
+
+
+def simulate_copies(cache: AdapterCache, copy_s: float) -> None:
+    """Makes the cache's CPU copies take the GPU's copy latency (`--sim-copy-ms`), one after
+    the other as on one copy stream."""
+    copy_in = cache._to_device
+    free_at = 0.0
+
+    def slow(key: str, host: HostCopy) -> Resident:
+        nonlocal free_at
+        res = copy_in(key, host)
+        free_at = max(time.perf_counter(), free_at) + copy_s
+        res.ready, res.source = SimulatedCopy(free_at), host  # type: ignore[assignment]
+        return res
+
+    cache._to_device = slow
+
+
 class SyntheticForward:
     """A 7B-shaped step: per layer the fused qkv, o, gate_up and down matmuls, plus the q_proj
-    LoRA term of each segment from its resident weights; logits from a small head."""
+    LoRA term of every segment from its resident weights; logits from a small head.
 
-    def __init__(self, cfg: ModelConfig, cache: AdapterCache, max_rows: int) -> None:
+    The LoRA term takes a fixed number of launches per layer whatever the number of distinct
+    adapters, as the SGMV kernels do: rows are gathered into [segments, longest] (short segments
+    padded with a spare row, whose results land in that spare row), then two batched matmuls and
+    one scatter-add. `loop=True` launches per segment instead (the first GPU run's forward, whose
+    step time grew with the number of distinct adapters in the batch)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        cache: AdapterCache,
+        max_rows: int,
+        min_step_s: float = 0.0,
+        segment_s: float = 0.0,
+        loop: bool = False,
+    ) -> None:
         d, dt = cache.device, cache.dtype
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.cfg, self.cache = cfg, cache
+        self.cfg, self.cache, self.loop = cfg, cache, loop
+        # `--sim-step-ms`, `--sim-segment-ms`: a CPU step lasts as long as a GPU's, and may cost
+        # more per distinct adapter.
+        self.min_step_s, self.segment_s = min_step_s, segment_s
         self.layers = [
             (
                 torch.randn(h, 3 * h, device=d, dtype=dt) * 0.01,
@@ -171,45 +223,84 @@ class SyntheticForward:
             for _ in range(cfg.num_layers)
         ]
         self.head = torch.randn(h, VOCAB, device=d, dtype=dt)
-        self.x = torch.randn(max_rows, h, device=d, dtype=dt)
+        self.x = torch.randn(max_rows + 1, h, device=d, dtype=dt)
 
     @torch.inference_mode()
     def __call__(self, plan: StepPlan) -> torch.Tensor:
-        t = plan.num_rows
-        x = self.x[:t]
+        start = time.perf_counter()
+        t, hid = plan.num_rows, self.cfg.hidden_size
         bounds = [row for row, _ in plan.segments] + [t]
         loras = [
             (bounds[n], bounds[n + 1], self.cache.weights(key))
             for n, (_, key) in enumerate(plan.segments)
             if key
         ]
-        h = x
+        if loras and not self.loop:
+            longest = max(hi - lo for lo, hi, _ in loras)
+            rows = [[*range(lo, hi), *[t] * (longest - hi + lo)] for lo, hi, _ in loras]
+            idx = torch.tensor(rows, device=self.x.device)  # [S, longest]; t: the spare row
+            a = torch.stack([w.a["q_proj"] for *_, w in loras])  # [S, L, r, hidden]
+            b = torch.stack([w.b["q_proj"] for *_, w in loras])  # [S, L, r, hidden]
+        h = self.x[: t + 1]  # the last row is the spare one
         for layer, (qkv, o, gate_up, down) in enumerate(self.layers):
             q = h @ qkv
-            for lo, hi, w in loras:
-                q[lo:hi, : self.cfg.hidden_size] += (h[lo:hi] @ w.a["q_proj"][layer].T) @ w.b[
-                    "q_proj"
-                ][layer]
-            h = h + q[:, : self.cfg.hidden_size] @ o
+            if loras and self.loop:
+                for lo, hi, w in loras:
+                    v = h[lo:hi] @ w.a["q_proj"][layer].T
+                    q[lo:hi, :hid] += v @ w.b["q_proj"][layer]
+            elif loras:
+                v = torch.bmm(h[idx], a[:, layer].transpose(1, 2))  # [S, longest, r]
+                q[:, :hid].index_add_(0, idx.flatten(), torch.bmm(v, b[:, layer]).flatten(0, 1))
+            h = h + q[:, :hid] @ o
             g = h @ gate_up
             h = h + (g[:, : self.cfg.intermediate_size] * g[:, self.cfg.intermediate_size :]) @ down
             h = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5).to(h.dtype)
-        rows = torch.tensor(plan.logits_rows, device=h.device)
-        return (h[rows] @ self.head).float()
+        out = torch.tensor(plan.logits_rows, device=h.device)
+        logits = (h[out] @ self.head).float()
+        least = self.min_step_s + self.segment_s * len(loras)
+        time.sleep(max(0.0, start + least - time.perf_counter()))
+        return logits
+
+
+def quantiles(seconds: list[float]) -> dict[str, float]:
+    """p50, p99 and mean of `seconds`, in ms."""
+    ordered = sorted(seconds)
+    return {
+        "p50_ms": 1000 * ordered[len(ordered) // 2],
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        "mean_ms": 1000 * statistics.fmean(ordered),
+    }
+
+
+def histogram_totals(engine: Engine) -> dict[str, float]:
+    """Running sums and counts of the engine's step time and batch size histograms."""
+    get = engine.metrics.registry.get_sample_value
+    return {
+        f"{name}_{part}": get(f"lorafleet_shard_{name}_{part}") or 0.0
+        for name in ("step_seconds", "batch_size")
+        for part in ("sum", "count")
+    }
 
 
 def ttft_phase(engine: Engine, adapters: list[str], n: int, rate: float, prompt_len: int) -> dict:
-    """`n` requests with Poisson arrivals at `rate`/s over `adapters` (uniform); TTFT stats."""
+    """`n` requests with Poisson arrivals at `rate`/s over `adapters` (uniform): TTFT stats, and
+    where each request's TTFT went: queued (arrival -> admitted into a step, which needs its
+    adapter resident) and prefill (admitted -> first token), with the engine's step time and
+    batch size over the phase and the reasons the cache made requests wait."""
     rng = random.Random(0)
     done = threading.Semaphore(0)
     ttfts: list[float] = []
+    queued: list[float] = []
     errors: list[str] = []
+    cache = engine.scheduler.adapters
+    before, waits_before = histogram_totals(engine), dict(cache.waits)
 
     def sink(out: StepOutput) -> None:
         if out.error is not None:
             errors.append(str(out.error))
         if out.usage is not None:
             ttfts.append(out.usage.time_to_first_token_s)
+            queued.append(out.usage.queue_time_s)
         if out.final:
             done.release()
 
@@ -221,18 +312,26 @@ def ttft_phase(engine: Engine, adapters: list[str], n: int, rate: float, prompt_
             sampling=SamplingParams(),
             stopping=StopParams(max_new_tokens=16, ignore_eos=True),
         )
-        engine.scheduler.adapters.lookup(req.adapter_id)
+        cache.lookup(req.adapter_id)
         engine.submit(req, sink)
         time.sleep(rng.expovariate(rate))
     for _ in range(n):
         assert done.acquire(timeout=120), "a request never finished"
-    ttfts.sort()
+    after = histogram_totals(engine)
+    steps = after["step_seconds_count"] - before["step_seconds_count"]
+    ttft = quantiles(ttfts)
     return {
         "requests": n,
         "distinct_adapters": len(adapters),
-        "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2],
-        "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
-        "ttft_mean_ms": 1000 * statistics.fmean(ttfts),
+        "ttft_p50_ms": ttft["p50_ms"],
+        "ttft_p99_ms": ttft["p99_ms"],
+        "ttft_mean_ms": ttft["mean_ms"],
+        "queued": quantiles(queued),
+        "prefill": quantiles([t - q for t, q in zip(ttfts, queued, strict=True)]),
+        "steps": steps,
+        "step_mean_ms": 1000 * (after["step_seconds_sum"] - before["step_seconds_sum"]) / steps,
+        "batch_mean": (after["batch_size_sum"] - before["batch_size_sum"]) / steps,
+        "adapter_waits": {k: v - waits_before.get(k, 0) for k, v in cache.waits.items()},
         "errors": errors[:3],
     }
 
@@ -254,6 +353,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=150)
     p.add_argument("--rate", type=float, default=40.0, help="arrivals per second")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--lora-loop", action="store_true", help="LoRA launches per segment")
+    p.add_argument("--sim-step-ms", type=float, default=0.0, help="least step time (CPU study)")
+    p.add_argument("--sim-segment-ms", type=float, default=0.0, help="step time per adapter")
+    p.add_argument("--sim-copy-ms", type=float, default=0.0, help="host -> device copy latency")
     p.add_argument("--commit", default="unknown")
     p.add_argument("--command", default="")
     a = p.parse_args()
@@ -285,6 +388,12 @@ def main() -> None:
         "arrival_rate_per_s": a.rate,
         "prompt_len": a.prompt_len,
         "max_new_tokens": 16,
+        "lora_loop": a.lora_loop,
+        "sim": {
+            "step_ms": a.sim_step_ms,
+            "segment_ms": a.sim_segment_ms,
+            "copy_ms": a.sim_copy_ms,
+        },
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -306,6 +415,8 @@ def main() -> None:
             128,
             host_budget_bytes=(count + 1) * size,
         )
+        if a.sim_copy_ms:
+            simulate_copies(cache, a.sim_copy_ms / 1000)
         start = time.perf_counter()
         for adapter_id in ids:  # the working set comes from host memory in steady state
             cache.lookup(adapter_id)
@@ -316,7 +427,9 @@ def main() -> None:
         pool = PagePool(4096)
         scheduler = Scheduler(pool, 16, 32, 4096, cache)
         tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-        forward = SyntheticForward(cfg, cache, max_rows=4096 + 32)
+        forward = SyntheticForward(
+            cfg, cache, 4096 + 32, a.sim_step_ms / 1000, a.sim_segment_ms / 1000, a.lora_loop
+        )
         engine = Engine(scheduler, forward, tok, (), 4096, 100000)
         engine.start()
         try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 import torch
 
+from shard.adapter_device import DeviceTier, copy_done, order_after_copy
 from shard.adapter_loader import (
     CONFIG_FILE,
     AdapterError,
@@ -26,7 +27,6 @@ from shard.adapter_loader import (
     AdapterWeights,
     FileSig,
     as_adapter_error,
-    carve,
     file_sig,
     load_adapter,
     pack,
@@ -67,7 +67,6 @@ class AdapterCache:
     ) -> None:
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
-        self.budget_bytes = budget_bytes
         self.host_budget_bytes = host_budget_bytes or 4 * budget_bytes
         self.max_rank = max_rank
         self.base_mismatch = base_mismatch  # "warn" or "error"
@@ -76,17 +75,21 @@ class AdapterCache:
         self._current: dict[str, str] = {}  # id -> key of its newest version
         self._sigs: dict[str, FileSig] = {}  # id -> the files its newest version was read from
         self._host: OrderedDict[str, HostCopy] = OrderedDict()  # LRU first
-        self._resident: OrderedDict[str, Resident] = OrderedDict()  # LRU first
+        self._device = DeviceTier(device, budget_bytes)
+        self._resident = self._device.resident  # LRU first
+        self._to_device = self._device.copy_in  # a seam: tests and benchmarks slow copies down
         self._loading: dict[str, Future[str]] = {}  # id -> its read from disk
         self._tried: dict[str, str] = {}  # id -> exact version a read was started for
         self._pinned: set[str] = set()
         self._wanted: frozenset[str] = frozenset()  # ids that waiting requests need
         self._preloading: Counter[str] = Counter()
         self._host_reserved = 0
+        # Why polls found no resident adapter: "reading" (from disk), "no_room" (the device
+        # budget is full of adapters in use), "copying" (to the device, for a strict poll).
+        self.waits: Counter[str] = Counter()
         self._replicas: Replicas | None = None  # rank 0 of a tensor-parallel group
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @classmethod
     def from_config(
@@ -120,8 +123,16 @@ class AdapterCache:
         self._replicas = Replicas(replicate)
 
     @property
+    def budget_bytes(self) -> int:
+        return self._device.budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        self._device.budget_bytes = value
+
+    @property
     def used_bytes(self) -> int:
-        return sum(r.flat.numel() for r in self._resident.values())
+        return self._device.used_bytes
 
     @property
     def host_used_bytes(self) -> int:
@@ -182,22 +193,11 @@ class AdapterCache:
                 self._preloading -= Counter([adapter_id])
 
     def _check_pin_share(self, adapter_id: str) -> AdapterError | None:
-        """Pins may hold at most half of the device budget, so that requests for unpinned
-        adapters always find room (they would wait forever behind a budget full of pins)."""
         with self._lock:
-            pinned = sum(
-                res.flat.numel() for key, res in self._resident.items() if self._pinned_newest(key)
-            )
-            if pinned <= self.budget_bytes // 2:
-                return None
-            self._pinned.discard(adapter_id)
-        return AdapterError(
-            AdapterErrorKind.EXHAUSTED,
-            f"pinning {adapter_id!r} would hold {pinned / 2**20:.1f} MiB of pinned adapters, more "
-            f"than half of the device adapter budget ({self.budget_bytes / 2**20:.1f} MiB, "
-            "--adapter-memory-mb); it stays loaded unpinned. Unpin others (EvictAdapter) or "
-            "raise the budget",
-        )
+            err = self._device.pin_share_error(adapter_id, self._pinned_newest)
+            if err is not None:
+                self._pinned.discard(adapter_id)
+            return err
 
     def evict(self, adapter_id: str) -> bool:
         """Unpins and drops every version of an adapter from device and host memory; versions in
@@ -228,17 +228,25 @@ class AdapterCache:
 
     # -- engine side ----------------------------------------------------------------------------
     def want(self, adapter_ids: set[str]) -> None:
-        """The ids waiting requests need: the host tier keeps those until they reach the device."""
-        self._wanted = frozenset(adapter_ids)
+        """The ids waiting requests need: the host tier keeps those until they reach the device,
+        and the device tier evicts them last. Once per step: it also notes finished copies."""
+        with self._lock:
+            self._wanted = frozenset(adapter_ids)
+            for res in self._resident.values():
+                if res.ready is not None and copy_done(res):
+                    self._copied(res)
 
     def claim(self, name: str) -> Resident | AdapterError | None:
         """The newest version (or the exact `id@version`), resident and marked as used by one
         more request; the error that stopped its load; or None while it is on its way (its load
-        is moved along). With followers, it blocks while they read a version new to them."""
+        is moved along). A version whose copy to the device is still in flight is claimed too:
+        the compute stream waits for the copy, so its request runs in this step rather than the
+        next. With followers, it blocks while they read a version new to them."""
         with self._lock:
-            state = self._poll(name)
+            state = self._poll(name, in_flight=True)
             if not isinstance(state, Resident):
                 return state
+            order_after_copy(state)
             state.fresh = False
             state.refs += 1
             state.last_used = time.time()
@@ -295,7 +303,9 @@ class AdapterCache:
         return err
 
     # -- internals (lock held) ------------------------------------------------------------------
-    def _poll(self, name: str) -> Resident | AdapterError | None:
+    def _poll(self, name: str, in_flight: bool = False) -> Resident | AdapterError | None:
+        """The state of `name`, moving its load along; `in_flight`: a resident version whose
+        copy has not finished counts as resident (the caller orders its use after the copy)."""
         adapter_id, version = split_key(name)
         fut = self._loading.get(adapter_id)
         if fut is not None and fut.done():
@@ -304,6 +314,7 @@ class AdapterCache:
             if err is not None:
                 return as_adapter_error(adapter_id, err)
         elif fut is not None and version is None:
+            self.waits["reading"] += 1
             return None  # a read is on its way: it may bring a newer version
         key = name if version else self._current.get(adapter_id)
         if key is None:
@@ -312,9 +323,11 @@ class AdapterCache:
         res = self._resident.get(key)
         if res is not None:
             if res.ready is not None:
-                if not res.ready.query():
+                if copy_done(res):
+                    self._copied(res)
+                elif not in_flight:
+                    self.waits["copying"] += 1
                     return None
-                self._copied(res)
             self._resident.move_to_end(key)
             return res
         host = self._host.get(key)
@@ -333,12 +346,13 @@ class AdapterCache:
             self._start_load(adapter_id)
             return None
         if not self._make_room(host.flat.numel()):
+            self.waits["no_room"] += 1
             return None  # every resident adapter is in use: wait for a request to end
         host.last_used = time.time()
         self._host.move_to_end(key)
         self._resident[key] = self._to_device(key, host)
         self._gauges()
-        return self._poll(name)
+        return self._poll(name, in_flight)
 
     def _start_load(self, adapter_id: str, force: bool = False) -> Future[str]:
         fut = self._loading.get(adapter_id)
@@ -440,31 +454,17 @@ class AdapterCache:
         return adapter_id in self._pinned and self._current.get(adapter_id) == key
 
     def _make_room(self, nbytes: int) -> bool:
-        """Evicts least recently used idle, unpinned device entries until `nbytes` fit."""
-        used = self.used_bytes
-        for key in list(self._resident):
-            if used + nbytes <= self.budget_bytes:
-                break
-            res = self._resident[key]
-            adapter_id = split_key(key)[0]
-            awaited = res.fresh and (adapter_id in self._wanted or adapter_id in self._preloading)
-            if res.refs == 0 and not self._pinned_newest(key) and not awaited:
-                used -= res.flat.numel()
-                del self._resident[key]
-                self._evicted("gpu", key)
-        return used + nbytes <= self.budget_bytes
+        """Evicts idle, unpinned, not awaited device entries until `nbytes` fit."""
+        for key in self._device.make_room(
+            nbytes, self._evictable, lambda k: split_key(k)[0] in self._wanted
+        ):
+            self._evicted("gpu", key)
+        return self._device.fits(nbytes)
 
-    def _to_device(self, key: str, host: HostCopy) -> Resident:
-        if self._stream is None:
-            return Resident(key, host.weights, host.flat, None, None, time.perf_counter())
-        # Freed device entries are never in use by a queued forward: the engine syncs every step
-        # (sampling) and evicts only adapters no running request holds.
-        with torch.cuda.stream(self._stream):
-            flat = host.flat.to(self.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._stream)
-        w = carve(flat, host.weights)
-        return Resident(key, w, flat, event, host, time.perf_counter())
+    def _evictable(self, key: str, res: Resident) -> bool:
+        adapter_id = split_key(key)[0]
+        awaited = res.fresh and (adapter_id in self._wanted or adapter_id in self._preloading)
+        return res.refs == 0 and not self._pinned_newest(key) and not awaited
 
     def _copied(self, res: Resident) -> None:
         res.ready, res.source = None, None

@@ -218,6 +218,11 @@ class SlowCopy:
     def query(self) -> bool:
         return time.perf_counter() >= self.done_at
 
+    def wait(self, stream: None = None) -> None:
+        """What the compute stream does for a claimed copy in flight (here: the host waits)."""
+        self.waited = True
+        time.sleep(max(0.0, self.done_at - time.perf_counter()))
+
 
 @pytest.fixture(params=["instant", "async"])
 def copies(request, shard, monkeypatch: pytest.MonkeyPatch) -> str:
