@@ -20,6 +20,7 @@ import json
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from shard.layers.lora import set_overlap
 from shard.parallel import SINGLE
 from shard.rank import RankState
 
+TOP = 16  # kernels listed by name per row
 # Kernel-name patterns, first match wins; anything else is plain (unfused) elementwise work.
 KINDS = (
     ("sgmv", re.compile(r"sgmv|shrink|expand", re.I)),
@@ -48,8 +50,8 @@ KINDS = (
 
 
 @dataclass(frozen=True, slots=True)
-class KindTime:
-    kind: str
+class Share:
+    name: str  # a kernel kind, or a kernel's name
     ms_per_step: float
     launches_per_step: float
 
@@ -58,8 +60,11 @@ def kind_of(kernel: str) -> str:
     return next((kind for kind, pattern in KINDS if pattern.search(kernel)), "elementwise")
 
 
-def kernel_times(state: RankState, adapters: list[str], context: int, steps: int) -> list[KindTime]:
-    """GPU kernel time per decode step by kind, from an eager run under the profiler."""
+def kernel_times(
+    state: RankState, adapters: list[str], context: int, steps: int
+) -> tuple[list[Share], list[Share]]:
+    """GPU kernel time per decode step by kind, and of the TOP kernels by name, from an eager
+    run under the profiler."""
     runner, kv = state.runner, state.kv
     plan, pages = decode_plan(kv, adapters, context)
     graphs, runner.decode_graphs = runner.decode_graphs, None
@@ -74,16 +79,27 @@ def kernel_times(state: RankState, adapters: list[str], context: int, steps: int
     finally:
         runner.decode_graphs = graphs
         kv.pool.release(pages)
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0
+    ]
+    by_kind = _totals(((kind_of(e.name), e.device_time) for e in kernels), steps)
+    by_name = _totals(((e.name[:120], e.device_time) for e in kernels), steps)
+    return by_kind, by_name[:TOP]
+
+
+def _totals(items: Iterable[tuple[str, float]], steps: int) -> list[Share]:
+    """Per-step milliseconds and launches of each key of (key, microseconds) items, largest
+    first."""
     total_us: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time > 0:
-            kind = kind_of(event.name)
-            total_us[kind] += event.device_time
-            count[kind] += 1
+    for key, us in items:
+        total_us[key] += us
+        count[key] += 1
     return [
-        KindTime(kind, total_us[kind] / steps / 1e3, count[kind] / steps)
-        for kind in sorted(total_us, key=total_us.get, reverse=True)  # type: ignore[arg-type]
+        Share(key, total_us[key] / steps / 1e3, count[key] / steps)
+        for key in sorted(total_us, key=total_us.get, reverse=True)  # type: ignore[arg-type]
     ]
 
 
@@ -128,26 +144,32 @@ def main(argv: list[str] | None = None) -> dict:
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
     rows = []
-    # (compiled chains, LoRA beside the base GEMM): the defaults first, then the alternatives.
-    for compiled, overlap in ((True, True), (True, False), (False, True)):
+    default_blas = torch.backends.cuda.preferred_blas_library()
+    # (compiled chains, LoRA beside the base GEMM, cuBLAS or cuBLASLt for the projections):
+    # the defaults first, then each alternative.
+    configs = ((True, True, False), (True, False, False), (False, True, False), (True, True, True))
+    for compiled, overlap, lt in configs:
         fusion.set_enabled(compiled)
         set_overlap(overlap)
+        torch.backends.cuda.preferred_blas_library("cublaslt" if lt else default_blas)
         for case, adapters in cases.items():
             if case == "base" and not overlap:
                 continue  # no LoRA: the overlap switch changes nothing
-            kinds = kernel_times(state, adapters, args.context, args.steps)
+            kinds, top = kernel_times(state, adapters, args.context, args.steps)
             work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)
             row = {
                 "case": case,
                 "compiled": compiled,
                 "lora_overlap": overlap,
+                "blas": "cublaslt" if lt else str(default_blas),
                 "graph_step_ms": graph_ms(state, adapters, args.context),
                 "kernel_ms": sum(k.ms_per_step for k in kinds),
                 "launches": sum(k.launches_per_step for k in kinds),
                 "floor_ms": hbm_floor_ms(state, work, args.context, bandwidth),
                 "kinds": [asdict(k) for k in kinds],
+                "top_kernels": [asdict(k) for k in top],
             }
-            gemm = next((k for k in kinds if k.kind == "gemm"), None)
+            gemm = next((k for k in kinds if k.name == "gemm"), None)
             if gemm is not None:
                 row["gemm_weight_tb_s"] = weight_bytes / (gemm.ms_per_step * 1e-3) / 1e12
             rows.append(row)
