@@ -31,7 +31,6 @@ from shard.layers.lora import (
     start_lora,
 )
 from shard.ops import sgmv_expand, sgmv_shrink, weight_ptrs
-from shard.ops.sgmv import sgmv_fused
 
 DTYPE = torch.bfloat16
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
@@ -62,7 +61,6 @@ class Result:
     shrink_us: float
     expand_us: float
     sgmv_us: float  # shrink + expand
-    fused_us: float  # sgmv_fused: one launch where it applies, else shrink + expand
     gather_bmm_us: float
     loop_us: float
 
@@ -124,19 +122,6 @@ class Batch:
         self.shrink()
         self.expand()
 
-    def fused(self) -> None:
-        sgmv_fused(
-            self.y,
-            self.x,
-            self.v,
-            self.a_ptrs,
-            self.b_ptrs,
-            self.seg_starts,
-            self.ranks,
-            self.scales,
-            0,
-        )
-
     def gather_bmm(self) -> None:
         a = self.a_all[self.row_adapter]  # [T, r, h_in]
         b = self.b_all[self.row_adapter]  # [T, r, h_out]
@@ -163,7 +148,7 @@ def run_case(
     ]
     times = {
         name: time_graph([getattr(b, name) for b in sets])
-        for name in ("shrink", "expand", "sgmv", "fused", "gather_bmm", "loop")
+        for name in ("shrink", "expand", "sgmv", "gather_bmm", "loop")
     }
     return Result(
         case,
@@ -176,7 +161,6 @@ def run_case(
         shrink_us=times["shrink"],
         expand_us=times["expand"],
         sgmv_us=times["sgmv"],
-        fused_us=times["fused"],
         gather_bmm_us=times["gather_bmm"],
         loop_us=times["loop"],
     )
@@ -296,13 +280,12 @@ def main() -> None:
     print(f"copy bandwidth (best of two) {bw / 1e12:.2f} TB/s")
 
     header = f"{'case':26} {'pop':9} {'T':>4} {'floor':>7} {'shrink':>7} {'expand':>7} {'sgmv':>7} "
-    print(header + f"{'fused':>7} {'gbmm':>8} {'loop':>8}  (us)")
+    print(header + f"{'gbmm':>8} {'loop':>8}  (us)")
     for r in results:
         floor = r.bytes / bw * 1e6
         print(
             f"{r.case:26} {r.popularity:9} {r.rows:4d} {floor:7.1f} {r.shrink_us:7.1f} "
-            f"{r.expand_us:7.1f} {r.sgmv_us:7.1f} {r.fused_us:7.1f} {r.gather_bmm_us:8.1f} "
-            f"{r.loop_us:8.1f}"
+            f"{r.expand_us:7.1f} {r.sgmv_us:7.1f} {r.gather_bmm_us:8.1f} {r.loop_us:8.1f}"
         )
     print(
         f"7B decode step ({step['layers']} layers x 7 proj, r={step['rank']}, B={step['rows']}): "

@@ -92,11 +92,6 @@ struct ExpandLaunch {
   static cudaError_t run(const ExpandParams& p, cudaStream_t s) { return sgmv_expand<T, R>(p, s); }
 };
 
-template <typename T, int R>
-struct FusedLaunch {
-  static cudaError_t run(const FusedParams& p, cudaStream_t s) { return sgmv_fused<T, R>(p, s); }
-};
-
 // Runs Launch<T, RMAX>::run for the kernel serving `dtype` and ranks <= r_max.
 template <template <typename, int> class Launch, typename T, typename Params>
 cudaError_t dispatch_rank(at::ScalarType dtype, int64_t r_max, const Params& p, cudaStream_t s) {
@@ -220,18 +215,6 @@ void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_launch(dispatch_dtype_rank<ExpandLaunch>(v.scalar_type(), p.v_cols, p, stream),
                "sgmv_expand");
-}
-
-void fused_op(at::Tensor y, const at::Tensor& x, at::Tensor v, const at::Tensor& a_ptrs,
-              const at::Tensor& b_ptrs, const at::Tensor& seg_starts, const at::Tensor& ranks,
-              const at::Tensor& scales, int64_t layer_idx, at::IntArrayRef widths) {
-  const FusedParams p{shrink_params(v, x, a_ptrs, seg_starts, ranks, layer_idx),
-                      expand_params(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)};
-  check_same_shape(b_ptrs, a_ptrs, "b_ptrs", "a_ptrs");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(dispatch_dtype_rank<FusedLaunch>(x.scalar_type(), p.shrink.v_cols, p, stream),
-               "sgmv_fused");
 }
 
 // ------------------------------------------------------------------------ paged attention
@@ -380,9 +363,6 @@ TORCH_LIBRARY(lorafleet, m) {
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor b_ptrs, Tensor seg_starts, Tensor ranks, "
       "Tensor scales, int layer_idx, int[] widths) -> ()");
-  m.def(
-      "sgmv_fused(Tensor(a!) y, Tensor x, Tensor(b!) v, Tensor a_ptrs, Tensor b_ptrs, "
-      "Tensor seg_starts, Tensor ranks, Tensor scales, int layer_idx, int[] widths) -> ()");
   // paged attention
   m.def(
       "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
@@ -394,7 +374,6 @@ TORCH_LIBRARY(lorafleet, m) {
 TORCH_LIBRARY_IMPL(lorafleet, CUDA, m) {
   m.impl("sgmv_shrink", &shrink_op);
   m.impl("sgmv_expand", &expand_op);
-  m.impl("sgmv_fused", &fused_op);
   // paged attention
   m.impl("kv_append", &kv_append_op);
   m.impl("paged_decode_attention", &paged_decode_attention_op);

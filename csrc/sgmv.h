@@ -1,5 +1,4 @@
-// Torch-free entry points of the SGMV kernels (instantiated in sgmv_shrink.cu, sgmv_expand.cu and
-// sgmv_fused.cu).
+// Torch-free entry points of the SGMV kernels (instantiated in sgmv_shrink.cu / sgmv_expand.cu).
 // Semantics and shapes: shard/ops/sgmv.py. Pointers are device pointers; strides are in elements.
 //
 // One launch serves P <= kMaxProjections projections of the same rows (q/k/v, gate/up): the
@@ -50,22 +49,11 @@ struct ExpandParams {
   int y_cols[kMaxProjections + 1];  // projection p owns y columns y_cols[p] .. y_cols[p + 1]
 };
 
-// Shrink and expand of one projection group: x, a_ptrs and the shrink's ranks from `shrink`, y,
-// b_ptrs, scales and the column ranges from `expand`; v is scratch (used when the op falls back
-// to the two launches).
-struct FusedParams {
-  ShrinkParams shrink;
-  ExpandParams expand;
-};
-
 // T: __half or __nv_bfloat16. RMAX: the largest rank any segment may have (16, 32, 64 or 128).
 template <typename T, int RMAX>
 cudaError_t sgmv_shrink(const ShrinkParams& p, cudaStream_t stream);
 
 template <typename T, int RMAX>
 cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream);
-
-template <typename T, int RMAX>
-cudaError_t sgmv_fused(const FusedParams& p, cudaStream_t stream);
 
 }  // namespace lorafleet

@@ -77,12 +77,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_addr(p)));
-}
-
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -111,14 +105,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
-}
-
-// Asks L2 to fetch `bytes` (a multiple of 16) at the 16-byte aligned `p` in one instruction
-// (sm_90 bulk prefetch; a no-op before, where the fused kernel that uses it never runs).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#endif
 }
 
 // Programmatic dependent launch (sm_90): the kernel is launched while the previous kernel on the
@@ -173,21 +159,18 @@ struct Tile {
   int row0;  // first row of the tile
 };
 
-// Tiles are numbered segment by segment, ceil(rows_s / BM) for each segment of non-zero rank in
-// any of the num_proj rows of the [num_proj, num_segments] ranks table. One warp finds which segment and rows tile `tile` covers (warp-wide scan over 32 segments at a
+// Tiles are numbered segment by segment, ceil(rows_s / BM) for each segment of non-zero rank.
+// One warp finds which segment and rows tile `tile` covers (warp-wide scan over 32 segments at a
 // time) so no host-side sync is needed to size the grid.
 template <int BM>
 __device__ Tile find_tile(const int32_t* seg_starts, const int32_t* ranks, int num_segments,
-                          int tile, int num_proj = 1) {
+                          int tile) {
   const int lane = threadIdx.x & 31;
   int base = 0;
   for (int s0 = 0; s0 < num_segments; s0 += 32) {
     const int s = s0 + lane;
     int lo = 0, n = 0;
-    bool busy = false;
-    for (int q = 0; q < num_proj && s < num_segments; ++q)
-      busy = busy || ranks[static_cast<int64_t>(q) * num_segments + s] > 0;
-    if (busy) {
+    if (s < num_segments && ranks[s] > 0) {
       lo = seg_starts[s];
       n = (seg_starts[s + 1] - lo + BM - 1) / BM;
     }

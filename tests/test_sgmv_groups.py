@@ -40,10 +40,9 @@ def make_group(
     seed: int,
     base_rows: int = 0,
     empty_segments: int = 0,
-    ranks: tuple[int, ...] = RANKS,
 ) -> list[Problem]:
     """One Problem per projection, sharing x and the segments; each projection draws its own
-    ranks (from `ranks`), and skips (rank 0) about a fifth of the segments the first one serves."""
+    ranks, and skips (rank 0) about a fifth of the segments the first one serves."""
     first = make_problem(
         popularity,
         rows,
@@ -51,7 +50,6 @@ def make_group(
         widths[0],
         dtype,
         seed,
-        ranks=ranks,
         base_rows=base_rows,
         empty_segments=empty_segments,
     )
@@ -59,17 +57,17 @@ def make_group(
     gen = torch.Generator().manual_seed(seed + 1)
     group = [first]
     for width in widths[1:]:
-        seg_ranks = [
-            0 if r == 0 or rng.random() < 0.2 else rng.choice(ranks) for r in first.ranks.tolist()
+        ranks = [
+            0 if r == 0 or rng.random() < 0.2 else rng.choice(RANKS) for r in first.ranks.tolist()
         ]
         group.append(
             Problem(
                 x=first.x,
-                a_stacks=[random_stack(r, h_in, dtype, gen) for r in seg_ranks],
-                b_stacks=[random_stack(r, width, dtype, gen) for r in seg_ranks],
+                a_stacks=[random_stack(r, h_in, dtype, gen) for r in ranks],
+                b_stacks=[random_stack(r, width, dtype, gen) for r in ranks],
                 seg_starts=first.seg_starts,
-                ranks=torch.tensor(seg_ranks, dtype=torch.int32),
-                scales=torch.rand(len(seg_ranks), generator=gen) + 0.5,
+                ranks=torch.tensor(ranks, dtype=torch.int32),
+                scales=torch.rand(len(ranks), generator=gen) + 0.5,
                 r_max=first.r_max,
                 h_out=width,
             )

@@ -16,7 +16,7 @@ import torch
 log = structlog.get_logger(__name__)
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-SOURCES = ("ops.cpp", "sgmv_shrink.cu", "sgmv_expand.cu", "sgmv_fused.cu", "paged_attention.cu")
+SOURCES = ("ops.cpp", "sgmv_shrink.cu", "sgmv_expand.cu", "paged_attention.cu")
 NAME = "lorafleet_ops"
 # Ampere (sm_80) and Hopper with its arch-specific features (sm_90a).
 GENCODE = (

@@ -30,20 +30,6 @@ projections ``0..p-1``::
     vp[t, :r_ps] = x[t] @ A_ps[layer_idx].T
     y[t, off_p : off_p + widths[p]] += scales[p, s] * (vp[t, :r_ps] @ B_ps[layer_idx])
 
-``sgmv_fused(y, x, v, a_ptrs, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)`` is the
-shrink followed by the expand of one group (``[P, S]`` tables or ``[S]``), with ``v`` as scratch::
-
-    sgmv_shrink(v, x, a_ptrs, seg_starts, ranks, layer_idx)
-    sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
-
-With ``LORAFLEET_FUSED=1`` on sm_90, when the batch's 16-row tiles fit one wave of thread-block
-clusters, ranks are at most 32 and ``y``'s rows are 16-byte aligned, it runs as one kernel that
-never writes ``v``: a tile's rank vector lives in the cluster's shared memory, rounded to the
-model dtype as the two-launch path stores it. Otherwise (the default: one launch measured slower
-on the H200, see ``benchmarks/results/sgmv_NOTES.md``) it runs the two launches. Either way
-``v``'s contents afterwards are unspecified and ``y`` gets the same result up to float32
-summation order.
-
 Index tensors live on ``x``'s device: ``a_ptrs``/``b_ptrs [S]`` int64, ``seg_starts [S + 1]``
 int32, ``ranks [S]`` int32, ``scales [S]`` float32. Products accumulate in float32. Both ops write
 into the given outputs and allocate nothing on CUDA, so they can be captured in a CUDA graph.
@@ -55,9 +41,8 @@ On sm_90 the kernels use programmatic dependent launch: they start reading the w
 index tensors while the kernel just before them on the stream still runs, so that kernel must not
 write those (weights and segment metadata are written earlier in a step, as usual). Two
 environment switches, read at the first launch, serve measurements and tests:
-``LORAFLEET_NO_PDL=1`` turns programmatic dependent launch off, ``LORAFLEET_FUSED=1`` lets
-``sgmv_fused`` take its one-launch kernel, and ``LORAFLEET_SM80=1`` makes a Hopper GPU take the
-sm_80 launch paths (no PDL, no clusters, no fused kernel).
+``LORAFLEET_NO_PDL=1`` turns programmatic dependent launch off, and ``LORAFLEET_SM80=1`` makes a
+Hopper GPU take the sm_80 launch paths (no PDL, no clusters).
 """
 
 from __future__ import annotations
@@ -101,27 +86,6 @@ def sgmv_expand(
         _ops().sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
     else:
         sgmv_expand_reference(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
-
-
-def sgmv_fused(
-    y: Tensor,
-    x: Tensor,
-    v: Tensor,
-    a_ptrs: Tensor,
-    b_ptrs: Tensor,
-    seg_starts: Tensor,
-    ranks: Tensor,
-    scales: Tensor,
-    layer_idx: int,
-    widths: Sequence[int] | None = None,
-) -> None:
-    """``y[t] += scales[s] * (x[t] @ A_s.T @ B_s)`` with ``v`` as scratch (see the module
-    docstring): shrink + expand, or one launch where opted in (``LORAFLEET_FUSED=1``)."""
-    widths = [y.shape[1]] if widths is None else list(widths)
-    if x.is_cuda:
-        _ops().sgmv_fused(y, x, v, a_ptrs, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
-    else:
-        sgmv_fused_reference(y, x, v, a_ptrs, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
 
 
 def weight_ptrs(stacks: Sequence[Tensor | None], device: torch.device | str) -> Tensor:
@@ -169,23 +133,6 @@ def sgmv_expand_reference(
                 b = _layer_view(ptr, layer_idx, rank, yp.shape[1], v.dtype)  # [r, h_out_p]
                 delta = (vp[lo:hi, :rank].float() @ b.float()) * scale  # [rows, h_out_p]
                 yp[lo:hi] = (yp[lo:hi].float() + delta).to(y.dtype)
-
-
-def sgmv_fused_reference(
-    y: Tensor,
-    x: Tensor,
-    v: Tensor,
-    a_ptrs: Tensor,
-    b_ptrs: Tensor,
-    seg_starts: Tensor,
-    ranks: Tensor,
-    scales: Tensor,
-    layer_idx: int,
-    widths: Sequence[int] | None = None,
-) -> None:
-    """Plain-torch :func:`sgmv_fused`: the shrink reference, then the expand reference."""
-    sgmv_shrink_reference(v, x, a_ptrs, seg_starts, ranks, layer_idx)
-    sgmv_expand_reference(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
 
 
 def _table(t: Tensor) -> Tensor:
