@@ -15,6 +15,7 @@ import signal
 from collections.abc import Sequence
 
 import grpc
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--shard", required=True, help="HOST:PORT")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.shard))
+    # The router's event loop, so that router minus this proxy prices the router's logic only.
+    uvloop.run(serve(args.port, args.shard))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ else
   export PYTHONPATH=$PWD
 fi
 python3 -c "import protos.generate_pb2_grpc, protos.shard_pb2_grpc, structlog, prometheus_client
-import grpc_health.v1.health, grpc_reflection.v1alpha.reflection, torch, safetensors, tokenizers" \
+import grpc_health.v1.health, grpc_reflection.v1alpha.reflection, torch, safetensors, tokenizers, uvloop" \
   || { echo "missing or mismatched packages: cannot run"; exit 1; }
 
 # The CPUs this process may use (a container's cpuset need not start at 0), by position.

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import grpc
 import structlog
+import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -97,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = RouterMetrics()
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
-    asyncio.run(serve(config, metrics))
+    # uvloop: each message crossing the router wakes the event loop from grpc's poller thread,
+    # and uvloop's wake-up and task switches cost less CPU than asyncio's (issue 5).
+    uvloop.run(serve(config, metrics))
 
 
 if __name__ == "__main__":
