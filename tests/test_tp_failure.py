@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generate_pb2, generate_pb2_grpc
 from router.local_process import free_port
+from tests.fleet import wait_until
 from tests.processes import shard_args, start, stop, wait_serving
 from tests.reference import greedy
 
@@ -153,8 +154,15 @@ def test_router_resumes_stream_when_a_rank_dies(tiny, tmp_path: Path) -> None:
         for port, proc in zip(ports, shards, strict=True):
             wait_serving(f"127.0.0.1:{port}", proc, tmp_path / f"shard{port}.log")
         wait_serving(f"127.0.0.1:{router_port}", router, tmp_path / "router.log")
-        time.sleep(1.5)  # the router's load table sees both shards
         with grpc.insecure_channel(f"127.0.0.1:{router_port}") as ch:
+            # Both shards in the router's table (a shard still loading answers UNIMPLEMENTED to
+            # the load watch, and the router retries with backoff), so the tie-break holds.
+            info = generate_pb2_grpc.GeneratorStub(ch).GetInfo
+            wait_until(
+                lambda: len(info(generate_pb2.GetInfoRequest(), timeout=2).shards) == 2,
+                "both shards in the router's table",
+                timeout=30,
+            )
             stream = generate_pb2_grpc.GeneratorStub(ch).Generate(request(new), timeout=60)
             tokens = list(next(stream).token_ids)
             os.kill(follower_of(shards[0]), signal.SIGKILL)
