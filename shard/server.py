@@ -185,7 +185,6 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """Streams a completion; KV shortage preempts and recomputes here (no migration)."""
-        await _headers_now(context)
         async for out in self.s.stream(request, None, False, context):
             yield _chunk(out)
 
@@ -217,7 +216,6 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
         self, request: shard_pb2.ShardGenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.ShardGenerateResponse]:
         """Like Generator.Generate, resumable, ending with a migration notice when evicted."""
-        await _headers_now(context)
         resume = None
         if request.HasField("resume"):
             r = request.resume
@@ -283,10 +281,3 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     ) -> shard_pb2.DrainResponse:
         """Stops new placements here; running requests finish, waiting ones migrate."""
         return shard_pb2.DrainResponse(running=self.s.engine.drain())
-
-
-async def _headers_now(context: grpc.aio.ServicerContext) -> None:
-    """Sends the response headers before the first token is computed: a grpc.aio client (the
-    router) asks for the first message only once the headers are in, so headers that arrive
-    with the first token cost the first-token path one more wake-up."""
-    await context.send_initial_metadata(())
