@@ -101,6 +101,16 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def lora_signature(starts: list[int], weights: list[AdapterWeights | None]) -> tuple:
+    """What a step's LoRA tables depend on: the segment starts and, per segment, the adapter
+    version and where its weights sit (they are carved from one device buffer per residency)."""
+    where = tuple(
+        None if w is None else (w.key, min((t.data_ptr() for t in w.a.values()), default=0))
+        for w in weights
+    )
+    return tuple(starts), where
+
+
 class StagingArena:
     """Named tensors packed into one device buffer, filled through a host mirror (pinned on CUDA)
     and uploaded with a single copy."""
@@ -199,6 +209,7 @@ class PaddedDecode:
         )
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self._lora_signature: tuple | None = None  # what the host mirror's LoRA tables hold
 
     def fill(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> None:
         """Writes the plan's rows into the host mirror; rows past the plan become padding."""
@@ -217,17 +228,22 @@ class PaddedDecode:
         host["block_tables"][b:].fill_(self.kv.scratch_page)
         if self.key.rank:
             starts = [row for row, _ in plan.segments] + [b]
-            lora = build_lora_batch(
-                starts,
-                [*weights, None],
-                n,
-                self.dtype,
-                torch.device("cpu"),
-                num_segments=n + 1,
-                rank=self.key.rank,
-            )
-            for name, t in step_leaves(lora).items():
-                host[name].copy_(t)
+            signature = lora_signature(starts, weights)
+            # The same segments on the same resident adapters as this shape's last step (most
+            # decode steps): the host mirror still holds their tables.
+            if signature != self._lora_signature:
+                lora = build_lora_batch(
+                    starts,
+                    [*weights, None],
+                    n,
+                    self.dtype,
+                    torch.device("cpu"),
+                    num_segments=n + 1,
+                    rank=self.key.rank,
+                )
+                for name, t in step_leaves(lora).items():
+                    host[name].copy_(t)
+                self._lora_signature = signature
         self.arena.upload()
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 import torch
+from prometheus_client import Counter
 from tokenizers import Tokenizer
 
 from shard.detokenizer import TextStream
@@ -84,6 +85,9 @@ class Engine:
         self._load = self._snapshot(0)
         self.failure: BaseException | None = None
         self.metrics = ShardMetrics()
+        # Generated-token counter children by adapter label: labels() per token is a locked
+        # lookup, about 3 us, 0.1 ms of host time per step at batch 32.
+        self._token_counters: dict[str, Counter] = {}
         scheduler.adapters.attach_metrics(self.metrics)
         self.steps = 0
 
@@ -262,7 +266,10 @@ class Engine:
             usage=seq.usage() if finish else None,
         )
         label = adapter_label(seq.adapter_id)
-        self.metrics.tokens.labels(label).inc()
+        counter = self._token_counters.get(label)
+        if counter is None:
+            counter = self._token_counters[label] = self.metrics.tokens.labels(label)
+        counter.inc()
         if finish is not None:
             self.metrics.requests.labels(label, finish.value).inc()
             self._seqs.pop(seq.request_id, None)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import torch
 
 from shard.__main__ import build_engine
+from shard.adapter_loader import AdapterWeights
 from shard.config import parse_config
 from shard.decode_graphs import (
     BATCH_BUCKETS,
     DecodeGraphs,
     GraphKey,
+    PaddedDecode,
     StagingArena,
     ceil_to,
     replace_leaves,
@@ -20,8 +22,9 @@ from shard.decode_graphs import (
 )
 from shard.engine import Engine
 from shard.kv_cache import pages_for
-from shard.layers.lora import LoraBatch, build_lora_batch
+from shard.layers.lora import LORA_MODULES, LoraBatch, build_lora_batch
 from shard.parallel import SINGLE
+from shard.step_plan import StepPlan
 from tests.test_engine import mixed_rows, reference, submit_all
 
 
@@ -104,3 +107,41 @@ def test_padded_decode_base_only_batch_matches_peft(tiny) -> None:
     assert {key.batch for key in graphs._shapes} <= {1, 2, 4}
     for (adapter, prompt), sink in zip(rows, sinks, strict=True):
         assert sink.tokens == reference(tiny, adapter, prompt)[0]
+
+
+def test_fill_reuses_lora_tables_only_for_the_same_residency() -> None:
+    """Steps with the same segments on the same resident adapter versions keep the host tables;
+    another adapter, or the same version copied to another address, rewrites them."""
+
+    class Kv:  # the two fields PaddedDecode reads
+        scratch_page, page_size = 0, 16
+
+    def adapter(name: str) -> AdapterWeights:
+        a = {m: torch.zeros(2, 8, 4) for m in LORA_MODULES}
+        b = {m: torch.zeros(2, 8, 4) for m in LORA_MODULES}
+        return AdapterWeights(name, "digest", "v1", 8, 2.0, a, b)
+
+    plan = StepPlan(
+        input_ids=(1, 2, 3),
+        positions=(5, 5, 5),
+        slots=(1, 2, 3),
+        decode_pages=((1,), (2,), (3,)),
+        decode_context=(6, 6, 6),
+        prefills=(),
+        logits_rows=(0, 1, 2),
+        segments=((0, "x"), (1, "y")),
+        adapters=("x", "y"),
+    )
+    shape = PaddedDecode(GraphKey(4, 16, 8), Kv(), torch.float32, torch.device("cpu"))
+    x, y = adapter("x"), adapter("y")
+    q = "lora.groups.q_proj+k_proj+v_proj.a_ptrs"
+    shape.fill(plan, [x, y])
+    first = shape.arena.host[q].clone()
+    assert first[0, 0] == x.a["q_proj"].data_ptr() and first[0, 1] == y.a["q_proj"].data_ptr()
+    shape.arena.host[q].zero_()  # a skipped rewrite leaves this visible
+    shape.fill(plan, [x, y])
+    assert shape.arena.host[q].count_nonzero() == 0
+    for weights in ([y, x], [x, adapter("y")]):  # another adapter; the same version moved
+        shape.fill(plan, weights)
+        expect = [w.a["q_proj"].data_ptr() for w in weights]
+        assert shape.arena.host[q][0, :2].tolist() == expect
