@@ -216,7 +216,8 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
                 sgmv_shrink(v, x, a_ptrs, seg_starts, g_ranks, layer)
                 sgmv_expand(y, v, b_ptrs, seg_starts, g_ranks, g_scales, layer, widths)
 
-    # As the model runs it: start_lora + finish_lora per group (no base GEMM to hide under here).
+    # As the model runs it: start_lora + finish_lora per group, the delta added as the model's
+    # next chain does (no base GEMM to hide under here).
     lora = LoraBatch(
         seg_starts=seg_starts,
         groups={
@@ -231,7 +232,9 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
     def production() -> None:
         for layer in range(layers):
             for modules, (x, y, _, _, _, _, _, widths) in zip(LORA_GROUPS, grouped, strict=True):
-                finish_lora(y, start_lora(x, lora, modules, widths, layer))
+                delta = finish_lora(start_lora(x, lora, modules, widths, layer))
+                if delta is not None:
+                    y += delta
 
     def gather_bmm() -> None:
         for layer in range(layers):

@@ -17,9 +17,13 @@ from shard.layers.embedding import VocabParallel
 from shard.layers.linear import MergedColumnLinear, RowLinear
 from shard.layers.norm import RMSNorm
 from shard.layers.placement import Placement
-from shard.layers.rotary import RotaryEmbedding, rotate
+from shard.layers.rotary import RotaryEmbedding, rope_qkv
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
+
+# What a layer leaves to be added to the residual stream by the next one's norm chain: nothing
+# (before the first layer), or its MLP output [T, hidden] and that output's LoRA term (or None).
+Pending = tuple[()] | tuple[torch.Tensor, torch.Tensor | None]
 
 
 def local_kv_heads(cfg: ModelConfig, group: TPGroup) -> int:
@@ -61,21 +65,19 @@ class LlamaAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: ForwardMeta,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        qkv = self.qkv_proj(x, meta.lora)
-        sl = self.qkv_proj.slices
-        t, d = x.shape[0], self.head_dim
-        q = qkv[:, sl["q_proj"]].view(t, self.heads, d)
-        k = qkv[:, sl["k_proj"]].view(t, self.kv_heads, d)
-        v = qkv[:, sl["v_proj"]].view(t, self.kv_heads, d)
-        q, k = rotate(q, k, *rope)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(o_proj output, its LoRA term or None)."""
+        qkv, lora = self.qkv_proj(x, meta.lora)
+        q, k, v = rope_qkv(qkv, lora, *rope, self.heads, self.kv_heads)
         out = self.attn(q, k, v, kv[0], kv[1], meta)
-        return self.o_proj(out.view(t, self.heads * d), meta.lora)
+        return self.o_proj(out.view(x.shape[0], self.heads * self.head_dim), meta.lora)
 
 
 @elementwise
-def silu_mul(gate_up: torch.Tensor, inter: int) -> torch.Tensor:
-    """SwiGLU: silu(gate) * up of the merged [T, 2 * inter] projection."""
+def silu_mul(gate_up: torch.Tensor, lora: torch.Tensor | None, inter: int) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up of the merged [T, 2 * inter] projection plus its LoRA term."""
+    if lora is not None:
+        gate_up = gate_up + lora
     return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
 
@@ -89,14 +91,17 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowLinear(inter, cfg.hidden_size, "down_proj", layer_idx, at)
         self.inter = inter
 
-    def forward(self, x: torch.Tensor, meta: ForwardMeta) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x, meta.lora)
-        return self.down_proj(silu_mul(gate_up, self.inter), meta.lora)
+    def forward(
+        self, x: torch.Tensor, meta: ForwardMeta
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(down_proj output, its LoRA term or None)."""
+        gate_up, lora = self.gate_up_proj(x, meta.lora)
+        return self.down_proj(silu_mul(gate_up, lora, self.inter), meta.lora)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Takes the residual stream and the previous layer's MLP output not yet added to it, so
-    that each residual add runs in one chain with the norm after it."""
+    """Takes the residual stream and the previous layer's MLP output (and its LoRA term) not yet
+    added to it, so that each residual add runs in one chain with the norm after it."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, at: Placement) -> None:
         super().__init__()
@@ -108,14 +113,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        delta: torch.Tensor | None,
+        delta: Pending,
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: ForwardMeta,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] residual stream, delta [T, hidden] or None -> (stream, MLP output)."""
-        h, x = self.input_layernorm(x, delta)
-        h, x = self.post_attention_layernorm(x, self.self_attn(h, kv, meta, rope))
+    ) -> tuple[torch.Tensor, Pending]:
+        """x [T, hidden] residual stream and what is still to be added to it -> (stream, MLP
+        output and its LoRA term)."""
+        h, x = self.input_layernorm(x, *delta)
+        h, x = self.post_attention_layernorm(x, *self.self_attn(h, kv, meta, rope))
         return x, self.mlp(h, meta)
 
 
@@ -149,10 +155,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T] -> float32 logits [B, vocab] of the rows in meta.logits_rows."""
         x = self.embed_tokens.embed(input_ids)
-        delta: torch.Tensor | None = None
+        delta: Pending = ()
         rope = self.rotary.tables(meta.positions)
         for layer, layer_kv in zip(self.layers, kv, strict=True):
             x, delta = layer(x, delta, layer_kv, meta, rope)
         rows = meta.logits_rows
-        h, _ = self.norm(x[rows], None if delta is None else delta[rows])
+        h, _ = self.norm(x[rows], *(None if t is None else t[rows] for t in delta))
         return self.lm_head.logits(h)

@@ -49,11 +49,13 @@ class MergedColumnLinear(nn.Module):
         """Copies this rank's rows `rows` of the checkpoint's `module` weight into place."""
         self.weight.data[self.slices[module]].copy_(full[rows])
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, lora: LoraBatch | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x @ W.T, its LoRA term or None): the caller adds the two in its next chain."""
         pending = start_lora(x, lora, self.lora_modules, self.lora_widths, self.layer_idx)
         y = F.linear(x, self.weight)
-        finish_lora(y, pending)
-        return y
+        return y, finish_lora(pending)
 
 
 class RowLinear(nn.Module):
@@ -84,8 +86,15 @@ class RowLinear(nn.Module):
         """Copies this rank's input columns `cols` of the checkpoint's weight into place."""
         self.weight.data.copy_(full[:, cols])
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, lora: LoraBatch | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the all-reduced x @ W.T, its LoRA term or None): with one rank the caller adds the
+        two in its next chain; across ranks each rank's partial term joins the all-reduce."""
         pending = start_lora(x, lora, (self.module,), (self.weight.shape[0],), self.layer_idx)
         y = F.linear(x, self.weight)
-        finish_lora(y, pending)
-        return all_reduce(y, self.group)
+        delta = finish_lora(pending)
+        if delta is not None and self.group.size > 1:
+            y += delta
+            delta = None
+        return all_reduce(y, self.group), delta

@@ -114,13 +114,13 @@ class PendingLora:
     widths: tuple[int, ...]  # output columns per projection
     side: torch.cuda.Stream | None  # the stream the LoRA runs on; None: the current one
     delta: torch.Tensor | None  # [T, sum(widths)]: the LoRA term the side stream computed;
-    # None: the expand is still to run, into y
+    # None: the expand is still to run
 
 
 # On CUDA a group's shrink and expand run on a side stream beside the base GEMM, into a delta
-# buffer added to the GEMM's output after the join: at 7B batch 32 (32 distinct adapters) that
-# step takes 7.81 ms against 8.40 ms with the LoRA after the GEMM on one stream, and 8.10 ms with
-# only the shrink beside it (benchmarks/results/README.md). Off: the one-stream order, for A/B runs.
+# buffer that the elementwise chain after the projection adds. At 7B batch 32 (32 distinct
+# adapters) that step took 7.81 ms against 8.40 ms with the LoRA after the GEMM on one stream,
+# and 8.10 ms with only the shrink beside it (benchmarks/results/README.md). Off: one stream.
 _overlap = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -173,27 +173,20 @@ def start_lora(
     return PendingLora(v, group, lora.seg_starts, layer_idx, tuple(widths), side, delta)
 
 
-def finish_lora(y: torch.Tensor, pending: PendingLora | None) -> None:
-    """y[T, sum(widths)] += scale_s * x @ A_s @ B_s for each projection and every segment whose
-    adapter targets it, completing what `start_lora` issued.
+def finish_lora(pending: PendingLora | None) -> torch.Tensor | None:
+    """The LoRA term [T, sum(widths)] of what `start_lora` issued (scale_s * x @ A_s @ B_s per
+    projection and segment; zero in rows whose adapter skips a projection), for the caller to add
+    to the base projection inside the elementwise chain that follows it; None without one.
 
     Joining first also orders every later use of x, of the scratch buffer and of the delta on
     the current stream after the side stream's work, so the caching allocator may reuse them."""
     if pending is None:
-        return
+        return None
     if pending.side is not None:
-        torch.cuda.current_stream(y.device).wait_stream(pending.side)
-    if pending.delta is not None:
-        y += pending.delta
-        return
+        torch.cuda.current_stream(pending.v.device).wait_stream(pending.side)
+        return pending.delta
     g = pending.group
-    sgmv_expand(
-        y,
-        pending.v,
-        g.b_ptrs,
-        pending.seg_starts,
-        g.ranks,
-        g.scales,
-        pending.layer_idx,
-        pending.widths,
-    )
+    delta = pending.v.new_zeros(pending.v.shape[0], sum(pending.widths))
+    tables = (g.b_ptrs, pending.seg_starts, g.ranks, g.scales)
+    sgmv_expand(delta, pending.v, *tables, pending.layer_idx, pending.widths)
+    return delta

@@ -22,10 +22,15 @@ rms_norm = elementwise(_normalize)
 
 @elementwise
 def add_rms_norm(
-    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    lora: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + delta), x + delta): the residual add and the norm after it in one chain."""
-    total = x + delta
+    """(rms_norm(x + delta [+ lora]), x + delta [+ lora]): the residual add (of a projection and
+    its LoRA term) and the norm after it in one chain."""
+    total = x + delta if lora is None else x + (delta + lora)
     return _normalize(total, weight, eps), total
 
 
@@ -40,9 +45,13 @@ class RMSNorm(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, delta: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None = None,
+        lora: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed, residual): the residual stream x, plus `delta` when given, and its norm."""
+        """(normed, residual): the residual stream x, plus `delta` (a projection's output) and
+        its LoRA term `lora` when given, and its norm."""
         if delta is None:
             return rms_norm(x, self.weight, self.eps), x
-        return add_rms_norm(x, delta, self.weight, self.eps)
+        return add_rms_norm(x, delta, lora, self.weight, self.eps)

@@ -29,7 +29,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE angle tables; `tables` picks the rows' positions, `rotate` applies them."""
+    """RoPE angle tables; `tables` picks the rows' positions, `rope_qkv` applies them."""
 
     def __init__(
         self,
@@ -53,11 +53,23 @@ class RotaryEmbedding(nn.Module):
 
 
 @elementwise
-def rotate(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [T, n_q, d], k [T, n_kv, d] rotated by the `tables` of their rows (one chain for both)."""
-    return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+def rope_qkv(
+    qkv: torch.Tensor,
+    lora: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The merged projection [T, (heads + 2 kv_heads) * d], plus its LoRA term when given, split
+    into q [T, heads, d] and k [T, kv_heads, d] rotated by the `tables` of their rows, and v
+    [T, kv_heads, d]: one chain."""
+    if lora is not None:
+        qkv = qkv + lora
+    q, k, v = qkv.view(qkv.shape[0], heads + 2 * kv_heads, -1).split(
+        (heads, kv_heads, kv_heads), dim=1
+    )
+    return _rotate_half(q, cos, sin), _rotate_half(k, cos, sin), v
 
 
 def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
