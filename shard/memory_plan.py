@@ -10,6 +10,8 @@ from shard.adapter_loader import AdapterWeights
 from shard.adapter_tiers import device_budget_bytes
 from shard.config import ShardConfig
 from shard.kv_cache import KvCache, pages_for
+from shard.layers.linear import MergedColumnLinear, RowLinear
+from shard.layers.lora import MAX_GROUP
 from shard.llama import LlamaForCausalLM
 from shard.model_config import ModelConfig
 from shard.model_runner import ModelRunner
@@ -73,8 +75,25 @@ def activation_peak(
     peak = torch.cuda.max_memory_allocated(device) - base
     del runner, kv
     torch.cuda.empty_cache()
-    log.info("activation peak measured", tokens=tokens, mib=round(peak / 2**20, 1))
-    return peak
+    lora = lora_activation_bytes(model, tokens, cfg.max_lora_rank)
+    log.info(
+        "activation peak measured",
+        tokens=tokens,
+        mib=round(peak / 2**20, 1),
+        lora_mib=round(lora / 2**20, 1),
+    )
+    return peak + lora
+
+
+def lora_activation_bytes(model: LlamaForCausalLM, tokens: int, max_rank: int) -> int:
+    """What LoRA adds to a `tokens`-row step beyond the warm-up, which runs no adapter: the
+    shrink's scratch [T, MAX_GROUP * rank], the widest projection's LoRA delta [T, width] and,
+    where the chain after it runs eagerly, the sum of that projection and its delta."""
+    widest = max(
+        m.weight.shape[0] for m in model.modules() if isinstance(m, MergedColumnLinear | RowLinear)
+    )
+    size = next(model.parameters()).element_size()
+    return tokens * (MAX_GROUP * max_rank + 2 * widest) * size
 
 
 def _no_adapters(adapter_id: str) -> AdapterWeights:
