@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ log = structlog.get_logger(__name__)
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+# One thread hashes adapter files beside their parsing (see load_adapter); it starts on first use.
+_HASHER = ThreadPoolExecutor(1, thread_name_prefix="adapter-digest")
 _ALIGN = 256  # bytes; every tensor of a packed adapter starts on this boundary (kernel loads)
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$"
@@ -227,13 +230,13 @@ def load_adapter(
     scale = alpha / math.sqrt(rank) if conf.get("use_rslora") else alpha / rank
 
     data, weights_stat = _read_bytes(weights)
-    digest = hashlib.sha256(data).hexdigest()
-    version = hashlib.sha256(config_bytes + digest.encode()).hexdigest()[:16]
+    # hashlib drops the GIL over large buffers: the digest (a quarter of a 7B adapter's read
+    # time) is computed while the tensors are parsed and stacked.
+    digest_of = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
     try:
         tensors = load_safetensors(data)
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise _unsupported(adapter_id, f"{WEIGHTS_FILE} cannot be read ({e})") from e
-    del data
     raw: dict[tuple[int, str, str], torch.Tensor] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -257,6 +260,8 @@ def load_adapter(
     b: dict[str, torch.Tensor] = {}
     for module in sorted({k[1] for k in raw}, key=LORA_MODULES.index):
         a[module], b[module] = _stack(raw, module, rank, cfg, group, dtype, adapter_id)
+    digest = digest_of.result()
+    version = hashlib.sha256(config_bytes + digest.encode()).hexdigest()[:16]
     w = AdapterWeights(adapter_id, digest, version, rank, scale, a, b)
     return w, FileSig(config_stat, weights_stat)
 
@@ -276,11 +281,12 @@ def _stack(
     row_parallel = module in ROW_PARALLEL
     cols = input_cols(cfg, group, module) if row_parallel else slice(0, inp)
     rows = slice(0, out) if row_parallel else output_rows(cfg, group, module)
-    a = torch.zeros(cfg.num_layers, rank, cols.stop - cols.start, dtype=dtype)
-    b = torch.zeros(cfg.num_layers, rank, rows.stop - rows.start, dtype=dtype)
+    a = torch.empty(cfg.num_layers, rank, cols.stop - cols.start, dtype=dtype)
+    b = torch.empty(cfg.num_layers, rank, rows.stop - rows.start, dtype=dtype)
     for layer in range(cfg.num_layers):
         wa, wb = raw.get((layer, module, "A")), raw.get((layer, module, "B"))
         if wa is None and wb is None:
+            a[layer], b[layer] = 0, 0
             continue
         if wa is None or wb is None:
             raise _unsupported(adapter_id, f"layer {layer} {module} has only one of lora_A/lora_B")
