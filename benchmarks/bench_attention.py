@@ -14,7 +14,6 @@ over the device-to-device copy bandwidth measured first (bytes read + written).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import copy_bandwidth, git_commit, time_graph
+from benchmarks.timing import copy_bandwidth, provenance, time_graph
 from shard.ops.attention import PAGE_SIZE, paged_decode_attention, paged_decode_attention_reference
 
 DTYPE = torch.bfloat16
@@ -184,15 +183,9 @@ def main() -> None:
 
 
 def write_report(args: argparse.Namespace, bw: float, results: list[Result]) -> None:
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or git_commit(),
-        "command": args.command,
-        "torch": torch.__version__,
+    report = provenance(args.command, args.commit, bw) | {
         "dtype": str(DTYPE),
         "page_size": PAGE_SIZE,
-        "copy_bandwidth_tbps": bw / 1e12,
         "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
         "variant": {k: os.environ.get(k) for k in VARIANT_ENV},
         "cases": [asdict(r) | {"ours_tbps": r.kv_bytes / r.ours_us / 1e6} for r in results],

@@ -19,7 +19,6 @@ distinct adapters' bytes over the measured copy bandwidth. Writes JSON and a PNG
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import statistics
 import tempfile
@@ -28,10 +27,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from benchmarks.peft_baseline import peft_results, write_adapters
-from benchmarks.timing import copy_bandwidth, git_commit, median_ms
+from benchmarks.timing import copy_bandwidth, median_ms, provenance
 from benchmarks.workloads import (
     POPULARITY,
     SHAPES,
@@ -262,20 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         engine.stop()
 
-    report = {
-        "benchmark": "bench_textgen",
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or git_commit(),
-        "command": args.command,
-        "torch": torch.__version__,
+    report = {"benchmark": "bench_textgen"} | provenance(
+        args.command, args.commit, bandwidth, args.device
+    )
+    report |= {
         "model": shape,
         "adapter_rank": 16,
         "compile": args.compile,
         "adapters": args.adapters,
         "lengths": {"prompt": [p_lo, p_hi], "output": [o_lo, o_hi]},
         "kv_pages": state.kv.pool.total,
-        "copy_bandwidth_tb_s": bandwidth / 1e12 if bandwidth else None,
         "results": [asdict(r) for r in results],
         "decode_forward": floors,
     }

@@ -15,7 +15,6 @@ is what launch gaps and tails cost.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import re
 import tempfile
@@ -29,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_textgen import hbm_floor_ms, write_model_dir
 from benchmarks.peft_baseline import write_adapters
-from benchmarks.timing import copy_bandwidth, git_commit, median_ms
+from benchmarks.timing import copy_bandwidth, median_ms, provenance
 from benchmarks.workloads import SHAPES, Workload, decode_plan
 from shard import fusion
 from shard.__main__ import build_engine
@@ -174,16 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
                 row["gemm_weight_tb_s"] = weight_bytes / (gemm.ms_per_step * 1e-3) / 1e12
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {
-        "benchmark": "profile_decode",
-        "device": torch.cuda.get_device_name(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or git_commit(),
-        "command": args.command,
-        "torch": torch.__version__,
+    report = {"benchmark": "profile_decode"} | provenance(args.command, args.commit, bandwidth)
+    report |= {
         "batch": args.batch,
         "context": args.context,
-        "copy_bandwidth_tb_s": bandwidth / 1e12,
         "weight_gb": weight_bytes / 1e9,
         "rows": rows,
     }

@@ -85,13 +85,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def provenance(command: str, commit: str | None, bandwidth: float) -> dict[str, object]:
-    """The header of a results file: device, date, commit, command, torch, copy bandwidth."""
+def provenance(
+    command: str, commit: str | None, bandwidth: float | None, device: str = "cuda"
+) -> dict[str, object]:
+    """The header of a results file: device, date, commit, command, torch, copy bandwidth (None
+    for a CPU run, which measures none)."""
     return {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else device,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit or git_commit(),
         "command": command,
         "torch": torch.__version__,
-        "copy_bandwidth_tbps": bandwidth / 1e12,
+        "copy_bandwidth_tbps": bandwidth / 1e12 if bandwidth else None,
     }
