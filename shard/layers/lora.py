@@ -105,16 +105,10 @@ def build_lora_batch(
 
 @dataclass(frozen=True, slots=True)
 class PendingLora:
-    """A group's LoRA, issued by `start_lora` and waiting for `finish_lora`."""
+    """A group's LoRA term, issued by `start_lora` and read by `finish_lora`."""
 
-    v: torch.Tensor  # [T, P * r_max] view of LoraBatch.buffer: x @ A per projection
-    group: LoraGroup
-    seg_starts: torch.Tensor
-    layer_idx: int
-    widths: tuple[int, ...]  # output columns per projection
-    side: torch.cuda.Stream | None  # the stream the LoRA runs on; None: the current one
-    delta: torch.Tensor | None  # [T, sum(widths)]: the LoRA term the side stream computed;
-    # None: the expand is still to run
+    delta: torch.Tensor  # [T, sum(widths)]: scale_s * x @ A_s @ B_s per projection and segment
+    side: torch.cuda.Stream | None  # the stream computing it; None: the current one
 
 
 # On CUDA a group's shrink and expand run on a side stream beside the base GEMM, into a delta
@@ -158,35 +152,28 @@ def start_lora(
         return None
     r_max = lora.buffer.shape[1] // MAX_GROUP
     v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
-    if not (x.is_cuda and _overlap):
-        sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
-        return PendingLora(v, group, lora.seg_starts, layer_idx, tuple(widths), None, None)
-    # Allocated on the current stream, which waits for the side stream before it frees it.
+    # Allocated on the current stream, which joins the side stream before it frees the delta.
     delta = x.new_empty(x.shape[0], sum(widths))
-    side = _side_stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
+    side = _side_stream(x.device) if x.is_cuda and _overlap else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):  # no-op for None
         sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
-        delta.zero_()
+        delta.zero_()  # on the side stream too: no memset on the GEMM's stream
         tables = (group.b_ptrs, lora.seg_starts, group.ranks, group.scales)
         sgmv_expand(delta, v, *tables, layer_idx, widths)
-    return PendingLora(v, group, lora.seg_starts, layer_idx, tuple(widths), side, delta)
+    return PendingLora(delta, side)
 
 
 def finish_lora(pending: PendingLora | None) -> torch.Tensor | None:
-    """The LoRA term [T, sum(widths)] of what `start_lora` issued (scale_s * x @ A_s @ B_s per
-    projection and segment; zero in rows whose adapter skips a projection), for the caller to add
-    to the base projection inside the elementwise chain that follows it; None without one.
+    """The LoRA term [T, sum(widths)] of what `start_lora` issued (zero in rows whose adapter
+    skips a projection), for the caller to add to the base projection inside the elementwise
+    chain that follows it; None without one.
 
     Joining first also orders every later use of x, of the scratch buffer and of the delta on
     the current stream after the side stream's work, so the caching allocator may reuse them."""
     if pending is None:
         return None
     if pending.side is not None:
-        torch.cuda.current_stream(pending.v.device).wait_stream(pending.side)
-        return pending.delta
-    g = pending.group
-    delta = pending.v.new_zeros(pending.v.shape[0], sum(pending.widths))
-    tables = (g.b_ptrs, pending.seg_starts, g.ranks, g.scales)
-    sgmv_expand(delta, pending.v, *tables, pending.layer_idx, pending.widths)
-    return delta
+        torch.cuda.current_stream(pending.delta.device).wait_stream(pending.side)
+    return pending.delta
