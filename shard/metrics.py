@@ -43,6 +43,9 @@ class ShardMetrics:
         self.tokens = Counter(
             "lorafleet_shard_generated_tokens", "tokens generated", ["adapter"], registry=r
         )
+        # Children by adapter label: labels() per token is a locked lookup, about 3 us, 0.1 ms of
+        # host time per step at batch 32; the map grows exactly as the exported series do.
+        self._token_counts: dict[str, Counter] = {}
         self.step_seconds = Histogram(
             "lorafleet_shard_step_seconds",
             "one engine step",
@@ -94,6 +97,14 @@ class ShardMetrics:
         self.adapter_bytes = Gauge(
             "lorafleet_shard_adapter_bytes", "adapter bytes held", ["tier"], registry=r
         )
+
+    def token_generated(self, adapter_id: str) -> None:
+        """Counts one generated token of `adapter_id` ("" for the base model)."""
+        label = adapter_label(adapter_id)
+        counter = self._token_counts.get(label)
+        if counter is None:
+            counter = self._token_counts[label] = self.tokens.labels(label)
+        counter.inc()
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)
