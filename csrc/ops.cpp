@@ -151,7 +151,8 @@ ShrinkParams shrink_params(const at::Tensor& v, const at::Tensor& x, const at::T
 // Checks the expand's arguments and returns its parameters.
 ExpandParams expand_params(const at::Tensor& y, const at::Tensor& v, const at::Tensor& b_ptrs,
                            const at::Tensor& seg_starts, const at::Tensor& ranks,
-                           const at::Tensor& scales, int64_t layer_idx, at::IntArrayRef widths) {
+                           const at::Tensor& scales, int64_t layer_idx, at::IntArrayRef widths,
+                           bool accumulate) {
   check_rows(v, v, "v", 1);
   check_rows(y, v, "y", 2);
   const int64_t num_rows = v.size(0), num_segments = b_ptrs.size(-1);
@@ -194,6 +195,7 @@ ExpandParams expand_params(const at::Tensor& y, const at::Tensor& v, const at::T
   p.num_rows = static_cast<int>(num_rows);
   p.layer_idx = static_cast<int>(layer_idx);
   p.num_proj = static_cast<int>(num_proj);
+  p.accumulate = accumulate ? 1 : 0;
   return p;
 }
 
@@ -208,9 +210,9 @@ void shrink_op(at::Tensor v, const at::Tensor& x, const at::Tensor& a_ptrs,
 
 void expand_op(at::Tensor y, const at::Tensor& v, const at::Tensor& b_ptrs,
                const at::Tensor& seg_starts, const at::Tensor& ranks, const at::Tensor& scales,
-               int64_t layer_idx, at::IntArrayRef widths) {
+               int64_t layer_idx, at::IntArrayRef widths, bool accumulate) {
   const ExpandParams p =
-      expand_params(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths);
+      expand_params(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths, accumulate);
   const c10::cuda::CUDAGuard guard(v.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_launch(dispatch_dtype_rank<ExpandLaunch>(v.scalar_type(), p.v_cols, p, stream),
@@ -362,7 +364,7 @@ TORCH_LIBRARY(lorafleet, m) {
       "int layer_idx) -> ()");
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor b_ptrs, Tensor seg_starts, Tensor ranks, "
-      "Tensor scales, int layer_idx, int[] widths) -> ()");
+      "Tensor scales, int layer_idx, int[] widths, bool accumulate=True) -> ()");
   // paged attention
   m.def(
       "kv_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");

@@ -47,6 +47,7 @@ struct ExpandParams {
   int layer_idx;
   int num_proj;                      // P
   int y_cols[kMaxProjections + 1];  // projection p owns y columns y_cols[p] .. y_cols[p + 1]
+  int accumulate;                    // 1: y += the LoRA term; 0: y = it (0 in rank-0 segments)
 };
 
 // T: __half or __nv_bfloat16. RMAX: the largest rank any segment may have (16, 32, 64 or 128).

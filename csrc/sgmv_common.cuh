@@ -159,18 +159,19 @@ struct Tile {
   int row0;  // first row of the tile
 };
 
-// Tiles are numbered segment by segment, ceil(rows_s / BM) for each segment of non-zero rank.
+// Tiles are numbered segment by segment, ceil(rows_s / BM) for each segment of non-zero rank
+// (of every segment with `all_segments`: an overwriting expand writes zeros in rank-0 ones).
 // One warp finds which segment and rows tile `tile` covers (warp-wide scan over 32 segments at a
 // time) so no host-side sync is needed to size the grid.
 template <int BM>
 __device__ Tile find_tile(const int32_t* seg_starts, const int32_t* ranks, int num_segments,
-                          int tile) {
+                          int tile, bool all_segments = false) {
   const int lane = threadIdx.x & 31;
   int base = 0;
   for (int s0 = 0; s0 < num_segments; s0 += 32) {
     const int s = s0 + lane;
     int lo = 0, n = 0;
-    if (s < num_segments && ranks[s] > 0) {
+    if (s < num_segments && (all_segments || ranks[s] > 0)) {
       lo = seg_starts[s];
       n = (seg_starts[s + 1] - lo + BM - 1) / BM;
     }

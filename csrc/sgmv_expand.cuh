@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
   const int32_t* ranks = p.ranks + proj_base;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp == 0) {
-    const Tile t = find_tile<BM>(p.seg_starts, ranks, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<BM>(p.seg_starts, ranks, p.num_segments, blockIdx.x, !p.accumulate);
     if (lane == 0) s_tile = t;
   }
   __syncthreads();
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
 #pragma unroll
       for (int nt = 0; nt < NW; ++nt) {
         const int col = col0 + (wn * NW + nt) * 8 + 2 * c;
-        if (row < row_end && col < h_out)
+        if (p.accumulate && row < row_end && col < h_out)
           y_old[mt][half][nt] = *reinterpret_cast<const T2*>(y + static_cast<int64_t>(row) * p.ldy + col);
       }
     }
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
     }
   }
 
-  const float scale = p.scales[proj_base + tile.seg];
+  const float scale = rank > 0 ? p.scales[proj_base + tile.seg] : 0.f;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
       for (int nt = 0; nt < NW; ++nt) {
         const int col = col0 + (wn * NW + nt) * 8 + 2 * c;
         if (col < h_out) {
-          float2 out = to_float2(y_old[mt][half][nt]);
+          float2 out = p.accumulate ? to_float2(y_old[mt][half][nt]) : make_float2(0.f, 0.f);
           out.x += scale * acc[mt][nt][half * 2];
           out.y += scale * acc[mt][nt][half * 2 + 1];
           *reinterpret_cast<T2*>(yrow + col) = from_float2<T>(out);
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   const int64_t proj_base = static_cast<int64_t>(chunk.proj) * p.num_segments;
   const int32_t* ranks = p.ranks + proj_base;
   if (threadIdx.x < 32) {
-    const Tile t = find_tile<RT>(p.seg_starts, ranks, p.num_segments, blockIdx.x);
+    const Tile t = find_tile<RT>(p.seg_starts, ranks, p.num_segments, blockIdx.x, !p.accumulate);
     if (threadIdx.x == 0) s_tile = t;
   }
   __syncthreads();
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   T2 y_old[RT][4];
 #pragma unroll
   for (int m = 0; m < RT; ++m) {
-    if (m < rows && active) {
+    if (p.accumulate && m < rows && active) {
       const T* yrow = y + static_cast<int64_t>(tile.row0 + m) * p.ldy;
       const T2* src = reinterpret_cast<const T2*>(yrow + col);
 #pragma unroll
@@ -280,14 +280,14 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   }
 
   if (!active) return;
-  const float scale = p.scales[proj_base + tile.seg];
+  const float scale = rank > 0 ? p.scales[proj_base + tile.seg] : 0.f;
 #pragma unroll
   for (int m = 0; m < RT; ++m) {
     if (m < rows) {
       T2* dst = reinterpret_cast<T2*>(y + static_cast<int64_t>(tile.row0 + m) * p.ldy + col);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        float2 out = to_float2(y_old[m][q]);
+        float2 out = p.accumulate ? to_float2(y_old[m][q]) : make_float2(0.f, 0.f);
         out.x += scale * acc[m][2 * q];
         out.y += scale * acc[m][2 * q + 1];
         dst[q] = from_float2<T>(out);

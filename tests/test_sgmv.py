@@ -102,6 +102,18 @@ def gpu_vs_reference(p_cpu: Problem, layer: int, seed: int) -> None:
     ]
     assert torch.equal(y[untouched], y0[untouched])
 
+    # accumulate=False: the LoRA term alone over a poisoned y, zeros in rank-0 segments.
+    ref_delta = torch.zeros_like(y0)
+    sgmv_expand_reference(ref_delta, v_in, *args)
+    delta = torch.full_like(y0, float("nan")).cuda()
+    sgmv_expand(
+        delta, v_in.cuda(), p.b_ptrs(), p.seg_starts, p.ranks, p.scales, layer, accumulate=False
+    )
+    delta = delta.cpu()
+    assert not delta.isnan().any(), "overwriting expand left an output element unwritten"
+    assert rel_err(delta, ref_delta.double()) < TOL[dtype]
+    assert (delta[untouched] == 0).all()
+
 
 @gpu
 @needs_cuda

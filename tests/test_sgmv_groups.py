@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from shard.layers.lora import build_lora_batch
 from shard.ops import sgmv_expand, sgmv_shrink
 from shard.ops.sgmv import sgmv_expand_reference, sgmv_shrink_reference
 from tests.sgmv_problems import (
@@ -115,6 +116,25 @@ def test_reference_group_equals_projection_by_projection(
         cols += p.h_out
 
 
+def test_reference_group_overwrite_writes_the_lora_term_alone() -> None:
+    group = make_group("skewed", 9, 32, (24, 8, 8), torch.float32, seed=5, base_rows=2)
+    _, b_ptrs, ranks, scales = group_tables(group)
+    widths = tuple(p.h_out for p in group)
+    v, y0 = group_expand_input(group, seed=4)
+    expected = torch.zeros_like(y0)
+    sgmv_expand(expected, v, b_ptrs, group[0].seg_starts, ranks, scales, 1, widths)
+    y = torch.full_like(y0, float("nan"))
+    sgmv_expand(y, v, b_ptrs, group[0].seg_starts, ranks, scales, 1, widths, accumulate=False)
+    assert torch.equal(y, expected)
+    assert (y[:2] == 0).all()  # the base rows' rank-0 segment is written as zeros
+    assert (y[2:] != 0).any()
+
+
+def test_lora_batch_rejects_segments_not_covering_row_0() -> None:
+    with pytest.raises(ValueError, match="start at row 0"):
+        build_lora_batch([2], [None], 4, torch.float32, torch.device("cpu"))
+
+
 def test_reference_group_rejects_bad_widths() -> None:
     group = make_group("uniform", 4, 16, (8, 8), torch.float32, seed=1)
     _, b_ptrs, ranks, scales = group_tables(group)
@@ -152,6 +172,20 @@ def gpu_group_vs_reference(group: list[Problem], layer: int, seed: int) -> None:
     for p in group:  # rows a projection skips keep their y exactly
         skipped = [t for s, lo, hi in p.segment_rows() if p.ranks[s] == 0 for t in range(lo, hi)]
         assert torch.equal(y[skipped, cols : cols + p.h_out], y0[skipped, cols : cols + p.h_out])
+        cols += p.h_out
+
+    # accumulate=False writes the LoRA term alone over a poisoned y: zeros where skipped.
+    ref_delta = torch.zeros_like(y0)
+    sgmv_expand_reference(ref_delta, v_in, b_ptrs, seg, ranks, scales, layer, widths)
+    delta = torch.full_like(y0, float("nan")).cuda()
+    sgmv_expand(delta, v_in.cuda(), cb, cseg, cr, cs, layer, widths, accumulate=False)
+    delta = delta.cpu()
+    assert not delta.isnan().any(), "overwriting expand left an output element unwritten"
+    assert rel_err(delta, ref_delta.double()) < TOL[dtype]
+    cols = 0
+    for p in group:
+        skipped = [t for s, lo, hi in p.segment_rows() if p.ranks[s] == 0 for t in range(lo, hi)]
+        assert (delta[skipped, cols : cols + p.h_out] == 0).all()
         cols += p.h_out
 
 
@@ -230,6 +264,7 @@ def test_cuda_group_graph_replay_equals_eager() -> None:
 
 BAD_GROUP_CALLS = """
 import torch
+from shard.layers.lora import build_lora_batch
 from shard.ops import sgmv_expand, sgmv_shrink
 dev = "cuda"
 seg = torch.tensor([0, 2, 4], dtype=torch.int32, device=dev)

@@ -69,6 +69,9 @@ def build_lora_batch(
     of the same padded shape after a leaf-by-leaf copy: every leaf's shape depends only on
     (num_segments, rank, num_rows), and every group is present.
     """
+    if not starts or starts[0] != 0:
+        # The expand writes the delta only inside segments: they must cover every row.
+        raise ValueError(f"segments must start at row 0, got starts {list(starts)[:4]}")
     pad = (num_segments or len(starts)) - len(starts)
     if pad < 0:
         raise ValueError(f"{len(starts)} segments do not fit a batch padded to {num_segments}")
@@ -152,16 +155,16 @@ def start_lora(
         return None
     r_max = lora.buffer.shape[1] // MAX_GROUP
     v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
-    # Allocated on the current stream, which joins the side stream before it frees the delta.
+    # Allocated on the current stream, which joins the side stream before it frees the delta;
+    # the expand writes every row of it (zeros where a segment has no adapter), so no memset.
     delta = x.new_empty(x.shape[0], sum(widths))
     side = _side_stream(x.device) if x.is_cuda and _overlap else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):  # no-op for None
         sgmv_shrink(v, x, group.a_ptrs, lora.seg_starts, group.ranks, layer_idx)
-        delta.zero_()  # on the side stream too: no memset on the GEMM's stream
         tables = (group.b_ptrs, lora.seg_starts, group.ranks, group.scales)
-        sgmv_expand(delta, v, *tables, layer_idx, widths)
+        sgmv_expand(delta, v, *tables, layer_idx, widths, accumulate=False)
     return PendingLora(delta, side)
 
 

@@ -20,6 +20,10 @@ Columns ``r_s..r_max`` of those rows are don't-care; rows of rank-0 segments are
 ``y`` may be a column slice of a wider tensor (``stride(1) == 1``, any row stride). Rows outside
 every segment or in rank-0 segments are untouched.
 
+With ``accumulate=False`` the expand writes instead of adding, ``y[t] = scales[s] * (...)``, and
+writes zeros in the rows of rank-0 segments (rows outside every segment stay untouched): a caller
+that wants the LoRA term alone gets it without zeroing ``y`` first or reading it back.
+
 Several projections of the same rows (q/k/v, gate/up: up to 4) run in one launch when the weight
 tables are ``[P, S]`` (``a_ptrs``, ``b_ptrs``, ``ranks``, ``scales``): ``v [T, P * r_max]`` holds
 projection ``p``'s result in columns ``p * r_max ..``, the shrink reads one ``x`` for all of them,
@@ -76,16 +80,20 @@ def sgmv_expand(
     scales: Tensor,
     layer_idx: int,
     widths: Sequence[int] | None = None,
+    *,
+    accumulate: bool = True,
 ) -> None:
     """``y[t] += scales[s] * (v[t, :r_s] @ B_s[layer_idx])`` (see the module docstring).
 
     ``widths``: the output width of each projection of ``[P, S]`` tables (default: ``y``'s).
+    ``accumulate=False``: ``y[t] =`` instead, zero in rank-0 segments.
     """
     widths = [y.shape[1]] if widths is None else list(widths)
+    args = (y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
     if v.is_cuda:
-        _ops().sgmv_expand(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
+        _ops().sgmv_expand(*args, accumulate)
     else:
-        sgmv_expand_reference(y, v, b_ptrs, seg_starts, ranks, scales, layer_idx, widths)
+        sgmv_expand_reference(*args, accumulate=accumulate)
 
 
 def weight_ptrs(stacks: Sequence[Tensor | None], device: torch.device | str) -> Tensor:
@@ -118,11 +126,16 @@ def sgmv_expand_reference(
     scales: Tensor,
     layer_idx: int,
     widths: Sequence[int] | None = None,
+    *,
+    accumulate: bool = True,
 ) -> None:
     """Plain-torch :func:`sgmv_expand` for CPU tensors (pointers are host addresses)."""
     widths = [y.shape[1]] if widths is None else list(widths)
     if sum(widths) != y.shape[1]:
         raise ValueError(f"widths {widths} do not sum to y's {y.shape[1]} columns")
+    if not accumulate:
+        bounds = seg_starts.tolist()
+        y[bounds[0] : bounds[-1]] = 0
     ys = y.split(widths, dim=1)
     vs = _column_blocks(v, b_ptrs)
     tables = zip(ys, vs, _table(b_ptrs), _table(ranks), _table(scales), strict=True)
