@@ -167,21 +167,19 @@ class AdapterCache:
             fut = self._start_load(adapter_id, force=True)
         deadline = time.monotonic() + timeout_s
         try:
-            state: Resident | AdapterError | None = None
             try:
                 fut.result(timeout_s)
             except TimeoutError:
                 raise
             except Exception as e:  # the load's own error, as every waiting request sees it
-                state = as_adapter_error(adapter_id, e)
-            while state is None and not self._closed:
-                if time.monotonic() > deadline:
+                state: Resident | AdapterError | None = as_adapter_error(adapter_id, e)
+            else:
+                state = self.wait_resident(adapter_id, deadline)
+                if state is None and not self._closed:
                     raise TimeoutError(
                         f"adapter {adapter_id!r} is read but device memory stayed full of "
                         f"adapters in use for {timeout_s:.0f} s (--adapter-memory-mb)"
                     )
-                time.sleep(0.002)
-                state = self.poll(adapter_id)
             if isinstance(state, Resident) and self._replicas is not None:
                 state = self._replicate(state.key) or state
             if isinstance(state, AdapterError):
@@ -265,6 +263,22 @@ class AdapterCache:
         `id@version` (what tensor-parallel followers replay)."""
         with self._lock:
             return self._poll(name)
+
+    def wait_resident(
+        self, name: str, deadline: float, claim: bool = False
+    ) -> Resident | AdapterError | None:
+        """Polls `name` (with `claim`: claims it) until it is resident or its load failed; None
+        once `deadline` (a `time.monotonic()`) has passed or the cache is closed. Blocking: not
+        for the engine thread. A poll, not a wait on a condition: nothing signals the end of a
+        copy to the device (its CUDA event is only queried) or a release that frees room."""
+        poll = self.claim if claim else self.poll
+        while not self._closed:
+            if (state := poll(name)) is not None:
+                return state
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.001)
+        return None
 
     def release(self, key: str) -> None:
         """One request stopped using version `key`; an outdated version leaves at its last."""

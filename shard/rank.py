@@ -189,13 +189,12 @@ class Holds:
         if msg.key in self.held:
             return None
         deadline = time.monotonic() + self.timeout_s
-        while (state := self.adapters.claim(msg.key)) is None:
-            if time.monotonic() > deadline:
-                return AdapterError(
-                    AdapterErrorKind.EXHAUSTED,
-                    f"adapter {msg.key!r} did not become resident within {self.timeout_s:.0f} s",
-                )
-            time.sleep(0.001)
+        state = self.adapters.wait_resident(msg.key, deadline, claim=True)
+        if state is None:
+            return AdapterError(
+                AdapterErrorKind.EXHAUSTED,
+                f"adapter {msg.key!r} did not become resident within {self.timeout_s:.0f} s",
+            )
         if isinstance(state, AdapterError):
             return state
         self.held.add(msg.key)

@@ -23,6 +23,7 @@ from shard.__main__ import build_engine
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError, AdapterErrorKind, packed_size
 from shard.adapter_replicas import MAX_CHANGED_RETRIES
+from shard.adapter_tiers import Resident
 from shard.config import parse_config
 from shard.parallel import SINGLE
 from shard.server import GeneratorServicer, ShardServicer
@@ -207,6 +208,31 @@ def test_base_model_mismatch_warns_or_fails_by_flag(shard, tiny) -> None:
         shard.adapters.base_mismatch = "warn"
     assert err.value.code() == FAILED
     assert "trained on base model 'meta-llama/Llama-2-7b-hf'" in err.value.details()
+
+
+def test_wait_resident_ends_at_residency_at_the_deadline_or_once_closed(shard, root) -> None:
+    """The one wait of LoadAdapter and of tensor-parallel followers: the claimed state once
+    resident; None when the deadline passes with device memory full of adapters in use, or at
+    once when the cache is closed."""
+    cpu = torch.device("cpu")
+    cache = AdapterCache(root, shard.adapters.cfg, SINGLE, torch.float32, cpu, 2**30, 32)
+    try:
+        held = cache.wait_resident("r8-all", time.monotonic() + 30, claim=True)
+        assert isinstance(held, Resident) and held.refs == 1
+        cache.budget_bytes = cache.used_bytes  # no room next to the claimed version
+        cache.lookup("crowd-0")  # a copy of r8-all: the same size, so its read is not refused
+        while cache.entry("crowd-0").residency != "host":
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert cache.wait_resident("crowd-0", started + 0.2) is None
+        assert time.monotonic() - started >= 0.2
+        assert cache.waits["no_room"] > 0
+        cache.close()
+        started = time.monotonic()
+        assert cache.wait_resident("crowd-0", started + 30) is None
+        assert time.monotonic() - started < 1
+    finally:
+        cache.close()
 
 
 class SlowCopy:
