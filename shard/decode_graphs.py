@@ -15,6 +15,7 @@ On a CPU the same padded path runs eagerly (no graph), which is how the padding 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -50,11 +51,28 @@ def table_width(pages: int) -> int:
     return width
 
 
+def width_classes(max_pages: int) -> tuple[int, ...]:
+    """Every page-table width class of a step whose requests hold at most `max_pages` pages."""
+    widths = [MIN_TABLE_WIDTH]
+    while widths[-1] < max_pages:
+        widths.append(widths[-1] * 2)
+    return tuple(widths)
+
+
 @dataclass(frozen=True, slots=True)
 class GraphKey:
     batch: int  # padded number of decode rows
     rank: int  # LoRA rank class; 0: no adapter in the batch
     width: int  # page-table width class
+
+
+def warm_keys(max_batch: int, ranks: tuple[int, ...], widths: tuple[int, ...]) -> list[GraphKey]:
+    """The shapes of these rank classes and widths for every batch bucket up to the one that
+    `max_batch` rows pad to, in capture order: largest batch first, so that smaller graphs reuse
+    the pool memory the larger ones freed."""
+    limit = ceil_to(max_batch, BATCH_BUCKETS) or max_batch
+    batches = sorted((b for b in BATCH_BUCKETS if b <= limit), reverse=True)
+    return [GraphKey(b, r, w) for b in batches for r in ranks for w in widths]
 
 
 def tensor_leaves(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -187,10 +205,13 @@ class PaddedDecode:
         self.arena = StagingArena(specs, device)
         host = self.arena.host
         host["logits_rows"].copy_(torch.arange(n))
-        # Until a step fills them, every row is a padding row.
+        # Until a step fills them, every row is a padding row, in one base-model segment: what a
+        # graph captured at start, before any step, runs and writes.
         host["slot_mapping"].fill_(kv.scratch_page * kv.page_size)
         host["block_tables"].fill_(kv.scratch_page)
         host["context_lens"].fill_(1)
+        for name, t in lora_leaves.items():
+            host[name].copy_(t)
         dev = self.arena.device
         lora = None
         if template_lora is not None:
@@ -294,7 +315,17 @@ class DecodeGraphs:
         if not self.use_graphs:
             return self._forward(shape)[: plan.num_rows]
         if shape.graph is None:
+            started = time.perf_counter()
             self._capture(shape)
+            # A shape the start-up warm-up left out: this step stalled for the capture.
+            log.info(
+                "decode graph captured on first use",
+                batch=key.batch,
+                rank=key.rank,
+                width=key.width,
+                seconds=round(time.perf_counter() - started, 3),
+                graphs=self.captured,
+            )
         assert shape.graph is not None and shape.logits is not None
         shape.graph.replay()
         return shape.logits[: plan.num_rows]
@@ -316,27 +347,43 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             shape.logits = self._forward(shape)
         shape.graph = graph
+
+    @property
+    def captured(self) -> int:
+        """Decode graphs captured so far (0 on CPU, where padded shapes run eagerly)."""
+        return sum(s.graph is not None for s in self._shapes.values())
+
+    def warm_up(self, ranks: tuple[int, ...]) -> None:
+        """Captures every batch bucket and page-table width class of these LoRA rank classes
+        before the shard serves, so no request waits for a capture; other shapes are still
+        captured on first use. Widths stop at the widest table a request can have: it holds
+        at most the longest context's pages, and no more pages than the KV pool has."""
+        if not ranks:
+            return
+        widths = width_classes(min(self.max_pages, self.kv.pool.total))
+        started = time.perf_counter()
+        reserved = torch.cuda.memory_reserved(self.device) if self.use_graphs else 0
+        self.capture_all(ranks, widths)
+        if self.use_graphs:
+            torch.cuda.synchronize(self.device)
+            reserved = torch.cuda.memory_reserved(self.device) - reserved
         log.info(
-            "decode graph captured",
-            batch=shape.key.batch,
-            rank=shape.key.rank,
-            width=shape.key.width,
-            graphs=sum(s.graph is not None for s in self._shapes.values()),
+            "decode graphs captured at start",
+            graphs=self.captured,
+            ranks=list(ranks),
+            widths=list(widths),
+            seconds=round(time.perf_counter() - started, 2),
+            mib=round(reserved / 2**20, 1),
         )
 
     @torch.inference_mode()
     def capture_all(self, ranks: tuple[int, ...], widths: tuple[int, ...]) -> None:
         """Captures every batch bucket up to max_batch for these rank classes and page-table
         widths ahead of traffic (largest batch first, so smaller graphs reuse its memory)."""
-        for batch in sorted((b for b in BATCH_BUCKETS if b <= self.max_batch), reverse=True):
-            for rank in ranks:
-                for width in widths:
-                    key = GraphKey(batch, rank, width)
-                    shape = self._shapes.get(key)
-                    if shape is None:
-                        shape = self._shapes[key] = PaddedDecode(
-                            key, self.kv, self.dtype, self.device
-                        )
-                    shape.arena.upload()
-                    if self.use_graphs and shape.graph is None:
-                        self._capture(shape)
+        for key in warm_keys(self.max_batch, ranks, widths):
+            shape = self._shapes.get(key)
+            if shape is None:
+                shape = self._shapes[key] = PaddedDecode(key, self.kv, self.dtype, self.device)
+            shape.arena.upload()
+            if self.use_graphs and shape.graph is None:
+                self._capture(shape)
