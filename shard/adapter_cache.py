@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import structlog
 import torch
 
 from shard.adapter_device import DeviceTier, copy_done, order_after_copy
+from shard.adapter_host import HostTier
 from shard.adapter_loader import (
     CONFIG_FILE,
     AdapterError,
@@ -29,13 +31,11 @@ from shard.adapter_loader import (
     as_adapter_error,
     file_sig,
     load_adapter,
-    pack,
-    packed_size,
     resolve,
     split_key,
 )
 from shard.adapter_replicas import Replicas, Replicate
-from shard.adapter_tiers import AdapterEntry, HostCopy, Resident, device_budget_bytes, entry_of
+from shard.adapter_tiers import AdapterEntry, Resident, device_budget_bytes, entry_of
 from shard.metrics import ShardMetrics
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
@@ -67,14 +67,20 @@ class AdapterCache:
     ) -> None:
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
-        self.host_budget_bytes = host_budget_bytes or 4 * budget_bytes
         self.max_rank = max_rank
         self.base_mismatch = base_mismatch  # "warn" or "error"
         self.metrics: ShardMetrics | None = None
         self._lock = threading.RLock()
         self._current: dict[str, str] = {}  # id -> key of its newest version
         self._sigs: dict[str, FileSig] = {}  # id -> the files its newest version was read from
-        self._host: OrderedDict[str, HostCopy] = OrderedDict()  # LRU first
+        self._hosts = HostTier(
+            host_budget_bytes or 4 * budget_bytes,
+            device.type == "cuda",
+            self._lock,
+            self._host_protected,
+            partial(self._evicted, "host"),
+        )
+        self._host = self._hosts.copies  # LRU first
         self._device = DeviceTier(device, budget_bytes)
         self._resident = self._device.resident  # LRU first
         self._to_device = self._device.copy_in  # a seam: tests and benchmarks slow copies down
@@ -83,7 +89,6 @@ class AdapterCache:
         self._pinned: set[str] = set()
         self._wanted: frozenset[str] = frozenset()  # ids that waiting requests need
         self._preloading: Counter[str] = Counter()
-        self._host_reserved = 0
         # Why polls found no resident adapter: "reading" (from disk), "no_room" (the device
         # budget is full of adapters in use), "copying" (to the device, for a strict poll).
         self.waits: Counter[str] = Counter()
@@ -135,8 +140,16 @@ class AdapterCache:
         return self._device.used_bytes
 
     @property
+    def host_budget_bytes(self) -> int:
+        return self._hosts.budget_bytes
+
+    @host_budget_bytes.setter
+    def host_budget_bytes(self, value: int) -> None:
+        self._hosts.budget_bytes = value
+
+    @property
     def host_used_bytes(self) -> int:
-        return sum(h.flat.numel() for h in self._host.values())
+        return self._hosts.used_bytes
 
     # -- server side ----------------------------------------------------------------------------
     def lookup(self, adapter_id: str) -> None:
@@ -376,8 +389,7 @@ class AdapterCache:
         return fut
 
     def _read(self, adapter_id: str) -> str:
-        """Loader thread: disk -> host tier. Waits while the host tier is full of adapters that
-        waiting requests need (they reach the device, then room frees)."""
+        """Loader thread: disk -> host tier (see `HostTier.admit`)."""
         start = time.perf_counter()
         try:
             w, sig = load_adapter(
@@ -389,36 +401,13 @@ class AdapterCache:
                 self.max_rank,
                 self.base_mismatch,
             )
-            nbytes = packed_size(w)
-            for budget, flag in (
-                (self.host_budget_bytes, "--adapter-host-memory-mb"),
-                (self.budget_bytes, "--adapter-memory-mb"),
-            ):
-                if nbytes > budget:
-                    raise AdapterError(
-                        AdapterErrorKind.UNSUPPORTED,
-                        f"adapter {adapter_id!r} needs {nbytes / 2**20:.1f} MiB but {flag} "
-                        f"allows {budget / 2**20:.1f} MiB",
-                    )
-            while True:
-                with self._lock:
-                    host = self._host.get(w.key)
-                    if host is not None or self._reserve_host(nbytes):
-                        break
-                if self._closed:
-                    raise AdapterError(AdapterErrorKind.UNSUPPORTED, "the shard is shutting down")
-                time.sleep(0.002)
+            host = self._hosts.admit(w, self.budget_bytes, lambda: self._closed)
         except BaseException:
             with self._lock:
                 self._forget(adapter_id)  # fail closed: no request gets an older version
             raise
         if host is None:
-            try:
-                flat, packed = pack(w, pin=self.device.type == "cuda")
-                host = HostCopy(packed, flat, time.time())
-            finally:
-                with self._lock:
-                    self._host_reserved -= nbytes
+            host = self._hosts.pack(w)
         with self._lock:
             self._host[w.key] = host
             self._host.move_to_end(w.key)
@@ -435,24 +424,9 @@ class AdapterCache:
         if self.metrics is not None:
             self.metrics.adapter_load_seconds.labels("disk_to_host").observe(seconds)
             self.metrics.adapter_load_time.labels(adapter_id).observe(seconds)
+        nbytes = host.flat.numel()
         log.info("adapter read", key=w.key, rank=w.rank, bytes=nbytes, seconds=round(seconds, 4))
         return w.key
-
-    def _reserve_host(self, nbytes: int) -> bool:
-        """Makes room for `nbytes` in the host tier (LRU first, sparing what waiting requests
-        need) and reserves it; False when it does not fit yet."""
-        used = self.host_used_bytes + self._host_reserved
-        for k in list(self._host):
-            if used + nbytes <= self.host_budget_bytes:
-                break
-            if self._host_protected(k):
-                continue
-            used -= self._host.pop(k).flat.numel()
-            self._evicted("host", k)
-        if used + nbytes > self.host_budget_bytes:
-            return False
-        self._host_reserved += nbytes
-        return True
 
     def _host_protected(self, key: str) -> bool:
         res = self._resident.get(key)
