@@ -40,12 +40,34 @@ class ShardConfig:
     log_format: str  # "json" or "console"; "auto" picks console on a TTY
     tp_timeout_s: float  # longest wait of any tensor-parallel collective before the shard exits
     cuda_graphs: bool  # replay decode steps from CUDA graphs (CUDA only)
+    graph_warmup: tuple[int, ...]  # LoRA rank classes (0: no adapter) whose decode graphs are
+    # captured at start, every batch bucket and page-table width; (): all on first use
     load_format: str  # "safetensors", or "dummy": seeded random weights (benchmarks)
     compile: bool  # torch.compile the elementwise chains (CUDA only)
 
 
 def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     return env.get(f"LORAFLEET_{name}", default)
+
+
+def parse_graph_warmup(value: str) -> tuple[int, ...]:
+    """`off` -> (); `16,0` -> (0, 16). ValueError unless every entry is 0 or a LoRA rank class."""
+    # Imported here, as torch is below: --help and flag errors answer without loading torch.
+    from shard.decode_graphs import RANK_CLASSES
+
+    if value.strip() == "off":
+        return ()
+    valid = (0, *RANK_CLASSES)
+    try:
+        classes = {int(v) for v in value.split(",")}
+    except ValueError:
+        classes = set()
+    if not classes or not classes <= set(valid):
+        raise ValueError(
+            f"--graph-warmup must be off or a comma list of LoRA rank classes {valid}, "
+            f"got {value!r}"
+        )
+    return tuple(sorted(classes))
 
 
 def parse_config(
@@ -93,6 +115,12 @@ def parse_config(
     add("--log-format", "LOG_FORMAT", "auto", "log lines", choices=("auto", "json", "console"))
     add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
     add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
+    add(
+        "--graph-warmup",
+        "GRAPH_WARMUP",
+        "0,16",
+        "LoRA rank classes whose decode graphs are captured at start (comma list), or off",
+    )
     add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
     add("--compile", "COMPILE", "on", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
     a = p.parse_args(argv)
@@ -119,6 +147,10 @@ def parse_config(
             p.error(f"{name} must be >= {low}, got {value}")
     if not 0.0 < a.kv_memory_fraction < 1.0:
         p.error("--kv-memory-fraction must be in (0, 1)")
+    try:
+        graph_warmup = parse_graph_warmup(a.graph_warmup)
+    except ValueError as err:
+        p.error(str(err))
     model, adapters = Path(a.model), Path(a.adapters)
     if not model.is_dir():
         p.error(f"--model {model} is not a folder")
@@ -149,6 +181,7 @@ def parse_config(
         log_format=a.log_format,
         tp_timeout_s=a.tp_timeout_s,
         cuda_graphs=a.cuda_graphs == "on",
+        graph_warmup=graph_warmup,
         load_format=a.load_format,
         compile=a.compile == "on",
     )

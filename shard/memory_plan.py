@@ -1,5 +1,6 @@
 """Device memory planning at start: the KV page pool gets what the weights, the largest step's
-activations and the adapter budget leave of the configured share of free memory."""
+activations, the decode graphs captured at start and the adapter budget leave of the configured
+share of free memory."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from shard.adapter_loader import AdapterWeights
 from shard.adapter_tiers import device_budget_bytes
 from shard.config import ShardConfig
+from shard.decode_graphs import warm_keys, width_classes
 from shard.kv_cache import KvCache, pages_for
 from shard.layers.linear import MergedColumnLinear, RowLinear
 from shard.layers.lora import MAX_GROUP
@@ -25,8 +27,9 @@ def plan_kv_pages(
     cfg: ShardConfig, page_bytes: int, device: torch.device, max_context: int, activation_bytes: int
 ) -> int:
     """KV pool size: the flag; on CUDA, the configured share of the memory left free by the
-    weights, less the warm-up's activation peak and the device adapter budget (one budget for
-    activations, KV pages and adapters); on CPU, room for a full batch at full context."""
+    weights, less `activation_bytes` (the warm-up's activation peak and the start-up decode
+    graphs) and the device adapter budget (one budget for activations, graphs, KV pages and
+    adapters); on CPU, room for a full batch at full context."""
     if cfg.kv_pages is not None:
         return cfg.kv_pages
     if device.type == "cuda":
@@ -36,9 +39,10 @@ def plan_kv_pages(
         if budget < page_bytes:
             raise RuntimeError(
                 f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free after the "
-                f"weights, activations need {activation_bytes / 2**30:.2f} GiB and adapters "
-                f"{cfg.adapter_memory_mb} MiB; lower --max-prefill-tokens or "
-                "--adapter-memory-mb, or raise --kv-memory-fraction"
+                f"weights, activations and start-up decode graphs need "
+                f"{activation_bytes / 2**30:.2f} GiB and adapters {cfg.adapter_memory_mb} MiB; "
+                "lower --max-prefill-tokens or --adapter-memory-mb, capture fewer graphs "
+                "(--graph-warmup), or raise --kv-memory-fraction"
             )
         return budget // page_bytes
     return -(-cfg.max_batch_size * max_context // cfg.page_size)
@@ -83,6 +87,32 @@ def activation_peak(
         lora_mib=round(lora / 2**20, 1),
     )
     return peak + lora
+
+
+def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Device memory the decode graphs of `--graph-warmup` hold, when the KV pool is planned on
+    CUDA with graphs on; else 0. An upper bound: widths up to the longest context, though the
+    warm-up stops at the pool's (the pool is not sized yet).
+
+    The graphs share one pool, captured largest first: each keeps its float32 logits
+    [batch, vocab]; its other tensors die with its capture and serve the next graphs, so beyond
+    the kept logits the pool holds the first capture's transient, mostly its logits in `dtype`
+    and their float32 copy. Each shape also keeps static inputs, mostly its int32 page tables
+    [batch, width]. Shapes captured later, on first use, come out of the headroom that
+    --kv-memory-fraction leaves."""
+    if cfg.device != "cuda" or not cfg.cuda_graphs or cfg.kv_pages is not None:
+        return 0
+    widths = width_classes(pages_for(model_cfg.max_position_embeddings, cfg.page_size))
+    keys = warm_keys(cfg.max_batch_size, cfg.graph_warmup, widths)
+    if not keys:
+        return 0
+    vocab = model_cfg.vocab_size
+    kept = sum(k.batch for k in keys) * vocab * 4
+    transient = max(k.batch for k in keys) * vocab * (dtype.itemsize + 4)
+    tables = sum(k.batch * k.width for k in keys) * 4
+    total = kept + transient + tables
+    log.info("decode graph memory reserved", graphs=len(keys), mib=round(total / 2**20, 1))
+    return total
 
 
 def lora_activation_bytes(model: LlamaForCausalLM, tokens: int, max_rank: int) -> int:

@@ -22,8 +22,9 @@ from shard.adapter_loader import AdapterError, AdapterErrorKind
 from shard.config import ShardConfig
 from shard.decode_graphs import DecodeGraphs
 from shard.kv_cache import KvCache, pages_for
+from shard.llama import LlamaForCausalLM
 from shard.loader import build_model, load_tokenizer
-from shard.memory_plan import activation_peak, plan_kv_pages
+from shard.memory_plan import activation_peak, decode_graph_bytes, plan_kv_pages
 from shard.model_config import ModelConfig, load_model_config
 from shard.model_runner import ModelRunner
 from shard.parallel import (
@@ -64,17 +65,33 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     model = build_model(model_cfg, cfg.model, group, dtype, device, cfg.load_format)
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
     activations = activation_peak(model, cfg, model_cfg, group)
+    activations += decode_graph_bytes(cfg, model_cfg, dtype)
     max_context = model_cfg.max_position_embeddings
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
     adapters = AdapterCache.from_config(cfg, model_cfg, group, dtype, device)
-    graphs = None
-    if device.type == "cuda" and cfg.cuda_graphs:
-        max_pages = pages_for(max_context, cfg.page_size)
-        graphs = DecodeGraphs(model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True)
+    graphs = build_decode_graphs(cfg, model, kv, device, max_context)
     runner = ModelRunner(model, kv, adapters.weights, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
+
+
+def build_decode_graphs(
+    cfg: ShardConfig,
+    model: LlamaForCausalLM,
+    kv: KvCache,
+    device: torch.device,
+    max_context: int,
+) -> DecodeGraphs | None:
+    """The rank's decode graphs (CUDA with --cuda-graphs on), with the --graph-warmup rank
+    classes captured before the shard serves. Every rank captures the same shapes in the same
+    order, as the tensor-parallel collectives inside each captured forward require."""
+    if device.type != "cuda" or not cfg.cuda_graphs:
+        return None
+    max_pages = pages_for(max_context, cfg.page_size)
+    graphs = DecodeGraphs(model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True)
+    graphs.warm_up(cfg.graph_warmup)
+    return graphs
 
 
 class Leader:

@@ -1,0 +1,201 @@
+"""Decode graphs captured at start (--graph-warmup): the flag, the shapes the start-up path
+builds, the graph memory the KV plan reserves, and that warmed shapes serve without a capture
+(on CPU the padded shapes run eagerly; on a GPU they replay from the graphs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard import rank
+from shard.__main__ import build_engine
+from shard.config import ShardConfig, parse_config
+from shard.decode_graphs import DecodeGraphs, GraphKey, width_classes
+from shard.engine import Engine
+from shard.kv_cache import KvCache
+from shard.llama import LlamaForCausalLM
+from shard.memory_plan import decode_graph_bytes
+from shard.model_config import load_model_config
+from shard.model_runner import ModelRunner
+from shard.parallel import SINGLE
+from shard.tiny import write_tiny
+from tests.test_engine import PROMPTS, Collector, reference, submit_all
+from tests.test_gpu_path import GPU_SPEC
+
+BASE_AND_SMALL_RANKS = ("", "r4-qv", "r8-all", "r16-attn", "")  # rank classes 0 and 16
+LAZY_ROW = ("r64-all-rslora", PROMPTS[0])
+GPU_FLAGS = ("--device", "cuda", "--dtype", "float16", "--kv-pages", "256", "--max-batch-size", "8")
+
+
+def config(tiny, *extra: str, env: dict[str, str] | None = None) -> ShardConfig:
+    argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir), *extra]
+    return parse_config(argv, env=env or {})
+
+
+def warm_rows() -> list[tuple[str, list[int]]]:
+    return [(a, PROMPTS[i]) for i, a in enumerate(BASE_AND_SMALL_RANKS)]
+
+
+def keys(
+    batches: tuple[int, ...], ranks: tuple[int, ...], widths: tuple[int, ...]
+) -> set[GraphKey]:
+    return {GraphKey(b, r, w) for b in batches for r in ranks for w in widths}
+
+
+def test_flag_default_off_env_and_order(tiny) -> None:
+    assert config(tiny).graph_warmup == (0, 16)
+    assert config(tiny, "--graph-warmup", "off").graph_warmup == ()
+    assert config(tiny, env={"LORAFLEET_GRAPH_WARMUP": "off"}).graph_warmup == ()
+    assert config(tiny, "--graph-warmup", "64, 0,16,64").graph_warmup == (0, 16, 64)
+
+
+@pytest.mark.parametrize("value", ["8", "0,17", "", "sixteen", "on"])
+def test_flag_rejects_what_is_not_a_rank_class(tiny, value: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        config(tiny, "--graph-warmup", value)
+    assert "--graph-warmup must be off or a comma list of LoRA rank classes" in (
+        capsys.readouterr().err
+    )
+
+
+class CpuGraphs(DecodeGraphs):
+    """DecodeGraphs on the CPU whatever device it is given: the start-up path builds the padded
+    shapes of its warm-up, without graphs."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv: KvCache,
+        max_batch: int,
+        max_pages: int,
+        device: torch.device,
+        use_graphs: bool,
+    ) -> None:
+        assert device.type == "cuda" and use_graphs
+        super().__init__(model, kv, max_batch, max_pages, torch.device("cpu"), use_graphs)
+
+
+def startup_graphs(tiny, monkeypatch, *flags: str) -> tuple[Engine, ModelRunner, DecodeGraphs]:
+    """A CPU engine whose runner holds the decode graphs that rank.build_decode_graphs makes for
+    a CUDA rank with these flags."""
+    cfg = config(tiny, "--device", "cpu", "--page-size", "4", "--max-batch-size", "8", *flags)
+    engine, _, leader = build_engine(cfg, SINGLE)
+    state = leader.state
+    monkeypatch.setattr(rank, "DecodeGraphs", CpuGraphs)
+    max_context = state.model_cfg.max_position_embeddings
+    graphs = rank.build_decode_graphs(
+        cfg, state.runner.model, state.kv, torch.device("cuda", 0), max_context
+    )
+    assert graphs is not None
+    state.runner.decode_graphs = graphs
+    return engine, state.runner, graphs
+
+
+def test_startup_builds_every_bucket_and_width_of_the_configured_classes(tiny, monkeypatch) -> None:
+    # max context 256 tokens = 64 pages of 4 -> widths 8..64; max batch 8 -> buckets 1..8
+    _, _, graphs = startup_graphs(tiny, monkeypatch, "--graph-warmup", "0,32")
+    assert set(graphs._shapes) == keys((1, 2, 4, 8), (0, 32), (8, 16, 32, 64))
+    assert graphs.captured == 0  # CPU: padded shapes, no graphs
+
+
+def test_startup_widths_stop_at_the_kv_pool(tiny, monkeypatch) -> None:
+    """A request never holds more pages than the pool: 20 pages -> widths up to 32."""
+    _, _, graphs = startup_graphs(tiny, monkeypatch, "--kv-pages", "20")
+    assert set(graphs._shapes) == keys((1, 2, 4, 8), (0, 16), (8, 16, 32))
+
+
+def test_startup_warmup_off_and_graphs_off(tiny, monkeypatch) -> None:
+    _, _, graphs = startup_graphs(tiny, monkeypatch, "--graph-warmup", "off")
+    assert not graphs._shapes
+    cfg = config(tiny, "--device", "cpu", "--cuda-graphs", "off")
+    _, _, leader = build_engine(cfg, SINGLE)
+    state = leader.state
+    cuda = torch.device("cuda", 0)
+    assert rank.build_decode_graphs(cfg, state.runner.model, state.kv, cuda, 256) is None
+    assert state.runner.decode_graphs is None  # a CPU rank decodes eagerly, unpadded
+
+
+def test_warmed_shapes_serve_without_new_ones_and_others_build_lazily(tiny, monkeypatch) -> None:
+    engine, _, graphs = startup_graphs(tiny, monkeypatch)
+    warmed = dict(graphs._shapes)
+    engine.start()
+    try:
+        sinks = submit_all(engine, warm_rows(), "w")
+        assert graphs._shapes == warmed, set(graphs._shapes) - set(warmed)
+        for (adapter, prompt), sink in zip(warm_rows(), sinks, strict=True):
+            assert sink.tokens == reference(tiny, adapter, prompt)[0], adapter or "base"
+        submit_all(engine, [LAZY_ROW], "lazy")
+    finally:
+        engine.stop()
+    # One request alone decodes at batch 1 in rank class 64, which was not warmed.
+    new = set(graphs._shapes) - set(warmed)
+    assert new and {(key.batch, key.rank) for key in new} == {(1, 64)}, new
+
+
+def test_graph_memory_reserved_for_the_warmup(tiny) -> None:
+    model_cfg = load_model_config(tiny.model_dir)
+    flags = ("--device", "cuda", "--max-batch-size", "8", "--page-size", "16")
+    # 256 tokens = 16 pages -> widths 8, 16; buckets 1..8 sum to 15 rows; ranks 0 and 16
+    assert width_classes(16) == (8, 16)
+    kept = 15 * 2 * 2 * model_cfg.vocab_size * 4
+    transient = 8 * model_cfg.vocab_size * (2 + 4)  # bfloat16 logits and their float32 copy
+    tables = 15 * 2 * (8 + 16) * 4  # int32 page tables [batch, width]
+    want = kept + transient + tables
+    assert decode_graph_bytes(config(tiny, *flags), model_cfg, torch.bfloat16) == want
+    for off in (("--graph-warmup", "off"), ("--cuda-graphs", "off"), ("--kv-pages", "64")):
+        assert decode_graph_bytes(config(tiny, *flags, *off), model_cfg, torch.bfloat16) == 0
+    cpu = config(tiny, "--device", "cpu")
+    assert decode_graph_bytes(cpu, model_cfg, torch.float32) == 0
+
+
+@pytest.fixture(scope="module")
+def gpu_tiny(tmp_path_factory: pytest.TempPathFactory):
+    return write_tiny(Path(tmp_path_factory.mktemp("gpu-tiny-warmup")), spec=GPU_SPEC)
+
+
+def gpu_engine(tiny, *flags: str) -> tuple[Engine, ModelRunner]:
+    engine, _, leader = build_engine(config(tiny, *GPU_FLAGS, *flags), SINGLE)
+    return engine, leader.state.runner
+
+
+def gpu_decode(engine: Engine, rows: list[tuple[str, list[int]]], prefix: str) -> list[Collector]:
+    sinks = submit_all(engine, rows, prefix, new=24)
+    assert all(sink.outputs[-1].error is None for sink in sinks)
+    return sinks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_warmed_graphs_replay_without_capture_and_equal_eager(gpu_tiny) -> None:
+    """Default warm-up (rank classes 0 and 16) of a pool of 256 pages of 16 tokens and max batch
+    8: buckets 1..8 x widths 8, 16, captured before the engine starts."""
+    engine, runner = gpu_engine(gpu_tiny)
+    graphs = runner.decode_graphs
+    assert graphs is not None
+    expected = keys((1, 2, 4, 8), (0, 16), (8, 16))
+    assert set(graphs._shapes) == expected and graphs.captured == len(expected)
+    captured = {key: shape.graph for key, shape in graphs._shapes.items()}
+    engine.start()
+    try:
+        sinks = gpu_decode(engine, warm_rows(), "w")
+        assert graphs.captured == len(expected)  # every decode step replayed a warmed graph
+        assert {key: shape.graph for key, shape in graphs._shapes.items()} == captured
+        gpu_decode(engine, [LAZY_ROW], "lazy")
+    finally:
+        engine.stop()
+    assert graphs.captured == len(expected) + 1  # rank class 64: captured on first use
+    assert graphs._shapes[GraphKey(1, 64, 8)].graph is not None
+    eager_engine, eager_runner = gpu_engine(gpu_tiny, "--cuda-graphs", "off")
+    assert eager_runner.decode_graphs is None
+    eager_engine.start()
+    try:
+        eager = gpu_decode(eager_engine, warm_rows(), "e")
+    finally:
+        eager_engine.stop()
+    assert [s.tokens for s in sinks] == [s.tokens for s in eager]
+    for graph_sink, eager_sink in zip(sinks, eager, strict=True):
+        torch.testing.assert_close(
+            torch.tensor(graph_sink.logprobs), torch.tensor(eager_sink.logprobs), atol=2e-2, rtol=0
+        )
