@@ -289,6 +289,7 @@ class DecodeGraphs:
         self.max_batch = ceil_to(max_batch, BATCH_BUCKETS) or max_batch
         self.max_pages = max_pages
         self._shapes: dict[GraphKey, PaddedDecode] = {}
+        self._captured = 0
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def key(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> GraphKey | None:
@@ -347,11 +348,13 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             shape.logits = self._forward(shape)
         shape.graph = graph
+        self._captured += 1
 
     @property
     def captured(self) -> int:
-        """Decode graphs captured so far (0 on CPU, where padded shapes run eagerly)."""
-        return sum(s.graph is not None for s in self._shapes.values())
+        """Decode graphs captured so far (0 on CPU, where padded shapes run eagerly); a counter,
+        so other threads (a metrics scrape) may read it while the engine adds shapes."""
+        return self._captured
 
     def warm_up(self, ranks: tuple[int, ...]) -> None:
         """Captures every batch bucket and page-table width class of these LoRA rank classes
