@@ -23,13 +23,13 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
+from benchmarks.timing import provenance
 from shard.adapter_cache import AdapterCache
 from shard.adapter_tiers import HostCopy, Resident
 from shard.engine import Engine
@@ -357,7 +357,7 @@ def main() -> None:
     p.add_argument("--sim-step-ms", type=float, default=0.0, help="least step time (CPU study)")
     p.add_argument("--sim-segment-ms", type=float, default=0.0, help="step time per adapter")
     p.add_argument("--sim-copy-ms", type=float, default=0.0, help="host -> device copy latency")
-    p.add_argument("--commit", default="unknown")
+    p.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     p.add_argument("--command", default="")
     a = p.parse_args()
     torch.set_grad_enabled(False)
@@ -365,13 +365,8 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(a.small)
     count = a.budget_adapters * a.working_set
-    result: dict = {
-        "benchmark": "adapters",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": a.commit,
-        "command": a.command,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
+    result: dict = {"benchmark": "adapters"} | provenance(a.command, a.commit, None, a.device)
+    result |= {
         "shape": {
             "hidden": cfg.hidden_size,
             "intermediate": cfg.intermediate_size,

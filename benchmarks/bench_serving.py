@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import itertools
 import json
 import math
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.timing import provenance
 from protos import generate_pb2, generate_pb2_grpc
 from router.local_process import free_port, wait_serving
 
@@ -289,18 +289,6 @@ def machine() -> dict:
     }
 
 
-def git_commit() -> str:
-    """HEAD of the checkout (+dirty with local edits), or "unknown" outside one (pass --commit)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        if out.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
 def compare(target_a: str, target_b: str, workload: list[Arrival], repeats: int) -> dict:
     """Runs the workload on both targets, alternating `repeats` times; pooled summaries."""
     pooled: dict[str, list[Outcome]] = {target_a: [], target_b: []}
@@ -409,9 +397,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = {
         "benchmark": "serving",
         "machine": {**machine(), "load_average_1m_before": load_before},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or git_commit(),
-        "command": shlex.join(["python", "-m", "benchmarks.bench_serving", *command]),
+    }
+    # --spawn-tiny serves from this host's CPUs; a --target's device is not known here.
+    invocation = shlex.join(["python", "-m", "benchmarks.bench_serving", *command])
+    report |= provenance(invocation, args.commit, None, "cpu" if args.spawn_tiny else None)
+    report |= {
         "load": {**asdict(load_spec), "repeats": args.repeats if args.spawn_tiny else 1},
         "pinning": asdict(_pins(args)),
         "results": results,

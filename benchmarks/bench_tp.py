@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import faulthandler
 import json
 import multiprocessing as mp
@@ -40,7 +39,7 @@ import torch
 from benchmarks.bench_textgen import submit_workload
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
 from benchmarks.peft_baseline import write_adapters
-from benchmarks.timing import git_commit, median_ms
+from benchmarks.timing import median_ms, provenance
 from benchmarks.workloads import SHAPES, Workload, decode_plan, make_workload
 from router.local_process import free_port
 from shard.config import parse_config
@@ -377,15 +376,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-tp-"))
     cuda = args.device == "cuda"
-    report: dict = {
-        "benchmark": "bench_tp",
-        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
-        if cuda
-        else "cpu",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "commit": args.commit or git_commit(),
-        "command": args.command,
-        "torch": torch.__version__,
+    gpus = torch.cuda.device_count() if cuda else None
+    report: dict = {"benchmark": "bench_tp"}
+    report |= provenance(args.command, args.commit, None, args.device, gpus)
+    report |= {
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
         "seconds": {},
     }

@@ -9,8 +9,11 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def time_graph(calls: list[Callable[[], None]], reps: int = 15) -> float:
@@ -77,21 +80,37 @@ def copy_bandwidth() -> float:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout, or "unknown" outside one (pass --commit there)."""
+    """HEAD of the checkout (+dirty with local edits), or "unknown" outside one (pass --commit)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        if out.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO).returncode != 0
     except OSError:
         return "unknown"
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def device_name(device: str, gpus: int | None = None) -> str:
+    """A torch device ("cuda", "cuda:1", "cpu") as a results file names it: a GPU by its model,
+    as "N x model" for a run over `gpus` of them."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return name if gpus is None else f"{gpus} x {name}"
 
 
 def provenance(
-    command: str, commit: str | None, bandwidth: float | None, device: str = "cuda"
+    command: str,
+    commit: str | None,
+    bandwidth: float | None,
+    device: str | None = "cuda",
+    gpus: int | None = None,
 ) -> dict[str, object]:
-    """The header of a results file: device, date, commit, command, torch, copy bandwidth (None
-    for a CPU run, which measures none)."""
+    """The header of a results file: device (see `device_name`; None where it is not known
+    here, e.g. a remote server's), date, commit, command, torch, copy bandwidth (None for a run
+    that measures none)."""
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else device,
+        "device": device_name(device, gpus) if device else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "commit": commit or git_commit(),
         "command": command,

@@ -27,6 +27,8 @@ def test_small_run_measures_loads_and_both_ttft_phases(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
+    assert (r["benchmark"], r["device"]) == ("adapters", "cpu")
+    assert r["commit"] and r["torch"] and r["date"]  # the shared header (benchmarks.timing)
     assert r["working_set_adapters"] == 16
     assert r["load"]["bytes"] > 0
     assert r["load"]["cold"]["disk_to_host_s"] > 0 and r["load"]["page_cache"]["disk_to_gpu_s"] > 0

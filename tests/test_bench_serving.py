@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +94,21 @@ def test_open_loop_run_against_a_router(fleet) -> None:
     assert duration >= workload[-1].at_s
     summary = summarize(outcomes, duration)
     assert summary["ok"] == 12 and summary["ttft_ms"]["p50"] > 0
+
+
+def test_report_against_a_target_carries_the_shared_header(fleet, tmp_path: Path) -> None:
+    out = tmp_path / "serving.json"
+    args = ["--target", fleet.router.address, "--requests", "4", "--rate", "100"]
+    args += ["--prompt-tokens", "2:4", "--output-tokens", "2:3", "--commit", "abc1234"]
+    args += ["--out", str(out)]
+    main(args)
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "serving" and report["machine"]["cores"] == os.cpu_count()
+    assert report["command"] == shlex.join(["python", "-m", "benchmarks.bench_serving", *args])
+    assert report["commit"] == "abc1234" and report["torch"] and report["date"]
+    # The client does not know a target's device, and measures no copy bandwidth.
+    assert report["device"] is None and report["copy_bandwidth_tbps"] is None
+    assert report["results"]["target"]["ok"] == 4
 
 
 @pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset (util-linux)")
