@@ -53,12 +53,11 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   const int step0 = (blockIdx.y * WK + wk) * per;
   const int step1 = min(steps, step0 + per);
 
-  // Loads of U steps form a batch: U * (NT + 2) 16-byte loads per thread. Two batches are in
-  // flight at a time: the one after next is issued as soon as a batch's MMAs have consumed its
-  // registers, so after the first batch no round trip (x, or A from L2) is waited for in series.
-  constexpr int U = NT <= 2 ? 4 : (NT <= 4 ? 2 : 1);
+  // Loads of U steps are issued together: U * (NT + 2) 16-byte loads in flight per thread.
+  constexpr int U = NT <= 2 ? 8 : (NT <= 4 ? 4 : (NT <= 8 ? 2 : 1));
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  const auto load_a = [&](uint4 (&a4)[U][NT], int first) {
+  uint4 a4[U][NT];
+  const auto load_a = [&](int first) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = (first + u) * 32;
@@ -70,13 +69,11 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
       }
     }
   };
-  uint4 a_cur[U][NT], a_next[U][NT];
   // The weights are not written by the previous kernel: start reading them before waiting, and
   // (decode tiles, whose A slice no other CTA reads) pull the rest of the slice into L2.
-  load_a(a_cur, step0);
-  load_a(a_next, step0 + U);
+  load_a(step0);
   if constexpr (WM == 1) {
-    for (int step = step0 + 2 * U; c == 0 && step < step1; ++step)
+    for (int step = step0 + U; c == 0 && step < step1; ++step)
       for (int n = g; n < rank; n += 8)
         prefetch_l2(a + static_cast<int64_t>(n) * h_in + step * 32);
   }
@@ -88,7 +85,11 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   const bool has_a = row_a < row_end, has_b = row_b < row_end;
   const T* xa = x + static_cast<int64_t>(row_a) * p.ldx + c * 8;
   const T* xb = x + static_cast<int64_t>(row_b) * p.ldx + c * 8;
-  const auto load_x = [&](uint4 (&xa4)[U], uint4 (&xb4)[U], int first) {
+
+  float acc[NT][4] = {};
+  for (int first = step0; first < step1; first += U) {
+    if (first != step0) load_a(first);
+    uint4 xa4[U], xb4[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = (first + u) * 32;
@@ -96,11 +97,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
       xa4[u] = has_a && k_ok ? __ldg(reinterpret_cast<const uint4*>(xa + k)) : zero;
       xb4[u] = has_b && k_ok ? __ldg(reinterpret_cast<const uint4*>(xb + k)) : zero;
     }
-  };
-
-  float acc[NT][4] = {};
-  const auto mma_batch = [&](const uint4 (&a4)[U][NT], const uint4 (&xa4)[U],
-                             const uint4 (&xb4)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
@@ -110,21 +106,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
           mma16816<T>(acc[j], xa4[u].z, xb4[u].z, xa4[u].w, xb4[u].w, a4[u][j].z, a4[u][j].w);
         }
       }
-    }
-  };
-  uint4 xa_cur[U], xb_cur[U], xa_next[U], xb_next[U];
-  load_x(xa_cur, xb_cur, step0);
-  load_x(xa_next, xb_next, step0 + U);
-  for (int first = step0; first < step1; first += 2 * U) {
-    mma_batch(a_cur, xa_cur, xb_cur);
-    if (first + 2 * U < step1) {
-      load_a(a_cur, first + 2 * U);
-      load_x(xa_cur, xb_cur, first + 2 * U);
-    }
-    if (first + U < step1) mma_batch(a_next, xa_next, xb_next);
-    if (first + 3 * U < step1) {
-      load_a(a_next, first + 3 * U);
-      load_x(xa_next, xb_next, first + 3 * U);
     }
   }
 
