@@ -123,14 +123,14 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// Launches kernel<<<grid, threads, smem, stream>>>(p), with programmatic dependent launch on
+// Launches kernel<<<grid, kThreads, smem, stream>>>(p), with programmatic dependent launch on
 // sm_90+ and a (1, cluster_y, 1) cluster when cluster_y > 1.
 template <typename Params>
 cudaError_t launch(void (*kernel)(Params), dim3 grid, int smem, int cluster_y, int cc_major,
-                   const Params& p, cudaStream_t stream, int threads = kThreads) {
+                   const Params& p, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
+  cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attrs[2];
@@ -213,11 +213,11 @@ inline cudaError_t device_info(int* num_sms, int* cc_major) {
   return err;
 }
 
-// CTAs of `kernel` (`threads` threads, no dynamic shared memory) that fit on one SM.
+// CTAs of `kernel` (kThreads threads, no dynamic shared memory) that fit on one SM.
 template <typename Params>
-int ctas_per_sm(void (*kernel)(Params), int threads = kThreads) {
+int ctas_per_sm(void (*kernel)(Params)) {
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
     (void)cudaGetLastError();  // a failed query is not a launch error: assume one CTA per SM
     n = 1;
   }

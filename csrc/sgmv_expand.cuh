@@ -194,10 +194,9 @@ cudaError_t launch_expand(const ExpandParams& p, int cc_major, cudaStream_t stre
 constexpr int kRowsCols = kThreads * 8;  // columns per CTA
 
 // RT rows per tile: 1 when segments have one row each (fewer registers, so more CTAs resident:
-// a distinct decode batch of 64 has 704 CTAs at 4096 -> 11008), else 4. The one-row kernel is
-// held to 96 registers (5 CTAs per SM instead of 4 at ptxas's own 125; 80 would spill).
+// a distinct decode batch of 64 has 704 CTAs at 4096 -> 11008), else 4.
 template <typename T, int RMAX, int RT>
-__global__ void __launch_bounds__(kThreads, RT == 1 ? 5 : 0) expand_rows_kernel(const ExpandParams p) {
+__global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParams p) {
   constexpr int KG = 16;  // B rows loaded per group
   __shared__ float s_v[RT][RMAX];
   __shared__ Tile s_tile;

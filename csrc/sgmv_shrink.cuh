@@ -1,7 +1,7 @@
 // SGMV shrink: v[t, :r_s] = x[t] @ A_s[layer].T for each segment s (shapes: sgmv.h).
 //
-// A CTA owns one tile of BM = 16 * WM rows of one segment and a slice of h_in; its NW warps are
-// WM along rows x WK = NW / WM along h_in. Each warp streams 16-byte chunks of x and A rows and
+// A CTA owns one tile of BM = 16 * WM rows of one segment and a slice of h_in; its 4 warps are
+// WM along rows x WK = 4 / WM along h_in. Each warp streams 16-byte chunks of x and A rows and
 // feeds them to m16n8k16 MMAs: since h_in is only summed over, the 8 elements of a chunk may fill
 // the MMA's k slots in any order as long as x and A use the same one, so no shared memory or
 // shuffles are needed. Partial sums are reduced across the WK warps in shared memory and, when
@@ -16,12 +16,9 @@
 
 namespace lorafleet::sgmv {
 
-// An 8-warp CTA is held to 128 registers a thread, so that two fit on an SM (16 warps, as four
-// 4-warp CTAs); 0 leaves the 4-warp kernels to ptxas as before (an explicit 1 costs registers).
-template <typename T, int RMAX, int WM, int NW, bool kCluster>
-__global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 0) shrink_kernel(const ShrinkParams p) {
-  constexpr int kCta = NW * 32;
-  constexpr int WK = NW / WM;
+template <typename T, int RMAX, int WM, bool kCluster>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) {
+  constexpr int WK = 4 / WM;
   constexpr int BM = 16 * WM;
   constexpr int NT = RMAX / 8;  // n-tiles of 8 rank columns
   __shared__ float s_part[WK][BM][RMAX];
@@ -129,7 +126,7 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 0) shrink_kernel(const 
   const int cols = min(rank, p.v_cols);
   const int count = BM * cols;
   if constexpr (WK > 1) {
-    for (int e = threadIdx.x; e < count; e += kCta) {
+    for (int e = threadIdx.x; e < count; e += kThreads) {
       const int r = e / cols, col = e % cols;
       float sum = 0.f;
 #pragma unroll
@@ -139,13 +136,13 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 0) shrink_kernel(const 
   }
 
   T* v = static_cast<T*>(p.v) + static_cast<int64_t>(blockIdx.z) * p.v_cols;
-  int first = threadIdx.x, stride = kCta;
+  int first = threadIdx.x, stride = kThreads;
   if constexpr (kCluster) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
-    first += blockIdx.y * kCta;
+    first += blockIdx.y * kThreads;
     stride *= gridDim.y;
     for (int e = first; e < count; e += stride) {
       const int r = e / cols, col = e % cols;
@@ -170,24 +167,23 @@ __global__ void __launch_bounds__(NW * 32, NW == 8 ? 2 : 0) shrink_kernel(const 
 }
 
 
-template <typename T, int RMAX, int WM, int NW>
+template <typename T, int RMAX, int WM>
 cudaError_t launch_shrink(const ShrinkParams& p, int num_sms, int cc_major, cudaStream_t stream) {
-  constexpr int WK = NW / WM;
+  constexpr int WK = 4 / WM;
   const int tiles = max_tiles(p.num_rows, p.num_segments, 16 * WM) * p.num_proj;
   // Split h_in over a cluster while the grid stays within one wave of resident CTAs (at most 3
   // per SM), keeping >= 2 steps of 32 per warp. A second wave doubles a decode shrink's time
   // (v3: B=64 took 2x B=32), so the split stops short of it.
   int ck = 1;
   if (cc_major >= 9) {
-    static const int per_sm = ctas_per_sm(shrink_kernel<T, RMAX, WM, NW, true>, NW * 32);
+    static const int per_sm = ctas_per_sm(shrink_kernel<T, RMAX, WM, true>);
     const int wave = num_sms * min(per_sm, 3);
     const int steps = (p.h_in + 31) / 32;
     while (ck < 8 && tiles * ck * 2 <= wave && steps >= 4 * ck * WK) ck *= 2;
   }
   const dim3 grid(tiles / p.num_proj, ck, p.num_proj);
-  if (ck == 1)
-    return launch(shrink_kernel<T, RMAX, WM, NW, false>, grid, 0, 1, cc_major, p, stream, NW * 32);
-  return launch(shrink_kernel<T, RMAX, WM, NW, true>, grid, 0, ck, cc_major, p, stream, NW * 32);
+  if (ck == 1) return launch(shrink_kernel<T, RMAX, WM, false>, grid, 0, 1, cc_major, p, stream);
+  return launch(shrink_kernel<T, RMAX, WM, true>, grid, 0, ck, cc_major, p, stream);
 }
 
 }  // namespace lorafleet::sgmv
@@ -203,13 +199,8 @@ cudaError_t sgmv_shrink(const ShrinkParams& p, cudaStream_t stream) {
   // Tiles of 64 rows reuse A over 4 warps; worth it only with enough tiles to fill the GPU.
   const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
   if (rows_per_segment > 16 && sgmv::max_tiles(p.num_rows, p.num_segments, 64) >= num_sms)
-    return sgmv::launch_shrink<T, RMAX, 4, 4>(p, num_sms, cc_major, stream);
-  // Decode tiles: 8 warps split h_in, so a slice is read in one batch of loads per warp with
-  // twice the warps per SM (the register file caps a 4-warp CTA at 4 per SM) and the split
-  // needs half the cluster. Ranks above 32 would need 64 KB of partial sums: 4 warps there.
-  if constexpr (RMAX <= 32)
-    return sgmv::launch_shrink<T, RMAX, 1, 8>(p, num_sms, cc_major, stream);
-  return sgmv::launch_shrink<T, RMAX, 1, 4>(p, num_sms, cc_major, stream);
+    return sgmv::launch_shrink<T, RMAX, 4>(p, num_sms, cc_major, stream);
+  return sgmv::launch_shrink<T, RMAX, 1>(p, num_sms, cc_major, stream);
 }
 
 }  // namespace lorafleet
