@@ -42,6 +42,7 @@ from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import median_ms, provenance
 from benchmarks.workloads import SHAPES, Workload, decode_plan, make_workload
 from router.local_process import free_port
+from shard.adapter_tiers import Resident
 from shard.config import parse_config
 
 SHAPE_70B = {
@@ -124,12 +125,22 @@ def sync(device: torch.device) -> None:
 
 def leader_forward_ms(leader, work: Workload, context: int) -> float:
     """Median time of one decode step through rank 0's Leader.forward (plan broadcast to the
-    followers + forward, graph replay when captured)."""
+    followers + forward, graph replay when captured). Its rows name the adapter versions rank 0
+    claims as the engine does (`id@version`, held by every follower), released afterwards."""
+    cache = leader.state.adapters
+    deadline = time.monotonic() + 120
+    claimed = {a: cache.wait_resident(a, deadline, claim=True) for a in set(work.adapters) if a}
+    failed = {a: s for a, s in claimed.items() if not isinstance(s, Resident)}
+    if failed:
+        raise RuntimeError(f"adapters not resident for the timed forward: {failed}")
+    keys = [claimed[a].key if a else "" for a in work.adapters]
     kv = leader.state.kv
-    plan, pages = decode_plan(kv, work.adapters, context)
+    plan, pages = decode_plan(kv, keys, context)
     try:
         return median_ms(partial(leader.forward, plan), leader.state.runner.device, reps=30)
     finally:
+        for state in claimed.values():
+            cache.release(state.key)
         kv.pool.release(pages)
 
 

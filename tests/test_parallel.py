@@ -68,6 +68,19 @@ def test_tp2_mixed_adapters_match_peft(tiny, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_bench_tp_times_a_tp2_forward_on_held_versions(tmp_path: Path) -> None:
+    """bench_tp's timed forward at TP=2 (gloo, tiny shape) names the adapter versions rank 0
+    claimed, which every follower holds: a plan with bare ids made the follower stop."""
+    from benchmarks.bench_tp import main
+
+    out = tmp_path / "tp.json"
+    report = main(["--device", "cpu", "--parts", "decode", "--tps", "2", "--out", str(out)])
+    (run,) = report["decode"]
+    assert "error" not in run, run
+    assert run["tp"] == 2 and run["forward_ms"] > 0 and run["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
 def test_lora_adds_no_collective(tmp_path: Path) -> None:
     """TP=2 stack (gloo): LoRA on all seven projections changes the logits, yet every decoder
     layer makes exactly the base layer's two all-reduces (o_proj and down_proj)."""
