@@ -91,6 +91,9 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         max_context,
         cfg.max_queue,
     )
+    if (graphs := state.runner.decode_graphs) is not None:
+        # Read at scrape time: captures on first use happen on the engine thread.
+        engine.metrics.decode_graphs.set_function(lambda: graphs.captured)
     service = ShardService(
         engine, state.adapters, state.tokenizer, model_cfg, cfg.shard_id, group.size, max_context
     )

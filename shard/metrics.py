@@ -16,6 +16,8 @@
 - `lorafleet_shard_adapter_queue_seconds{adapter}` summary: arrival to admission, by adapter.
 - `lorafleet_shard_adapter_evictions_total{tier}` counter: adapters dropped to make room.
 - `lorafleet_shard_adapter_bytes{tier}` gauge: bytes of adapters held in `gpu` and `host` memory.
+- `lorafleet_shard_decode_graphs` gauge: decode CUDA graphs captured (at start by
+  `--graph-warmup`, then on first use of a shape that was not warmed).
 """
 
 from __future__ import annotations
@@ -96,6 +98,9 @@ class ShardMetrics:
         )
         self.adapter_bytes = Gauge(
             "lorafleet_shard_adapter_bytes", "adapter bytes held", ["tier"], registry=r
+        )
+        self.decode_graphs = Gauge(
+            "lorafleet_shard_decode_graphs", "decode CUDA graphs captured", registry=r
         )
 
     def token_generated(self, adapter_id: str) -> None:

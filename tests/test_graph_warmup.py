@@ -186,6 +186,8 @@ def test_gpu_warmed_graphs_replay_without_capture_and_equal_eager(gpu_tiny) -> N
     finally:
         engine.stop()
     assert graphs.captured == len(expected) + 1  # rank class 64: captured on first use
+    exported = engine.metrics.registry.get_sample_value("lorafleet_shard_decode_graphs")
+    assert exported == len(expected) + 1
     assert graphs._shapes[GraphKey(1, 64, 8)].graph is not None
     eager_engine, eager_runner = gpu_engine(gpu_tiny, "--cuda-graphs", "off")
     assert eager_runner.decode_graphs is None
