@@ -14,8 +14,6 @@ from shard.__main__ import build_engine
 from shard.config import ShardConfig, parse_config
 from shard.decode_graphs import DecodeGraphs, GraphKey, width_classes
 from shard.engine import Engine
-from shard.kv_cache import KvCache
-from shard.llama import LlamaForCausalLM
 from shard.memory_plan import decode_graph_bytes
 from shard.model_config import load_model_config
 from shard.model_runner import ModelRunner
@@ -60,21 +58,12 @@ def test_flag_rejects_what_is_not_a_rank_class(tiny, value: str, capsys) -> None
     )
 
 
-class CpuGraphs(DecodeGraphs):
-    """DecodeGraphs on the CPU whatever device it is given: the start-up path builds the padded
-    shapes of its warm-up, without graphs."""
-
-    def __init__(
-        self,
-        model: LlamaForCausalLM,
-        kv: KvCache,
-        max_batch: int,
-        max_pages: int,
-        device: torch.device,
-        use_graphs: bool,
-    ) -> None:
-        assert device.type == "cuda" and use_graphs
-        super().__init__(model, kv, max_batch, max_pages, torch.device("cpu"), use_graphs)
+def cpu_graphs(*args: object, use_graphs: bool) -> DecodeGraphs:
+    """Stands in for DecodeGraphs in shard.rank: what it builds for a CUDA device, built on the
+    CPU (padded shapes of the warm-up, no graphs)."""
+    *rest, device = args
+    assert isinstance(device, torch.device) and device.type == "cuda" and use_graphs
+    return DecodeGraphs(*rest, torch.device("cpu"), use_graphs=use_graphs)
 
 
 def startup_graphs(tiny, monkeypatch, *flags: str) -> tuple[Engine, ModelRunner, DecodeGraphs]:
@@ -83,7 +72,7 @@ def startup_graphs(tiny, monkeypatch, *flags: str) -> tuple[Engine, ModelRunner,
     cfg = config(tiny, "--device", "cpu", "--page-size", "4", "--max-batch-size", "8", *flags)
     engine, _, leader = build_engine(cfg, SINGLE)
     state = leader.state
-    monkeypatch.setattr(rank, "DecodeGraphs", CpuGraphs)
+    monkeypatch.setattr(rank, "DecodeGraphs", cpu_graphs)
     max_context = state.model_cfg.max_position_embeddings
     graphs = rank.build_decode_graphs(
         cfg, state.runner.model, state.kv, torch.device("cuda", 0), max_context
