@@ -291,6 +291,10 @@ class DecodeGraphs:
         self._shapes: dict[GraphKey, PaddedDecode] = {}
         self._captured = 0
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # One stream for every capture's warm-up run: torch caches a cuBLAS workspace per stream
+        # for good, so a fresh stream per capture kept one more workspace per graph.
+        self._warm_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self.warm_up_bytes = 0  # device memory the start-up warm-up took (CUDA)
 
     def key(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> GraphKey | None:
         """The padded shape of a decode-only plan, or None when it must run eagerly."""
@@ -337,7 +341,8 @@ class DecodeGraphs:
     def _capture(self, shape: PaddedDecode) -> None:
         # Warm up on a side stream first (lazy initialisation must not land in the graph); the
         # inputs hold the current step, and the warm-up's KV writes are rewritten identically.
-        side = torch.cuda.Stream(self.device)
+        side = self._warm_stream
+        assert side is not None
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._forward(shape)
@@ -370,6 +375,7 @@ class DecodeGraphs:
         if self.use_graphs:
             torch.cuda.synchronize(self.device)
             reserved = torch.cuda.memory_reserved(self.device) - reserved
+            self.warm_up_bytes = reserved
         log.info(
             "decode graphs captured at start",
             graphs=self.captured,
