@@ -165,9 +165,9 @@ def test_gpu_warmed_graphs_replay_without_capture_and_equal_eager(gpu_tiny) -> N
     assert graphs is not None
     expected = keys((1, 2, 4, 8), (0, 16), (8, 16))
     assert set(graphs._shapes) == expected and graphs.captured == len(expected)
-    # Each graph keeps its tiny logits and page tables; a cuBLAS workspace per graph (a fresh
-    # warm-up stream per capture) took about 18 MiB each.
-    assert graphs.warm_up_bytes < 4 * 2**20 * len(expected), graphs.warm_up_bytes
+    # Measured on an H200: 4.25 MiB a graph run alone (less after other tests), where a fresh
+    # warm-up stream per capture (a cuBLAS workspace kept per stream) took about 18 MiB.
+    assert graphs.warm_up_bytes < 8 * 2**20 * len(expected), graphs.warm_up_bytes
     captured = {key: shape.graph for key, shape in graphs._shapes.items()}
     engine.start()
     try:
