@@ -89,6 +89,12 @@ def activation_peak(
     return peak + lora
 
 
+# What a captured decode graph holds beyond its logits and page tables, as measured (not broken
+# down further): 68 MiB for the 16 graphs of the tiny model on an H200, whose logits and tables
+# are a few KiB each (tests/test_graph_warmup.py's GPU test).
+GRAPH_OVERHEAD_BYTES = 4 * 2**20
+
+
 def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Device memory the decode graphs of `--graph-warmup` hold, when the KV pool is planned on
     CUDA with graphs on; else 0. An upper bound: widths up to the longest context, though the
@@ -98,8 +104,8 @@ def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dt
     [batch, vocab]; its other tensors die with its capture and serve the next graphs, so beyond
     the kept logits the pool holds the first capture's transient, mostly its logits in `dtype`
     and their float32 copy. Each shape also keeps static inputs, mostly its int32 page tables
-    [batch, width]. Shapes captured later, on first use, come out of the headroom that
-    --kv-memory-fraction leaves."""
+    [batch, width]. Beyond those, each graph took GRAPH_OVERHEAD_BYTES in a measurement. Shapes
+    captured later, on first use, come out of the headroom that --kv-memory-fraction leaves."""
     if cfg.device != "cuda" or not cfg.cuda_graphs or cfg.kv_pages is not None:
         return 0
     widths = width_classes(pages_for(model_cfg.max_position_embeddings, cfg.page_size))
@@ -110,7 +116,7 @@ def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dt
     kept = sum(k.batch for k in keys) * vocab * 4
     transient = max(k.batch for k in keys) * vocab * (dtype.itemsize + 4)
     tables = sum(k.batch * k.width for k in keys) * 4
-    total = kept + transient + tables
+    total = kept + transient + tables + len(keys) * GRAPH_OVERHEAD_BYTES
     log.info("decode graph memory reserved", graphs=len(keys), mib=round(total / 2**20, 1))
     return total
 
