@@ -186,7 +186,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             call = handle.shard.Generate(shard_request, timeout=context.time_remaining())
             try:
                 async for message in call:
-                    reservation.release()
+                    reservation.answered()
                     if message.HasField("migration"):
                         return self._on_migration(handle, message.migration, progress)
                     if await self._forward(message.chunk, context, progress):

@@ -3,11 +3,13 @@
 A shard is eligible for placement while its health says SERVING and its load stream delivers
 fresh snapshots. The router adds what it dispatched to the last snapshot (optimistic accounting),
 so a burst is spread by the policy instead of landing on one shard. Each dispatched request counts
-until the shard answers it (its first message, or the end of the call): by then the shard has
-admitted it and its own snapshots include it, or until a snapshot shows the shard's batch plus
-queue grown by as many requests (oldest reservations first), whichever comes first. Snapshots race
-dispatches, so simply trusting the next one would forget requests still in flight, and counting
-until the first message would count each request twice for a while.
+until the first snapshot received after the shard answered it (its first message: the shard has
+admitted it, so that snapshot includes it), until its call ends, or until a snapshot shows the
+shard's batch plus queue grown by as many requests (oldest reservations first), whichever comes
+first. Snapshots race dispatches and answers (they come on another stream, at most every 20 ms):
+trusting the next snapshot alone would forget requests still in flight, and dropping a request at
+its first message would forget it until a snapshot shows it, so that a burst on a slow machine
+could land one request too many on a shard.
 """
 
 from __future__ import annotations
@@ -62,8 +64,12 @@ class Reservation:
     def __init__(self, handle: ShardHandle):
         self.handle = handle
 
+    def answered(self) -> None:
+        """The shard sent its first message: its next snapshot includes the request."""
+        self.handle.answered(self)
+
     def release(self) -> None:
-        """The shard answered (or the call ended): its snapshots take over."""
+        """The call ended: the shard's snapshots take over."""
         self.handle.release(self)
 
 
@@ -90,6 +96,7 @@ class ShardHandle:
         self._serving = False
         self._load: ShardLoad | None = None
         self._pending: dict[Reservation, int] = {}
+        self._answered: set[Reservation] = set()  # pending, and admitted by the shard
         self._received_at = 0.0
         self._active_calls = 0
         self._removed = False
@@ -144,8 +151,14 @@ class ShardHandle:
         self._pending[reservation] = demand.pages(page_size)
         return reservation
 
+    def answered(self, reservation: Reservation) -> None:
+        """The shard admitted a dispatched request: it counts until the next snapshot."""
+        if reservation in self._pending:
+            self._answered.add(reservation)
+
     def release(self, reservation: Reservation) -> None:
         """Stops counting a dispatched request (the shard now reports it itself)."""
+        self._answered.discard(reservation)
         if self._pending.pop(reservation, None) is not None:
             self._on_change()
 
@@ -216,6 +229,12 @@ class ShardHandle:
         first = self._load is None
         load = load_from_proto(snapshot, self.address)
         grown = load.occupancy - (0 if first else self._load.occupancy)
+        # Answered requests are in this snapshot and account for part of its growth; the rest
+        # of the growth takes over the oldest reservations.
+        for reservation in self._answered:
+            del self._pending[reservation]
+        grown -= len(self._answered)
+        self._answered.clear()
         for reservation in list(self._pending)[: max(0, grown)]:
             del self._pending[reservation]
         self._load = load

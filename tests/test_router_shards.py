@@ -92,6 +92,24 @@ async def scenario(monkeypatch: pytest.MonkeyPatch) -> None:
     reservation.release()  # already taken over: no double count, no change fired
     assert running() == 3
 
+    # The shard's first answer beats the snapshot that shows the request (snapshots come on
+    # another stream): the request still counts until a snapshot after the answer, which also
+    # accounts for it before any older reservation still on its way.
+    handle = table.get(address)
+    older = handle.reserve(Demand("a", context_tokens=40))
+    answered = handle.reserve(Demand("a", context_tokens=40))
+    answered.answered()
+    assert running() == 5
+    await feed.snapshots.put(snapshot(4, free=84))
+    await until(lambda: gauge("shard_running", shard=address) == 4, "the snapshot after it")
+    assert running() == 5  # 4 reported (the answered one among them) + the older one
+    answered.release()
+    assert running() == 5
+    older.release()  # its call ended before any snapshot showed it
+    assert running() == 4
+    await feed.snapshots.put(snapshot(3, free=87))
+    await until(lambda: running() == 3, "the shard back at 3")
+
     await health.set("", NOT_SERVING)
     await until(lambda: not table.loads(), "NOT_SERVING to take the shard out")
     assert gauge("shards") == 0
