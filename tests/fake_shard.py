@@ -140,6 +140,7 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
             self.resident.add(req.adapter_id)
         await self.notify()
         sent = 0
+        ended = False  # the stream's last message is on its way
         try:
             for position in range(len(resumed), total):
                 if script["migrate"] == sent or script["drain"] == sent or self.draining:
@@ -148,6 +149,7 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
                         if script["migrate"] == sent
                         else shard_pb2.MIGRATION_REASON_DRAINING
                     )
+                    ended = True
                     yield shard_pb2.ShardGenerateResponse(
                         migration=shard_pb2.Migration(
                             reason=reason, generated_token_ids=tokens[:position]
@@ -167,14 +169,19 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
                     chunk.usage.prompt_tokens = len(prompt.split())
                     chunk.usage.generated_tokens = total
                     chunk.usage.migrations = request.resume.migrations
+                ended = last
                 yield shard_pb2.ShardGenerateResponse(chunk=chunk)
                 sent += 1
                 self.pages[key] = math.ceil(
                     (len(prompt.encode()) + position + 2) / self.args.page_size
                 )
             emit("done", shard=self.shard_id, request_id=key)
-        except asyncio.CancelledError:
-            emit("cancelled", shard=self.shard_id, request_id=key, sent=sent)
+        except (asyncio.CancelledError, GeneratorExit):
+            # A call that ends while the handler waits between tokens cancels it; one that ends
+            # while it is suspended at a yield closes the generator instead (GeneratorExit). After
+            # the last message either is just the caller hanging up, not a cancellation.
+            if not ended:
+                emit("cancelled", shard=self.shard_id, request_id=key, sent=sent)
             raise
         finally:
             self.pages.pop(key, None)
