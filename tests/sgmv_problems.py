@@ -4,6 +4,7 @@ and the tolerances the CUDA ops are held to (tests/test_sgmv.py, tests/test_sgmv
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -176,3 +177,21 @@ def expand_input(p: Problem, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         v[lo:hi, int(p.ranks[s]) :] = float("nan")
     y = torch.randn(p.x.shape[0], p.h_out, generator=gen)
     return v.to(p.x.dtype), y.to(p.x.dtype)
+
+
+def replay_equals_eager(step: Callable[[], None], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Captures `step` (which reads x and accumulates into y) in a CUDA graph after one eager
+    warm-up (the lazy build stays outside the capture), replays it on fresh x and checks that the
+    same step run eagerly gives y bit for bit; returns the replayed y."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    x.copy_(torch.randn_like(x))
+    y.zero_()
+    graph.replay()
+    replayed = y.clone()
+    y.zero_()
+    step()
+    torch.testing.assert_close(replayed, y, rtol=0, atol=0)
+    return replayed
