@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from shard.adapter_loader import AdapterError, AdapterErrorKind, carve
-from shard.adapter_tiers import HostCopy, Resident
+from shard.adapter_tiers import HostCopy, Resident, evict_until_fits
 
 
 class DeviceTier:
@@ -36,13 +36,9 @@ class DeviceTier:
         `fits(nbytes)` afterwards (a partial eviction is harmless: those entries were idle)."""
         idle = [k for k, r in self.resident.items() if evictable(k, r)]
         idle.sort(key=wanted)  # stable: LRU order within each group
-        used = self.used_bytes
-        evicted = []
-        for key in idle:
-            if used + nbytes <= self.budget_bytes:
-                break
-            used -= self.resident.pop(key).flat.numel()
-            evicted.append(key)
+        evicted, _ = evict_until_fits(
+            self.resident, idle, self.used_bytes, nbytes, self.budget_bytes
+        )
         return evicted
 
     def fits(self, nbytes: int) -> bool:

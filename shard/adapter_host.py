@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from shard.adapter_loader import AdapterError, AdapterErrorKind, AdapterWeights, pack, packed_size
-from shard.adapter_tiers import HostCopy
+from shard.adapter_tiers import HostCopy, evict_until_fits
 
 
 class HostTier:
@@ -79,13 +79,10 @@ class HostTier:
         """Evicts unprotected copies, least recently used first, until `nbytes` fit, and
         reserves them; False when they do not fit yet (a partial eviction is harmless: those
         copies were not protected)."""
+        idle = [key for key in self.copies if not self._protected(key)]
         used = self.used_bytes + self.reserved
-        for key in list(self.copies):
-            if used + nbytes <= self.budget_bytes:
-                break
-            if self._protected(key):
-                continue
-            used -= self.copies.pop(key).flat.numel()
+        evicted, used = evict_until_fits(self.copies, idle, used, nbytes, self.budget_bytes)
+        for key in evicted:
             self._evicted(key)
         if used + nbytes > self.budget_bytes:
             return False

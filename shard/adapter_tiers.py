@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +37,24 @@ class Resident:
     # Copied for a waiting request that has not claimed it yet: spared by eviction while that
     # request still waits, or copies for different waiting requests would evict each other.
     fresh: bool = True
+
+
+Tiered = TypeVar("Tiered", HostCopy, Resident)
+
+
+def evict_until_fits(
+    entries: OrderedDict[str, Tiered], victims: Iterable[str], used: int, nbytes: int, budget: int
+) -> tuple[list[str], int]:
+    """Pops `victims` (keys of `entries`, in eviction order) until `nbytes` more fit beside
+    `used` bytes under `budget`. Returns the evicted keys and the bytes then used; `nbytes` fit
+    iff used + nbytes <= budget (a partial eviction is harmless: victims were idle)."""
+    evicted = []
+    for key in victims:
+        if used + nbytes <= budget:
+            break
+        used -= entries.pop(key).flat.numel()
+        evicted.append(key)
+    return evicted, used
 
 
 @dataclass(frozen=True, slots=True)
