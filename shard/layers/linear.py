@@ -33,7 +33,6 @@ class MergedColumnLinear(nn.Module):
         if group_key(modules) not in GROUP_KEYS:
             raise ValueError(f"{list(modules)} is not a LoRA projection group")
         self.layer_idx = layer_idx
-        self.group = at.group
         self.slices: dict[str, slice] = {}
         start = 0
         for name, width in modules.items():
