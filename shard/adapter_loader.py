@@ -14,7 +14,7 @@ import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -78,6 +78,13 @@ class AdapterWeights:
     scale: float
     a: dict[str, torch.Tensor]  # module -> [L, r, in_local]
     b: dict[str, torch.Tensor]  # module -> [L, r, out_local]
+    # (key, lowest A address): which version and where its weights sit, what a decode step's
+    # LoRA tables depend on (shard.decode_graphs.lora_signature reads it every step).
+    placement: tuple[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        first = min((t.data_ptr() for t in self.a.values()), default=0)
+        object.__setattr__(self, "placement", (self.key, first))
 
     @property
     def key(self) -> str:

@@ -122,11 +122,7 @@ def _join(prefix: str, name: str) -> str:
 def lora_signature(starts: list[int], weights: list[AdapterWeights | None]) -> tuple:
     """What a step's LoRA tables depend on: the segment starts and, per segment, the adapter
     version and where its weights sit (they are carved from one device buffer per residency)."""
-    where = tuple(
-        None if w is None else (w.key, min((t.data_ptr() for t in w.a.values()), default=0))
-        for w in weights
-    )
-    return tuple(starts), where
+    return tuple(starts), tuple(None if w is None else w.placement for w in weights)
 
 
 class StagingArena:
