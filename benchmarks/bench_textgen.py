@@ -28,14 +28,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.peft_baseline import peft_results, write_adapters
-from benchmarks.timing import copy_bandwidth, median_ms, provenance
+from benchmarks.timing import copy_bandwidth, provenance
 from benchmarks.workloads import (
     POPULARITY,
     SHAPES,
     Lengths,
     Result,
     Workload,
-    decode_plan,
+    decode_step_ms,
     format_row,
     make_workload,
 )
@@ -121,11 +121,7 @@ def decode_forward_ms(state: RankState, work: Workload, context: int) -> float:
     for adapter in {a for a in work.adapters if a}:  # resident again if a later run evicted it
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
-    plan, pages = decode_plan(kv, work.adapters, context)
-    try:
-        return median_ms(lambda: runner.forward(plan), runner.device)
-    finally:
-        kv.pool.release(pages)
+    return decode_step_ms(kv, runner.forward, runner.device, work.adapters, context)
 
 
 def hbm_floor_ms(state: RankState, work: Workload, context: int, bandwidth: float) -> float:

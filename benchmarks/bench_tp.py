@@ -40,7 +40,7 @@ from benchmarks.bench_textgen import submit_workload
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import median_ms, provenance
-from benchmarks.workloads import SHAPES, Workload, decode_plan, make_workload
+from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms, make_workload
 from router.local_process import free_port
 from shard.adapter_tiers import Resident
 from shard.config import parse_config
@@ -134,14 +134,12 @@ def leader_forward_ms(leader, work: Workload, context: int) -> float:
     if failed:
         raise RuntimeError(f"adapters not resident for the timed forward: {failed}")
     keys = [claimed[a].key if a else "" for a in work.adapters]
-    kv = leader.state.kv
-    plan, pages = decode_plan(kv, keys, context)
+    device = leader.state.runner.device
     try:
-        return median_ms(partial(leader.forward, plan), leader.state.runner.device, reps=30)
+        return decode_step_ms(leader.state.kv, leader.forward, device, keys, context, reps=30)
     finally:
         for state in claimed.values():
             cache.release(state.key)
-        kv.pool.release(pages)
 
 
 # torch.distributed calls counted: every collective shard.parallel can make.

@@ -28,8 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_textgen import hbm_floor_ms, write_model_dir
 from benchmarks.peft_baseline import write_adapters
-from benchmarks.timing import copy_bandwidth, median_ms, provenance
-from benchmarks.workloads import SHAPES, Workload, decode_plan
+from benchmarks.timing import copy_bandwidth, provenance
+from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms
 from shard import fusion
 from shard.__main__ import build_engine
 from shard.config import parse_config
@@ -110,11 +110,7 @@ def graph_ms(state: RankState, adapters: list[str], context: int) -> float:
         runner.decode_graphs = DecodeGraphs(
             runner.model, state.kv, old.max_batch, old.max_pages, runner.device, use_graphs=True
         )
-    plan, pages = decode_plan(state.kv, adapters, context)
-    try:
-        return median_ms(lambda: runner.forward(plan), runner.device)
-    finally:
-        state.kv.pool.release(pages)
+    return decode_step_ms(state.kv, runner.forward, runner.device, adapters, context)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,9 +4,13 @@ workloads, and the result rows every system reports."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from benchmarks.bench_sgmv import adapters_of_rows
+from benchmarks.timing import median_ms
 from shard.kv_cache import KvCache, pages_for
 from shard.step_plan import StepPlan
 
@@ -116,3 +120,20 @@ def decode_plan(kv: KvCache, adapters: list[str], context: int) -> tuple[StepPla
         adapters=tuple(sorted({a for a in rows if a})),
     )
     return plan, pages
+
+
+def decode_step_ms(
+    kv: KvCache,
+    forward: Callable[[StepPlan], object],
+    device: torch.device,
+    adapters: list[str],
+    context: int,
+    reps: int = 20,
+) -> float:
+    """Median time of `forward` on one decode step of `adapters`' rows at `context` tokens each
+    (see `decode_plan`); CUDA events on a GPU. The plan's pages go back to the pool."""
+    plan, pages = decode_plan(kv, adapters, context)
+    try:
+        return median_ms(lambda: forward(plan), device, reps)
+    finally:
+        kv.pool.release(pages)
