@@ -308,8 +308,12 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
   // Decode with small ranks (about one row per adapter): CUDA cores. Larger ranks would load B in
-  // several sequential groups per thread, so they take the MMA path.
-  if (rows_per_segment <= 2 && RMAX <= 32) {
+  // several sequential groups per thread, so they take the MMA path. LORAFLEET_EXPAND_ROWS_MAX=n
+  // sends segments of up to n rows on average there too (default 2), to measure the two paths
+  // against each other on more rows per segment.
+  static const char* rows_env = std::getenv("LORAFLEET_EXPAND_ROWS_MAX");
+  static const int rows_max = rows_env != nullptr ? std::atoi(rows_env) : 2;
+  if (rows_per_segment <= rows_max && RMAX <= 32) {
     const int chunks = sgmv::num_chunks(p, sgmv::kRowsCols);
     if (rows_per_segment == 1) {
       const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, 1), chunks);

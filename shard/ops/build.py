@@ -7,6 +7,7 @@ process; the build directory caches objects across processes.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,19 @@ GENCODE = (
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90a,code=sm_90a",
 )
-CUDA_FLAGS = ("-O3", "-std=c++17", "--threads=2", "-lineinfo", *GENCODE)
+CUDA_FLAGS = ("-O3", "-std=c++17", "--threads=2", "-lineinfo")
+# LORAFLEET_SM80=1 makes the kernels take their sm_80 launch paths (csrc/sgmv_common.cuh). The
+# build then holds only compute_80 PTX, which the driver compiles for the GPU at hand: a Hopper
+# GPU runs the device code written for sm_80 (__CUDA_ARCH__ == 800), the one way to run it
+# where no Ampere GPU is lent. It builds under its own name, so both builds stay cached.
+SM80_PTX = ("-gencode=arch=compute_80,code=compute_80",)
+
+
+def build_target() -> tuple[str, tuple[str, ...]]:
+    """(extension name, nvcc flags) of the build this process loads."""
+    if os.environ.get("LORAFLEET_SM80"):
+        return f"{NAME}_sm80_ptx", (*CUDA_FLAGS, *SM80_PTX)
+    return NAME, (*CUDA_FLAGS, *GENCODE)
 
 
 @functools.cache
@@ -34,18 +47,19 @@ def load_extension(verbose: bool = False) -> None:
     if not torch.cuda.is_available():
         raise RuntimeError("the lorafleet CUDA kernels need a CUDA build of torch and a GPU")
     sources = [str(CSRC / s) for s in SOURCES]
-    log.info("kernels.build.start", name=NAME, sources=list(SOURCES))
+    name, cuda_flags = build_target()
+    log.info("kernels.build.start", name=name, sources=list(SOURCES))
     start = time.perf_counter()
     load(
-        name=NAME,
+        name=name,
         sources=sources,
         extra_cflags=["-O3"],
-        extra_cuda_cflags=list(CUDA_FLAGS),
+        extra_cuda_cflags=list(cuda_flags),
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=verbose,
     )
-    log.info("kernels.build.done", name=NAME, seconds=round(time.perf_counter() - start, 1))
+    log.info("kernels.build.done", name=name, seconds=round(time.perf_counter() - start, 1))
 
 
 def ops():  # the torch.ops.lorafleet namespace, once the extension is loaded
