@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peft-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=("on", "off"), default="on")
+    parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas")
     parser.add_argument("--command", default="python -m benchmarks.bench_textgen")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     args = parser.parse_args(argv)
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv += ["--dtype", "bfloat16" if cuda else "float32", "--load-format", "dummy"]
     argv += ["--max-batch-size", str(max(batches)), "--adapter-memory-mb", "8192"]
     argv += ["--max-prefill-tokens", "8192", "--kv-memory-fraction", "0.9"]
-    argv += ["--compile", args.compile]
+    argv += ["--compile", args.compile, "--blas", args.blas]
     engine, _, leader = build_engine(parse_config(argv, env={}), SINGLE)
     state = leader.state
     engine.start()
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": shape,
         "adapter_rank": 16,
         "compile": args.compile,
+        "blas": args.blas,
         "adapters": args.adapters,
         "lengths": {"prompt": [p_lo, p_hi], "output": [o_lo, o_hi]},
         "kv_pages": state.kv.pool.total,

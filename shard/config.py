@@ -12,6 +12,7 @@ from pathlib import Path
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 BASE_MISMATCH_MODES = ("warn", "error")
+BLAS = ("cublas", "cublaslt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,7 @@ class ShardConfig:
     # captured at start, every batch bucket and page-table width; (): all on first use
     load_format: str  # "safetensors", or "dummy": seeded random weights (benchmarks)
     compile: bool  # torch.compile the elementwise chains (CUDA only)
+    blas: str  # "cublas" or "cublaslt": the library of torch's matmuls (CUDA only)
 
 
 def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
@@ -123,6 +125,7 @@ def parse_config(
     )
     add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
     add("--compile", "COMPILE", "on", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
+    add("--blas", "BLAS", "cublas", "library of the base-model matmuls (CUDA)", choices=BLAS)
     a = p.parse_args(argv)
 
     if not a.model or not a.adapters:
@@ -184,4 +187,5 @@ def parse_config(
         graph_warmup=graph_warmup,
         load_format=a.load_format,
         compile=a.compile == "on",
+        blas=a.blas,
     )

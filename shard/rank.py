@@ -61,6 +61,9 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     device = rank_device(cfg, group)
     dtype = getattr(torch, cfg.dtype)
     fusion.set_enabled(cfg.compile)
+    if device.type == "cuda":
+        # Process-wide: every rank of a process serves the same model with the same flags.
+        torch.backends.cuda.preferred_blas_library(cfg.blas)
     model_cfg = load_model_config(cfg.model)
     model = build_model(model_cfg, cfg.model, group, dtype, device, cfg.load_format)
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
