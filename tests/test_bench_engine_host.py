@@ -1,0 +1,33 @@
+"""bench_engine_host end to end on a short run: every phase measured, the JSON header written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.processes import REPO
+
+
+def test_short_run_times_every_phase(tmp_path: Path) -> None:
+    out = tmp_path / "engine_host.json"
+    args = ["--batches", "1,4", "--steps", "10", "--warmup", "3", "--vocab", "600"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_engine_host", *args, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert (r["benchmark"], r["device"]) == ("engine_host", "cpu")
+    assert r["commit"] and r["date"] and r["command"]
+    assert r["vocab"] == 600
+    assert set(r["host_ms_per_step"]) == {"1", "4"}
+    for row in r["host_ms_per_step"].values():
+        for phase in ("schedule", "plan", "sample", "publish", "detokenize"):
+            assert row[phase] > 0, phase
+        assert 0 < row["detokenize"] <= row["advance"]  # the per-sequence loop holds it
+        assert row["total"] > row["sample"]
