@@ -81,7 +81,9 @@ class TextStream:
         if self._stopped:
             return StreamDelta("", True)
         # One token at a time, so the result does not depend on how tokens were grouped.
-        released = "".join(self._release(token_id) for token_id in token_ids)
+        released = ""
+        for token_id in token_ids:
+            released += self._release(token_id)
         return self._emit(self._held + released)
 
     def finish(self) -> str:
@@ -113,6 +115,8 @@ class TextStream:
         return delta
 
     def _emit(self, text: str) -> StreamDelta:
+        if not self._stop:
+            return StreamDelta(text, False)
         cut = self._find_stop(text)
         if cut is not None:
             self._stopped = True
@@ -135,8 +139,11 @@ class TextStream:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
         longest = 0
         for stop in self._stop:
-            for k in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:k]):
-                    longest = k
-                    break
+            # Such a suffix starts with the stop string's first character, which is rare: find it
+            # instead of comparing every suffix length.
+            start = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+            while start >= 0 and not stop.startswith(text[start:]):
+                start = text.find(stop[0], start + 1)
+            if start >= 0:
+                longest = max(longest, len(text) - start)
         return longest

@@ -187,3 +187,28 @@ def test_leading_space_kept_with_a_metaspace_tokenizer() -> None:
     assert sp.decode(generated) == "world and more"
     stream = TextStream(sp, prompt)
     assert _text(_run(stream, generated)) + stream.finish() == " world and more"
+
+
+def test_held_back_text_is_the_longest_suffix_that_starts_a_stop_string(tok: Tokenizer) -> None:
+    # Few distinct characters, so suffixes often start stop strings, several of them at once.
+    rng = random.Random(3)
+    held_runs = 0
+    for _ in range(300):
+        stops = tuple(
+            "".join(rng.choice("ab é") for _ in range(rng.randint(1, 5)))
+            for _ in range(rng.randint(1, 3))
+        )
+        text = "".join(rng.choice("ab é") for _ in range(rng.randint(1, 12)))
+        want, stopped = _expected(text, stops)
+        if not stopped:
+            held = max(
+                (k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+            )
+            want = text[: len(text) - held]
+            held_runs += held > 0
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert TextStream(tok, [], stop=stops).push(ids) == StreamDelta(want, stopped), (
+            text,
+            stops,
+        )
+    assert held_runs > 50
