@@ -222,15 +222,16 @@ class Engine:
             [s.token_ids for s in order],
             [len(s.generated) for s in order],
         )
+        self.metrics.tokens_generated(seq.adapter_id for seq in order)
+        now = time.monotonic()  # when this step's tokens came out, for every sequence
         for seq, tok, lp in zip(order, tokens.tolist(), logprobs.tolist(), strict=True):
-            self._advance(seq, tok, lp)
+            self._advance(seq, tok, lp, now)
         self.steps += 1
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(order))
         self._publish()
 
-    def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
-        now = time.monotonic()
+    def _advance(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
         if seq.first_token is None:
             seq.first_token = now
             if seq.adapter_id and seq.first_scheduled is not None:
@@ -261,7 +262,6 @@ class Engine:
             finish=finish,
             usage=seq.usage() if finish else None,
         )
-        self.metrics.token_generated(seq.adapter_id)
         if finish is not None:
             self.metrics.requests.labels(adapter_label(seq.adapter_id), finish.value).inc()
             self._seqs.pop(seq.request_id, None)

@@ -98,6 +98,12 @@ def test_mixed_batch_matches_peft_alone(tiny) -> None:
     try:
         sinks = submit_all(engine, rows, "r")
         assert engine.steps < len(rows) * NEW_TOKENS  # rows really shared forward steps
+        for adapter in {a for a, _ in rows}:
+            labels = {"adapter": adapter or "<base>"}
+            count = engine.metrics.registry.get_sample_value(
+                "lorafleet_shard_generated_tokens_total", labels
+            )
+            assert count == NEW_TOKENS * sum(a == adapter for a, _ in rows), labels
     finally:
         engine.stop()
     for (adapter, prompt), sink in zip(rows, sinks, strict=True):
