@@ -55,10 +55,16 @@ def make_plan(
         start = len(ids)
         if not segments or segments[-1][1] != seq.adapter_key:
             segments.append((start, seq.adapter_key))
-        span = range(seq.num_cached, len(seq.token_ids))
-        ids.extend(seq.token_ids[seq.num_cached :])
-        positions.extend(span)
-        slots.extend(seq.pages[p // page_size] * page_size + p % page_size for p in span)
+        first, pages = seq.num_cached, seq.pages
+        if len(seq.token_ids) - first == 1:  # a decode row: no generator for one position
+            ids.append(seq.token_ids[first])
+            positions.append(first)
+            slots.append(pages[first // page_size] * page_size + first % page_size)
+        else:
+            span = range(first, len(seq.token_ids))
+            ids.extend(seq.token_ids[first:])
+            positions.extend(span)
+            slots.extend(pages[p // page_size] * page_size + p % page_size for p in span)
         rows.append(len(ids) - 1)
         if is_prefill:
             prefills.append(PrefillPlan(start, len(ids), len(seq.token_ids), tuple(seq.pages)))
@@ -71,6 +77,6 @@ def make_plan(
         prefills=tuple(prefills),
         logits_rows=tuple(rows),
         segments=tuple(segments),
-        adapters=tuple(sorted({s.adapter_key for s in (*decode, *prefill) if s.adapter_key})),
+        adapters=tuple(sorted({key for _, key in segments if key})),
     )
     return plan, [*ordered_decode, *ordered_prefill]
