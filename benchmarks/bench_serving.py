@@ -7,8 +7,9 @@ time to first token (TTFT), inter-token latency (ITL) and end-to-end latency per
     python -m benchmarks.bench_serving --target HOST:PORT --rate 20 --requests 500 --out r.json
 
 With `--spawn-tiny` it starts its own shard (the tiny random model on CPU), a router and a bare
-passthrough proxy (the control, benchmarks/passthrough_proxy.py), runs the same load straight to
-the shard and through the router, alternating, and reports the latency each proxy adds:
+passthrough proxy (the control, benchmarks/passthrough_proxy.py), runs the load with every other
+request sent straight to the shard and the rest through the router (so both see the same shard
+at the same time), and reports the latency each proxy adds:
 
     python -m benchmarks.bench_serving --spawn-tiny --out benchmarks/results/serving_cpu.json
 """
@@ -289,16 +290,46 @@ def machine() -> dict:
     }
 
 
+async def run_interleaved(
+    targets: tuple[str, str], workload: Sequence[Arrival], swap: bool, timeout_s: float = 120.0
+) -> tuple[dict[str, list[Outcome]], float]:
+    """Sends every request at its time, request i to `targets[(i + swap) % 2]`: the two arms
+    share one load on the shard behind them, at the same moments. Returns each target's
+    outcomes and the duration of the whole run."""
+    async with (
+        grpc.aio.insecure_channel(targets[0]) as first,
+        grpc.aio.insecure_channel(targets[1]) as second,
+    ):
+        stubs = [generate_pb2_grpc.GeneratorStub(ch) for ch in (first, second)]
+        await asyncio.gather(first.channel_ready(), second.channel_ready())
+        start = time.perf_counter()
+        arms, tasks = [], []
+        for i, arrival in enumerate(workload):
+            await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
+            arm = (i + swap) % 2
+            arms.append(arm)
+            tasks.append(asyncio.create_task(_one(stubs[arm], arrival, start, timeout_s)))
+        outcomes = await asyncio.gather(*tasks)
+        split: dict[str, list[Outcome]] = {target: [] for target in targets}
+        for arm, outcome in zip(arms, outcomes, strict=True):
+            split[targets[arm]].append(outcome)
+        return split, time.perf_counter() - start
+
+
 def compare(target_a: str, target_b: str, workload: list[Arrival], repeats: int) -> dict:
-    """Runs the workload on both targets, alternating `repeats` times; pooled summaries."""
+    """Runs the workload `repeats` times interleaved over both targets, swapping which requests
+    each target gets every other run (so each request's length and adapter weigh on both);
+    pooled summaries. Each arm carries half the load: its throughput is half the shard's."""
     pooled: dict[str, list[Outcome]] = {target_a: [], target_b: []}
-    durations = dict.fromkeys(pooled, 0.0)
-    for _ in range(repeats):
-        for target in pooled:
-            outcomes, duration = asyncio.run(run_load(target, workload))
+    duration = 0.0
+    for repeat in range(repeats):
+        split, seconds = asyncio.run(
+            run_interleaved((target_a, target_b), workload, swap=repeat % 2 == 1)
+        )
+        for target, outcomes in split.items():
             pooled[target] += outcomes
-            durations[target] += duration
-    return {target: summarize(pooled[target], durations[target]) for target in pooled}
+        duration += seconds
+    return {target: summarize(outcomes, duration) for target, outcomes in pooled.items()}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -367,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=_range, default=(8, 64), metavar="MIN:MAX")
     parser.add_argument("--output-tokens", type=_range, default=(16, 64), metavar="MIN:MAX")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="--spawn-tiny: alternations")
+    parser.add_argument("--repeats", type=int, default=3, help="--spawn-tiny: interleaved runs")
     parser.add_argument("--max-batch-size", type=int, default=32, help="--spawn-tiny: shard's")
     parser.add_argument("--pairs", type=int, default=300, help="--spawn-tiny: 1-token pairs")
     parser.add_argument(

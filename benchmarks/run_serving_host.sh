@@ -81,7 +81,7 @@ bench() {
   [ $rc -eq 0 ] || grep -v '"event"' "$OUT/$name.log" | tail -15
 }
 bench paired 45 --pairs "${PAIRS:-800}"
-bench open-loop 90 --requests "${REQUESTS:-120}" --rate "${RATE:-8}" --repeats "${REPEATS:-2}" \
+bench open-loop 110 --requests "${REQUESTS:-120}" --rate "${RATE:-8}" --repeats "${REPEATS:-4}" \
   --output-tokens 16:48
 
 python3 - "$OUT" <<'EOF'

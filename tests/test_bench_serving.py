@@ -23,9 +23,11 @@ from benchmarks.bench_serving import (
     main,
     make_workload,
     percentile,
+    run_interleaved,
     run_load,
     summarize,
 )
+from tests.fleet import Router
 
 SPEC = LoadSpec(
     requests=4000,
@@ -94,6 +96,25 @@ def test_open_loop_run_against_a_router(fleet) -> None:
     assert duration >= workload[-1].at_s
     summary = summarize(outcomes, duration)
     assert summary["ok"] == 12 and summary["ttft_ms"]["p50"] > 0
+
+
+def test_interleaved_run_alternates_requests_between_two_targets(fleet, launch) -> None:
+    second = launch(Router, *(f"--shard={f.address}" for f in fleet.fakes))
+    second.wait_shards([f.address for f in fleet.fakes])
+    targets = (fleet.router.address, second.address)
+    spec = LoadSpec(9, 200.0, ("a", "b", ""), 1.1, (2, 6), (3, 7), 32000, seed=2)
+    workload = make_workload(spec)
+    for swap in (False, True):
+        split, duration = asyncio.run(run_interleaved(targets, workload, swap))
+        # Request i went to targets[(i + swap) % 2], in order, and each finished in full.
+        for arm, target in enumerate(targets):
+            sent = [w for i, w in enumerate(workload) if (i + swap) % 2 == arm]
+            outcomes = split[target]
+            assert [o.adapter_id for o in outcomes] == [w.adapter_id for w in sent]
+            assert [len(o.token_times) for o in outcomes] == [w.max_new_tokens for w in sent]
+            assert all(o.error is None for o in outcomes)
+            assert all(abs(o.sent_s - w.at_s) < 0.05 for w, o in zip(sent, outcomes, strict=True))
+        assert duration >= workload[-1].at_s
 
 
 def test_report_against_a_target_carries_the_shared_header(fleet, tmp_path: Path) -> None:
