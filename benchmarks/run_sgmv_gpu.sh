@@ -16,12 +16,5 @@ echo "sm80 PTX build rc=$? in $(($(date +%s) - start)) s"
 LORAFLEET_SM80=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short \
   tests/test_sgmv.py tests/test_sgmv_groups.py tests/test_attention.py >"$OUT/tests_sm80.log" 2>&1
 echo "sm80 tests rc=$?"; tail -5 "$OUT/tests_sm80.log"
-# The CUDA-core expand on segments of many rows (LORAFLEET_EXPAND_ROWS_MAX): tests, then bench.
-LORAFLEET_EXPAND_ROWS_MAX=64 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider \
-  --tb=short tests/test_sgmv.py tests/test_sgmv_groups.py >"$OUT/tests_rows64.log" 2>&1
-echo "rows-max-64 tests rc=$?"; tail -5 "$OUT/tests_rows64.log"
 timeout 50 python3 -m benchmarks.bench_sgmv --out "$OUT/sgmv_bench.json" --commit "${COMMIT:-unknown}" \
   --command "bash benchmarks/run_sgmv_gpu.sh" 2>&1 | tee "$OUT/bench.log"
-LORAFLEET_EXPAND_ROWS_MAX=64 timeout 50 python3 -m benchmarks.bench_sgmv \
-  --out "$OUT/sgmv_bench_rows64.json" --commit "${COMMIT:-unknown}" \
-  --command "LORAFLEET_EXPAND_ROWS_MAX=64 (bash benchmarks/run_sgmv_gpu.sh)" 2>&1 | tee "$OUT/bench_rows64.log"

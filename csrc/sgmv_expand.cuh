@@ -307,13 +307,14 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
   const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
-  // Decode with small ranks (about one row per adapter): CUDA cores. Larger ranks would load B in
-  // several sequential groups per thread, so they take the MMA path. LORAFLEET_EXPAND_ROWS_MAX=n
-  // sends segments of up to n rows on average there too (default 2), to measure the two paths
-  // against each other on more rows per segment.
-  static const char* rows_env = std::getenv("LORAFLEET_EXPAND_ROWS_MAX");
-  static const int rows_max = rows_env != nullptr ? std::atoi(rows_env) : 2;
-  if (rows_per_segment <= rows_max && RMAX <= 32) {
+  // CUDA cores for decode-shaped work with small ranks: about one row per adapter, or up to 64
+  // rows per segment in batches of up to 256 rows. There (H100, bench_sgmv with both paths in
+  // one call, see sgmv_NOTES.md) it beat the 16 x 256 MMA tiles: B=64 Identical 5.1 -> 3.6 us,
+  // Skewed 7.9 -> 4.6 us, the 256-row prefill 12.7 -> 11.0 us; at 1024 rows it lost (35.8 ->
+  // 39.8 us). Larger ranks would load B in several sequential groups per thread: MMA path.
+  const bool rows_shaped =
+      rows_per_segment <= 2 || (rows_per_segment <= 64 && p.num_rows <= 256);
+  if (rows_shaped && RMAX <= 32) {
     const int chunks = sgmv::num_chunks(p, sgmv::kRowsCols);
     if (rows_per_segment == 1) {
       const dim3 grid(sgmv::max_tiles(p.num_rows, p.num_segments, 1), chunks);
