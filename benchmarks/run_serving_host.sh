@@ -8,7 +8,7 @@
 # Two runs of benchmarks.bench_serving --spawn-tiny, each with a hard time limit: the 1-token
 # pairs (direct vs router, direct vs passthrough) and the open loop (direct vs router). Writes
 # $OUT/serving_host_paired.json, $OUT/serving_host_open_loop.json, their logs and $OUT/host.txt
-# (nproc, CPU model, layout). About 100 s; at most ~145 s. Knobs (environment): PAIRS, REQUESTS,
+# (nproc, CPU model, layout). About 130 s; at most ~195 s. Knobs (environment): PAIRS, REQUESTS,
 # RATE, REPEATS, COMMIT, and CLIENT_CPUS ROUTER_CPUS PASSTHROUGH_CPUS SHARD_CPUS (taskset lists;
 # by default chosen from nproc, unpinned below 4 cores).
 set -uo pipefail
@@ -80,7 +80,7 @@ bench() {
   echo "$mode: rc=$rc after $(($(date +%s) - started)) s"
   [ $rc -eq 0 ] || grep -v '"event"' "$OUT/$name.log" | tail -15
 }
-bench paired 45 --pairs "${PAIRS:-800}"
+bench paired 75 --pairs "${PAIRS:-800}"
 bench open-loop 110 --requests "${REQUESTS:-120}" --rate "${RATE:-8}" --repeats "${REPEATS:-4}" \
   --output-tokens 16:48
 
