@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peft-new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=("on", "off"), default="on")
-    parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublas")
+    parser.add_argument("--blas", choices=("cublas", "cublaslt"), default="cublaslt")
     parser.add_argument("--command", default="python -m benchmarks.bench_textgen")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     args = parser.parse_args(argv)

@@ -125,7 +125,7 @@ def parse_config(
     )
     add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
     add("--compile", "COMPILE", "on", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
-    add("--blas", "BLAS", "cublas", "library of the base-model matmuls (CUDA)", choices=BLAS)
+    add("--blas", "BLAS", "cublaslt", "library of the base-model matmuls (CUDA)", choices=BLAS)
     a = p.parse_args(argv)
 
     if not a.model or not a.adapters:
