@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,3 +59,16 @@ def shard_args(tiny, port: int, *extra: str) -> list[str]:
         "4",
         *extra,
     ]
+
+
+def run_benchmark(module: str, args: list[str], out: Path, timeout: float) -> dict:
+    """Runs `python -m benchmarks.<module> *args` (which writes `out`); returns out's JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.processes import REPO
+from tests.processes import run_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +15,7 @@ def test_small_run_measures_loads_and_both_ttft_phases(tmp_path: Path) -> None:
     out = tmp_path / "adapters.json"
     args = ["--small", "--device", "cpu", "--out", str(out), "--requests", "40"]
     args += ["--budget-adapters", "4", "--prompt-len", "32"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_adapters", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = run_benchmark("bench_adapters", args, out, timeout=240)
     assert (r["benchmark"], r["device"]) == ("adapters", "cpu")
     assert r["commit"] and r["torch"] and r["date"]  # the shared header (benchmarks.timing)
     assert r["working_set_adapters"] == 16

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.processes import REPO
+from tests.processes import run_benchmark
 
 
 def test_short_run_times_every_phase(tmp_path: Path) -> None:
     out = tmp_path / "engine_host.json"
     args = ["--batches", "1,4", "--steps", "10", "--warmup", "3", "--vocab", "600"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_engine_host", *args, "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = run_benchmark("bench_engine_host", [*args, "--out", str(out)], out, timeout=120)
     assert (r["benchmark"], r["device"]) == ("engine_host", "cpu")
     assert r["commit"] and r["date"] and r["command"]
     assert r["vocab"] == 600
