@@ -139,24 +139,30 @@ def main(argv: list[str] | None = None) -> dict:
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
     rows = []
-    default_blas = torch.backends.cuda.preferred_blas_library()
-    # (compiled chains, LoRA beside the base GEMM, cuBLAS or cuBLASLt for the projections):
-    # the defaults first, then each alternative.
-    configs = ((True, True, False), (True, False, False), (False, True, False), (True, True, True))
-    for compiled, overlap, lt in configs:
+    # (compiled chains, LoRA beside the base GEMM, the side stream's priority, the projections'
+    # BLAS library): the defaults first, then each alternative.
+    configs = (
+        (True, True, 0, "cublaslt"),
+        (True, True, -1, "cublaslt"),
+        (True, False, 0, "cublaslt"),
+        (False, True, 0, "cublaslt"),
+        (True, True, 0, "cublas"),
+    )
+    for compiled, overlap, priority, blas in configs:
         fusion.set_enabled(compiled)
-        set_overlap(overlap)
-        torch.backends.cuda.preferred_blas_library("cublaslt" if lt else default_blas)
+        set_overlap(overlap, priority)
+        torch.backends.cuda.preferred_blas_library(blas)
         for case, adapters in cases.items():
-            if case == "base" and not overlap:
-                continue  # no LoRA: the overlap switch changes nothing
+            if case == "base" and (not overlap or priority):
+                continue  # no LoRA: the side stream's switches change nothing
             kinds, top = kernel_times(state, adapters, args.context, args.steps)
             work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)
             row = {
                 "case": case,
                 "compiled": compiled,
                 "lora_overlap": overlap,
-                "blas": "cublaslt" if lt else str(default_blas),
+                "side_priority": priority,
+                "blas": blas,
                 "graph_step_ms": graph_ms(state, adapters, args.context),
                 "kernel_ms": sum(k.ms_per_step for k in kinds),
                 "launches": sum(k.launches_per_step for k in kinds),
