@@ -139,29 +139,27 @@ def main(argv: list[str] | None = None) -> dict:
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
     rows = []
-    # (compiled chains, LoRA beside the base GEMM, the side stream's priority, the projections'
-    # BLAS library): the defaults first, then each alternative.
+    # (compiled chains, LoRA beside the base GEMM, the projections' BLAS library): the defaults
+    # first, then each alternative.
     configs = (
-        (True, True, 0, "cublaslt"),
-        (True, True, -1, "cublaslt"),
-        (True, False, 0, "cublaslt"),
-        (False, True, 0, "cublaslt"),
-        (True, True, 0, "cublas"),
+        (True, True, "cublaslt"),
+        (True, False, "cublaslt"),
+        (False, True, "cublaslt"),
+        (True, True, "cublas"),
     )
-    for compiled, overlap, priority, blas in configs:
+    for compiled, overlap, blas in configs:
         fusion.set_enabled(compiled)
-        set_overlap(overlap, priority)
+        set_overlap(overlap)
         torch.backends.cuda.preferred_blas_library(blas)
         for case, adapters in cases.items():
-            if case == "base" and (not overlap or priority):
-                continue  # no LoRA: the side stream's switches change nothing
+            if case == "base" and not overlap:
+                continue  # no LoRA: the overlap switch changes nothing
             kinds, top = kernel_times(state, adapters, args.context, args.steps)
             work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)
             row = {
                 "case": case,
                 "compiled": compiled,
                 "lora_overlap": overlap,
-                "side_priority": priority,
                 "blas": blas,
                 "graph_step_ms": graph_ms(state, adapters, args.context),
                 "kernel_ms": sum(k.ms_per_step for k in kinds),

@@ -119,25 +119,19 @@ class PendingLora:
 # adapters) that step took 7.81 ms against 8.40 ms with the LoRA after the GEMM on one stream,
 # and 8.10 ms with only the shrink beside it (benchmarks/results/README.md). Off: one stream.
 _overlap = True
-# CUDA stream priority of the side stream: 0 is the default streams' own, -1 schedules its CTAs
-# ahead of theirs whenever an SM frees up.
-_side_priority = 0
-_side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def set_overlap(on: bool, priority: int = 0) -> None:
-    """Whether CUDA forwards run the LoRA beside the base GEMM, on a side stream of `priority`
-    (A/B runs; the CPU path never)."""
-    global _overlap, _side_priority
+def set_overlap(on: bool) -> None:
+    """Whether CUDA forwards run the LoRA beside the base GEMM (A/B runs; the CPU path never)."""
+    global _overlap
     _overlap = on
-    _side_priority = priority
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    key = (device, _side_priority)
-    if key not in _side_streams:
-        _side_streams[key] = torch.cuda.Stream(device, priority=_side_priority)
-    return _side_streams[key]
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    return _side_streams[device]
 
 
 def start_lora(
