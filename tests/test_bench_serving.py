@@ -19,7 +19,6 @@ import pytest
 from benchmarks.bench_serving import (
     LoadSpec,
     Outcome,
-    _pinned,
     main,
     make_workload,
     percentile,
@@ -27,6 +26,7 @@ from benchmarks.bench_serving import (
     run_load,
     summarize,
 )
+from benchmarks.serving_procs import pinned
 from tests.fleet import Router
 
 SPEC = LoadSpec(
@@ -136,8 +136,8 @@ def test_report_against_a_target_carries_the_shared_header(fleet, tmp_path: Path
 def test_pinned_process_runs_on_the_given_cpus() -> None:
     cpu = max(os.sched_getaffinity(0))
     show = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
-    assert _pinned(None, show) == show
-    done = subprocess.run(_pinned(str(cpu), show), capture_output=True, text=True, check=True)
+    assert pinned(None, show) == show
+    done = subprocess.run(pinned(str(cpu), show), capture_output=True, text=True, check=True)
     assert done.stdout.strip() == f"[{cpu}]"
 
 
