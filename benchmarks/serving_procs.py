@@ -20,9 +20,18 @@ from router.local_process import free_port, wait_serving
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _wait_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+def require_serving(address: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """Returns once `proc` serves at `address`; raises RuntimeError if it exits or times out."""
     if (why := wait_serving(address, proc, timeout_s)) is not None:
         raise RuntimeError(why)
+
+
+def wait_placing(router: str) -> None:
+    """Returns once the router lists a shard: it places only after a shard's first snapshot."""
+    with grpc.insecure_channel(router) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        while not stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10).shards:
+            time.sleep(0.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,25 +84,21 @@ def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Itera
             shard_cmd = [sys.executable, "-m", "shard", *map(str, shard_args)]
             procs.append(subprocess.Popen(pinned(pins.shard, shard_cmd), stdout=log, **common))
         shard = f"127.0.0.1:{shard_port}"
-        _wait_serving(shard, procs[0])
+        require_serving(shard, procs[0])
         router_args = ["--host", "127.0.0.1", "--port", str(router_port), "--shard", shard]
         with open(workdir / "router.log", "w") as log:
             router_cmd = [sys.executable, "-m", "router", *router_args]
             procs.append(subprocess.Popen(pinned(pins.router, router_cmd), stdout=log, **common))
         router = f"127.0.0.1:{router_port}"
-        _wait_serving(router, procs[1])
-        # The router places only once the shard's first load snapshot arrived.
-        with grpc.insecure_channel(router) as channel:
-            stub = generate_pb2_grpc.GeneratorStub(channel)
-            while not stub.GetInfo(generate_pb2.GetInfoRequest(), timeout=10).shards:
-                time.sleep(0.1)
+        require_serving(router, procs[1])
+        wait_placing(router)
         passthrough_port = free_port()
         with open(workdir / "passthrough.log", "w") as log:
             module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
             command = [sys.executable, *module, "--port", str(passthrough_port)]
             procs.append(subprocess.Popen(pinned(pins.passthrough, command), stdout=log, **common))
         passthrough = f"127.0.0.1:{passthrough_port}"
-        _wait_serving(passthrough, procs[2])
+        require_serving(passthrough, procs[2])
         yield Spawned(shard, router, procs[1].pid, passthrough, procs[2].pid)
     finally:
         for proc in reversed(procs):

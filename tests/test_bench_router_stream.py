@@ -1,0 +1,21 @@
+"""bench_router_stream on a short run: the router's CPU per forwarded message is measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.processes import run_benchmark
+
+
+def test_short_run_reports_router_cpu_per_message(tmp_path: Path) -> None:
+    out = tmp_path / "router_stream.json"
+    args = ["--streams", "1,4", "--tokens", "20", "--token-delay-s", "0.002", "--out", str(out)]
+    r = run_benchmark("bench_router_stream", args, out, timeout=120)
+    assert r["benchmark"] == "router_stream" and r["device"] == "cpu"
+    assert r["commit"] and r["date"] and r["command"].endswith(" ".join(args))
+    assert [run["streams"] for run in r["runs"]] == [1, 4]
+    for run in r["runs"]:
+        # Every token of every stream came through the router as one message.
+        assert run["messages"] == run["streams"] * 20
+        assert run["router_cpu_s"] > 0 and run["router_us_per_message"] > 0
+        assert 0 < run["router_core_share"] < 2
