@@ -162,3 +162,35 @@ def test_unknown_adapter_fails_the_request_only(tiny, adapter: str) -> None:
         assert len(good.tokens) == 4
     finally:
         engine.stop()
+
+
+def test_a_new_requests_first_token_is_sent_before_the_running_ones_of_its_step(tiny) -> None:
+    engine = make_engine(tiny)
+    sent: list[tuple[int, str]] = []  # (step, request id) of every output, in sink order
+
+    class Recorder(Collector):
+        def __init__(self, rid: str) -> None:
+            super().__init__()
+            self.rid = rid
+
+        def __call__(self, out: StepOutput) -> None:
+            sent.append((engine.steps, self.rid))  # sinks run on the engine thread, mid-step
+            super().__call__(out)
+
+    try:
+        running = [Recorder(f"run{i}") for i in range(3)]
+        for i, sink in enumerate(running):
+            engine.submit(request(sink.rid, "", PROMPTS[i], new=60), sink)
+        deadline = time.monotonic() + 60
+        while min(len(s.outputs) for s in running) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)  # all three are decoding
+        newcomer = Recorder("new")
+        engine.submit(request("new", "", PROMPTS[4], new=4), newcomer)
+        assert newcomer.done.wait(60) and all(s.done.wait(60) for s in running)
+    finally:
+        engine.stop()
+    step = next(step for step, rid in sent if rid == "new")
+    same_step = [rid for s, rid in sent if s == step]
+    # The newcomer was prefilled in a step that also decoded the running requests, and its
+    # first token went out before theirs.
+    assert len(same_step) > 1 and same_step[0] == "new", same_step
