@@ -7,7 +7,8 @@ not requests: each message is read from the shard's call and written to the clie
 grpc.aio. This starts the test suite's fake shard (`tests/fake_shard.py`: no model, tokens on a
 timer, `--token-delay-s` apart, so the router sees a GPU shard's message pattern without one)
 and a router in front of it, runs N concurrent streams through the router, and reports the
-router's CPU time per forwarded message and the share of a core it used. Optional pinning
+router's CPU time per forwarded message and the share of a core it used (CPU time from /proc,
+in 10 ms ticks: runs of a few hundred messages or more). Optional pinning
 (`--router-cpus`, `--shard-cpus`) keeps the client and the fake off the router's cores.
 """
 
