@@ -18,22 +18,17 @@ import argparse
 import asyncio
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 
-from benchmarks.bench_serving import cpu_seconds, machine
-from benchmarks.serving_procs import REPO, pinned, require_serving, wait_placing
+from benchmarks.serving_procs import cpu_seconds, fake_fleet, machine
 from benchmarks.timing import provenance
 from protos import generate_pb2, generate_pb2_grpc
-from router.local_process import free_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,39 +47,6 @@ class StreamLoad:
     @property
     def router_core_share(self) -> float:
         return self.router_cpu_s / self.seconds
-
-
-@contextmanager
-def fake_fleet(
-    workdir: Path, token_delay_s: float, router_cpus: str | None, shard_cpus: str | None
-) -> Iterator[tuple[str, int]]:
-    """A fake shard and a router in front of it: (router address, router pid)."""
-    shard_port, router_port = free_port(), free_port()
-    shard_cmd = [sys.executable, "-m", "tests.fake_shard", "--port", str(shard_port)]
-    shard_cmd += ["--max-batch-size", "256", "--kv-pages", "1000000"]
-    shard_cmd += ["--token-delay-s", str(token_delay_s)]
-    router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(router_port)]
-    router_cmd += ["--shard", f"127.0.0.1:{shard_port}"]
-    procs: list[subprocess.Popen] = []
-    try:
-        for name, cpus, cmd in (
-            ("fake", shard_cpus, shard_cmd),
-            ("router", router_cpus, router_cmd),
-        ):
-            with open(workdir / f"{name}.log", "w") as log:
-                procs.append(
-                    subprocess.Popen(
-                        pinned(cpus, cmd), cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-                    )
-                )
-        router = f"127.0.0.1:{router_port}"
-        require_serving(router, procs[1])
-        wait_placing(router)
-        yield router, procs[1].pid
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
 
 
 async def _stream(stub: generate_pb2_grpc.GeneratorStub, prompt: str, tokens: int) -> int:

@@ -22,7 +22,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.serving_procs import Pins, Spawned, spawn_tiny
+from benchmarks.serving_procs import Pins, Spawned, cpu_seconds, machine, spawn_tiny
 from benchmarks.timing import provenance
 from protos import generate_pb2, generate_pb2_grpc
 
@@ -191,23 +190,6 @@ def _target_info(target: str) -> tuple[tuple[str, ...], int]:
     return (*sorted({a.adapter_id for a in listed.adapters}), ""), info.vocab_size
 
 
-def machine() -> dict:
-    """What ran the benchmark: CPU, cores, OS, Python, load average when it ran."""
-    cpu = platform.processor()
-    with_model = Path("/proc/cpuinfo")
-    if with_model.exists():
-        names = [ln for ln in with_model.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "client_cpus": sorted(os.sched_getaffinity(0)),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_1m_after": round(os.getloadavg()[0], 2),
-    }
-
-
 async def run_interleaved(
     targets: tuple[str, str], workload: Sequence[Arrival], swap: bool, timeout_s: float = 120.0
 ) -> tuple[dict[str, list[Outcome]], float]:
@@ -248,12 +230,6 @@ def compare(target_a: str, target_b: str, workload: list[Arrival], repeats: int)
             pooled[target] += outcomes
         duration += seconds
     return {target: summarize(outcomes, duration) for target, outcomes in pooled.items()}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _paired(

@@ -4,6 +4,7 @@ bare passthrough proxy in front of it, each optionally pinned to its own CPUs.""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -64,43 +65,105 @@ def pinned(cpus: str | None, command: list[str]) -> list[str]:
     return ["taskset", "-c", cpus, *command] if cpus else command
 
 
+def _launch(
+    procs: list[subprocess.Popen],
+    workdir: Path,
+    name: str,
+    cpus: str | None,
+    command: list[str],
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """Starts `command` (pinned to `cpus`) from the repository root, its output in
+    `workdir/<name>.log`, and appends it to `procs`, which the caller stops."""
+    with open(workdir / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(
+            pinned(cpus, command), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    procs.append(proc)
+    return proc
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        proc.terminate()
+        proc.wait(30)
+
+
 @contextmanager
 def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Iterator[Spawned]:
     """A tiny-model CPU shard, and a router and a passthrough proxy in front of it."""
     from shard.tiny import write_tiny
 
     tiny = write_tiny(workdir / "tiny")
-    shard_port, router_port = free_port(), free_port()
+    shard_port, router_port, passthrough_port = free_port(), free_port(), free_port()
     # One torch thread: on a small machine the shard's parallel matmuls otherwise stall whenever
     # the router or the client takes a core, which would be charged to the router.
     env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
-    common = {"cwd": REPO, "env": env, "stderr": subprocess.STDOUT}
+    shard, router = f"127.0.0.1:{shard_port}", f"127.0.0.1:{router_port}"
+    passthrough = f"127.0.0.1:{passthrough_port}"
     procs: list[subprocess.Popen] = []
     try:
         shard_args = ["--model", tiny.model_dir, "--adapters", tiny.adapters_dir]
         shard_args += ["--host", "127.0.0.1", "--port", shard_port, "--device", "cpu"]
         shard_args += ["--max-batch-size", max_batch_size, "--kv-pages", "4096"]
-        with open(workdir / "shard.log", "w") as log:
-            shard_cmd = [sys.executable, "-m", "shard", *map(str, shard_args)]
-            procs.append(subprocess.Popen(pinned(pins.shard, shard_cmd), stdout=log, **common))
-        shard = f"127.0.0.1:{shard_port}"
-        require_serving(shard, procs[0])
-        router_args = ["--host", "127.0.0.1", "--port", str(router_port), "--shard", shard]
-        with open(workdir / "router.log", "w") as log:
-            router_cmd = [sys.executable, "-m", "router", *router_args]
-            procs.append(subprocess.Popen(pinned(pins.router, router_cmd), stdout=log, **common))
-        router = f"127.0.0.1:{router_port}"
-        require_serving(router, procs[1])
+        shard_cmd = [sys.executable, "-m", "shard", *map(str, shard_args)]
+        require_serving(shard, _launch(procs, workdir, "shard", pins.shard, shard_cmd, env))
+        router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1"]
+        router_cmd += ["--port", str(router_port), "--shard", shard]
+        router_proc = _launch(procs, workdir, "router", pins.router, router_cmd, env)
+        require_serving(router, router_proc)
         wait_placing(router)
-        passthrough_port = free_port()
-        with open(workdir / "passthrough.log", "w") as log:
-            module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
-            command = [sys.executable, *module, "--port", str(passthrough_port)]
-            procs.append(subprocess.Popen(pinned(pins.passthrough, command), stdout=log, **common))
-        passthrough = f"127.0.0.1:{passthrough_port}"
-        require_serving(passthrough, procs[2])
-        yield Spawned(shard, router, procs[1].pid, passthrough, procs[2].pid)
+        module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
+        command = [sys.executable, *module, "--port", str(passthrough_port)]
+        passthrough_proc = _launch(procs, workdir, "passthrough", pins.passthrough, command, env)
+        require_serving(passthrough, passthrough_proc)
+        yield Spawned(shard, router, router_proc.pid, passthrough, passthrough_proc.pid)
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(30)
+        _stop(procs)
+
+
+@contextmanager
+def fake_fleet(
+    workdir: Path, token_delay_s: float, router_cpus: str | None, shard_cpus: str | None
+) -> Iterator[tuple[str, int]]:
+    """The test suite's fake shard (tokens on a timer, no model) and a router in front of it:
+    (router address, router pid)."""
+    shard_port, router_port = free_port(), free_port()
+    shard_cmd = [sys.executable, "-m", "tests.fake_shard", "--port", str(shard_port)]
+    shard_cmd += ["--max-batch-size", "256", "--kv-pages", "1000000"]
+    shard_cmd += ["--token-delay-s", str(token_delay_s)]
+    router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(router_port)]
+    router_cmd += ["--shard", f"127.0.0.1:{shard_port}"]
+    router = f"127.0.0.1:{router_port}"
+    procs: list[subprocess.Popen] = []
+    try:
+        _launch(procs, workdir, "fake", shard_cpus, shard_cmd)
+        router_proc = _launch(procs, workdir, "router", router_cpus, router_cmd)
+        require_serving(router, router_proc)
+        wait_placing(router)
+        yield router, router_proc.pid
+    finally:
+        _stop(procs)
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU, cores, OS, Python, load average when it ran."""
+    cpu = platform.processor()
+    with_model = Path("/proc/cpuinfo")
+    if with_model.exists():
+        names = [ln for ln in with_model.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "client_cpus": sorted(os.sched_getaffinity(0)),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
