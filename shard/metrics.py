@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -108,10 +109,7 @@ class ShardMetrics:
 
     def tokens_generated(self, adapter_ids: Iterable[str]) -> None:
         """Counts one generated token per id in `adapter_ids` ("" for the base model)."""
-        counts: dict[str, int] = {}
-        for adapter_id in adapter_ids:
-            counts[adapter_id] = counts.get(adapter_id, 0) + 1
-        for adapter_id, count in counts.items():
+        for adapter_id, count in collections.Counter(adapter_ids).items():
             label = adapter_label(adapter_id)
             counter = self._token_counts.get(label)
             if counter is None:
