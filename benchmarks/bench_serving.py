@@ -7,9 +7,9 @@ time to first token (TTFT), inter-token latency (ITL) and end-to-end latency per
     python -m benchmarks.bench_serving --target HOST:PORT --rate 20 --requests 500 --out r.json
 
 With `--spawn-tiny` it starts its own shard (the tiny random model on CPU), a router and a bare
-passthrough proxy (the control, benchmarks/passthrough_proxy.py), runs the load with every other
-request sent straight to the shard and the rest through the router (so both see the same shard
-at the same time), and reports the latency each proxy adds:
+passthrough proxy (the control, benchmarks/passthrough_proxy.py), runs the load with its requests
+dealt in turn straight to the shard, through the router and through the passthrough (so all three
+see the same shard at the same time), and reports the latency each proxy adds:
 
     python -m benchmarks.bench_serving --spawn-tiny --out benchmarks/results/serving_cpu.json
 """
@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -114,6 +115,10 @@ def _spread_ms(values: Sequence[float]) -> dict[str, float]:
     return {f"p{q}": round(percentile(values, q) * 1000, 3) for q in (50, 90, 99)}
 
 
+def _ttfts(outcomes: Sequence[Outcome]) -> list[float]:
+    return [o.token_times[0] for o in outcomes if o.error is None and o.token_times]
+
+
 def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
     """Throughput and latency percentiles (milliseconds) of finished requests."""
     done = [o for o in outcomes if o.error is None]
@@ -131,7 +136,7 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
         "duration_s": round(duration_s, 3),
         "requests_per_s": round(len(done) / duration_s, 3),
         "output_tokens_per_s": round(tokens / duration_s, 1),
-        "ttft_ms": _spread_ms([o.token_times[0] for o in done if o.token_times]),
+        "ttft_ms": _spread_ms(_ttfts(done)),
         "itl_ms": _spread_ms(itl),
         "e2e_ms": _spread_ms([o.end_s for o in done]),
         # How late the generator sent requests: large values mean the client, not the server,
@@ -191,22 +196,20 @@ def _target_info(target: str) -> tuple[tuple[str, ...], int]:
 
 
 async def run_interleaved(
-    targets: tuple[str, str], workload: Sequence[Arrival], swap: bool, timeout_s: float = 120.0
+    targets: Sequence[str], workload: Sequence[Arrival], shift: int, timeout_s: float = 120.0
 ) -> tuple[dict[str, list[Outcome]], float]:
-    """Sends every request at its time, request i to `targets[(i + swap) % 2]`: the two arms
-    share one load on the shard behind them, at the same moments. Returns each target's
+    """Sends every request at its time, request i to `targets[(i + shift) % len(targets)]`: the
+    arms share one load on the shard behind them, at the same moments. Returns each target's
     outcomes and the duration of the whole run."""
-    async with (
-        grpc.aio.insecure_channel(targets[0]) as first,
-        grpc.aio.insecure_channel(targets[1]) as second,
-    ):
-        stubs = [generate_pb2_grpc.GeneratorStub(ch) for ch in (first, second)]
-        await asyncio.gather(first.channel_ready(), second.channel_ready())
+    channels = [grpc.aio.insecure_channel(target) for target in targets]
+    try:
+        stubs = [generate_pb2_grpc.GeneratorStub(ch) for ch in channels]
+        await asyncio.gather(*(ch.channel_ready() for ch in channels))
         start = time.perf_counter()
         arms, tasks = [], []
         for i, arrival in enumerate(workload):
             await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
-            arm = (i + swap) % 2
+            arm = (i + shift) % len(targets)
             arms.append(arm)
             tasks.append(asyncio.create_task(_one(stubs[arm], arrival, start, timeout_s)))
         outcomes = await asyncio.gather(*tasks)
@@ -214,22 +217,43 @@ async def run_interleaved(
         for arm, outcome in zip(arms, outcomes, strict=True):
             split[targets[arm]].append(outcome)
         return split, time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels))
 
 
-def compare(target_a: str, target_b: str, workload: list[Arrival], repeats: int) -> dict:
-    """Runs the workload `repeats` times interleaved over both targets, swapping which requests
-    each target gets every other run (so each request's length and adapter weigh on both);
-    pooled summaries. Each arm carries half the load: its throughput is half the shard's."""
-    pooled: dict[str, list[Outcome]] = {target_a: [], target_b: []}
+def compare(
+    targets: Sequence[str], workload: list[Arrival], repeats: int
+) -> tuple[dict[str, list[Outcome]], float]:
+    """Runs the workload `repeats` times interleaved over the targets, rotating which requests
+    each target gets from run to run (so each request's length and adapter weigh on every arm);
+    returns each target's pooled outcomes and the total duration. Each of n arms carries 1/n
+    of the load: its throughput is that share of the shard's."""
+    pooled: dict[str, list[Outcome]] = {target: [] for target in targets}
     duration = 0.0
     for repeat in range(repeats):
-        split, seconds = asyncio.run(
-            run_interleaved((target_a, target_b), workload, swap=repeat % 2 == 1)
-        )
+        split, seconds = asyncio.run(run_interleaved(targets, workload, shift=repeat))
         for target, outcomes in split.items():
             pooled[target] += outcomes
         duration += seconds
-    return {target: summarize(outcomes, duration) for target, outcomes in pooled.items()}
+    return pooled, duration
+
+
+def median_difference_ci(
+    base: Sequence[float], other: Sequence[float], level: float = 0.95, resamples: int = 2000
+) -> tuple[float, float]:
+    """Bootstrap interval of median(other) - median(base), each sample resampled on its own.
+
+    The open loop's TTFTs spread over a whole decode step, so a p50 difference from a few hundred
+    requests carries an error of a good part of a millisecond; this says how much.
+    """
+    rng = random.Random(0)
+    diffs = sorted(
+        statistics.median(rng.choices(other, k=len(other)))
+        - statistics.median(rng.choices(base, k=len(base)))
+        for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    return diffs[int(tail * (resamples - 1))], diffs[int((1 - tail) * (resamples - 1))]
 
 
 async def _paired(
@@ -341,7 +365,7 @@ def _spawned_results(
     target: Spawned, spec: LoadSpec, workload: list[Arrival], args: argparse.Namespace
 ) -> dict:
     """The 1-token pairs per proxy (on the most popular adapter) and the open loop straight to
-    the shard vs through the router, as --modes asks."""
+    the shard vs through the router vs through the passthrough, as --modes asks."""
     results: dict[str, dict] = {}
     if MODES[0] in args.modes:
         proxies = {
@@ -353,18 +377,36 @@ def _spawned_results(
             for name, proxy in proxies.items()
         }
     if MODES[1] in args.modes:
-        by_target = compare(target.shard, target.router, workload, args.repeats)
-        direct, routed = by_target[target.shard], by_target[target.router]
+        arms = {
+            "shard_direct": target.shard,
+            "through_router": target.router,
+            "through_passthrough": target.passthrough,
+        }
+        pooled, duration = compare(list(arms.values()), workload, args.repeats)
+        results["open_loop"] = open_loop_report(
+            {name: pooled[address] for name, address in arms.items()}, duration
+        )
+    return results
+
+
+def open_loop_report(arms: dict[str, list[Outcome]], duration_s: float) -> dict:
+    """Each arm's summary, and what every arm after the first (the shard, straight) adds to its
+    TTFT, ITL and end-to-end percentiles, with a 95% bootstrap interval on the TTFT p50."""
+    (base_name, base), *others = arms.items()
+    report = {name: summarize(outcomes, duration_s) for name, outcomes in arms.items()}
+    ttfts = {name: _ttfts(outcomes) for name, outcomes in arms.items()}
+    for name, _ in others:
         added = {
-            metric: {q: round(routed[metric][q] - direct[metric][q], 3) for q in direct[metric]}
+            metric: {
+                q: round(report[name][metric][q] - report[base_name][metric][q], 3)
+                for q in report[base_name][metric]
+            }
             for metric in ("ttft_ms", "itl_ms", "e2e_ms")
         }
-        results["open_loop"] = {
-            "shard_direct": direct,
-            "through_router": routed,
-            "router_added_ms": added,
-        }
-    return results
+        low, high = median_difference_ci(ttfts[base_name], ttfts[name])
+        added["ttft_ms"]["p50_ci95"] = [round(low * 1000, 3), round(high * 1000, 3)]
+        report[name.replace("through_", "") + "_added_ms"] = added
+    return report
 
 
 def _pins(args: argparse.Namespace) -> Pins:

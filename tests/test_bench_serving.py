@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import json
 import os
+import random
 import shlex
 import shutil
 import statistics
@@ -21,6 +22,8 @@ from benchmarks.bench_serving import (
     Outcome,
     main,
     make_workload,
+    median_difference_ci,
+    open_loop_report,
     percentile,
     run_interleaved,
     run_load,
@@ -98,23 +101,59 @@ def test_open_loop_run_against_a_router(fleet) -> None:
     assert summary["ok"] == 12 and summary["ttft_ms"]["p50"] > 0
 
 
-def test_interleaved_run_alternates_requests_between_two_targets(fleet, launch) -> None:
-    second = launch(Router, *(f"--shard={f.address}" for f in fleet.fakes))
-    second.wait_shards([f.address for f in fleet.fakes])
-    targets = (fleet.router.address, second.address)
-    spec = LoadSpec(9, 200.0, ("a", "b", ""), 1.1, (2, 6), (3, 7), 32000, seed=2)
+def test_interleaved_run_deals_requests_to_the_targets_in_turn(fleet, launch) -> None:
+    routers = [launch(Router, *(f"--shard={f.address}" for f in fleet.fakes)) for _ in range(2)]
+    for router in routers:
+        router.wait_shards([f.address for f in fleet.fakes])
+    targets = (fleet.router.address, *(r.address for r in routers))
+    spec = LoadSpec(10, 200.0, ("a", "b", ""), 1.1, (2, 6), (3, 7), 32000, seed=2)
     workload = make_workload(spec)
-    for swap in (False, True):
-        split, duration = asyncio.run(run_interleaved(targets, workload, swap))
-        # Request i went to targets[(i + swap) % 2], in order, and each finished in full.
+    for shift in (0, 1, 2):
+        split, duration = asyncio.run(run_interleaved(targets, workload, shift))
+        # Request i went to targets[(i + shift) % 3], in order, and each finished in full.
         for arm, target in enumerate(targets):
-            sent = [w for i, w in enumerate(workload) if (i + swap) % 2 == arm]
+            sent = [w for i, w in enumerate(workload) if (i + shift) % 3 == arm]
             outcomes = split[target]
             assert [o.adapter_id for o in outcomes] == [w.adapter_id for w in sent]
             assert [len(o.token_times) for o in outcomes] == [w.max_new_tokens for w in sent]
             assert all(o.error is None for o in outcomes)
             assert all(abs(o.sent_s - w.at_s) < 0.05 for w, o in zip(sent, outcomes, strict=True))
         assert duration >= workload[-1].at_s
+
+
+def test_median_difference_interval_covers_the_true_shift() -> None:
+    rng = random.Random(3)
+    base = [rng.uniform(0.005, 0.015) for _ in range(400)]
+    shifted = [t + 0.001 for t in (rng.uniform(0.005, 0.015) for _ in range(400))]
+    low, high = median_difference_ci(base, shifted)
+    assert low < 0.001 < high
+    # A few hundred draws from a 10 ms wide spread pin the median to within about a millisecond.
+    assert 0.0002 < high - low < 0.002
+    same_low, same_high = median_difference_ci(base, base)
+    assert same_low <= 0.0 <= same_high
+
+
+def test_open_loop_report_prices_each_proxy_against_the_shard() -> None:
+    def arm(ttfts_ms: list[float], itl_ms: float) -> list[Outcome]:
+        return [
+            Outcome("a", 0.0, 0.0, [t / 1000, t / 1000 + itl_ms / 1000], t / 1000 + 0.02)
+            for t in ttfts_ms
+        ]
+
+    direct = [float(t) for t in range(10, 31)]
+    arms = {
+        "shard_direct": arm(direct, 5.0),
+        "through_router": arm([t + 2.0 for t in direct], 5.5),
+        "through_passthrough": arm([t + 1.0 for t in direct], 5.0),
+    }
+    report = open_loop_report(arms, duration_s=10.0)
+    assert report["shard_direct"]["ttft_ms"]["p50"] == 20.0
+    router, passthrough = report["router_added_ms"], report["passthrough_added_ms"]
+    assert router["ttft_ms"]["p50"] == 2.0 and passthrough["ttft_ms"]["p50"] == 1.0
+    assert router["itl_ms"]["p50"] == 0.5 and passthrough["itl_ms"]["p50"] == 0.0
+    low, high = router["ttft_ms"]["p50_ci95"]
+    assert low <= 2.0 <= high
+    assert "shard_direct_added_ms" not in report
 
 
 def test_report_against_a_target_carries_the_shared_header(fleet, tmp_path: Path) -> None:
