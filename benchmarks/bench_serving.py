@@ -7,9 +7,9 @@ time to first token (TTFT), inter-token latency (ITL) and end-to-end latency per
     python -m benchmarks.bench_serving --target HOST:PORT --rate 20 --requests 500 --out r.json
 
 With `--spawn-tiny` it starts its own shard (the tiny random model on CPU), a router and a bare
-passthrough proxy (the control, benchmarks/passthrough_proxy.py), runs the load with its requests
-dealt in turn straight to the shard, through the router and through the passthrough (so all three
-see the same shard at the same time), and reports the latency each proxy adds:
+passthrough proxy (the control, benchmarks/passthrough_proxy.py) on grpc.aio and one on grpc's
+sync server, runs the load with its requests dealt in turn straight to the shard and through each
+proxy (so all of them see the same shard at the same time), and reports the latency each adds:
 
     python -m benchmarks.bench_serving --spawn-tiny --out benchmarks/results/serving_cpu.json
 """
@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=lambda text: frozenset(text.split(",")),
         help=f"--spawn-tiny: comma list of {' and '.join(MODES)}",
     )
-    for name in ("shard", "router", "passthrough"):
+    for name in ("shard", "router", "passthrough", "threaded"):
         parser.add_argument(f"--{name}-cpus", help=f"--spawn-tiny: taskset CPU list of the {name}")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
@@ -365,12 +365,13 @@ def _spawned_results(
     target: Spawned, spec: LoadSpec, workload: list[Arrival], args: argparse.Namespace
 ) -> dict:
     """The 1-token pairs per proxy (on the most popular adapter) and the open loop straight to
-    the shard vs through the router vs through the passthrough, as --modes asks."""
+    the shard vs through the router vs through each passthrough, as --modes asks."""
     results: dict[str, dict] = {}
     if MODES[0] in args.modes:
         proxies = {
             "router": (target.router, target.router_pid),
             "passthrough_proxy": (target.passthrough, target.passthrough_pid),
+            "threaded_passthrough": (target.threaded, target.threaded_pid),
         }
         results["sequential_1_token"] = {
             name: hop_cost(target.shard, *proxy, spec.adapters[0], args.pairs)
@@ -381,6 +382,7 @@ def _spawned_results(
             "shard_direct": target.shard,
             "through_router": target.router,
             "through_passthrough": target.passthrough,
+            "through_threaded": target.threaded,
         }
         pooled, duration = compare(list(arms.values()), workload, args.repeats)
         results["open_loop"] = open_loop_report(
@@ -392,10 +394,10 @@ def _spawned_results(
 def open_loop_report(arms: dict[str, list[Outcome]], duration_s: float) -> dict:
     """Each arm's summary, and what every arm after the first (the shard, straight) adds to its
     TTFT, ITL and end-to-end percentiles, with a 95% bootstrap interval on the TTFT p50."""
-    (base_name, base), *others = arms.items()
+    base_name, *others = arms
     report = {name: summarize(outcomes, duration_s) for name, outcomes in arms.items()}
     ttfts = {name: _ttfts(outcomes) for name, outcomes in arms.items()}
-    for name, _ in others:
+    for name in others:
         added = {
             metric: {
                 q: round(report[name][metric][q] - report[base_name][metric][q], 3)
@@ -410,7 +412,7 @@ def open_loop_report(arms: dict[str, list[Outcome]], duration_s: float) -> dict:
 
 
 def _pins(args: argparse.Namespace) -> Pins:
-    return Pins(args.shard_cpus, args.router_cpus, args.passthrough_cpus)
+    return Pins(args.shard_cpus, args.router_cpus, args.passthrough_cpus, args.threaded_cpus)
 
 
 @contextmanager

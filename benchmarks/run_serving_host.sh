@@ -6,12 +6,12 @@
 #   OUT=/tmp/serving bash benchmarks/run_serving_host.sh
 #
 # Two runs of benchmarks.bench_serving --spawn-tiny, each with a hard time limit: the 1-token
-# pairs (direct vs router, direct vs passthrough) and the open loop (requests dealt in turn
-# straight to the shard, through the router and through the passthrough). Writes
+# pairs (direct vs each proxy: the router, the grpc.aio passthrough, the thread-based one) and
+# the open loop (requests dealt in turn straight to the shard and through each proxy). Writes
 # $OUT/serving_host_paired.json, $OUT/serving_host_open_loop.json, their logs and $OUT/host.txt
-# (nproc, CPU model, layout). About 190 s; at most ~225 s. Knobs (environment): PAIRS, REQUESTS,
-# RATE, REPEATS, COMMIT, and CLIENT_CPUS ROUTER_CPUS PASSTHROUGH_CPUS SHARD_CPUS (taskset lists;
-# by default chosen from nproc, unpinned below 4 cores).
+# (nproc, CPU model, layout). About 230 s; at most ~280 s. Knobs (environment): PAIRS, REQUESTS,
+# RATE, REPEATS, COMMIT, and CLIENT_CPUS ROUTER_CPUS PASSTHROUGH_CPUS THREADED_CPUS SHARD_CPUS
+# (taskset lists; by default chosen from nproc, unpinned below 4 cores).
 set -uo pipefail
 OUT=${OUT:-/tmp/serving_host}
 mkdir -p "$OUT"
@@ -38,27 +38,28 @@ pick() { local IFS=,; echo "${cpus[*]:$1:$2}"; }
 if [ "$cores" -ge 12 ]; then
   # Two cores each for the grpc processes (event loop + grpc's poller thread), four for the
   # shard (engine thread, event loop, poller); the first two left to the system.
-  layout=("$(pick 2 2)" "$(pick 4 2)" "$(pick 6 2)" "$(pick 8 4)")
+  layout=("$(pick 2 2)" "$(pick 4 2)" "$(pick 6 2)" "$(pick 8 4)" "$(pick 12 2)")
 elif [ "$cores" -ge 4 ]; then
-  # The router and the passthrough share a core: fine for the 1-token pairs, which load one
+  # The router and the passthroughs share a core: fine for the 1-token pairs, which load one
   # at a time; in the open loop they load it together (the 12-core layout separates them).
-  layout=("$(pick 0 1)" "$(pick 1 1)" "$(pick 1 1)" "$(pick 2 $((cores - 2)))")
+  layout=("$(pick 0 1)" "$(pick 1 1)" "$(pick 1 1)" "$(pick 2 $((cores - 2)))" "$(pick 1 1)")
 else
-  layout=("" "" "" "")
+  layout=("" "" "" "" "")
 fi
 CLIENT_CPUS=${CLIENT_CPUS-${layout[0]}}
 ROUTER_CPUS=${ROUTER_CPUS-${layout[1]}}
 PASSTHROUGH_CPUS=${PASSTHROUGH_CPUS-${layout[2]}}
 SHARD_CPUS=${SHARD_CPUS-${layout[3]}}
+THREADED_CPUS=${THREADED_CPUS-${layout[4]}}
 if ! command -v taskset >/dev/null; then
   echo "no taskset here: running unpinned"
-  CLIENT_CPUS="" ROUTER_CPUS="" PASSTHROUGH_CPUS="" SHARD_CPUS=""
+  CLIENT_CPUS="" ROUTER_CPUS="" PASSTHROUGH_CPUS="" SHARD_CPUS="" THREADED_CPUS=""
 fi
 {
   echo "nproc: $cores usable ($(nproc --all) in the machine): ${cpus[*]}"
   grep -m1 'model name' /proc/cpuinfo
   echo "client=${CLIENT_CPUS:-any} router=${ROUTER_CPUS:-any}" \
-    "passthrough=${PASSTHROUGH_CPUS:-any} shard=${SHARD_CPUS:-any}"
+    "passthrough=${PASSTHROUGH_CPUS:-any} threaded=${THREADED_CPUS:-any} shard=${SHARD_CPUS:-any}"
   command -v lscpu >/dev/null && lscpu
 } >"$OUT/host.txt"
 head -3 "$OUT/host.txt"
@@ -67,6 +68,7 @@ pins=()
 [ -n "$ROUTER_CPUS" ] && pins+=(--router-cpus "$ROUTER_CPUS")
 [ -n "$PASSTHROUGH_CPUS" ] && pins+=(--passthrough-cpus "$PASSTHROUGH_CPUS")
 [ -n "$SHARD_CPUS" ] && pins+=(--shard-cpus "$SHARD_CPUS")
+[ -n "$THREADED_CPUS" ] && pins+=(--threaded-cpus "$THREADED_CPUS")
 client=()
 [ -n "$CLIENT_CPUS" ] && client=(taskset -c "$CLIENT_CPUS")
 
@@ -82,8 +84,8 @@ bench() {
   echo "$mode: rc=$rc after $(($(date +%s) - started)) s"
   [ $rc -eq 0 ] || grep -v '"event"' "$OUT/$name.log" | tail -15
 }
-bench paired 75 --pairs "${PAIRS:-800}"
-bench open-loop 130 --requests "${REQUESTS:-240}" --rate "${RATE:-8}" --repeats "${REPEATS:-3}" \
+bench paired 100 --pairs "${PAIRS:-800}"
+bench open-loop 160 --requests "${REQUESTS:-240}" --rate "${RATE:-8}" --repeats "${REPEATS:-4}" \
   --output-tokens 16:48
 
 python3 - "$OUT" <<'EOF'
@@ -106,7 +108,7 @@ for name in ("paired", "open_loop"):
     if "open_loop" in results:
         loop = results["open_loop"]
         print(f"open loop: TTFT p50 direct {loop['shard_direct']['ttft_ms']['p50']} ms")
-        for proxy in ("router", "passthrough"):
+        for proxy in ("router", "passthrough", "threaded"):
             print(
                 f"  {proxy}: TTFT p50 {loop[f'through_{proxy}']['ttft_ms']['p50']} ms, "
                 f"added {json.dumps(loop[f'{proxy}_added_ms'])}"

@@ -1,5 +1,6 @@
-"""The processes `bench_serving --spawn-tiny` measures: a tiny-model CPU shard, a router and a
-bare passthrough proxy in front of it, each optionally pinned to its own CPUs."""
+"""The processes `bench_serving --spawn-tiny` measures: a tiny-model CPU shard, a router and two
+bare passthrough proxies (grpc.aio and thread-based) in front of it, each optionally pinned to its
+own CPUs."""
 
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class Spawned:
     # benchmarks.passthrough_proxy: a bare forwarder, the control for the router.
     passthrough: str
     passthrough_pid: int
+    # The same on grpc's sync server (--threads): what a thread-based router's hop would cost.
+    threaded: str
+    threaded_pid: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,7 @@ class Pins:
     shard: str | None = None
     router: str | None = None
     passthrough: str | None = None
+    threaded: str | None = None
 
 
 def pinned(cpus: str | None, command: list[str]) -> list[str]:
@@ -91,16 +96,15 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 @contextmanager
 def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Iterator[Spawned]:
-    """A tiny-model CPU shard, and a router and a passthrough proxy in front of it."""
+    """A tiny-model CPU shard, and a router and the two passthrough proxies in front of it."""
     from shard.tiny import write_tiny
 
     tiny = write_tiny(workdir / "tiny")
-    shard_port, router_port, passthrough_port = free_port(), free_port(), free_port()
+    shard_port, router_port = free_port(), free_port()
     # One torch thread: on a small machine the shard's parallel matmuls otherwise stall whenever
     # the router or the client takes a core, which would be charged to the router.
     env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json", "OMP_NUM_THREADS": "1"}
     shard, router = f"127.0.0.1:{shard_port}", f"127.0.0.1:{router_port}"
-    passthrough = f"127.0.0.1:{passthrough_port}"
     procs: list[subprocess.Popen] = []
     try:
         shard_args = ["--model", tiny.model_dir, "--adapters", tiny.adapters_dir]
@@ -113,11 +117,17 @@ def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Itera
         router_proc = _launch(procs, workdir, "router", pins.router, router_cmd, env)
         require_serving(router, router_proc)
         wait_placing(router)
-        module = ["-m", "benchmarks.passthrough_proxy", "--shard", shard]
-        command = [sys.executable, *module, "--port", str(passthrough_port)]
-        passthrough_proc = _launch(procs, workdir, "passthrough", pins.passthrough, command, env)
-        require_serving(passthrough, passthrough_proc)
-        yield Spawned(shard, router, router_proc.pid, passthrough, passthrough_proc.pid)
+        proxies = []
+        for name, cpus, flags in (
+            ("passthrough", pins.passthrough, []),
+            ("threaded", pins.threaded, ["--threads"]),
+        ):
+            port = free_port()
+            command = [sys.executable, "-m", "benchmarks.passthrough_proxy", "--shard", shard]
+            proc = _launch(procs, workdir, name, cpus, [*command, "--port", str(port), *flags], env)
+            require_serving(f"127.0.0.1:{port}", proc)
+            proxies += [f"127.0.0.1:{port}", proc.pid]
+        yield Spawned(shard, router, router_proc.pid, *proxies)
     finally:
         _stop(procs)
 
