@@ -7,12 +7,12 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
+from concurrent import futures
 
 import grpc
 import structlog
 import uvloop
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import generate_pb2, generate_pb2_grpc
@@ -39,7 +39,13 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
-    """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period."""
+    """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period.
+
+    The event loop (this thread) runs the control plane: discovery, the shards' load and health
+    watches, the wait queue. The public server is grpc's sync server, whose pool threads carry
+    the Generate streams (router/server.py says why).
+    """
+    loop = asyncio.get_running_loop()
     table = ShardTable(metrics, shard_channel_options(config))
     admission = Admission(
         table,
@@ -49,26 +55,29 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
         config.queue_timeout_s,
         metrics,
     )
-    server = grpc.aio.server(options=server_options(config))
-    generate_pb2_grpc.add_GeneratorServicer_to_server(
-        GeneratorService(table, admission, metrics, config.max_migrations), server
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_streams, thread_name_prefix="rpc"),
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.max_streams,
     )
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    generate_pb2_grpc.add_GeneratorServicer_to_server(
+        GeneratorService(table, admission, metrics, config.max_migrations, loop), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (GENERATOR_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     server.add_insecure_port(str(Endpoint(config.host, config.port)))
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    await server.start()
+    server.start()
     discovery = asyncio.create_task(Discovery(config, table).run(), name="discovery")
     for service in ("", GENERATOR_SERVICE):
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "router serving",
         address=str(Endpoint(config.host, config.port)),
@@ -79,8 +88,10 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     await stop.wait()
 
     log.info("router stopping", grace_s=config.shutdown_grace_s)
-    await health.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace_s)
+    health_servicer.enter_graceful_shutdown()
+    # The loop keeps running meanwhile: draining streams may still queue or migrate.
+    stopped = server.stop(config.shutdown_grace_s)
+    await loop.run_in_executor(None, stopped.wait)
     discovery.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await discovery
@@ -98,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = RouterMetrics()
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
-    # uvloop: each message crossing the router wakes the event loop from grpc's poller thread,
-    # and uvloop's wake-up and task switches cost less CPU than asyncio's (issue 5).
+    # uvloop: the control plane's watches wake the event loop from grpc's poller thread for
+    # every snapshot, and uvloop's wake-up and task switches cost less CPU than asyncio's.
     uvloop.run(serve(config, metrics))
 
 
