@@ -7,12 +7,12 @@ import contextlib
 import signal
 import sys
 from collections.abc import Sequence
-from concurrent import futures
 
 import grpc
 import structlog
 import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import generate_pb2, generate_pb2_grpc
@@ -39,13 +39,7 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
-    """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period.
-
-    The event loop (this thread) runs the control plane: discovery, the shards' load and health
-    watches, the wait queue. The public server is grpc's sync server, whose pool threads carry
-    the Generate streams (router/server.py says why).
-    """
-    loop = asyncio.get_running_loop()
+    """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period."""
     table = ShardTable(metrics, shard_channel_options(config))
     admission = Admission(
         table,
@@ -55,29 +49,26 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
         config.queue_timeout_s,
         metrics,
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_streams, thread_name_prefix="rpc"),
-        options=server_options(config),
-        maximum_concurrent_rpcs=config.max_streams,
-    )
+    server = grpc.aio.server(options=server_options(config))
     generate_pb2_grpc.add_GeneratorServicer_to_server(
-        GeneratorService(table, admission, metrics, config.max_migrations, loop), server
+        GeneratorService(table, admission, metrics, config.max_migrations), server
     )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (GENERATOR_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     server.add_insecure_port(str(Endpoint(config.host, config.port)))
 
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server.start()
+    await server.start()
     discovery = asyncio.create_task(Discovery(config, table).run(), name="discovery")
     for service in ("", GENERATOR_SERVICE):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "router serving",
         address=str(Endpoint(config.host, config.port)),
@@ -88,10 +79,8 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     await stop.wait()
 
     log.info("router stopping", grace_s=config.shutdown_grace_s)
-    health_servicer.enter_graceful_shutdown()
-    # The loop keeps running meanwhile: draining streams may still queue or migrate.
-    stopped = server.stop(config.shutdown_grace_s)
-    await loop.run_in_executor(None, stopped.wait)
+    await health.enter_graceful_shutdown()
+    await server.stop(config.shutdown_grace_s)
     discovery.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await discovery
@@ -109,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     metrics = RouterMetrics()
     if config.metrics_port is not None:
         metrics.serve(config.metrics_port)
-    # uvloop: the control plane's watches wake the event loop from grpc's poller thread for
-    # every snapshot, and uvloop's wake-up and task switches cost less CPU than asyncio's.
+    # uvloop: each message crossing the router wakes the event loop from grpc's poller thread,
+    # and uvloop's wake-up and task switches cost less CPU than asyncio's (issue 5).
     uvloop.run(serve(config, metrics))
 
 

@@ -1,16 +1,13 @@
 """Admission: places requests with the policy, or parks them in a bounded FCFS queue.
 
 The queue is served in order whenever the shard table changes (a snapshot, a health change, a
-shard joining or leaving, a call ending): the head is placed if any shard fits it, and nobody
-overtakes it. The queue lives on the event loop; data-path threads place at once with
-`place_now` and only wait through the loop (`place`) when that fails.
+shard joining or leaving): the head is placed if any shard fits it, and nobody overtakes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 from dataclasses import dataclass
 
 from router.metrics import RouterMetrics
@@ -69,23 +66,12 @@ class Admission:
         self._queue_timeout_s = queue_timeout_s
         self._metrics = metrics
         self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        table.subscribe(self._table_changed)
+        table.subscribe(self._serve_queue)
 
     @property
     def depth(self) -> int:
         """Requests waiting now."""
         return sum(not w.placed.done() for w in self._waiters)
-
-    def place_now(self, demand: Demand, resumed: bool = False) -> Reservation | None:
-        """A reservation when a shard fits and nobody waits ahead (any thread), else None.
-
-        A resumed request may overtake the queue: it was admitted before everyone waiting.
-        """
-        if self._waiters and not resumed:
-            return None
-        return self._try(demand)
 
     async def place(self, demand: Demand, resumed: bool = False) -> Reservation:
         """Returns the request's reservation on the shard it goes to; the caller releases it.
@@ -120,19 +106,9 @@ class Admission:
             self._serve_queue()
 
     def _try(self, demand: Demand) -> Reservation | None:
-        # Under the table's lock: no other thread places on the room this one was shown.
-        with self._table.lock:
-            address = self._rule(self._table.loads(), demand, self._residency_first)
-            handle = self._table.get(address) if address is not None else None
-            return handle.reserve(demand) if handle is not None else None
-
-    def _table_changed(self) -> None:
-        if not self._waiters:
-            return
-        if threading.get_ident() == self._loop_thread:
-            self._serve_queue()
-        else:
-            self._loop.call_soon_threadsafe(self._serve_queue)
+        address = self._rule(self._table.loads(), demand, self._residency_first)
+        handle = self._table.get(address) if address is not None else None
+        return handle.reserve(demand) if handle is not None else None
 
     def _serve_queue(self) -> None:
         while self._waiters:

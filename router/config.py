@@ -70,9 +70,6 @@ class RouterConfig:
     residency_first: bool = False
     # Requests that may wait for room; one more gets RESOURCE_EXHAUSTED. 0 disables waiting.
     queue_size: int = 256
-    # Generate streams (and other calls) open at once: each holds one data-path thread; one more
-    # gets RESOURCE_EXHAUSTED from grpc. Size it above the fleet's total max batch plus the queue.
-    max_streams: int = 1024
     # Seconds a request may wait for room before it fails (its own deadline may end it sooner).
     queue_timeout_s: float = 60.0
     # Prometheus HTTP port; None disables the exporter.
@@ -115,8 +112,6 @@ class RouterConfig:
         ):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        if self.max_streams < 1:
-            raise ConfigError(f"--max-streams must be >= 1, got {self.max_streams}")
         if self.max_connection_age_s < 0:
             raise ConfigError(
                 f"--max-connection-age-s must be >= 0 (0: never), got {self.max_connection_age_s}"
@@ -185,11 +180,6 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("--queue-size", default=env_default("LORAFLEET_QUEUE_SIZE", "256"))
     parser.add_argument("--queue-timeout-s", default=env_default("LORAFLEET_QUEUE_TIMEOUT_S", "60"))
-    parser.add_argument(
-        "--max-streams",
-        default=env_default("LORAFLEET_MAX_STREAMS", "1024"),
-        help="calls open at once (one thread each); one more gets RESOURCE_EXHAUSTED",
-    )
     parser.add_argument("--metrics-port", default=env_default("LORAFLEET_METRICS_PORT", None))
     parser.add_argument(
         "--log-format",
@@ -258,7 +248,6 @@ def parse_config(
         residency_first=args.residency_first,
         queue_size=int(_number("--queue-size", args.queue_size, int)),
         queue_timeout_s=float(_number("--queue-timeout-s", args.queue_timeout_s, float)),
-        max_streams=int(_number("--max-streams", args.max_streams, int)),
         metrics_port=(
             None
             if args.metrics_port in (None, "", "0")

@@ -3,22 +3,13 @@
 A request that a shard gives up (migration notice, UNAVAILABLE, dropped connection) is placed
 again with every token already forwarded, so the client's stream continues with nothing lost or
 repeated. Shard errors pass through with their status and message.
-
-The data path runs on threads: grpc's sync server gives each stream a pool thread, which places
-the request (under the shard table's lock) and reads the shard's stream on a channel whose calls
-complete on that same thread. Nothing on the path waits for the event loop, which keeps the
-control plane (load and health watches, discovery, the wait queue); only a request that has to
-queue, and the fan-out calls, cross to it. A grpc.aio hop costs more: every message is handed
-from grpc's poller thread to the loop (benchmarks/results/README.md, issue 5).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -78,15 +69,6 @@ class _Progress:
     queued_s: float = 0.0
     first_token_s: float = 0.0
     last_write: float = 0.0
-    # What a client cancel must stop: the shard call or the wait for a place, whichever runs.
-    cancel_current: Callable[[], object] | None = None
-    client_gone: bool = False
-
-    def cancel(self) -> None:
-        """The client went away (the RPC's termination callback, on grpc's thread)."""
-        self.client_gone = True
-        if self.cancel_current is not None:
-            self.cancel_current()
 
     def resume(self) -> shard_pb2.ResumeState:
         return shard_pb2.ResumeState(
@@ -97,22 +79,8 @@ class _Progress:
         )
 
 
-# The sync server's time_remaining() without a client deadline: about 2**63 ns.
-_NO_DEADLINE_S = 1e15
-
-
-def _remaining_s(context: grpc.ServicerContext) -> float | None:
-    """Seconds left of the client's deadline, None when it set none."""
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
-
-
-class _ClientGone(Exception):
-    """The client cancelled or its deadline passed: stop without migrating."""
-
-
 class GeneratorService(generate_pb2_grpc.GeneratorServicer):
-    """`lorafleet.v1.Generator` in front of the shard table (grpc's sync server: pool threads)."""
+    """`lorafleet.v1.Generator` in front of the shard table."""
 
     def __init__(
         self,
@@ -120,17 +88,15 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         admission: Admission,
         metrics: RouterMetrics,
         max_migrations: int,
-        loop: asyncio.AbstractEventLoop,
     ):
         self._table = table
         self._admission = admission
         self._metrics = metrics
         self._max_migrations = max_migrations
-        self._loop = loop
 
-    def Generate(
-        self, request: generate_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[generate_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         """Streams the completion from a shard, moving it to another shard when needed.
 
         Errors: RESOURCE_EXHAUSTED when no shard has room and the wait queue is full (with a
@@ -140,35 +106,36 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         if not request.request_id:
             request.request_id = uuid.uuid4().hex
         progress = _Progress(arrived=time.monotonic())
-        context.add_callback(progress.cancel)
         status = grpc.StatusCode.OK
         with structlog.contextvars.bound_contextvars(
             request_id=request.request_id, adapter_id=request.adapter_id
         ):
             try:
-                yield from self._generate(request, context, progress)
+                await self._generate(request, context, progress)
             except RequestFailed as failure:
                 status = failure.code
                 log.info("request failed", code=failure.code.name, details=failure.details)
-                if failure.retry_hint:
-                    context.set_trailing_metadata((("grpc-retry-pushback-ms", _RETRY_PUSHBACK_MS),))
-                context.abort(failure.code, failure.details)
-            except (_ClientGone, GeneratorExit):
+                pushback = (("grpc-retry-pushback-ms", _RETRY_PUSHBACK_MS),)
+                await context.abort(
+                    failure.code, failure.details, pushback if failure.retry_hint else ()
+                )
+            except asyncio.CancelledError:
                 status = grpc.StatusCode.CANCELLED
                 log.info("request cancelled", tokens=len(progress.token_ids))
+                raise
             finally:
                 self._metrics.request_ended(request.adapter_id, status.name)
 
-    def _generate(
+    async def _generate(
         self,
         request: generate_pb2.GenerateRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         progress: _Progress,
-    ) -> Iterator[generate_pb2.GenerateResponse]:
+    ) -> None:
         while True:
-            reservation = self._place(request, progress)
+            reservation = await self._place(request, progress)
             with structlog.contextvars.bound_contextvars(shard=reservation.handle.address):
-                reason = yield from self._run_on(reservation, request, context, progress)
+                reason = await self._run_on(reservation, request, context, progress)
                 if reason is None:
                     return
                 progress.migrations += 1
@@ -183,80 +150,53 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                     retry_hint=True,
                 )
 
-    def _place(self, request: generate_pb2.GenerateRequest, progress: _Progress) -> Reservation:
-        """A shard for the request: at once on this thread, else through the loop's queue."""
+    async def _place(
+        self, request: generate_pb2.GenerateRequest, progress: _Progress
+    ) -> Reservation:
         demand = Demand(request.adapter_id, context_bound(request) + len(progress.token_ids))
         start = time.monotonic()
-        resumed = progress.migrations > 0
-        reservation = self._admission.place_now(demand, resumed)
-        if reservation is None:
-            reservation = self._wait_for_place(demand, resumed, progress)
-        waited = time.monotonic() - start
-        progress.queued_s += waited
-        if not resumed:
-            progress.first_queue_s = waited
-        self._metrics.queue_time.observe(waited)
-        return reservation
-
-    def _wait_for_place(self, demand: Demand, resumed: bool, progress: _Progress) -> Reservation:
-        placing = asyncio.run_coroutine_threadsafe(
-            self._admission.place(demand, resumed), self._loop
-        )
-        progress.cancel_current = placing.cancel
-        if progress.client_gone:
-            placing.cancel()
         try:
-            return placing.result()
-        except concurrent.futures.CancelledError:
-            raise _ClientGone from None
+            reservation = await self._admission.place(demand, resumed=progress.migrations > 0)
         except QueueFull as err:
             raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err), True) from None
         except QueueTimeout as err:
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if err.shards else grpc.StatusCode.UNAVAILABLE
             raise RequestFailed(code, str(err), True) from None
-        finally:
-            progress.cancel_current = None
+        waited = time.monotonic() - start
+        progress.queued_s += waited
+        if progress.migrations == 0:
+            progress.first_queue_s = waited
+        self._metrics.queue_time.observe(waited)
+        return reservation
 
-    def _run_on(
+    async def _run_on(
         self,
         reservation: Reservation,
         request: generate_pb2.GenerateRequest,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext,
         progress: _Progress,
-    ) -> Iterator[generate_pb2.GenerateResponse]:
-        """Proxies one leg; its value is None when finished, else the reason to migrate."""
+    ) -> str | None:
+        """Proxies one leg; returns None when finished, else the reason to migrate."""
         handle = reservation.handle
         shard_request = shard_pb2.ShardGenerateRequest(
             request=request, resume=progress.resume() if progress.migrations else None
         )
         with handle.call():
             # Deadlines do not cross a proxy by themselves: hand the remainder down.
-            call = handle.shard.Generate(shard_request, timeout=_remaining_s(context))
-            progress.cancel_current = call.cancel
+            call = handle.shard.Generate(shard_request, timeout=context.time_remaining())
             try:
-                if progress.client_gone:
-                    raise _ClientGone
-                answered = False
-                for message in call:
-                    if not answered:
-                        reservation.answered()
-                        answered = True
+                async for message in call:
+                    reservation.answered()
                     if message.HasField("migration"):
                         return self._on_migration(handle, message.migration, progress)
-                    chunk = self._forward(message.chunk, progress)
-                    yield chunk
-                    if chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
-                        self._log_finished(chunk)
+                    if await self._forward(message.chunk, context, progress):
                         return None
                 log.warning("shard stream ended without a finish reason")
-            except grpc.RpcError as err:
-                if progress.client_gone:
-                    raise _ClientGone from None
+            except grpc.aio.AioRpcError as err:
                 if err.code() not in _MIGRATABLE:
                     raise RequestFailed(err.code(), err.details() or err.code().name) from None
                 log.warning("shard call failed", code=err.code().name, details=err.details())
             finally:
-                progress.cancel_current = None
                 call.cancel()
                 reservation.release()
         handle.mark_failed()
@@ -278,10 +218,13 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             )
         return _MIGRATION_REASONS.get(migration.reason, _SHARD_FAILED)
 
-    def _forward(
-        self, chunk: generate_pb2.GenerateResponse, progress: _Progress
-    ) -> generate_pb2.GenerateResponse:
-        """Records one chunk for the client (tokens, timings, the last one's usage)."""
+    async def _forward(
+        self,
+        chunk: generate_pb2.GenerateResponse,
+        context: grpc.aio.ServicerContext,
+        progress: _Progress,
+    ) -> bool:
+        """Writes one chunk to the client; returns True when it was the last one."""
         now = time.monotonic()
         if chunk.token_ids:
             if not progress.token_ids:
@@ -292,7 +235,8 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                 self._metrics.inter_token_latency.observe(gap)
             progress.token_ids.extend(chunk.token_ids)
             progress.last_write = now
-        if chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+        last = chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+        if last:
             usage = chunk.usage
             if progress.migrations:
                 # A shard reports its queue time only with its last message, so a migrated
@@ -303,34 +247,24 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             usage.generated_tokens = len(progress.token_ids)
             usage.time_to_first_token_s = progress.first_token_s
             usage.migrations = progress.migrations
-        return chunk
+        await context.write(chunk)
+        if last:
+            # Logged after the write: the client should not wait for a log line.
+            log.info(
+                "request finished",
+                reason=generate_pb2.FinishReason.Name(chunk.finish_reason),
+                tokens=chunk.usage.generated_tokens,
+                migrations=chunk.usage.migrations,
+            )
+        return last
 
-    @staticmethod
-    def _log_finished(chunk: generate_pb2.GenerateResponse) -> None:
-        # Logged after the last chunk went out: the client should not wait for a log line.
-        log.info(
-            "request finished",
-            reason=generate_pb2.FinishReason.Name(chunk.finish_reason),
-            tokens=chunk.usage.generated_tokens,
-            migrations=chunk.usage.migrations,
-        )
-
-    def ListAdapters(
-        self, request: generate_pb2.ListAdaptersRequest, context: grpc.ServicerContext
+    async def ListAdapters(
+        self, request: generate_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.ListAdaptersResponse:
         """Every adapter of every serving shard, one entry per (adapter, shard), `shard` set.
 
         Shards that do not answer within a few seconds are left out; UNAVAILABLE when none does.
         """
-        fanout = asyncio.run_coroutine_threadsafe(self._list_adapters(request), self._loop)
-        response = fanout.result()
-        if response is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
-        return response
-
-    async def _list_adapters(
-        self, request: generate_pb2.ListAdaptersRequest
-    ) -> generate_pb2.ListAdaptersResponse | None:
         handles = self._table.serving()
         replies = await asyncio.gather(
             *(h.generator.ListAdapters(request, timeout=_FANOUT_TIMEOUT_S) for h in handles),
@@ -348,20 +282,14 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             for adapter in reply.adapters:
                 adapter.shard = handle.address
                 response.adapters.append(adapter)
-        return response if answered else None
+        if not answered:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
+        return response
 
-    def GetInfo(
-        self, request: generate_pb2.GetInfoRequest, context: grpc.ServicerContext
+    async def GetInfo(
+        self, request: generate_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GetInfoResponse:
         """The base model as a serving shard describes it, with the router's serving shards."""
-        info = asyncio.run_coroutine_threadsafe(self._get_info(request), self._loop).result()
-        if info is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
-        return info
-
-    async def _get_info(
-        self, request: generate_pb2.GetInfoRequest
-    ) -> generate_pb2.GetInfoResponse | None:
         handles = self._table.serving()
         for handle in handles:
             try:
@@ -372,7 +300,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             del info.shards[:]
             info.shards.extend(h.address for h in handles)
             return info
-        return None
+        await context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
 
     def _no_shard_details(self) -> str:
         known = self._table.addresses()

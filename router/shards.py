@@ -10,24 +10,18 @@ first. Snapshots race dispatches and answers (they come on another stream, at mo
 trusting the next snapshot alone would forget requests still in flight, and dropping a request at
 its first message would forget it until a snapshot shows it, so that a burst on a slow machine
 could land one request too many on a shard.
-
-Threads: the watches run on the router's event loop, the proxied calls on the data path's pool
-threads (router/server.py). One lock, the table's, guards every handle's believed load, so that
-placing and counting a request is one step against snapshots and other placements.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import threading
 import time
 from collections.abc import AsyncIterable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
 import grpc
-import grpc.experimental
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -80,33 +74,20 @@ class Reservation:
 
 
 class ShardHandle:
-    """One shard: its channels and stubs, its health, and the load the router believes it has."""
+    """One shard: its channel and stubs, its health, and the load the router believes it has."""
 
     def __init__(
         self,
         address: str,
         metrics: RouterMetrics,
         on_change: Callable[[], None],
-        lock: threading.RLock,
         channel_options: ChannelOptions = (),
     ):
         self.address = address
-        # The event loop's channel: watches and the fan-out calls (ListAdapters, GetInfo).
         self.channel = grpc.aio.insecure_channel(address, options=channel_options)
+        self.shard = shard_pb2_grpc.ShardStub(self.channel)
         self.generator = generate_pb2_grpc.GeneratorStub(self.channel)
-        self._watch = shard_pb2_grpc.ShardStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
-        # The data path's channel: a Generate call completes on the thread that reads it, with no
-        # hand-off through grpc's poller thread.
-        self.sync_channel = grpc.insecure_channel(
-            address,
-            options=[
-                *channel_options,
-                (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-            ],
-        )
-        self.shard = shard_pb2_grpc.ShardStub(self.sync_channel)
-        self._lock = lock
         self._metrics = metrics
         # Labelled children looked up once: a busy shard sends a snapshot per batch change.
         self._running_gauge = metrics.shard_running.labels(address)
@@ -126,7 +107,7 @@ class ShardHandle:
         health = health_pb2.HealthCheckRequest(service="")
         watches = {
             "load stream": (
-                lambda: self._watch.WatchLoad(shard_pb2.WatchLoadRequest()),
+                lambda: self.shard.WatchLoad(shard_pb2.WatchLoadRequest()),
                 self._accept,
                 self._load_lost,
             ),
@@ -152,84 +133,70 @@ class ShardHandle:
 
     def load(self) -> ShardLoad | None:
         """The believed load, or None while the shard is not eligible for placement."""
-        with self._lock:
-            load = self._load
-            if load is None or not self.eligible():
-                return None
-            if not self._pending:
-                return load
-            return dataclasses.replace(
-                load,
-                running=load.running + len(self._pending),
-                kv_pages_free=max(0, load.kv_pages_free - sum(self._pending.values())),
-            )
+        load = self._load
+        if load is None or not self.eligible():
+            return None
+        if not self._pending:
+            return load
+        return dataclasses.replace(
+            load,
+            running=load.running + len(self._pending),
+            kv_pages_free=max(0, load.kv_pages_free - sum(self._pending.values())),
+        )
 
     def reserve(self, demand: Demand) -> Reservation:
         """Counts a dispatched request on this shard until the reservation is released."""
-        with self._lock:
-            page_size = self._load.kv_page_size if self._load is not None else 1
-            reservation = Reservation(self)
-            self._pending[reservation] = demand.pages(page_size)
-            return reservation
+        page_size = self._load.kv_page_size if self._load is not None else 1
+        reservation = Reservation(self)
+        self._pending[reservation] = demand.pages(page_size)
+        return reservation
 
     def answered(self, reservation: Reservation) -> None:
         """The shard admitted a dispatched request: it counts until the next snapshot."""
-        with self._lock:
-            if reservation in self._pending:
-                self._answered.add(reservation)
+        if reservation in self._pending:
+            self._answered.add(reservation)
 
     def release(self, reservation: Reservation) -> None:
         """Stops counting a dispatched request (the shard now reports it itself)."""
-        with self._lock:
-            self._answered.discard(reservation)
-            released = self._pending.pop(reservation, None) is not None
-        if released:
+        self._answered.discard(reservation)
+        if self._pending.pop(reservation, None) is not None:
             self._on_change()
 
     def mark_failed(self) -> None:
         """A call failed as if the shard were gone: no placements until it sends a snapshot."""
-        with self._lock:
-            self._load = None
+        self._load = None
         self._on_change()
 
     def mark_full(self) -> None:
         """The shard just ran out of KV pages: no placements needing pages until it says more."""
-        with self._lock:
-            if self._load is not None:
-                self._load = dataclasses.replace(self._load, kv_pages_free=0)
+        if self._load is not None:
+            self._load = dataclasses.replace(self._load, kv_pages_free=0)
 
     def mark_draining(self) -> None:
         """The shard said it drains: no placements, whatever a stale snapshot says."""
-        with self._lock:
-            if self._load is not None:
-                self._load = dataclasses.replace(self._load, draining=True)
+        if self._load is not None:
+            self._load = dataclasses.replace(self._load, draining=True)
 
     @contextmanager
     def call(self) -> Iterator[None]:
-        """Scope of one proxied call; a removed shard's data channel closes after its last call."""
-        with self._lock:
-            self._active_calls += 1
+        """Scope of one proxied call; a removed shard's channel closes after its last call."""
+        self._active_calls += 1
         try:
             yield
         finally:
-            with self._lock:
-                self._active_calls -= 1
-                last = self._removed and self._active_calls == 0
-            if last:
-                self.sync_channel.close()
+            self._active_calls -= 1
+            if self._removed and self._active_calls == 0:
+                asyncio.get_running_loop().create_task(self.channel.close())
 
     async def close(self) -> None:
-        """Leaves the table: stops the watches; the data channel closes once no call uses it."""
-        with self._lock:
-            self._removed = True
-            idle = self._active_calls == 0
+        """Leaves the table: stops the watches; the channel closes once no call uses it."""
+        self._removed = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._metrics.forget_shard(self.address)
-        await self.channel.close()
-        if idle:
-            self.sync_channel.close()
+        if self._active_calls == 0:
+            await self.channel.close()
 
     async def _keep_watching(
         self,
@@ -259,20 +226,19 @@ class ShardHandle:
 
     def _accept(self, message: shard_pb2.WatchLoadResponse) -> None:
         snapshot = message.snapshot
+        first = self._load is None
         load = load_from_proto(snapshot, self.address)
-        with self._lock:
-            first = self._load is None
-            grown = load.occupancy - (0 if first else self._load.occupancy)
-            # Answered requests are in this snapshot and account for part of its growth; the
-            # rest of the growth takes over the oldest reservations.
-            for reservation in self._answered:
-                del self._pending[reservation]
-            grown -= len(self._answered)
-            self._answered.clear()
-            for reservation in list(self._pending)[: max(0, grown)]:
-                del self._pending[reservation]
-            self._load = load
-            self._received_at = time.monotonic()
+        grown = load.occupancy - (0 if first else self._load.occupancy)
+        # Answered requests are in this snapshot and account for part of its growth; the rest
+        # of the growth takes over the oldest reservations.
+        for reservation in self._answered:
+            del self._pending[reservation]
+        grown -= len(self._answered)
+        self._answered.clear()
+        for reservation in list(self._pending)[: max(0, grown)]:
+            del self._pending[reservation]
+        self._load = load
+        self._received_at = time.monotonic()
         self._running_gauge.set(snapshot.running)
         self._pages_gauge.set(snapshot.kv_pages_total - snapshot.kv_pages_free)
         if first:
@@ -280,10 +246,8 @@ class ShardHandle:
         self._on_change()
 
     def _load_lost(self) -> None:
-        with self._lock:
-            lost = self._load is not None
+        if self._load is not None:
             self._load = None
-        if lost:
             self._on_change()
 
     def _health_said(self, message: health_pb2.HealthCheckResponse) -> None:
@@ -302,8 +266,6 @@ class ShardTable:
     def __init__(self, metrics: RouterMetrics, channel_options: ChannelOptions = ()):
         self._metrics = metrics
         self._channel_options = channel_options
-        # Re-entrant: a change seen under it (a release) may place a waiting request.
-        self.lock = threading.RLock()
         self._shards: dict[str, ShardHandle] = {}
         self._listeners: list[Callable[[], None]] = []
         # Counted when scraped (in the exporter's thread), not on every snapshot; that also
@@ -311,17 +273,14 @@ class ShardTable:
         metrics.shards.set_function(self._eligible_count)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
-        """Calls `listener` whenever a shard's state changes, on the thread that changed it: the
-        event loop's (snapshots, health, membership) or a data-path thread (a call ending)."""
+        """Calls `listener` (synchronously, in the event loop) whenever a shard's state changes."""
         self._listeners.append(listener)
 
     def add(self, address: str) -> None:
         """Starts watching a shard; it becomes eligible once SERVING with a first snapshot."""
         if address not in self._shards:
             log.info("shard added", shard=address)
-            handle = ShardHandle(
-                address, self._metrics, self._changed, self.lock, self._channel_options
-            )
+            handle = ShardHandle(address, self._metrics, self._changed, self._channel_options)
             self._shards[address] = handle
             handle.start()
 
@@ -343,11 +302,11 @@ class ShardTable:
 
     def serving(self) -> list[ShardHandle]:
         """Shards eligible for placement now."""
-        return [h for h in list(self._shards.values()) if h.load() is not None]
+        return [h for h in self._shards.values() if h.load() is not None]
 
     def loads(self) -> list[ShardLoad]:
         """Believed loads of the eligible shards."""
-        return [load for h in list(self._shards.values()) if (load := h.load()) is not None]
+        return [load for h in self._shards.values() if (load := h.load()) is not None]
 
     async def close(self) -> None:
         """Removes every shard."""

@@ -16,10 +16,8 @@ from router.config import (
 
 def test_config_from_flags_and_environment():
     config = parse_config(
-        ["--shard", "h1:1", "--shard", "[::1]:2", "--queue-size", "3"],
-        {"LORAFLEET_PORT": "7000", "LORAFLEET_MAX_STREAMS": "64"},
+        ["--shard", "h1:1", "--shard", "[::1]:2", "--queue-size", "3"], {"LORAFLEET_PORT": "7000"}
     )
-    assert config.max_streams == 64
     assert config.shards == (Endpoint("h1", 1), Endpoint("::1", 2))
     assert str(config.shards[1]) == "[::1]:2"
     assert (config.port, config.queue_size, config.policy) == (7000, 3, Policy.CONSOLIDATE)
@@ -42,7 +40,6 @@ def test_config_from_flags_and_environment():
         (["--shard", "a:70000"], "outside 1..65535"),
         (["--shard", "a:1", "--shard", "a:1"], "twice"),
         (["--shard", "a:1", "--queue-size", "-1"], "--queue-size"),
-        (["--shard", "a:1", "--max-streams", "0"], "--max-streams"),
         (["--shard", "a:1", "--port", "x"], "expected an integer"),
         (["--shard", "a:1", "--dns-server", "127.0.0.1:53"], "--dns-server"),
         (["--shard", "a:1", "--max-connection-age-s", "-1"], "--max-connection-age-s"),
