@@ -185,8 +185,12 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             # Deadlines do not cross a proxy by themselves: hand the remainder down.
             call = handle.shard.Generate(shard_request, timeout=context.time_remaining())
             try:
+                answered = False
                 async for message in call:
-                    reservation.answered()
+                    if not answered:
+                        # The shard admitted the request: its next snapshot counts it.
+                        reservation.answered()
+                        answered = True
                     if message.HasField("migration"):
                         return self._on_migration(handle, message.migration, progress)
                     if await self._forward(message.chunk, context, progress):
