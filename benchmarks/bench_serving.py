@@ -12,30 +12,35 @@ sync server, runs the load with its requests dealt in turn straight to the shard
 proxy (so all of them see the same shard at the same time), and reports the latency each adds:
 
     python -m benchmarks.bench_serving --spawn-tiny --out benchmarks/results/serving_cpu.json
+
+Statistics (percentiles, summaries, bootstrap intervals) live in benchmarks/serving_stats.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
-import math
 import os
 import random
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 
 from benchmarks.serving_procs import Pins, Spawned, cpu_seconds, machine, spawn_tiny
+from benchmarks.serving_stats import (
+    Outcome,
+    open_loop_report,
+    spread_ms,
+    summarize,
+)
 from benchmarks.timing import provenance
 from protos import generate_pb2, generate_pb2_grpc
 
@@ -65,20 +70,6 @@ class Arrival:
     max_new_tokens: int
 
 
-@dataclass(slots=True)
-class Outcome:
-    """What the client saw of one request; times in seconds from its send."""
-
-    adapter_id: str
-    # When it was sent, in seconds from the start of the run, and its scheduled time.
-    sent_s: float = 0.0
-    scheduled_s: float = 0.0
-    # One entry per received token; tokens of one message share its arrival time.
-    token_times: list[float] = field(default_factory=list)
-    end_s: float = 0.0
-    error: str | None = None
-
-
 def make_workload(spec: LoadSpec) -> list[Arrival]:
     """The requests and their send times; the same spec always gives the same workload."""
     rng = random.Random(spec.seed)
@@ -98,51 +89,6 @@ def make_workload(spec: LoadSpec) -> list[Arrival]:
             )
         )
     return arrivals
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def _spread_ms(values: Sequence[float]) -> dict[str, float]:
-    return {f"p{q}": round(percentile(values, q) * 1000, 3) for q in (50, 90, 99)}
-
-
-def _ttfts(outcomes: Sequence[Outcome]) -> list[float]:
-    return [o.token_times[0] for o in outcomes if o.error is None and o.token_times]
-
-
-def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
-    """Throughput and latency percentiles (milliseconds) of finished requests."""
-    done = [o for o in outcomes if o.error is None]
-    lag_s = max((o.sent_s - o.scheduled_s for o in outcomes), default=0.0)
-    itl = [b - a for o in done for a, b in itertools.pairwise(o.token_times)]
-    tokens = sum(len(o.token_times) for o in done)
-    errors: dict[str, int] = {}
-    for o in outcomes:
-        if o.error is not None:
-            errors[o.error] = errors.get(o.error, 0) + 1
-    return {
-        "requests": len(outcomes),
-        "ok": len(done),
-        "errors": errors,
-        "duration_s": round(duration_s, 3),
-        "requests_per_s": round(len(done) / duration_s, 3),
-        "output_tokens_per_s": round(tokens / duration_s, 1),
-        "ttft_ms": _spread_ms(_ttfts(done)),
-        "itl_ms": _spread_ms(itl),
-        "e2e_ms": _spread_ms([o.end_s for o in done]),
-        # How late the generator sent requests: large values mean the client, not the server,
-        # limited the load.
-        "send_lag_ms_max": round(lag_s * 1000, 3),
-    }
 
 
 def _request(arrival: Arrival) -> generate_pb2.GenerateRequest:
@@ -238,24 +184,6 @@ def compare(
     return pooled, duration
 
 
-def median_difference_ci(
-    base: Sequence[float], other: Sequence[float], level: float = 0.95, resamples: int = 2000
-) -> tuple[float, float]:
-    """Bootstrap interval of median(other) - median(base), each sample resampled on its own.
-
-    The open loop's TTFTs spread over a whole decode step, so a p50 difference from a few hundred
-    requests carries an error of a good part of a millisecond; this says how much.
-    """
-    rng = random.Random(0)
-    diffs = sorted(
-        statistics.median(rng.choices(other, k=len(other)))
-        - statistics.median(rng.choices(base, k=len(base)))
-        for _ in range(resamples)
-    )
-    tail = (1 - level) / 2
-    return diffs[int(tail * (resamples - 1))], diffs[int((1 - tail) * (resamples - 1))]
-
-
 async def _paired(
     shard: str, proxy: str, proxy_pid: int, arrival: Arrival, count: int
 ) -> tuple[list[float], float]:
@@ -291,9 +219,9 @@ def hop_cost(shard: str, proxy: str, proxy_pid: int, adapter_id: str, count: int
     added = [p - d for d, p in zip(direct, proxied, strict=True)]
     return {
         "pairs": count,
-        "ttft_ms_direct": _spread_ms(direct),
-        "ttft_ms_proxied": _spread_ms(proxied),
-        "added_ttft_ms": _spread_ms(added),
+        "ttft_ms_direct": spread_ms(direct),
+        "ttft_ms_proxied": spread_ms(proxied),
+        "added_ttft_ms": spread_ms(added),
         # The router's includes the load snapshots it handles meanwhile.
         "proxy_cpu_ms_per_request": round(proxy_cpu_s / count * 1000, 3),
     }
@@ -365,7 +293,7 @@ def _spawned_results(
     target: Spawned, spec: LoadSpec, workload: list[Arrival], args: argparse.Namespace
 ) -> dict:
     """The 1-token pairs per proxy (on the most popular adapter) and the open loop straight to
-    the shard vs through the router vs through each passthrough, as --modes asks."""
+    the shard vs through each proxy, as --modes asks."""
     results: dict[str, dict] = {}
     if MODES[0] in args.modes:
         proxies = {
@@ -389,26 +317,6 @@ def _spawned_results(
             {name: pooled[address] for name, address in arms.items()}, duration
         )
     return results
-
-
-def open_loop_report(arms: dict[str, list[Outcome]], duration_s: float) -> dict:
-    """Each arm's summary, and what every arm after the first (the shard, straight) adds to its
-    TTFT, ITL and end-to-end percentiles, with a 95% bootstrap interval on the TTFT p50."""
-    base_name, *others = arms
-    report = {name: summarize(outcomes, duration_s) for name, outcomes in arms.items()}
-    ttfts = {name: _ttfts(outcomes) for name, outcomes in arms.items()}
-    for name in others:
-        added = {
-            metric: {
-                q: round(report[name][metric][q] - report[base_name][metric][q], 3)
-                for q in report[base_name][metric]
-            }
-            for metric in ("ttft_ms", "itl_ms", "e2e_ms")
-        }
-        low, high = median_difference_ci(ttfts[base_name], ttfts[name])
-        added["ttft_ms"]["p50_ci95"] = [round(low * 1000, 3), round(high * 1000, 3)]
-        report[name.replace("through_", "") + "_added_ms"] = added
-    return report
 
 
 def _pins(args: argparse.Namespace) -> Pins:

@@ -19,17 +19,19 @@ import pytest
 
 from benchmarks.bench_serving import (
     LoadSpec,
-    Outcome,
     main,
     make_workload,
+    run_interleaved,
+    run_load,
+)
+from benchmarks.serving_procs import pinned
+from benchmarks.serving_stats import (
+    Outcome,
     median_difference_ci,
     open_loop_report,
     percentile,
-    run_interleaved,
-    run_load,
     summarize,
 )
-from benchmarks.serving_procs import pinned
 from tests.fleet import Router
 
 SPEC = LoadSpec(
