@@ -30,7 +30,6 @@ struct ShrinkParams {
   int h_in;
   int layer_idx;
   int num_proj;               // P
-  int pdl_early;              // set by the launcher: trigger the next kernel at the start
 };
 
 struct ExpandParams {
@@ -49,7 +48,6 @@ struct ExpandParams {
   int num_proj;                      // P
   int y_cols[kMaxProjections + 1];  // projection p owns y columns y_cols[p] .. y_cols[p + 1]
   int accumulate;                    // 1: y += the LoRA term; 0: y = it (0 in rank-0 segments)
-  int pdl_early;                     // set by the launcher: trigger the next kernel at the start
 };
 
 // T: __half or __nv_bfloat16. RMAX: the largest rank any segment may have (16, 32, 64 or 128).

@@ -109,7 +109,8 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 
 // Programmatic dependent launch (sm_90): the kernel is launched while the previous kernel on the
 // stream still runs. Before pdl_wait() it may only read what that kernel does not write (weights
-// and index tensors); pdl_wait() returns once it has finished and its writes are visible.
+// and index tensors); pdl_wait() returns once it has finished and its writes are visible. Each
+// kernel lets its successor start only after its own wait, so at most one predecessor overlaps.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -120,20 +121,6 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
-}
-
-// When a kernel lets its successor launch. With `early` (every CTA triggers as it starts) the
-// successor starts loading its weights while this kernel still waits on its own predecessor, so
-// a chain of kernels keeps several launches' weight reads in flight; the successor launches only
-// once every CTA of this grid is resident, so waiting CTAs never keep a predecessor's CTAs off
-// the SMs. Without it a kernel triggers after its own wait: at most one predecessor overlaps.
-__device__ __forceinline__ void pdl_start(int early) {
-  if (early) pdl_launch_dependents();
-}
-
-__device__ __forceinline__ void pdl_wait_and_trigger(int early) {
-  pdl_wait();
-  if (!early) pdl_launch_dependents();
 }
 
 // Launches kernel<<<grid, kThreads, smem, stream>>>(p), with programmatic dependent launch on
@@ -148,12 +135,8 @@ cudaError_t launch(void (*kernel)(Params), dim3 grid, int smem, int cluster_y, i
   cfg.stream = stream;
   cudaLaunchAttribute attrs[2];
   int n = 0;
-  // LORAFLEET_NO_PDL=1 turns programmatic dependent launch off, to measure what it brings;
-  // LORAFLEET_PDL_EARLY=1 makes each CTA trigger its successor as it starts (pdl_start).
+  // LORAFLEET_NO_PDL=1 turns programmatic dependent launch off, to measure what it brings.
   static const bool pdl = std::getenv("LORAFLEET_NO_PDL") == nullptr;
-  static const bool early = std::getenv("LORAFLEET_PDL_EARLY") != nullptr;
-  Params q = p;
-  q.pdl_early = cc_major >= 9 && pdl && early ? 1 : 0;
   if (cc_major >= 9 && pdl) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
@@ -168,7 +151,7 @@ cudaError_t launch(void (*kernel)(Params), dim3 grid, int smem, int cluster_y, i
   }
   cfg.attrs = attrs;
   cfg.numAttrs = n;
-  return cudaLaunchKernelEx(&cfg, kernel, q);
+  return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 
 struct Tile {

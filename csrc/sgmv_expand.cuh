@@ -61,7 +61,6 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
   T* sv = sb + RMAX * Smem::kStrideB;    // [BM][kStrideV]: v[row0 + m, k]
   __shared__ Tile s_tile;
 
-  pdl_start(p.pdl_early);
   const Chunk chunk = find_chunk<BN>(p, blockIdx.y);
   if (chunk.proj < 0) return;
   const int64_t proj_base = static_cast<int64_t>(chunk.proj) * p.num_segments;
@@ -91,7 +90,8 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(const ExpandParams p) 
     const T* src = ok ? b + static_cast<int64_t>(k) * h_out + col0 + n : b;
     cp_async16(sb + k * Smem::kStrideB + n, src, ok ? 16 : 0);
   }
-  pdl_wait_and_trigger(p.pdl_early);
+  pdl_wait();
+  pdl_launch_dependents();
 
   // v rows are few and short: plain loads, zero past the rank (those columns are don't-care).
   const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(chunk.proj) * p.v_cols;
@@ -201,7 +201,6 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
   __shared__ float s_v[RT][RMAX];
   __shared__ Tile s_tile;
 
-  pdl_start(p.pdl_early);
   const Chunk chunk = find_chunk<kRowsCols>(p, blockIdx.y);
   if (chunk.proj < 0) return;
   const int64_t proj_base = static_cast<int64_t>(chunk.proj) * p.num_segments;
@@ -232,7 +231,8 @@ __global__ void __launch_bounds__(kThreads) expand_rows_kernel(const ExpandParam
     }
   };
   load_b(0);  // B is not written by the previous kernel
-  pdl_wait_and_trigger(p.pdl_early);
+  pdl_wait();
+  pdl_launch_dependents();
 
   const T* v = static_cast<const T*>(p.v) + static_cast<int64_t>(chunk.proj) * p.v_cols;
   for (int i = threadIdx.x; i < RT * rank; i += kThreads) {

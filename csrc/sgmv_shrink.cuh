@@ -24,7 +24,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
   __shared__ float s_part[WK][BM][RMAX];
   __shared__ Tile s_tile;
 
-  pdl_start(p.pdl_early);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t proj_base = static_cast<int64_t>(blockIdx.z) * p.num_segments;
   const int32_t* ranks = p.ranks + proj_base;
@@ -78,7 +77,8 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(const ShrinkParams p) 
       for (int n = g; n < rank; n += 8)
         prefetch_l2(a + static_cast<int64_t>(n) * h_in + step * 32);
   }
-  pdl_wait_and_trigger(p.pdl_early);
+  pdl_wait();
+  pdl_launch_dependents();
 
   const T* x = static_cast<const T*>(p.x);
   const int row_a = tile.row0 + wm * 16 + g, row_b = row_a + 8;
