@@ -6,7 +6,8 @@ direct latency, less this proxy's, is what the router's logic costs over grpc's 
 
 With `--threads` it is the thread-based variant: grpc's sync server, one pool thread per stream,
 and a shard call that completes on that thread (no hand-off from grpc's poller thread to an
-event loop). It prices what moving the router off grpc.aio would buy.
+event loop). It prices what moving the router off grpc.aio would buy (tried in session 6: the
+router's own work on the thread ate the gain; benchmarks/results/README.md).
 
     python -m benchmarks.passthrough_proxy --port 50052 --shard 127.0.0.1:50061 [--threads]
 """
@@ -62,7 +63,9 @@ class ThreadedPassthrough(generate_pb2_grpc.GeneratorServicer):
 
 def serve_threads(port: int, shard: str) -> None:
     # Enough threads for every stream the benchmark keeps open at once.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=256), options=[("grpc.so_reuseport", 0)]
+    )
     generate_pb2_grpc.add_GeneratorServicer_to_server(ThreadedPassthrough(shard), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -78,11 +81,11 @@ def serve_threads(port: int, shard: str) -> None:
 async def serve(port: int, shard: str) -> None:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     generate_pb2_grpc.add_GeneratorServicer_to_server(Passthrough(shard), server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()

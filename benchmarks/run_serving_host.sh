@@ -15,6 +15,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/serving_host}
 mkdir -p "$OUT"
+rm -f "$OUT"/serving_host_*.json  # the summary below must not report an earlier run's files
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
 
