@@ -73,17 +73,18 @@ class AdapterCache:
         self._lock = threading.RLock()
         self._current: dict[str, str] = {}  # id -> key of its newest version
         self._sigs: dict[str, FileSig] = {}  # id -> the files its newest version was read from
-        self._hosts = HostTier(
+        # The two tiers, public so that budgets can be read and (in tests) changed in place.
+        self.host_tier = HostTier(
             host_budget_bytes or 4 * budget_bytes,
             device.type == "cuda",
             self._lock,
             self._host_protected,
             partial(self._evicted, "host"),
         )
-        self._host = self._hosts.copies  # LRU first
-        self._device = DeviceTier(device, budget_bytes)
-        self._resident = self._device.resident  # LRU first
-        self._to_device = self._device.copy_in  # a seam: tests and benchmarks slow copies down
+        self._host = self.host_tier.copies  # LRU first
+        self.device_tier = DeviceTier(device, budget_bytes)
+        self._resident = self.device_tier.resident  # LRU first
+        self._to_device = self.device_tier.copy_in  # a seam: tests and benchmarks slow copies down
         self._loading: dict[str, Future[str]] = {}  # id -> its read from disk
         self._tried: dict[str, str] = {}  # id -> exact version a read was started for
         self._pinned: set[str] = set()
@@ -126,30 +127,6 @@ class AdapterCache:
         """Rank 0 of a tensor-parallel group: a version is claimed (enters step plans) only once
         every follower holds exactly that version (see `shard.adapter_replicas`)."""
         self._replicas = Replicas(replicate)
-
-    @property
-    def budget_bytes(self) -> int:
-        return self._device.budget_bytes
-
-    @budget_bytes.setter
-    def budget_bytes(self, value: int) -> None:
-        self._device.budget_bytes = value
-
-    @property
-    def used_bytes(self) -> int:
-        return self._device.used_bytes
-
-    @property
-    def host_budget_bytes(self) -> int:
-        return self._hosts.budget_bytes
-
-    @host_budget_bytes.setter
-    def host_budget_bytes(self, value: int) -> None:
-        self._hosts.budget_bytes = value
-
-    @property
-    def host_used_bytes(self) -> int:
-        return self._hosts.used_bytes
 
     # -- server side ----------------------------------------------------------------------------
     def lookup(self, adapter_id: str) -> None:
@@ -205,7 +182,7 @@ class AdapterCache:
 
     def _check_pin_share(self, adapter_id: str) -> AdapterError | None:
         with self._lock:
-            err = self._device.pin_share_error(adapter_id, self._pinned_newest)
+            err = self.device_tier.pin_share_error(adapter_id, self._pinned_newest)
             if err is not None:
                 self._pinned.discard(adapter_id)
             return err
@@ -401,13 +378,13 @@ class AdapterCache:
                 self.max_rank,
                 self.base_mismatch,
             )
-            host = self._hosts.admit(w, self.budget_bytes, lambda: self._closed)
+            host = self.host_tier.admit(w, self.device_tier.budget_bytes, lambda: self._closed)
         except BaseException:
             with self._lock:
                 self._forget(adapter_id)  # fail closed: no request gets an older version
             raise
         if host is None:
-            host = self._hosts.pack(w)
+            host = self.host_tier.pack(w)
         with self._lock:
             self._host[w.key] = host
             self._host.move_to_end(w.key)
@@ -443,11 +420,11 @@ class AdapterCache:
 
     def _make_room(self, nbytes: int) -> bool:
         """Evicts idle, unpinned, not awaited device entries until `nbytes` fit."""
-        for key in self._device.make_room(
+        for key in self.device_tier.make_room(
             nbytes, self._evictable, lambda k: split_key(k)[0] in self._wanted
         ):
             self._evicted("gpu", key)
-        return self._device.fits(nbytes)
+        return self.device_tier.fits(nbytes)
 
     def _evictable(self, key: str, res: Resident) -> bool:
         adapter_id = split_key(key)[0]
@@ -483,5 +460,5 @@ class AdapterCache:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.adapter_bytes.labels("gpu").set(self.used_bytes)
-            self.metrics.adapter_bytes.labels("host").set(self.host_used_bytes)
+            self.metrics.adapter_bytes.labels("gpu").set(self.device_tier.used_bytes)
+            self.metrics.adapter_bytes.labels("host").set(self.host_tier.used_bytes)

@@ -196,7 +196,7 @@ def test_base_model_mismatch_warns_or_fails_by_flag(shard, tiny) -> None:
     cache = AdapterCache.from_config(
         cfg, shard.adapters.cfg, SINGLE, torch.float32, torch.device("cpu")
     )
-    assert (cache.base_mismatch, cache.host_budget_bytes) == ("error", 64 * 2**20)
+    assert (cache.base_mismatch, cache.host_tier.budget_bytes) == ("error", 64 * 2**20)
     cache.close()
 
     assert len(generate(shard.address, request("other-base-warn", [4, 5, 6]))) == NEW
@@ -219,7 +219,8 @@ def test_wait_resident_ends_at_residency_at_the_deadline_or_once_closed(shard, r
     try:
         held = cache.wait_resident("r8-all", time.monotonic() + 30, claim=True)
         assert isinstance(held, Resident) and held.refs == 1
-        cache.budget_bytes = cache.used_bytes  # no room next to the claimed version
+        # No room next to the claimed version.
+        cache.device_tier.budget_bytes = cache.device_tier.used_bytes
         cache.lookup("crowd-0")  # a copy of r8-all: the same size, so its read is not refused
         while cache.entry("crowd-0").residency != "host":
             time.sleep(0.01)
@@ -274,9 +275,9 @@ def test_three_times_more_adapters_than_fit_all_complete_exactly(shard, tiny, co
     cache.evict("r8-all")
     cache.evict("r16-attn")
     # Two adapters fit on the device (never three), three in host memory.
-    cache.budget_bytes = 2 * max(sizes.values()) + 1024
-    cache.host_budget_bytes = 3 * max(sizes.values()) + 1024
-    assert 3 * min(sizes.values()) > cache.budget_bytes
+    cache.device_tier.budget_bytes = 2 * max(sizes.values()) + 1024
+    cache.host_tier.budget_bytes = 3 * max(sizes.values()) + 1024
+    assert 3 * min(sizes.values()) > cache.device_tier.budget_bytes
     prompts = [[10 + i, 20 + i, 30, 40 + i] for i in range(len(CROWD))]
     gpu_evictions = shard.metric("lorafleet_shard_adapter_evictions_total", tier="gpu")
     host_evictions = shard.metric("lorafleet_shard_adapter_evictions_total", tier="host")
@@ -295,8 +296,8 @@ def test_three_times_more_adapters_than_fit_all_complete_exactly(shard, tiny, co
         for t in threads:
             t.join(180)
     finally:
-        cache.budget_bytes = 2048 * 2**20
-        cache.host_budget_bytes = 8192 * 2**20
+        cache.device_tier.budget_bytes = 2048 * 2**20
+        cache.host_tier.budget_bytes = 8192 * 2**20
     for i, source in enumerate(SOURCES):
         assert not isinstance(results[i], BaseException), (CROWD[i], results[i])
         assert results[i] == greedy(tiny.model_dir, tiny.adapter_dir(source), prompts[i], NEW)[0]
@@ -357,10 +358,10 @@ def test_hot_reload_old_stream_keeps_old_weights_new_gets_new(shard, tiny, root:
 
 def test_pins_hold_at_most_half_the_device_budget(shard) -> None:
     cache = shard.adapters
-    saved = cache.budget_bytes
+    saved = cache.device_tier.budget_bytes
     assert cache.preload("r8-all", False, 30) is None
     size = packed_size(cache.weights("r8-all"))
-    cache.budget_bytes = 3 * size  # room for three: one pin fits in half, two do not
+    cache.device_tier.budget_bytes = 3 * size  # room for three: one pin fits in half, two do not
     try:
         with grpc.insecure_channel(shard.address) as ch:
             stub = shard_pb2_grpc.ShardStub(ch)
@@ -379,7 +380,7 @@ def test_pins_hold_at_most_half_the_device_budget(shard) -> None:
     finally:
         cache.evict("r8-all")
         cache.evict("r16-attn")
-        cache.budget_bytes = saved
+        cache.device_tier.budget_bytes = saved
 
 
 def test_load_adapter_reports_one_adapter_without_listing_the_root(
