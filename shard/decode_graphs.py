@@ -310,9 +310,7 @@ class DecodeGraphs:
     ) -> torch.Tensor:
         """float32 logits [B, vocab] of the plan's rows (a view of the graph's output on CUDA:
         valid until the next step)."""
-        shape = self._shapes.get(key)
-        if shape is None:
-            shape = self._shapes[key] = PaddedDecode(key, self.kv, self.dtype, self.device)
+        shape = self._shape(key)
         shape.fill(plan, weights)
         if not self.use_graphs:
             return self._forward(shape)[: plan.num_rows]
@@ -331,6 +329,12 @@ class DecodeGraphs:
         assert shape.graph is not None and shape.logits is not None
         shape.graph.replay()
         return shape.logits[: plan.num_rows]
+
+    def _shape(self, key: GraphKey) -> PaddedDecode:
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = PaddedDecode(key, self.kv, self.dtype, self.device)
+        return shape
 
     def _forward(self, shape: PaddedDecode) -> torch.Tensor:
         return self.model(shape.arena.device["input_ids"], shape.meta, self.kv_layers)
@@ -368,7 +372,7 @@ class DecodeGraphs:
         widths = width_classes(min(self.max_pages, self.kv.pool.total))
         started = time.perf_counter()
         reserved = torch.cuda.memory_reserved(self.device) if self.use_graphs else 0
-        self.capture_all(ranks, widths)
+        self._capture_all(ranks, widths)
         if self.use_graphs:
             torch.cuda.synchronize(self.device)
             reserved = torch.cuda.memory_reserved(self.device) - reserved
@@ -383,13 +387,10 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def capture_all(self, ranks: tuple[int, ...], widths: tuple[int, ...]) -> None:
-        """Captures every batch bucket up to max_batch for these rank classes and page-table
-        widths ahead of traffic (largest batch first, so smaller graphs reuse its memory)."""
+    def _capture_all(self, ranks: tuple[int, ...], widths: tuple[int, ...]) -> None:
+        # In warm_keys' order: largest batch first, so smaller graphs reuse its memory.
         for key in warm_keys(self.max_batch, ranks, widths):
-            shape = self._shapes.get(key)
-            if shape is None:
-                shape = self._shapes[key] = PaddedDecode(key, self.kv, self.dtype, self.device)
+            shape = self._shape(key)
             shape.arena.upload()
             if self.use_graphs and shape.graph is None:
                 self._capture(shape)
