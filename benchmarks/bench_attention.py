@@ -8,7 +8,7 @@ call per input set, and the sets together span >= 3x the L2 cache, so every call
 from device memory. The floor of a case is its KV bytes (keys + values of every context token)
 over the device-to-device copy bandwidth measured first (bytes read + written).
 
-    python -m benchmarks.bench_attention --out benchmarks/results/attention_h200.json
+    python -m benchmarks.bench_attention --out benchmarks/results/attention_<device>.json
 """
 
 from __future__ import annotations

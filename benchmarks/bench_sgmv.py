@@ -6,7 +6,7 @@ L2 cache, so every call reads its weights from device memory (the L2 is flushed 
 The byte floor of a case is (weights of its distinct adapters + x + y read and written) over the
 device-to-device copy bandwidth measured first.
 
-    python -m benchmarks.bench_sgmv --out benchmarks/results/sgmv_h100.json
+    python -m benchmarks.bench_sgmv --out benchmarks/results/sgmv_<device>.json
 """
 
 from __future__ import annotations

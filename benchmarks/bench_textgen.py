@@ -13,7 +13,7 @@ Reports generated tokens/s, time to first token, decode step time (p50 inter-tok
 the decode forward alone from CUDA events) against the step's HBM floor: weights + KV read +
 distinct adapters' bytes over the measured copy bandwidth. Writes JSON and a PNG plot.
 
-`python -m benchmarks.bench_textgen --out benchmarks/results/textgen_h200.json`
+`python -m benchmarks.bench_textgen --out benchmarks/results/textgen_<device>.json`
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@
 3. The tiny model (real weights from shard.tiny, float16) at TP=1 and TP=2 on GPU: greedy tokens
    of a mixed-adapter batch must be equal.
 
-`python -m benchmarks.bench_tp --out benchmarks/results/tp_h200x2.json`
+`python -m benchmarks.bench_tp --out benchmarks/results/tp_<device>x2.json`
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ direct latency, less this proxy's, is what the router's logic costs over grpc's 
 With `--threads` it is the thread-based variant: grpc's sync server, one pool thread per stream,
 and a shard call that completes on that thread (no hand-off from grpc's poller thread to an
 event loop). It prices what moving the router off grpc.aio would buy (tried in session 6: the
-router's own work on the thread ate the gain; benchmarks/results/README.md).
+router's own work on the thread ate the gain; benchmarks/NOTES.md).
 
     python -m benchmarks.passthrough_proxy --port 50052 --shard 127.0.0.1:50061 [--threads]
 """

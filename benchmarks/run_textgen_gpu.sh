@@ -10,10 +10,10 @@ tests=(tests/test_gpu_path.py)
 [ -f tests/test_attention.py ] && tests+=(tests/test_attention.py)
 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short "${tests[@]}" >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"; tail -25 "$OUT/tests.log"
-python3 -m benchmarks.bench_textgen --out "$OUT/textgen_h200.json" --commit "${COMMIT:-unknown}" \
+python3 -m benchmarks.bench_textgen --out "$OUT/textgen_${DEVICE_TAG}.json" --commit "${COMMIT:-unknown}" \
   --command "bash benchmarks/run_textgen_gpu.sh $*" "$@" 2>&1 \
   | grep -v "eos_token_id\|adapter read\|adapter evicted\|decode graph captured" | tee "$OUT/bench.log"
 # A/B: the same lorafleet runs at batch 32 with the elementwise chains eager (--compile off).
-python3 -m benchmarks.bench_textgen --out "$OUT/textgen_h200_eager.json" --commit "${COMMIT:-unknown}" \
+python3 -m benchmarks.bench_textgen --out "$OUT/textgen_${DEVICE_TAG}_eager.json" --commit "${COMMIT:-unknown}" \
   --command "bash benchmarks/run_textgen_gpu.sh $*" --batches 1,32 --peft-batches "" --compile off 2>&1 \
   | grep -v "eos_token_id\|adapter read\|adapter evicted\|decode graph captured" | tee "$OUT/bench_eager.log"

@@ -309,7 +309,7 @@ cudaError_t sgmv_expand(const ExpandParams& p, cudaStream_t stream) {
   const int rows_per_segment = (p.num_rows + p.num_segments - 1) / p.num_segments;
   // CUDA cores for decode-shaped work with small ranks: about one row per adapter, or up to 64
   // rows per segment in batches of up to 256 rows. There (H100, bench_sgmv with both paths in
-  // one call, see sgmv_NOTES.md) it beat the 16 x 256 MMA tiles: B=64 Identical 5.1 -> 3.6 us,
+  // one call, see benchmarks/NOTES.md) it beat the 16 x 256 MMA tiles: B=64 Identical 5.1 -> 3.6 us,
   // Skewed 7.9 -> 4.6 us, the 256-row prefill 12.7 -> 11.0 us; at 1024 rows it lost (35.8 ->
   // 39.8 us). Larger ranks would load B in several sequential groups per thread: MMA path.
   const bool rows_shaped =

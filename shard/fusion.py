@@ -3,7 +3,7 @@
 Eagerly each chain is 5-10 kernels; a 7B decode step runs about 1,500 launches, and at batch 1
 their fixed cost is as large as reading the weights. Compiled, each chain is one fused kernel.
 On by default (`--compile off` runs them eagerly: -24% decode tokens/s at 7B batch 32 on an
-H200, benchmarks/results/README.md); only CUDA tensors take the compiled path, so the CPU
+H200, benchmarks/NOTES.md); only CUDA tensors take the compiled path, so the CPU
 reference path never changes. Where compiling fails (no C compiler, no Triton for the GPU) the
 chain runs eagerly, with one warning.
 """

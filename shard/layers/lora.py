@@ -117,7 +117,7 @@ class PendingLora:
 # On CUDA a group's shrink and expand run on a side stream beside the base GEMM, into a delta
 # buffer that the elementwise chain after the projection adds. At 7B batch 32 (32 distinct
 # adapters) that step took 7.81 ms against 8.40 ms with the LoRA after the GEMM on one stream,
-# and 8.10 ms with only the shrink beside it (benchmarks/results/README.md). Off: one stream.
+# and 8.10 ms with only the shrink beside it (benchmarks/NOTES.md). Off: one stream.
 _overlap = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
