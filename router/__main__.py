@@ -28,7 +28,6 @@ from router.config import (
 from router.discovery import Discovery
 from router.logs import configure_logging
 from router.metrics import RouterMetrics
-from router.policy import RULES
 from router.server import GeneratorService
 from router.shards import ShardTable
 
@@ -43,7 +42,7 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     table = ShardTable(metrics, shard_channel_options(config))
     admission = Admission(
         table,
-        RULES[config.policy],
+        config.policy,
         config.residency_first,
         config.queue_size,
         config.queue_timeout_s,

@@ -10,8 +10,10 @@ import asyncio
 import collections
 from dataclasses import dataclass
 
+from router.config import Policy
 from router.metrics import RouterMetrics
-from router.policy import Demand, PlacementRule
+from router.policy import Demand
+from router.shard_index import ShardIndex
 from router.shards import Reservation, ShardTable
 
 
@@ -53,15 +55,15 @@ class Admission:
     def __init__(
         self,
         table: ShardTable,
-        rule: PlacementRule,
+        policy: Policy,
         residency_first: bool,
         queue_size: int,
         queue_timeout_s: float,
         metrics: RouterMetrics,
     ):
         self._table = table
-        self._rule = rule
-        self._residency_first = residency_first
+        self._index = ShardIndex(policy, residency_first)
+        table.track(self._index)
         self._queue_size = queue_size
         self._queue_timeout_s = queue_timeout_s
         self._metrics = metrics
@@ -106,9 +108,15 @@ class Admission:
             self._serve_queue()
 
     def _try(self, demand: Demand) -> Reservation | None:
-        address = self._rule(self._table.loads(), demand, self._residency_first)
-        handle = self._table.get(address) if address is not None else None
-        return handle.reserve(demand) if handle is not None else None
+        while (address := self._index.place(demand)) is not None:
+            handle = self._table.get(address)
+            assert handle is not None, f"the index placed on {address}, unknown to the table"
+            if handle.eligible():
+                return handle.reserve(demand)
+            # Stale since the last sweep: take it out now and ask again.
+            self._index.update(address, None)
+            handle.indexed = False
+        return None
 
     def _serve_queue(self) -> None:
         while self._waiters:

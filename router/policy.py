@@ -6,10 +6,25 @@ Nothing here does I/O or knows protobuf; `router.shards` converts snapshots at t
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from router.config import Policy
+
+# A StatefulSet pod is named `<set>-<ordinal>`; its hostname or first DNS label carries that name.
+_ORDINAL = re.compile(r"^[A-Za-z0-9-]*?-(\d+)$")
+
+
+def statefulset_ordinal(name: str) -> int | None:
+    """The StatefulSet ordinal in a pod name, hostname, DNS name or `host:port`, else None.
+
+    `lorafleet-shard-3`, `lorafleet-shard-3:50061` and `lorafleet-shard-3.lorafleet-shard.ns.svc`
+    all give 3; IP addresses and names without a `-N` suffix give None.
+    """
+    host = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    match = _ORDINAL.match(host.split(".", 1)[0])
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +51,16 @@ class ShardLoad:
     adapters_resident: frozenset[str] = field(default_factory=frozenset)
     # The shard stopped taking new requests (Drain or shutdown).
     draining: bool = False
+    # StatefulSet ordinal of the shard's pod, None when its name carries none.
+    ordinal: int | None = None
+
+    @property
+    def tie_key(self) -> tuple[bool, int, str]:
+        """Order among otherwise equal shards: lowest StatefulSet ordinal, then the address.
+
+        A scale-in removes the highest ordinals, so consolidation keeps them the idlest.
+        """
+        return (self.ordinal is None, self.ordinal or 0, self.shard)
 
     @property
     def occupancy(self) -> int:
@@ -88,15 +113,16 @@ def consolidate(
 ) -> str | None:
     """Punica's rule: the busiest shard that still fits, so batches grow and idle shards stay idle.
 
-    Ties go to a shard holding the adapter, then to the smallest shard id (deterministic). With
-    `residency_first`, holding the adapter outranks batch size.
+    Ties go to a shard holding the adapter, then to the lowest StatefulSet ordinal, then to the
+    smallest shard id (deterministic). With `residency_first`, holding the adapter outranks batch
+    size.
     """
 
-    def key(load: ShardLoad) -> tuple[int, int, str]:
+    def key(load: ShardLoad) -> tuple[int, int, tuple[bool, int, str]]:
         resident = int(load.holds(demand.adapter_id))
         if residency_first:
-            return (-resident, -load.occupancy, load.shard)
-        return (-load.occupancy, -resident, load.shard)
+            return (-resident, -load.occupancy, load.tie_key)
+        return (-load.occupancy, -resident, load.tie_key)
 
     candidates = [load for load in loads if fits(load, demand)]
     return min(candidates, key=key).shard if candidates else None
@@ -108,15 +134,16 @@ def least_loaded(
     """The shard with the emptiest batch (as a fraction of its max batch) that fits.
 
     Ties go to a shard holding the adapter, then to the most available KV pages, then to the
-    smallest shard id. With `residency_first`, holding the adapter outranks batch fill.
+    lowest StatefulSet ordinal and the smallest shard id. With `residency_first`, holding the
+    adapter outranks batch fill.
     """
 
-    def key(load: ShardLoad) -> tuple[float, float, int, str]:
+    def key(load: ShardLoad) -> tuple[float, float, int, tuple[bool, int, str]]:
         resident = -int(load.holds(demand.adapter_id))
         fill = load.occupancy / load.max_batch_size
         if residency_first:
-            return (resident, fill, -load.kv_pages_available, load.shard)
-        return (fill, resident, -load.kv_pages_available, load.shard)
+            return (resident, fill, -load.kv_pages_available, load.tie_key)
+        return (fill, resident, -load.kv_pages_available, load.tie_key)
 
     candidates = [load for load in loads if fits(load, demand)]
     return min(candidates, key=key).shard if candidates else None

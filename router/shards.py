@@ -27,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from router.metrics import RouterMetrics
-from router.policy import Demand, ShardLoad
+from router.policy import Demand, ShardLoad, statefulset_ordinal
+from router.shard_index import ShardIndex
 
 log = structlog.get_logger("router.shards")
 
@@ -36,6 +37,8 @@ Message = TypeVar("Message")
 ChannelOptions = tuple[tuple[str, int], ...]
 # Shards send a snapshot at least every second; a silent stream means a hung or cut-off shard.
 STALE_AFTER_S = 5.0
+# How often the table looks for shards whose snapshots went stale, to take them out of the index.
+_SWEEP_EVERY_S = 1.0
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 2.0
 
@@ -53,6 +56,7 @@ def load_from_proto(snapshot: shard_pb2.LoadSnapshot, shard: str) -> ShardLoad:
         kv_pages_queued=snapshot.kv_pages_queued,
         adapters_resident=frozenset(snapshot.adapters_resident),
         draining=snapshot.draining,
+        ordinal=statefulset_ordinal(snapshot.shard_id or shard),
     )
 
 
@@ -80,7 +84,8 @@ class ShardHandle:
         self,
         address: str,
         metrics: RouterMetrics,
-        on_change: Callable[[], None],
+        on_change: Callable[[ShardHandle], None],
+        on_load: Callable[[ShardHandle], None],
         channel_options: ChannelOptions = (),
     ):
         self.address = address
@@ -93,6 +98,10 @@ class ShardHandle:
         self._running_gauge = metrics.shard_running.labels(address)
         self._pages_gauge = metrics.shard_kv_pages_used.labels(address)
         self._on_change = on_change
+        # Tells the placement index the believed load changed (no listeners: placing reserves).
+        self._on_load = on_load
+        # The index was last told this shard is eligible (the stale sweep checks it).
+        self.indexed = False
         self._serving = False
         self._load: ShardLoad | None = None
         self._pending: dict[Reservation, int] = {}
@@ -149,6 +158,7 @@ class ShardHandle:
         page_size = self._load.kv_page_size if self._load is not None else 1
         reservation = Reservation(self)
         self._pending[reservation] = demand.pages(page_size)
+        self._on_load(self)
         return reservation
 
     def answered(self, reservation: Reservation) -> None:
@@ -160,22 +170,24 @@ class ShardHandle:
         """Stops counting a dispatched request (the shard now reports it itself)."""
         self._answered.discard(reservation)
         if self._pending.pop(reservation, None) is not None:
-            self._on_change()
+            self._on_change(self)
 
     def mark_failed(self) -> None:
         """A call failed as if the shard were gone: no placements until it sends a snapshot."""
         self._load = None
-        self._on_change()
+        self._on_change(self)
 
     def mark_full(self) -> None:
         """The shard just ran out of KV pages: no placements needing pages until it says more."""
         if self._load is not None:
             self._load = dataclasses.replace(self._load, kv_pages_free=0)
+            self._on_load(self)
 
     def mark_draining(self) -> None:
         """The shard said it drains: no placements, whatever a stale snapshot says."""
         if self._load is not None:
             self._load = dataclasses.replace(self._load, draining=True)
+            self._on_load(self)
 
     @contextmanager
     def call(self) -> Iterator[None]:
@@ -243,12 +255,12 @@ class ShardHandle:
         self._pages_gauge.set(snapshot.kv_pages_total - snapshot.kv_pages_free)
         if first:
             log.info("load stream live", shard=self.address, shard_id=snapshot.shard_id)
-        self._on_change()
+        self._on_change(self)
 
     def _load_lost(self) -> None:
         if self._load is not None:
             self._load = None
-            self._on_change()
+            self._on_change(self)
 
     def _health_said(self, message: health_pb2.HealthCheckResponse) -> None:
         self._set_serving(message.status == health_pb2.HealthCheckResponse.SERVING)
@@ -257,17 +269,23 @@ class ShardHandle:
         if serving != self._serving:
             self._serving = serving
             log.info("health changed", shard=self.address, serving=serving)
-            self._on_change()
+            self._on_change(self)
 
 
 class ShardTable:
-    """All shards the router knows, by dialed address; callbacks fire on every change."""
+    """All shards the router knows, by dialed address; callbacks fire on every change.
+
+    With an index attached (`track`), every change of a shard's believed load reaches it at once,
+    and a sweep every second takes out shards whose snapshots went stale.
+    """
 
     def __init__(self, metrics: RouterMetrics, channel_options: ChannelOptions = ()):
         self._metrics = metrics
         self._channel_options = channel_options
         self._shards: dict[str, ShardHandle] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._index: ShardIndex | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         # Counted when scraped (in the exporter's thread), not on every snapshot; that also
         # notices a shard going stale, which changes nothing in the table.
         metrics.shards.set_function(self._eligible_count)
@@ -276,21 +294,33 @@ class ShardTable:
         """Calls `listener` (synchronously, in the event loop) whenever a shard's state changes."""
         self._listeners.append(listener)
 
+    def track(self, index: ShardIndex) -> None:
+        """Keeps `index` up to date with every shard's believed load from now on."""
+        self._index = index
+        for handle in self._shards.values():
+            self._reindex(handle)
+
     def add(self, address: str) -> None:
         """Starts watching a shard; it becomes eligible once SERVING with a first snapshot."""
         if address not in self._shards:
             log.info("shard added", shard=address)
-            handle = ShardHandle(address, self._metrics, self._changed, self._channel_options)
+            handle = ShardHandle(
+                address, self._metrics, self._changed, self._reindex, self._channel_options
+            )
             self._shards[address] = handle
             handle.start()
+            if self._sweeper is None:
+                self._sweeper = asyncio.create_task(self._sweep(), name="stale sweep")
 
     async def remove(self, address: str) -> None:
         """Stops placing on a shard; calls already running on it continue."""
         handle = self._shards.pop(address, None)
         if handle is not None:
             log.info("shard removed", shard=address)
+            if self._index is not None:
+                self._index.remove(address)
             await handle.close()
-            self._changed()
+            self._notify()
 
     def addresses(self) -> list[str]:
         """Every known shard, eligible or not, sorted."""
@@ -310,6 +340,10 @@ class ShardTable:
 
     async def close(self) -> None:
         """Removes every shard."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         for address in list(self._shards):
             await self.remove(address)
 
@@ -317,6 +351,24 @@ class ShardTable:
         # list() copies the values in one step, safe against the event loop adding a shard.
         return sum(handle.eligible() for handle in list(self._shards.values()))
 
-    def _changed(self) -> None:
+    def _reindex(self, handle: ShardHandle) -> None:
+        if self._index is not None and handle.address in self._shards:
+            load = handle.load()
+            handle.indexed = load is not None
+            self._index.update(handle.address, load)
+
+    def _changed(self, handle: ShardHandle) -> None:
+        self._reindex(handle)
+        self._notify()
+
+    def _notify(self) -> None:
         for listener in self._listeners:
             listener()
+
+    async def _sweep(self) -> None:
+        """Takes shards whose snapshots went stale out of the index (O(shards) a second)."""
+        while True:
+            await asyncio.sleep(_SWEEP_EVERY_S)
+            stale = [h for h in self._shards.values() if h.indexed and not h.eligible()]
+            for handle in stale:
+                self._changed(handle)

@@ -1,0 +1,71 @@
+"""The router at fleet scale, on one CPU machine: placement, load tracking, a fleet simulation.
+
+    python -m benchmarks.bench_fleet --placement --shards 1000,10000 --out fleet_placement.json
+
+`--placement`: the router's placement index on N shards in steady state (`fleet_placement`);
+prints `placement_p50_us` per fleet size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.serving_procs import machine
+from benchmarks.timing import git_commit
+from router.config import Policy
+
+MACHINE_NAME = "2-core CPU VM"
+
+
+def _header(command: list[str], commit: str | None, name: str) -> dict[str, object]:
+    return {
+        "benchmark": name,
+        "machine_name": MACHINE_NAME,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "commit": commit or git_commit(),
+        "command": shlex.join(["python", "-m", "benchmarks.bench_fleet", *command]),
+    }
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--placement", action="store_true", help="time the placement index")
+    parser.add_argument("--shards", default="1000", help="comma list of fleet sizes")
+    parser.add_argument("--policy", default="consolidate", choices=[p.value for p in Policy])
+    parser.add_argument("--requests", type=int, default=20_000, help="placements timed per size")
+    parser.add_argument(
+        "--compare-rule", action="store_true", help="also time the pure rule's full scan"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
+    command = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(command)
+    report = _header(command, args.commit, "fleet_placement")
+    from benchmarks import fleet_placement
+
+    runs = [
+        fleet_placement.run(n, Policy(args.policy), args.requests, compare_rule=args.compare_rule)
+        for n in _sizes(args.shards)
+    ]
+    report["runs"] = runs
+    if len(runs) == 1:
+        report |= {"placement_p50_us": runs[0]["placement_p50_us"]}
+    print(json.dumps(report, indent=2))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
