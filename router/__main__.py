@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
-import sys
 from collections.abc import Sequence
 
 import grpc
@@ -21,6 +21,7 @@ from router.config import (
     ConfigError,
     Endpoint,
     RouterConfig,
+    build_parser,
     parse_config,
     server_options,
     shard_channel_options,
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = parse_config(argv)
     except ConfigError as err:
-        sys.exit(f"lorafleet-router: {err}")
+        build_parser(os.environ).error(str(err))  # a usage error, as for a malformed flag
     configure_logging(config.log_format)
     metrics = RouterMetrics()
     if config.metrics_port is not None:

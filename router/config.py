@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import enum
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from router.flags import EnvArgumentParser, float_range, int_range
 
 
 class ConfigError(ValueError):
@@ -127,101 +128,95 @@ class RouterConfig:
                 raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def _env_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("", "0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"LORAFLEET_RESIDENCY_FIRST: expected true/false, got {text!r}")
-
-
-def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+def build_parser(env: Mapping[str, str]) -> EnvArgumentParser:
     """The `lorafleet-router` command line; every flag defaults to a LORAFLEET_* variable."""
-    parser = argparse.ArgumentParser(
+    parser = EnvArgumentParser(
         prog="lorafleet-router",
         description="Place streaming Generate calls on lorafleet shards.",
+        env=env,
     )
-
-    def env_default(name: str, default: str | None) -> str | None:
-        return env.get(name, default) or default
-
-    parser.add_argument("--host", default=env_default("LORAFLEET_HOST", "0.0.0.0"))
-    parser.add_argument("--port", default=env_default("LORAFLEET_PORT", "50051"))
+    port, count = int_range(1, 65535), int_range(0)
+    seconds, positive_s = float_range(0.0), float_range(0.0, low_open=True)
+    add = parser.add_env
+    add("--host", "address to bind", "0.0.0.0")
+    add("--port", "gRPC port of the public Generator service", 50051, type=port)
     parser.add_argument(
         "--shard",
         action="append",
         default=None,
         metavar="HOST:PORT",
-        help="a shard address (repeatable); default: LORAFLEET_SHARDS, comma separated",
+        help="a shard address (repeatable; default: LORAFLEET_SHARDS, comma separated)",
     )
     parser.add_argument(
         "--shard-dns",
         default=None,
         metavar="NAME:PORT",
-        help="DNS name resolving to every shard (a headless Service), re-resolved periodically; "
-        "default: LORAFLEET_SHARD_DNS",
+        help="DNS name resolving to every shard (a headless Service), re-resolved every "
+        "--resolve-interval-s (default: LORAFLEET_SHARD_DNS); give this or --shard",
     )
-    parser.add_argument(
+    add(
         "--dns-server",
-        default=env_default("LORAFLEET_DNS_SERVER", None),
+        "ask this DNS server (HOST:PORT) for A records (default: the system resolver)",
         metavar="HOST:PORT",
-        help="ask this DNS server for A records instead of the system resolver",
     )
-    parser.add_argument(
-        "--policy",
-        default=env_default("LORAFLEET_POLICY", Policy.CONSOLIDATE.value),
-        choices=[p.value for p in Policy],
-    )
-    parser.add_argument(
+    add("--policy", "placement rule", Policy.CONSOLIDATE.value, choices=[p.value for p in Policy])
+    add(
         "--residency-first",
+        "prefer shards holding the adapter before the busiest-fit rule",
+        False,
         action="store_true",
-        default=_env_bool(env.get("LORAFLEET_RESIDENCY_FIRST", "")),
-        help="prefer shards holding the adapter before the busiest-fit rule",
     )
-    parser.add_argument("--queue-size", default=env_default("LORAFLEET_QUEUE_SIZE", "256"))
-    parser.add_argument("--queue-timeout-s", default=env_default("LORAFLEET_QUEUE_TIMEOUT_S", "60"))
-    parser.add_argument("--metrics-port", default=env_default("LORAFLEET_METRICS_PORT", None))
-    parser.add_argument(
+    add(
+        "--queue-size",
+        "requests that may wait for a shard with room; 0: none wait",
+        256,
+        type=count,
+    )
+    add("--queue-timeout-s", "seconds a request may wait for room", 60.0, type=positive_s)
+    add(
+        "--metrics-port",
+        "Prometheus /metrics port; 0: off (default: off)",
+        type=int_range(0, 65535),
+    )
+    add(
         "--log-format",
-        default=env_default("LORAFLEET_LOG_FORMAT", LogFormat.AUTO.value),
+        "log lines: json, console, or auto (console on a terminal)",
+        LogFormat.AUTO.value,
         choices=[f.value for f in LogFormat],
     )
-    parser.add_argument(
-        "--resolve-interval-s", default=env_default("LORAFLEET_RESOLVE_INTERVAL_S", "2")
+    add(
+        "--resolve-interval-s",
+        "seconds between DNS resolutions of --shard-dns",
+        2.0,
+        type=positive_s,
     )
-    parser.add_argument(
-        "--shutdown-grace-s", default=env_default("LORAFLEET_SHUTDOWN_GRACE_S", "30")
-    )
-    parser.add_argument("--max-migrations", default=env_default("LORAFLEET_MAX_MIGRATIONS", "8"))
-    parser.add_argument(
+    add("--shutdown-grace-s", "on SIGTERM, seconds open streams get to finish", 30.0, type=seconds)
+    add("--max-migrations", "times one request may move between shards", 8, type=count)
+    add(
         "--max-connection-age-s",
-        default=env_default("LORAFLEET_MAX_CONNECTION_AGE_S", "300"),
-        help="send clients GOAWAY after this long so they spread over router replicas; 0: never",
+        "send clients GOAWAY after this long so they spread over router replicas; 0: never",
+        300.0,
+        type=seconds,
     )
-    parser.add_argument(
+    add(
         "--max-connection-age-grace-s",
-        default=env_default("LORAFLEET_MAX_CONNECTION_AGE_GRACE_S", "600"),
-        help="how long open streams may run on a connection told to go away",
+        "how long open streams may run on a connection told to go away",
+        600.0,
+        type=positive_s,
     )
-    parser.add_argument(
+    add(
         "--shard-keepalive-s",
-        default=env_default("LORAFLEET_SHARD_KEEPALIVE_S", "10"),
-        help="HTTP/2 keepalive ping interval on shard channels",
+        "HTTP/2 keepalive ping interval on shard channels",
+        10.0,
+        type=positive_s,
     )
-    parser.add_argument(
+    add(
         "--shard-keepalive-timeout-s",
-        default=env_default("LORAFLEET_SHARD_KEEPALIVE_TIMEOUT_S", "5"),
-        help="an unanswered keepalive ping fails the shard's calls after this long",
+        "an unanswered keepalive ping fails the shard's calls after this long",
+        5.0,
+        type=positive_s,
     )
     return parser
-
-
-def _number(flag: str, text: str, kind: type[int] | type[float]) -> int | float:
-    try:
-        return kind(text)
-    except ValueError:
-        expected = "an integer" if kind is int else "a number"
-        raise ConfigError(f"{flag}: expected {expected}, got {text!r}") from None
 
 
 def parse_config(
@@ -229,44 +224,38 @@ def parse_config(
 ) -> RouterConfig:
     """Builds the config from `argv` (default: sys.argv) and `env` (default: os.environ).
 
-    Raises ConfigError on any invalid value; argparse exits on unknown flags.
+    A malformed flag or variable exits with a usage error (status 2); values that are well
+    formed but cannot run together raise ConfigError.
     """
     env = os.environ if env is None else env
     args = build_parser(env).parse_args(argv)
-    shard_texts, dns_text = args.shard or [], args.shard_dns
-    if not shard_texts and not dns_text:
+    shards = tuple(Endpoint.parse(s, "--shard") for s in args.shard or [])
+    dns = Endpoint.parse(args.shard_dns, "--shard-dns") if args.shard_dns else None
+    if not shards and dns is None:
         # Flags win over the environment as a pair, so a flag never clashes with a stale variable.
-        shard_texts = [s for s in env.get("LORAFLEET_SHARDS", "").split(",") if s.strip()]
-        dns_text = env.get("LORAFLEET_SHARD_DNS") or None
+        texts = [s for s in env.get("LORAFLEET_SHARDS", "").split(",") if s.strip()]
+        shards = tuple(Endpoint.parse(s, "LORAFLEET_SHARDS") for s in texts)
+        dns_text = env.get("LORAFLEET_SHARD_DNS", "").strip()
+        dns = Endpoint.parse(dns_text, "LORAFLEET_SHARD_DNS") if dns_text else None
     return RouterConfig(
-        shards=tuple(Endpoint.parse(s, "--shard") for s in shard_texts),
-        shard_dns=Endpoint.parse(dns_text, "--shard-dns") if dns_text else None,
+        shards=shards,
+        shard_dns=dns,
         dns_server=Endpoint.parse(args.dns_server, "--dns-server") if args.dns_server else None,
         host=args.host,
-        port=int(_number("--port", args.port, int)),
+        port=args.port,
         policy=Policy(args.policy),
         residency_first=args.residency_first,
-        queue_size=int(_number("--queue-size", args.queue_size, int)),
-        queue_timeout_s=float(_number("--queue-timeout-s", args.queue_timeout_s, float)),
-        metrics_port=(
-            None
-            if args.metrics_port in (None, "", "0")
-            else int(_number("--metrics-port", args.metrics_port, int))
-        ),
+        queue_size=args.queue_size,
+        queue_timeout_s=args.queue_timeout_s,
+        metrics_port=args.metrics_port or None,
         log_format=LogFormat(args.log_format),
-        resolve_interval_s=float(_number("--resolve-interval-s", args.resolve_interval_s, float)),
-        shutdown_grace_s=float(_number("--shutdown-grace-s", args.shutdown_grace_s, float)),
-        max_migrations=int(_number("--max-migrations", args.max_migrations, int)),
-        max_connection_age_s=float(
-            _number("--max-connection-age-s", args.max_connection_age_s, float)
-        ),
-        max_connection_age_grace_s=float(
-            _number("--max-connection-age-grace-s", args.max_connection_age_grace_s, float)
-        ),
-        shard_keepalive_s=float(_number("--shard-keepalive-s", args.shard_keepalive_s, float)),
-        shard_keepalive_timeout_s=float(
-            _number("--shard-keepalive-timeout-s", args.shard_keepalive_timeout_s, float)
-        ),
+        resolve_interval_s=args.resolve_interval_s,
+        shutdown_grace_s=args.shutdown_grace_s,
+        max_migrations=args.max_migrations,
+        max_connection_age_s=args.max_connection_age_s,
+        max_connection_age_grace_s=args.max_connection_age_grace_s,
+        shard_keepalive_s=args.shard_keepalive_s,
+        shard_keepalive_timeout_s=args.shard_keepalive_timeout_s,
     )
 
 

@@ -9,6 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.flags import EnvArgumentParser, float_range, int_range
+from shard.lora_ranks import MAX_RANK as MAX_KERNEL_RANK
+from shard.lora_ranks import RANK_CLASSES
+from shard.model_config import ModelConfigError, load_model_config
+
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 BASE_MISMATCH_MODES = ("warn", "error")
@@ -26,9 +31,10 @@ class ShardConfig:
     tp: int  # tensor-parallel size (GPUs in this shard)
     max_batch_size: int  # requests in the running batch
     max_prefill_tokens: int  # prompt tokens per step
-    kv_pages: int | None  # explicit KV pool size; None: planned from kv_memory_fraction
+    kv_pages: int | None  # explicit KV pool size; None: planned from the memory settings
     kv_memory_fraction: float  # share of device memory free after the weights for activations,
-    # KV pages and adapters
+    # KV pages and adapters (CUDA)
+    kv_memory_mb: int  # most memory for KV pages on CPU
     page_size: int  # tokens per KV page
     adapter_memory_mb: int  # device budget for resident adapters
     adapter_host_memory_mb: int  # host-memory tier between disk and device (LRU beyond it)
@@ -48,15 +54,13 @@ class ShardConfig:
     blas: str  # "cublas" or "cublaslt": the library of torch's matmuls (CUDA only)
 
 
-def _env(env: Mapping[str, str], name: str, default: str | None) -> str | None:
-    return env.get(f"LORAFLEET_{name}", default)
+class GraphWarmupError(argparse.ArgumentTypeError, ValueError):
+    """--graph-warmup names a class that is not a LoRA rank class."""
 
 
 def parse_graph_warmup(value: str) -> tuple[int, ...]:
-    """`off` -> (); `16,0` -> (0, 16). ValueError unless every entry is 0 or a LoRA rank class."""
-    # Imported here, as torch is below: --help and flag errors answer without loading torch.
-    from shard.decode_graphs import RANK_CLASSES
-
+    """`off` -> (); `16,0` -> (0, 16). ArgumentTypeError (a ValueError to callers outside
+    argparse) unless every entry is 0 or a LoRA rank class."""
     if value.strip() == "off":
         return ()
     valid = (0, *RANK_CLASSES)
@@ -65,100 +69,162 @@ def parse_graph_warmup(value: str) -> tuple[int, ...]:
     except ValueError:
         classes = set()
     if not classes or not classes <= set(valid):
-        raise ValueError(
+        raise GraphWarmupError(
             f"--graph-warmup must be off or a comma list of LoRA rank classes {valid}, "
             f"got {value!r}"
         )
     return tuple(sorted(classes))
 
 
-def parse_config(
-    argv: list[str] | None = None, env: Mapping[str, str] | None = None
-) -> ShardConfig:
-    """Flags win over env vars (`LORAFLEET_MODEL`, ...), which win over defaults."""
-    env = os.environ if env is None else env
-    p = argparse.ArgumentParser(prog="lorafleet-shard", description=__doc__)
+def model_folder_problem(model: Path, load_format: str) -> str | None:
+    """Why `model` cannot be served, found before anything loads; None when it looks servable."""
+    try:
+        load_model_config(model)
+    except ModelConfigError as err:
+        return str(err)
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{model / 'config.json'} is not a usable model config ({err!r})"
+    if not (model / "tokenizer.json").is_file():
+        return f"{model / 'tokenizer.json'} not found: the shard needs a fast tokenizer file"
+    index = model / "model.safetensors.index.json"
+    if load_format == "safetensors" and not (index.is_file() or any(model.glob("*.safetensors"))):
+        return f"no *.safetensors weights in {model} (pickle .bin checkpoints are not loaded)"
+    return None
 
-    def add(flag: str, env_name: str, default: str | None, help: str, **kw: object) -> None:
-        p.add_argument(flag, default=_env(env, env_name, default), help=help, **kw)  # type: ignore[arg-type]
 
-    add("--model", "MODEL", None, "Hugging Face Llama-family model folder")
-    add("--adapters", "ADAPTERS", None, "adapter root (one PEFT folder per adapter id)")
-    add("--host", "HOST", "0.0.0.0", "address to bind")
-    add("--port", "PORT", "50061", "gRPC port", type=int)
-    add("--device", "DEVICE", "auto", "cpu, cuda or auto", choices=("cpu", "cuda", "auto"))
-    add("--dtype", "DTYPE", None, "weights dtype (default bfloat16 on cuda, float32 on cpu)")
-    add("--tp", "TP", "1", "tensor-parallel size", type=int)
-    add("--max-batch-size", "MAX_BATCH_SIZE", "32", "requests per running batch", type=int)
-    add("--max-prefill-tokens", "MAX_PREFILL_TOKENS", "4096", "prompt tokens per step", type=int)
-    add("--kv-pages", "KV_PAGES", None, "KV pool size in pages (overrides the fraction)", type=int)
-    add("--kv-memory-fraction", "KV_MEMORY_FRACTION", "0.85", "free memory share", type=float)
-    add("--page-size", "PAGE_SIZE", "16", "tokens per KV page", type=int)
-    add("--adapter-memory-mb", "ADAPTER_MEMORY_MB", "2048", "device adapter budget", type=int)
+def build_parser(env: Mapping[str, str]) -> EnvArgumentParser:
+    """The `lorafleet-shard` command line; every flag defaults to a LORAFLEET_* variable."""
+    p = EnvArgumentParser(
+        prog="lorafleet-shard",
+        description="Serve one base model and its LoRA adapters over gRPC: a lorafleet shard.",
+        env=env,
+    )
+    positive, port = int_range(1), int_range(1, 65535)
+    add = p.add_env
+    add("--model", "Hugging Face Llama-family model folder; required")
+    add("--adapters", "adapter root, one PEFT folder per adapter id; required")
+    add("--host", "address to bind", "0.0.0.0")
+    add("--port", "gRPC port", 50061, type=port)
+    add(
+        "--device",
+        "cpu, cuda, or auto (cuda when available)",
+        "auto",
+        choices=("cpu", "cuda", "auto"),
+    )
+    add("--dtype", "weights dtype (default: bfloat16 on cuda, float32 on cpu)", choices=DTYPES)
+    add("--tp", "tensor-parallel size (GPUs in this shard)", 1, type=positive)
+    add("--max-batch-size", "requests in the running batch", 32, type=positive)
+    add("--max-prefill-tokens", "prompt tokens per step", 4096, type=positive)
+    add(
+        "--kv-pages",
+        "KV pool size in pages (default: planned from "
+        "--kv-memory-fraction on cuda, --kv-memory-mb on cpu)",
+        type=positive,
+    )
+    add(
+        "--kv-memory-fraction",
+        "cuda: share of the memory the weights "
+        "leave free, for activations, decode graphs, adapters and KV pages",
+        0.85,
+        type=float_range(0.0, 1.0, low_open=True),
+    )
+    add(
+        "--kv-memory-mb",
+        "cpu: most memory for KV pages (fewer when a full batch at full context needs less)",
+        1024,
+        type=positive,
+    )
+    add("--page-size", "tokens per KV page", 16, type=positive)
+    add("--adapter-memory-mb", "device budget for resident adapters (LRU)", 2048, type=int_range(0))
     add(
         "--adapter-host-memory-mb",
-        "ADAPTER_HOST_MEMORY_MB",
-        "8192",
-        "host-memory adapter tier",
-        type=int,
+        "host-memory adapter tier between disk and device (LRU)",
+        8192,
+        type=int_range(0),
     )
     add(
         "--adapter-base-mismatch",
-        "ADAPTER_BASE_MISMATCH",
+        "an adapter trained on another base model: warn or error",
         "warn",
-        "adapter of another base model: warn or error",
         choices=BASE_MISMATCH_MODES,
     )
-    add("--max-lora-rank", "MAX_LORA_RANK", "128", "largest adapter rank accepted", type=int)
-    add("--max-queue", "MAX_QUEUE", "1024", "waiting requests before refusing", type=int)
-    add("--metrics-port", "METRICS_PORT", None, "Prometheus /metrics port", type=int)
-    add("--shard-id", "SHARD_ID", None, "name in load snapshots (default host:port)")
-    add("--drain-timeout-s", "DRAIN_TIMEOUT_S", "25", "SIGTERM drain limit", type=float)
-    add("--log-format", "LOG_FORMAT", "auto", "log lines", choices=("auto", "json", "console"))
-    add("--tp-timeout-s", "TP_TIMEOUT_S", "120", "tensor-parallel collective limit", type=float)
-    add("--cuda-graphs", "CUDA_GRAPHS", "on", "decode via CUDA graphs", choices=("on", "off"))
+    add(
+        "--max-lora-rank",
+        f"largest adapter rank accepted, at most {MAX_KERNEL_RANK} (the SGMV kernels' limit)",
+        MAX_KERNEL_RANK,
+        type=int_range(1, MAX_KERNEL_RANK),
+    )
+    add("--max-queue", "waiting requests before RESOURCE_EXHAUSTED", 1024, type=int_range(0))
+    add(
+        "--metrics-port",
+        "Prometheus /metrics port; 0: off (default: off)",
+        type=int_range(0, 65535),
+    )
+    add("--shard-id", "name in load snapshots (default: host:port)")
+    add(
+        "--drain-timeout-s",
+        "on SIGTERM, seconds running requests may finish before they migrate",
+        25.0,
+        type=float_range(0.0),
+    )
+    add(
+        "--log-format",
+        "log lines: json, console, or auto (console on a terminal)",
+        "auto",
+        choices=("auto", "json", "console"),
+    )
+    add(
+        "--tp-timeout-s",
+        "limit in seconds of every tensor-parallel collective",
+        120.0,
+        type=float_range(1.0),
+    )
+    add("--cuda-graphs", "replay decode steps from CUDA graphs", "on", choices=("on", "off"))
     add(
         "--graph-warmup",
-        "GRAPH_WARMUP",
+        "LoRA rank classes whose decode graphs are captured "
+        f"at start (comma list of {', '.join(map(str, (0, *RANK_CLASSES)))}), or off",
         "0,16",
-        "LoRA rank classes whose decode graphs are captured at start (comma list), or off",
+        type=parse_graph_warmup,
     )
-    add("--load-format", "LOAD_FORMAT", "safetensors", "weights", choices=LOAD_FORMATS)
-    add("--compile", "COMPILE", "on", "fuse norm/RoPE/SwiGLU (CUDA)", choices=("on", "off"))
-    add("--blas", "BLAS", "cublaslt", "library of the base-model matmuls (CUDA)", choices=BLAS)
-    a = p.parse_args(argv)
+    add(
+        "--load-format",
+        "weights: safetensors, or dummy (seeded random, for benchmarks)",
+        "safetensors",
+        choices=LOAD_FORMATS,
+    )
+    add(
+        "--compile",
+        "torch.compile the norm, RoPE and SwiGLU chains (cuda)",
+        "on",
+        choices=("on", "off"),
+    )
+    add("--blas", "library of the base model's matmuls (cuda)", "cublaslt", choices=BLAS)
+    return p
 
+
+def parse_config(
+    argv: list[str] | None = None, env: Mapping[str, str] | None = None
+) -> ShardConfig:
+    """Flags win over env vars (`LORAFLEET_MODEL`, ...), which win over defaults. A bad value of
+    either exits with a usage error (status 2)."""
+    p = build_parser(os.environ if env is None else env)
+    a = p.parse_args(argv)
     if not a.model or not a.adapters:
         p.error("--model and --adapters are required (or LORAFLEET_MODEL / LORAFLEET_ADAPTERS)")
+    model, adapters = Path(a.model), Path(a.adapters)
+    if not model.is_dir():
+        p.error(f"{p.env_name('model')}: {model} is not a folder")
+    if not adapters.is_dir():
+        p.error(f"{p.env_name('adapters')}: {adapters} is not a folder")
+    if (why := model_folder_problem(model, a.load_format)) is not None:
+        p.error(f"{p.env_name('model')}: {why}")
     device = a.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
-    if dtype not in DTYPES:
-        p.error(f"--dtype must be one of {DTYPES}")
-    for name, value, low in (
-        ("--tp", a.tp, 1),
-        ("--max-batch-size", a.max_batch_size, 1),
-        ("--page-size", a.page_size, 1),
-        ("--max-prefill-tokens", a.max_prefill_tokens, 1),
-        ("--max-lora-rank", a.max_lora_rank, 1),
-        ("--tp-timeout-s", a.tp_timeout_s, 1),
-    ):
-        if value < low:
-            p.error(f"{name} must be >= {low}, got {value}")
-    if not 0.0 < a.kv_memory_fraction < 1.0:
-        p.error("--kv-memory-fraction must be in (0, 1)")
-    try:
-        graph_warmup = parse_graph_warmup(a.graph_warmup)
-    except ValueError as err:
-        p.error(str(err))
-    model, adapters = Path(a.model), Path(a.adapters)
-    if not model.is_dir():
-        p.error(f"--model {model} is not a folder")
-    if not adapters.is_dir():
-        p.error(f"--adapters {adapters} is not a folder")
     host_name = socket.gethostname() if a.host in ("0.0.0.0", "::") else a.host
     return ShardConfig(
         model=model,
@@ -172,19 +238,20 @@ def parse_config(
         max_prefill_tokens=a.max_prefill_tokens,
         kv_pages=a.kv_pages,
         kv_memory_fraction=a.kv_memory_fraction,
+        kv_memory_mb=a.kv_memory_mb,
         page_size=a.page_size,
         adapter_memory_mb=a.adapter_memory_mb,
         adapter_host_memory_mb=a.adapter_host_memory_mb,
         adapter_base_mismatch=a.adapter_base_mismatch,
         max_lora_rank=a.max_lora_rank,
         max_queue=a.max_queue,
-        metrics_port=a.metrics_port,
+        metrics_port=a.metrics_port or None,
         shard_id=a.shard_id or f"{host_name}:{a.port}",
         drain_timeout_s=a.drain_timeout_s,
         log_format=a.log_format,
         tp_timeout_s=a.tp_timeout_s,
         cuda_graphs=a.cuda_graphs == "on",
-        graph_warmup=graph_warmup,
+        graph_warmup=a.graph_warmup,
         load_format=a.load_format,
         compile=a.compile == "on",
         blas=a.blas,

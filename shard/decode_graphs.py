@@ -26,13 +26,12 @@ from shard.forward_meta import ForwardMeta
 from shard.kv_cache import KvCache
 from shard.layers.lora import LoraBatch, build_lora_batch
 from shard.llama import LlamaForCausalLM
+from shard.lora_ranks import RANK_CLASSES
 from shard.step_plan import StepPlan
 
 log = structlog.get_logger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-# The SGMV kernels pick their tile by the scratch buffer's width (csrc/ops.cpp): one class each.
-RANK_CLASSES = (16, 32, 64, 128)
 MIN_TABLE_WIDTH = 8
 # Leaves of a LoraBatch that are scratch space, not per-step data.
 SCRATCH_LEAVES = frozenset({"buffer"})

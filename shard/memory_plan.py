@@ -29,7 +29,8 @@ def plan_kv_pages(
     """KV pool size: the flag; on CUDA, the configured share of the memory left free by the
     weights, less `activation_bytes` (the warm-up's activation peak and the start-up decode
     graphs) and the device adapter budget (one budget for activations, graphs, KV pages and
-    adapters); on CPU, room for a full batch at full context."""
+    adapters); on CPU, room for a full batch at full context, or what `--kv-memory-mb` holds
+    when that is less."""
     if cfg.kv_pages is not None:
         return cfg.kv_pages
     if device.type == "cuda":
@@ -45,7 +46,14 @@ def plan_kv_pages(
                 "(--graph-warmup), or raise --kv-memory-fraction"
             )
         return budget // page_bytes
-    return -(-cfg.max_batch_size * max_context // cfg.page_size)
+    full = -(-cfg.max_batch_size * max_context // cfg.page_size)
+    budget = cfg.kv_memory_mb * 2**20 // page_bytes
+    if budget < 1:
+        raise RuntimeError(
+            f"--kv-memory-mb {cfg.kv_memory_mb} holds no KV page of {page_bytes / 2**20:.1f} MiB: "
+            "raise it or give --kv-pages"
+        )
+    return min(full, budget)
 
 
 def activation_peak(

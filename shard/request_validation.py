@@ -9,7 +9,6 @@ from shard.model_config import ModelConfig
 from shard.sampling import SamplingParams
 from shard.sequence import EngineRequest, Resume, StopParams
 
-DEFAULT_MAX_NEW_TOKENS = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
 
@@ -45,11 +44,13 @@ def to_engine_request(
         raise RequestError("no input: set prompt or prompt_token_ids")
 
     stop = msg.stopping
-    max_new = stop.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     if len(ids) >= max_context:
         raise RequestError(
             f"the prompt has {len(ids)} tokens; the model context is {max_context}: shorten it"
         )
+    # Unset: up to the context limit, as OpenAI-compatible servers do; EOS or a stop string
+    # usually ends it first.
+    max_new = stop.max_new_tokens or max_context - len(ids)
     if len(ids) + max_new > max_context:
         raise RequestError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the model context "

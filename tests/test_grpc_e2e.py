@@ -156,6 +156,19 @@ def test_grpcurl_reflection_and_stream(cluster, tiny) -> None:
     assert messages[-1]["usage"]["generated_tokens"] == 5
 
 
+def test_unset_max_new_tokens_runs_up_to_the_context_limit(cluster) -> None:
+    """The proto's default, as OpenAI-compatible servers have it: prompt + output = context.
+    (A 246-token prompt with the old default of 16 would not fit the tiny model's 256.)"""
+    context = 256
+    prompt = generate_pb2.TokenIds(ids=[5] * (context - 10))
+    stopping = generate_pb2.StoppingCriteria(ignore_eos=True)
+    for address in (cluster["router"], cluster["shard"]):
+        messages = generate(address, prompt_token_ids=prompt, stopping=stopping)
+        assert messages[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        assert messages[-1].usage.generated_tokens == 10
+        assert sum(len(m.token_ids) for m in messages) == 10
+
+
 @pytest.mark.parametrize(
     ("fields", "code", "needle"),
     [

@@ -376,18 +376,21 @@ def _plain(value: object) -> object:
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 @pytest.mark.parametrize("component", ["router", "shard"])
 def test_the_cli_reads_every_configmap_key(
-    built: dict[str, Path], tmp_path: Path, name: str, component: str
+    built: dict[str, Path], tiny, tmp_path: Path, name: str, component: str
 ) -> None:
     """Parses the container's args and env with the real CLI: each LORAFLEET_X lands in field x."""
     cli = pytest.importorskip(f"{component}.config", reason=f"the {component} CLI is not written")
     docs = _docs(built, name)
     c = _container(docs, component)
     env = {k: v for k, v in _env(docs, c).items() if k.startswith("LORAFLEET_")}
-    # Folders the shard checks for; the pod mounts them, here they are stand-ins.
-    for var in ("LORAFLEET_MODEL", "LORAFLEET_ADAPTERS"):
+    # Folders the shard checks for; the pod mounts them, here they are links to the tiny ones.
+    for var, target in (
+        ("LORAFLEET_MODEL", tiny.model_dir),
+        ("LORAFLEET_ADAPTERS", tiny.adapters_dir),
+    ):
         if var in env:
             env[var] = str(tmp_path / var)
-            Path(env[var]).mkdir()
+            Path(env[var]).symlink_to(target)
     config = cli.parse_config(c.get("args", []), env=env)
     for var, text in env.items():
         field = var.removeprefix("LORAFLEET_").lower()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
+from shard.kv_cache import KvCache
 from shard.layers.lora import MAX_GROUP
 from shard.memory_plan import lora_activation_bytes, plan_kv_pages
 from shard.model_config import load_model_config
@@ -43,6 +46,32 @@ def test_explicit_pages_and_cpu_default(tiny) -> None:
     assert plan_kv_pages(config(tiny, "--kv-pages", "77"), 1, CUDA, 4096, 0) == 77
     cfg = config(tiny, "--max-batch-size", "4", "--page-size", "16")
     assert plan_kv_pages(cfg, 1, torch.device("cpu"), 100, 0) == -(-4 * 100 // 16)
+
+
+def test_cpu_pool_is_capped_by_kv_memory_mb(tiny) -> None:
+    """A full batch at full context, unless --kv-memory-mb holds less: a 135M model (SmolLM2's
+    shape: 30 layers, 3 KV heads of 64, 8K context) gets 1 GiB of pages by default instead of
+    the 11 GiB (12 GB) a batch of 32 full contexts would take, which took a minute to start."""
+    cpu = torch.device("cpu")
+    smol = dataclasses.replace(
+        load_model_config(tiny.model_dir),
+        num_layers=30,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+    )
+    page_bytes = KvCache.bytes_per_page(smol, SINGLE, 16, torch.float32)
+    cfg = config(tiny)
+    pages = plan_kv_pages(cfg, page_bytes, cpu, 8192, 0)
+    assert pages == 1024 * 2**20 // page_bytes
+    assert 32 * 8192 * page_bytes // 16 > 11 * GIB > 10 * pages * page_bytes
+    assert pages * 16 >= 8192  # one full-context request still fits
+    smaller = config(tiny, "--kv-memory-mb", "64")
+    assert plan_kv_pages(smaller, page_bytes, cpu, 8192, 0) == 64 * 2**20 // page_bytes
+    # The cap never grows a pool past a full batch at full context.
+    assert plan_kv_pages(cfg, page_bytes, cpu, 256, 0) == 32 * 256 // 16
+    with pytest.raises(RuntimeError, match="--kv-memory-mb 1 holds no KV page"):
+        plan_kv_pages(config(tiny, "--kv-memory-mb", "1"), 2 * 2**20, cpu, 8192, 0)
 
 
 def test_lora_activation_bytes_cover_the_widest_projection(tiny) -> None:

@@ -39,18 +39,30 @@ def test_config_from_flags_and_environment():
         (["--shard", "a"], "expected HOST:PORT"),
         (["--shard", "a:70000"], "outside 1..65535"),
         (["--shard", "a:1", "--shard", "a:1"], "twice"),
-        (["--shard", "a:1", "--queue-size", "-1"], "--queue-size"),
-        (["--shard", "a:1", "--port", "x"], "expected an integer"),
         (["--shard", "a:1", "--dns-server", "127.0.0.1:53"], "--dns-server"),
-        (["--shard", "a:1", "--max-connection-age-s", "-1"], "--max-connection-age-s"),
-        (["--shard", "a:1", "--max-connection-age-grace-s", "0"], "--max-connection-age-grace-s"),
-        (["--shard", "a:1", "--shard-keepalive-s", "0"], "--shard-keepalive-s"),
-        (["--shard", "a:1", "--shard-keepalive-timeout-s", "x"], "expected a number"),
     ],
 )
 def test_config_rejects_bad_values(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(argv, {})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--queue-size", "-1"], "argument --queue-size: must be >= 0"),
+        (["--port", "x"], "argument --port: expected an integer"),
+        (["--max-connection-age-s", "-1"], "argument --max-connection-age-s: must be >= 0"),
+        (["--max-connection-age-grace-s", "0"], "--max-connection-age-grace-s: must be > 0"),
+        (["--shard-keepalive-s", "0"], "argument --shard-keepalive-s: must be > 0"),
+        (["--shard-keepalive-timeout-s", "x"], "expected a number"),
+    ],
+)
+def test_malformed_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(["--shard", "a:1", *argv], {})
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_connection_age_and_shard_keepalive_options():
