@@ -17,6 +17,12 @@ from itertools import chain
 import torch
 
 _MASK64 = (1 << 64) - 1
+# Temperatures below this are served at this value: dividing logits by a subnormal temperature
+# overflows to inf and the softmax to NaN. At 1e-3 a logit gap of 0.1 is already e^100 apart,
+# so the draw is the argmax for every practical purpose.
+MIN_TEMPERATURE = 1e-3
+# Repetition penalties below this are refused: dividing a logit by a tiny penalty overflows.
+MIN_REPETITION_PENALTY = 1e-2
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +50,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.repetition_penalty <= 10.0:
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0:
             raise ValueError(
-                f"repetition_penalty must be in (0, 10] (1 = off), got {self.repetition_penalty}"
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 10] (1 = off), "
+                f"got {self.repetition_penalty}"
             )
         if self.seed is not None and not 0 <= self.seed <= _MASK64:
             raise ValueError(f"seed must be in [0, 2**64), got {self.seed}")
@@ -112,7 +119,9 @@ def _sample_rows(
     """Temperature, top-k, top-p and one seeded exponential race per row. logits: [S, V]."""
     device = logits.device
     vocab = logits.shape[1]
-    temperature = torch.tensor([[p.temperature] for p in params], device=device)  # [S, 1]
+    temperature = torch.tensor(
+        [[max(p.temperature, MIN_TEMPERATURE)] for p in params], device=device
+    )  # [S, 1]
     top_k = torch.tensor([[p.top_k or vocab] for p in params], device=device)  # [S, 1]
     top_p = torch.tensor([[p.top_p] for p in params], device=device)  # [S, 1]
     scaled = logits / temperature
@@ -123,6 +132,7 @@ def _sample_rows(
     # A token stays when the tokens above it hold less than top_p of the mass.
     keep = (probs.cumsum(dim=-1) - probs < top_p) | (top_p >= 1.0)
     keep &= rank < top_k
+    keep[:, 0] = True  # the most likely token always stays, even if the mass is not finite
     last_kept = keep.sum(dim=-1, keepdim=True) - 1  # [S, 1]; keep is a prefix, never empty
     threshold = ordered.gather(1, last_kept)  # [S, 1]
     noise = torch.empty_like(logits)  # [S, V], Exp(1) per token id

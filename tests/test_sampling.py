@@ -194,3 +194,19 @@ def test_cuda_matches_greedy_and_reproduces_seeded_draws() -> None:
     cpu_tokens, cpu_logprobs = sample(logits[:2].cpu(), params[:2], seen[:2], [0, 1])
     assert torch.equal(tokens[:2].cpu(), cpu_tokens)
     torch.testing.assert_close(logprobs[:2].cpu(), cpu_logprobs)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e4])
+def test_tiny_temperatures_are_served_safely(scale: float) -> None:
+    # 1e-40 is subnormal in float32: dividing by it overflowed to inf, the softmax to NaN and
+    # top-p kept no token, which once raised in the engine thread and ended the shard.
+    logits = _logits(3, 64) * scale
+    params = [SamplingParams(temperature=t, top_p=0.9, seed=1) for t in (1e-40, 1e-7, 1e-3)]
+    tokens, logprobs = sample(logits, params, [[], [], []], [0, 0, 0])
+    assert torch.equal(tokens, logits.argmax(dim=-1))
+    assert torch.isfinite(logprobs).all()
+
+
+def test_tiny_repetition_penalty_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 10\]"):
+        SamplingParams(repetition_penalty=1e-40).validate()
