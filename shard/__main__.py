@@ -90,6 +90,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         model_cfg.eos_token_ids,
         max_context,
         cfg.max_queue,
+        retry_alone=group.size == 1,
     )
     if (graphs := state.runner.decode_graphs) is not None:
         # Read at scrape time: captures on first use happen on the engine thread.

@@ -21,6 +21,7 @@ import structlog
 import torch
 from safetensors.torch import load as load_safetensors
 
+from shard.faults import quote
 from shard.layers.lora import LORA_MODULES
 from shard.model_config import ModelConfig
 from shard.parallel import TPGroup
@@ -120,8 +121,8 @@ def resolve(root: Path, adapter_id: str) -> Path:
     if not ADAPTER_ID.match(adapter_id) or adapter_id in (".", ".."):
         raise AdapterError(
             AdapterErrorKind.INVALID,
-            f"adapter id {adapter_id!r} is not a valid name: use letters, digits, '.', '_', '-' "
-            "(max 128 characters, no path separators)",
+            f"adapter id {quote(adapter_id)} is not a valid name: use letters, digits, '.', '_', "
+            "'-' (max 128 characters, no path separators)",
         )
     path = root / adapter_id
     real_root = root.resolve()

@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from shard.detokenizer import TextStream
+from shard.faults import RequestFault, is_process_fault, request_fault
 from shard.kv_cache import pages_for
 from shard.metrics import ShardMetrics, adapter_label
 from shard.sampling import sample
@@ -34,7 +35,11 @@ Sink = Callable[[StepOutput], None]
 
 
 class CapacityError(Exception):
-    """The shard cannot take the request (queue full, or it can never fit the KV pool)."""
+    """The shard cannot take the request now (its queue is full)."""
+
+
+class NeverFitsError(Exception):
+    """The request can never fit this shard's whole KV pool, however long it waits."""
 
 
 class DrainingError(CapacityError):
@@ -69,13 +74,17 @@ class Engine:
         eos_ids: tuple[int, ...],
         max_context: int,
         max_queue: int,
+        retry_alone: bool = True,
     ) -> None:
+        """`retry_alone`: when a forward fails, run each request of the step on its own to find
+        the one at fault (only without tensor parallelism: followers replay every forward)."""
         self.scheduler = scheduler
         self.forward = forward
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
         self.max_queue = max_queue
+        self.retry_alone = retry_alone
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._seqs: dict[str, Sequence] = {}
         self._stop = threading.Event()
@@ -98,17 +107,32 @@ class Engine:
 
     def submit(self, req: EngineRequest, sink: Sink) -> None:
         """Queues a request; its outputs go to `sink` from the engine thread."""
-        pool = self.scheduler.pool
-        need = pages_for(len(req.prompt_ids) + 1, self.scheduler.page_size)
-        if need > pool.total:
-            raise CapacityError(
-                f"the prompt needs {need} KV pages but this shard's pool has {pool.total}"
-            )
+        self._check_fits(req)
         if self._load.queued >= self.max_queue:
             raise CapacityError(f"the shard's queue is full ({self.max_queue} requests waiting)")
         if self._draining:
             raise DrainingError("the shard is draining and takes no new requests")
         self._inbox.put(("submit", (req, sink)))
+
+    def _check_fits(self, req: EngineRequest) -> None:
+        """Raises NeverFitsError when the request at its longest outgrows the whole KV pool:
+        admitted, it would be preempted and put back forever, blocking the queue behind it."""
+        page_size = self.scheduler.page_size
+        total = self.scheduler.pool.total
+        tokens = len(req.prompt_ids) + req.stopping.max_new_tokens
+        if pages_for(tokens, page_size) > total:
+            room = total * page_size - len(req.prompt_ids)
+            fix = (
+                f"lower max_new_tokens to at most {room}"
+                if room > 0
+                else "shorten the prompt or use a shard with more KV memory"
+            )
+            raise NeverFitsError(
+                f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens "
+                f"({req.stopping.max_new_tokens}) needs {pages_for(tokens, page_size)} KV pages "
+                f"of {page_size} tokens, but this shard's whole KV pool has {total} pages "
+                f"({total * page_size} tokens): {fix}"
+            )
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
@@ -172,7 +196,7 @@ class Engine:
             seq = self._seqs.pop(arg, None)  # type: ignore[arg-type]
             if seq is not None:
                 self.scheduler.release(seq)
-                log.info("request cancelled", request_id=seq.request_id)
+                log.info("request cancelled", request_id=seq.req.label, engine_id=seq.request_id)
         elif cmd == "fail":
             raise arg  # type: ignore[misc]
         elif cmd in ("drain", "evacuate"):
@@ -187,9 +211,19 @@ class Engine:
                 req, sampling=dataclasses.replace(req.sampling, seed=random.getrandbits(63))
             )
         resumed = req.resume.generated_ids if req.resume else ()
-        text = TextStream(
-            self.tokenizer, req.prompt_ids, stop=req.stopping.stop, generated_ids=resumed
-        )
+        if req.request_id in self._seqs:
+            _deliver(sink, StepOutput(error=RequestFault(f"engine id {req.request_id} is in use")))
+            return
+        try:
+            text = TextStream(
+                self.tokenizer, req.prompt_ids, stop=req.stopping.stop, generated_ids=resumed
+            )
+        except Exception as exc:  # one request's fault: the loop goes on
+            if is_process_fault(exc):
+                raise
+            self._report_fault(req, exc)
+            _deliver(sink, StepOutput(error=request_fault(exc, req.label)))
+            return
         seq = Sequence(req, sink, text)
         self._seqs[req.request_id] = seq
         self.scheduler.add(seq)
@@ -205,36 +239,118 @@ class Engine:
                 self._migrate(seq, MigrationReason.KV_EXHAUSTED)
             else:
                 self.scheduler.add(seq, front=True)
-                log.info("request preempted", request_id=seq.request_id)
+                log.info("request preempted", request_id=seq.req.label)
         if sched.empty:
             self._publish()
             if self.scheduler.waiting:
                 time.sleep(0.002)  # adapters are loading or pages are short: look again soon
             return
         started = time.perf_counter()
-        plan, order = make_plan(sched.decode, sched.prefill, self.scheduler.page_size)
-        logits = self.forward(plan)
+        logits, order, prefills = self._forward(sched.decode, sched.prefill)
+        if not order:
+            self._publish()
+            return
         for seq in order:
             seq.num_cached = len(seq.token_ids)
+        rows = self._sample(logits, order)
+        self.metrics.tokens_generated(seq.adapter_id for seq, _, _ in rows)
+        now = time.monotonic()  # when this step's tokens came out, for every sequence
+        # First tokens (the prefill rows, last in `order`) go out ahead of the running streams':
+        # each message then costs tens of microseconds in this process's and the router's event
+        # loops, so at batch 32 a first token sent last would wait ~1-2 ms behind the others.
+        first = len(rows) - sum(seq in prefills for seq, _, _ in rows)
+        for seq, tok, lp in rows[first:] + rows[:first]:
+            try:
+                self._advance(seq, tok, lp, now)
+            except Exception as exc:  # one request's fault: the loop goes on
+                if is_process_fault(exc):
+                    raise
+                self._fail(seq, exc)
+        self.steps += 1
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(order))
+        self._publish()
+
+    def _forward(
+        self, decode: list[Sequence], prefill: list[Sequence]
+    ) -> tuple[torch.Tensor, list[Sequence], set[Sequence]]:
+        """Runs the step's forward: logits [B, V], the sequences of its rows, and which of them
+        were prefills. When the batched forward fails, each request runs alone (re-running a
+        forward rewrites the same KV slots), and only those that fail alone fail."""
+        page_size = self.scheduler.page_size
+        plan, order = make_plan(decode, prefill, page_size)
+        try:
+            return self.forward(plan), order, set(prefill)
+        except Exception as exc:
+            if is_process_fault(exc) or not self.retry_alone:
+                raise
+            if len(order) == 1:
+                self._fail(order[0], exc)
+                return torch.empty(0), [], set()
+            log.warning("batched forward failed: running its requests one by one", error=str(exc))
+        rows, survivors = [], []
+        for seq in order:
+            alone = ([seq], []) if seq in decode else ([], [seq])
+            try:
+                rows.append(self.forward(make_plan(*alone, page_size)[0]))
+            except Exception as exc:
+                if is_process_fault(exc):
+                    raise
+                self._fail(seq, exc)
+                continue
+            survivors.append(seq)
+        logits = torch.cat(rows) if rows else torch.empty(0)
+        return logits, survivors, set(prefill) & set(survivors)
+
+    def _sample(
+        self, logits: torch.Tensor, order: list[Sequence]
+    ) -> list[tuple[Sequence, int, float]]:
+        """One token and its logprob per sequence; a row whose sampling fails fails alone."""
+        try:
+            tokens, logprobs = self._sample_rows(logits, order)
+            return list(zip(order, tokens, logprobs, strict=True))
+        except Exception as exc:
+            if is_process_fault(exc):
+                raise
+        rows = []
+        for i, seq in enumerate(order):
+            try:
+                tokens, logprobs = self._sample_rows(logits[i : i + 1], [seq])
+            except Exception as exc:
+                if is_process_fault(exc):
+                    raise
+                self._fail(seq, exc)
+                continue
+            rows.append((seq, tokens[0], logprobs[0]))
+        return rows
+
+    def _sample_rows(
+        self, logits: torch.Tensor, order: list[Sequence]
+    ) -> tuple[list[int], list[float]]:
         tokens, logprobs = sample(
             logits,
             [s.req.sampling for s in order],
             [s.token_ids for s in order],
             [len(s.generated) for s in order],
         )
-        self.metrics.tokens_generated(seq.adapter_id for seq in order)
-        now = time.monotonic()  # when this step's tokens came out, for every sequence
-        rows = list(zip(order, tokens.tolist(), logprobs.tolist(), strict=True))
-        # First tokens (the prefill rows, last in `order`) go out ahead of the running streams':
-        # each message then costs tens of microseconds in this process's and the router's event
-        # loops, so at batch 32 a first token sent last would wait ~1-2 ms behind the others.
-        first = len(order) - len(plan.prefills)
-        for seq, tok, lp in rows[first:] + rows[:first]:
-            self._advance(seq, tok, lp, now)
-        self.steps += 1
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(order))
-        self._publish()
+        return tokens.tolist(), logprobs.tolist()
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """Ends one request with its own fault; everything it held is freed."""
+        self._seqs.pop(seq.request_id, None)
+        self.scheduler.release(seq)
+        self._report_fault(seq.req, exc)
+        _deliver(seq.sink, StepOutput(error=request_fault(exc, seq.req.label)))
+
+    def _report_fault(self, req: EngineRequest, exc: Exception) -> None:
+        log.warning(
+            "request failed in the engine; the others go on",
+            request_id=req.label,
+            engine_id=req.request_id,
+            error=f"{type(exc).__name__}: {exc}",
+            invalid=isinstance(exc, RequestFault) and exc.invalid,
+        )
+        self.metrics.requests.labels(adapter_label(req.adapter_id), "error").inc()
 
     def _advance(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
         if seq.first_token is None:
@@ -276,7 +392,7 @@ class Engine:
     def _migrate(self, seq: Sequence, reason: MigrationReason) -> None:
         self.scheduler.release(seq)
         self._seqs.pop(seq.request_id, None)
-        log.info("request migrates", request_id=seq.request_id, reason=reason.value)
+        log.info("request migrates", request_id=seq.req.label, reason=reason.value)
         self.metrics.requests.labels(adapter_label(seq.adapter_id), "migrated").inc()
         seq.sink(StepOutput(migration=reason, generated_ids=tuple(seq.generated)))
 
@@ -305,3 +421,12 @@ class Engine:
             m.kv_free.set(snap.kv_pages_free)
             m.kv_total.set(snap.kv_pages_total)
             m.adapters.set(len(snap.adapters_resident))
+
+
+def _deliver(sink: Sink, out: StepOutput) -> None:
+    """Hands a request its last output; a sink that cannot take it (its event loop has closed)
+    must not end the engine on a failure path."""
+    try:
+        sink(out)
+    except Exception:
+        log.warning("could not deliver a request's error", exc_info=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from protos import generate_pb2
+from shard.faults import quote
 from shard.model_config import ModelConfig
 from shard.sampling import SamplingParams
 from shard.sequence import EngineRequest, Resume, StopParams
@@ -25,6 +26,7 @@ def to_engine_request(
     max_context: int,
     resume: Resume | None,
     migratable: bool,
+    client_label: str = "",
 ) -> EngineRequest:
     which = msg.WhichOneof("input")
     if which == "prompt":
@@ -60,7 +62,7 @@ def to_engine_request(
         raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")
     for s in stop.stop:
         if not s or len(s.encode()) > MAX_STOP_BYTES:
-            raise RequestError(f"stop strings must be 1..{MAX_STOP_BYTES} bytes, got {s!r:.40}")
+            raise RequestError(f"stop strings must be 1..{MAX_STOP_BYTES} bytes, got {quote(s)}")
 
     sp = msg.sampling
     sampling = SamplingParams(
@@ -74,8 +76,8 @@ def to_engine_request(
         sampling.validate()
     except ValueError as e:
         raise RequestError(str(e)) from e
-    if resume is not None and len(resume.generated_ids) >= max_new:
-        raise RequestError("resume state already holds max_new_tokens tokens")
+    if resume is not None:
+        _check_resume(resume, len(ids), max_new, model.vocab_size)
     return EngineRequest(
         request_id=request_id,
         adapter_id=msg.adapter_id,
@@ -85,4 +87,20 @@ def to_engine_request(
         return_logprobs=msg.return_logprobs,
         resume=resume,
         migratable=migratable,
+        client_label=client_label,
     )
+
+
+def _check_resume(resume: Resume, prompt_tokens: int, max_new: int, vocab_size: int) -> None:
+    """A resumed request's tokens go back through the model: they must be valid ids."""
+    done = resume.generated_ids
+    if len(done) >= max_new:
+        raise RequestError(
+            f"resume.generated_token_ids holds {len(done)} tokens, max_new_tokens is {max_new}: "
+            "nothing is left to generate"
+        )
+    bad = [t for t in done if t >= vocab_size]
+    if bad:
+        raise RequestError(
+            f"resume.generated_token_ids holds ids >= the vocabulary size {vocab_size}: {bad[:5]}"
+        )

@@ -49,6 +49,7 @@ class Resume:
 class EngineRequest:
     """A validated request, free of protobuf."""
 
+    # The engine's key: unique among live requests (the edge makes one per call).
     request_id: str
     adapter_id: str  # "" is the base model
     prompt_ids: tuple[int, ...]
@@ -60,6 +61,13 @@ class EngineRequest:
     # other request is preempted and recomputed here later.
     migratable: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    # The caller's request_id, a label for logs only: callers may reuse it.
+    client_label: str = ""
+
+    @property
+    def label(self) -> str:
+        """How logs and error messages name the request."""
+        return self.client_label or self.request_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,10 +19,11 @@ from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
 from shard.adapter_tiers import AdapterEntry
-from shard.engine import CapacityError, DrainingError, Engine
+from shard.engine import CapacityError, DrainingError, Engine, NeverFitsError
+from shard.faults import RequestFault
 from shard.model_config import ModelConfig
 from shard.request_validation import RequestError, to_engine_request
-from shard.sequence import FinishReason, MigrationReason, Resume, StepOutput
+from shard.sequence import EngineRequest, FinishReason, MigrationReason, Resume, StepOutput
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +44,10 @@ _ADAPTER_CODE = {
     AdapterErrorKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     AdapterErrorKind.CHANGED: grpc.StatusCode.ABORTED,  # a retry reads the new files
 }
+# Inputs larger than this (prompt bytes or token ids) are checked and tokenized on a worker
+# thread: a megabyte prompt takes seconds to tokenize and would stall every stream of the
+# event loop. Small ones stay on the loop, where a thread hop would cost more than the work.
+_INLINE_INPUT_MAX = 4096
 _LOAD_TIMEOUT_S = 300.0  # LoadAdapter's wait for device room when the call has no deadline
 _RESIDENCY = {
     "gpu": generate_pb2.ADAPTER_RESIDENCY_GPU,
@@ -101,14 +106,17 @@ class ShardService:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[StepOutput]:
         """Validates, submits, and yields the request's outputs until the final one."""
-        rid = request.request_id or uuid.uuid4().hex
-        structlog.contextvars.bind_contextvars(request_id=rid, adapter_id=request.adapter_id)
+        # The engine keys requests by an id of its own: a caller's request_id is only a label,
+        # and two live calls that share one never touch each other's state.
+        rid = uuid.uuid4().hex
+        label = request.request_id[:128] or rid
+        structlog.contextvars.bind_contextvars(
+            request_id=label, adapter_id=request.adapter_id[:128]
+        )
         try:
             if request.adapter_id:
                 self.adapters.lookup(request.adapter_id)
-            req = to_engine_request(
-                request, rid, self.tokenizer, self.model, self.max_context, resume, migratable
-            )
+            req = await self._to_engine_request(request, rid, label, resume, migratable)
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except AdapterError as e:
@@ -120,6 +128,8 @@ class ShardService:
         except DrainingError as e:
             # Nothing ran here yet: UNAVAILABLE makes the router place it on another shard.
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}, retry elsewhere")
+        except NeverFitsError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except CapacityError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         done = False
@@ -131,6 +141,13 @@ class ShardService:
                     err = out.error
                     if isinstance(err, AdapterError):
                         await context.abort(_ADAPTER_CODE[err.kind], str(err))
+                    if isinstance(err, RequestFault):
+                        code = (
+                            grpc.StatusCode.INVALID_ARGUMENT
+                            if err.invalid
+                            else grpc.StatusCode.INTERNAL
+                        )
+                        await context.abort(code, str(err))
                     # Only a dead engine sends other errors, and the shard is going down:
                     # UNAVAILABLE lets the router resume the request on another shard.
                     await context.abort(
@@ -141,6 +158,32 @@ class ShardService:
         finally:
             if not done:
                 self.engine.cancel(req.request_id)
+
+    async def _to_engine_request(
+        self,
+        request: generate_pb2.GenerateRequest,
+        rid: str,
+        label: str,
+        resume: Resume | None,
+        migratable: bool,
+    ) -> EngineRequest:
+        """Validates and tokenizes; large inputs on a worker thread (see _INLINE_INPUT_MAX)."""
+        args = (
+            request,
+            rid,
+            self.tokenizer,
+            self.model,
+            self.max_context,
+            resume,
+            migratable,
+            label,
+        )
+        size = max(len(request.prompt), len(request.prompt_token_ids.ids))
+        if resume is not None:
+            size = max(size, len(resume.generated_ids))
+        if size > _INLINE_INPUT_MAX:
+            return await asyncio.to_thread(to_engine_request, *args)
+        return to_engine_request(*args)
 
     def snapshot(self) -> shard_pb2.LoadSnapshot:
         s = self.engine.load()
