@@ -12,6 +12,7 @@ from shard.sequence import EngineRequest, Resume, StopParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+_LIMIT_NOTE = " (the model's context, or the whole KV pool when that is smaller)"
 
 
 class RequestError(ValueError):
@@ -23,7 +24,7 @@ def to_engine_request(
     request_id: str,
     tokenizer: Tokenizer,
     model: ModelConfig,
-    max_context: int,
+    max_context: int,  # the longest request served: model context or KV pool, the smaller
     resume: Resume | None,
     migratable: bool,
     client_label: str = "",
@@ -48,15 +49,17 @@ def to_engine_request(
     stop = msg.stopping
     if len(ids) >= max_context:
         raise RequestError(
-            f"the prompt has {len(ids)} tokens; the model context is {max_context}: shorten it"
+            f"the prompt has {len(ids)} tokens; the context this shard serves is {max_context} "
+            f"tokens{_LIMIT_NOTE}: shorten it"
         )
     # Unset: up to the context limit, as OpenAI-compatible servers do; EOS or a stop string
     # usually ends it first.
     max_new = stop.max_new_tokens or max_context - len(ids)
     if len(ids) + max_new > max_context:
         raise RequestError(
-            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the model context "
-            f"of {max_context} tokens: lower max_new_tokens to at most {max_context - len(ids)}"
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the context of "
+            f"{max_context} tokens this shard serves{_LIMIT_NOTE}: lower max_new_tokens to at most "
+            f"{max_context - len(ids)}"
         )
     if len(stop.stop) > MAX_STOP_STRINGS:
         raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop.stop)}")

@@ -96,6 +96,10 @@ class ShardService:
         self.shard_id = shard_id
         self.tp_size = tp_size
         self.max_context = max_context
+        # The longest request this shard can hold at all: prompt + max_new_tokens must fit the
+        # model's context and the whole KV pool (an unset max_new_tokens runs to this limit).
+        sched = engine.scheduler
+        self.request_limit = min(max_context, sched.pool.total * sched.page_size)
         self.sequence = 0
 
     async def stream(
@@ -173,7 +177,7 @@ class ShardService:
             rid,
             self.tokenizer,
             self.model,
-            self.max_context,
+            self.request_limit,
             resume,
             migratable,
             label,
