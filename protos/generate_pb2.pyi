@@ -21,6 +21,7 @@ class AdapterResidency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_RESIDENCY_DISK: _ClassVar[AdapterResidency]
     ADAPTER_RESIDENCY_HOST: _ClassVar[AdapterResidency]
     ADAPTER_RESIDENCY_GPU: _ClassVar[AdapterResidency]
+    ADAPTER_RESIDENCY_CPU: _ClassVar[AdapterResidency]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -30,6 +31,7 @@ ADAPTER_RESIDENCY_UNSPECIFIED: AdapterResidency
 ADAPTER_RESIDENCY_DISK: AdapterResidency
 ADAPTER_RESIDENCY_HOST: AdapterResidency
 ADAPTER_RESIDENCY_GPU: AdapterResidency
+ADAPTER_RESIDENCY_CPU: AdapterResidency
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)

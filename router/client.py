@@ -153,7 +153,12 @@ def _adapters(stub: generate_pb2_grpc.GeneratorStub) -> None:
     for a in sorted(reply.adapters, key=lambda a: (a.adapter_id, a.shard)):
         residency = generate_pb2.AdapterResidency.Name(a.residency)
         rows.append(
-            (a.adapter_id, a.shard, residency.removeprefix("ADAPTER_RESIDENCY_"), str(a.rank))
+            (
+                a.adapter_id,
+                a.shard,
+                residency.removeprefix("ADAPTER_RESIDENCY_"),
+                str(a.rank) if a.rank else "?",  # 0: its adapter_config.json is unreadable
+            )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:

@@ -9,6 +9,7 @@ and the old one leaves memory when its last request ends.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from shard.adapter_loader import (
     AdapterWeights,
     FileSig,
     as_adapter_error,
+    declared,
     file_sig,
     load_adapter,
     resolve,
@@ -201,18 +203,22 @@ class AdapterCache:
 
     def entries(self) -> list[AdapterEntry]:
         """Every adapter folder under the root with the residency of its newest version."""
-        with self._lock:
-            return [
-                self.entry(path.name)
-                for path in sorted(self.root.iterdir())
-                if not path.is_symlink() and (path / CONFIG_FILE).is_file()
-            ]
+        return [
+            self.entry(path.name)
+            for path in sorted(self.root.iterdir())
+            if not path.is_symlink() and (path / CONFIG_FILE).is_file()
+        ]
 
     def entry(self, adapter_id: str) -> AdapterEntry:
-        """One adapter's residency (its newest version), without listing the root."""
+        """One adapter's residency (its newest version), without listing the root. An adapter
+        on disk only reports the rank and targets its adapter_config.json declares."""
         with self._lock:
             key = self._current.get(adapter_id, "")
-            return entry_of(adapter_id, self._resident.get(key), self._host.get(key))
+            found = entry_of(adapter_id, self._resident.get(key), self._host.get(key))
+        if found.residency != "disk":
+            return found
+        rank, targets = declared(self.root / adapter_id)  # read outside the lock
+        return dataclasses.replace(found, rank=rank, targets=targets)
 
     # -- engine side ----------------------------------------------------------------------------
     def want(self, adapter_ids: set[str]) -> None:

@@ -170,6 +170,20 @@ def _read_bytes(path: Path) -> tuple[bytes, tuple[int, int, int]]:
         return f.read(), (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def declared(path: Path) -> tuple[int, tuple[str, ...]]:
+    """Rank `r` and target modules that an adapter folder's adapter_config.json declares, read
+    without loading the weights; (0, ()) when the file cannot be read."""
+    try:
+        conf = json.loads((path / CONFIG_FILE).read_bytes())
+        rank = int(conf.get("r", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0, ()
+    targets = conf.get("target_modules") or ()
+    if isinstance(targets, str):  # a regex or "all-linear"
+        targets = (targets,)
+    return max(rank, 0), tuple(sorted({str(t).rsplit(".", 1)[-1] for t in targets}))
+
+
 def check_config(conf: dict, adapter_id: str, cfg: ModelConfig, base_mismatch: str) -> None:
     """Refuses adapter_config.json settings the engine cannot apply exactly."""
     if conf.get("peft_type", "LORA") != "LORA":

@@ -62,8 +62,8 @@ class AdapterEntry:
     """What ListAdapters reports for one adapter."""
 
     adapter_id: str
-    residency: str  # "gpu" (device, whatever the device is), "host" or "disk"
-    rank: int
+    residency: str  # "gpu" or "cpu" (on the compute device), "host" or "disk"
+    rank: int  # of the loaded weights; on disk, the declared r (0: unreadable config)
     size_bytes: int
     digest: str
     last_used: float
@@ -79,12 +79,14 @@ def device_budget_bytes(adapter_memory_mb: int) -> int:
 def entry_of(adapter_id: str, res: Resident | None, host: HostCopy | None) -> AdapterEntry:
     """What ListAdapters reports for a version found in these tiers (neither: on disk only)."""
     w = res.weights if res else (host.weights if host else None)
+    if w is None:
+        return AdapterEntry(adapter_id, "disk", 0, 0, "", 0.0, ())
     return AdapterEntry(
         adapter_id,
-        "gpu" if res else ("host" if host else "disk"),
-        w.rank if w else 0,
-        w.nbytes if w else 0,
-        w.digest if w else "",
+        ("gpu" if res.flat.is_cuda else "cpu") if res else "host",
+        w.rank,
+        w.nbytes,
+        w.digest,
         max(res.last_used if res else 0.0, host.last_used if host else 0.0),
-        w.targets if w else (),
+        w.targets,
     )

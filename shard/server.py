@@ -51,6 +51,7 @@ _INLINE_INPUT_MAX = 4096
 _LOAD_TIMEOUT_S = 300.0  # LoadAdapter's wait for device room when the call has no deadline
 _RESIDENCY = {
     "gpu": generate_pb2.ADAPTER_RESIDENCY_GPU,
+    "cpu": generate_pb2.ADAPTER_RESIDENCY_CPU,
     "host": generate_pb2.ADAPTER_RESIDENCY_HOST,
     "disk": generate_pb2.ADAPTER_RESIDENCY_DISK,
 }

@@ -352,8 +352,43 @@ def test_hot_reload_old_stream_keeps_old_weights_new_gets_new(shard, tiny, root:
         )
     hot = next(a for a in listed.adapters if a.adapter_id == "hot")
     assert hot.digest == hashlib.sha256((old_src / WEIGHTS).read_bytes()).hexdigest()
-    assert hot.residency == generate_pb2.ADAPTER_RESIDENCY_GPU
+    assert hot.residency == generate_pb2.ADAPTER_RESIDENCY_CPU
     assert len([k for k in shard.adapters.resident_ids() if k == "hot"]) == 1
+
+
+def test_list_adapters_tells_rank_before_a_load_and_no_gpu_on_a_cpu_shard(
+    shard, tiny, root: Path
+) -> None:
+    """Before a load: DISK with the rank and targets adapter_config.json declares (0 and none
+    when it cannot be read); loaded on a CPU shard: CPU, never GPU."""
+    _copy(tiny, "r16-attn", root, "listed-first")
+    (_copy(tiny, "r4-qv", root, "unreadable-config") / CONFIG).write_text("{not json")
+
+    def listed() -> dict[str, generate_pb2.AdapterInfo]:
+        with grpc.insecure_channel(shard.address) as ch:
+            reply = generate_pb2_grpc.GeneratorStub(ch).ListAdapters(
+                generate_pb2.ListAdaptersRequest(), timeout=10
+            )
+        return {a.adapter_id: a for a in reply.adapters}
+
+    before = listed()
+    fresh, unreadable = before["listed-first"], before["unreadable-config"]
+    assert fresh.residency == generate_pb2.ADAPTER_RESIDENCY_DISK
+    assert (fresh.rank, fresh.size_bytes, fresh.digest) == (16, 0, "")
+    assert set(fresh.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert unreadable.residency == generate_pb2.ADAPTER_RESIDENCY_DISK
+    assert (unreadable.rank, list(unreadable.target_modules)) == (0, [])
+    assert load_adapter(shard.address, "listed-first").residency == (
+        generate_pb2.ADAPTER_RESIDENCY_CPU
+    )
+    after = listed()
+    assert (after["listed-first"].residency, after["listed-first"].rank) == (
+        generate_pb2.ADAPTER_RESIDENCY_CPU,
+        16,
+    )
+    assert after["listed-first"].size_bytes > 0
+    assert all(a.residency != generate_pb2.ADAPTER_RESIDENCY_GPU for a in after.values())
+    shard.adapters.evict("listed-first")
 
 
 def test_pins_hold_at_most_half_the_device_budget(shard) -> None:
@@ -394,7 +429,7 @@ def test_load_adapter_reports_one_adapter_without_listing_the_root(
     monkeypatch.setattr(type(shard.adapters.root), "iterdir", listing)
     info = load_adapter(shard.address, "r4-qv")
     assert info.adapter_id == "r4-qv"
-    assert info.residency == generate_pb2.ADAPTER_RESIDENCY_GPU
+    assert info.residency == generate_pb2.ADAPTER_RESIDENCY_CPU
     assert info.rank == 4 and info.size_bytes > 0 and len(info.digest) == 64
     assert set(info.target_modules) == {"q_proj", "v_proj"}
     shard.adapters.evict("r4-qv")
