@@ -79,7 +79,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     state = build_rank(cfg, group)
     leader = Leader(state, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
     model_cfg = state.model_cfg
-    max_context = model_cfg.max_position_embeddings
+    max_context = model_cfg.max_context
     scheduler = Scheduler(
         state.kv.pool, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, state.adapters
     )
@@ -101,12 +101,15 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     log.info(
         "shard ready",
         model=model_cfg.name,
+        architecture=model_cfg.architecture,
         device=cfg.device,
         dtype=cfg.dtype,
         tp=group.size,
         kv_pages=state.kv.pool.total,
         page_size=cfg.page_size,
         max_context=max_context,
+        # A windowed model (Mistral) is served up to its window: past it, requests are refused.
+        sliding_window=model_cfg.sliding_window,
     )
     leader.start(on_lost=engine.fail)
     return engine, service, leader

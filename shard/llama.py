@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3, Mistral): RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+"""The Llama family (Llama 2/3, Mistral, Qwen2/2.5): RMSNorm, RoPE, GQA attention (with Qwen2's
+q/k/v biases), SwiGLU MLP.
 
 Module names follow Hugging Face so checkpoints and PEFT adapters map one to one. Layers take
 their tensor-parallel slice from `TPGroup`; attention and LoRA run through `shard.ops`.
@@ -54,7 +55,7 @@ class LlamaAttention(nn.Module):
             "k_proj": self.kv_heads * d,
             "v_proj": self.kv_heads * d,
         }
-        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, at)
+        self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, at, cfg.qkv_bias)
         self.o_proj = RowLinear(self.heads * d, cfg.hidden_size, "o_proj", layer_idx, at)
         self.attn = PagedAttention(self.heads, self.kv_heads, d)
         self.head_dim = d
@@ -136,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         at = Placement(group, dtype, device)
         self.embed_tokens = VocabParallel(cfg.vocab_size, cfg.hidden_size, at)
         rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling, device
+            cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling, device
         )
         self.rotary = rotary
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, at) for i in range(cfg.num_layers))

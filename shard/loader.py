@@ -1,5 +1,5 @@
-"""Loads a Hugging Face Llama-family folder: config, safetensors weights (one file or sharded with
-an index), tokenizer."""
+"""Loads a Hugging Face Llama-family folder (Llama, Mistral, Qwen2): config, safetensors weights
+(one file or sharded with an index), tokenizer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,19 @@ from shard.model_config import ModelConfig, ModelConfigError
 from shard.parallel import TPGroup
 from shard.sharding import input_cols, output_rows
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_QKV = ("q_proj", "k_proj", "v_proj")
+_LAYER_WEIGHTS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -49,12 +61,24 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path, group: TPGroup) -> No
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if _load_one(model, cfg, group, name, f.get_tensor(name)):
                     seen.add(name)
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    missing = sorted(expected_tensors(cfg) - seen)
+    if missing:
+        shown = ", ".join(missing[:4]) + (
+            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        )
+        raise ModelConfigError(f"checkpoint in {model_dir} lacks {shown}")
+
+
+def expected_tensors(cfg: ModelConfig) -> set[str]:
+    """Every checkpoint tensor name the model needs."""
+    names = {"model.embed_tokens.weight", "model.norm.weight"}
     if not cfg.tie_word_embeddings:
-        expected.add("lm_head.weight")
-    missing = expected - seen
-    if missing or not any(n.startswith("model.layers.") for n in seen):
-        raise ModelConfigError(f"checkpoint in {model_dir} lacks {sorted(missing) or 'layers'}")
+        names.add("lm_head.weight")
+    for i in range(cfg.num_layers):
+        names.update(f"model.layers.{i}.{w}.weight" for w in _LAYER_WEIGHTS)
+        if cfg.qkv_bias:
+            names.update(f"model.layers.{i}.self_attn.{p}.bias" for p in _QKV)
+    return names
 
 
 def _load_one(
@@ -73,7 +97,14 @@ def _load_one(
             return False
         layer = model.layers[int(m.group(1))]
         part, _, module = m.group(2).rpartition(".")
-        if part == "self_attn" and module in ("q_proj", "k_proj", "v_proj"):
+        if m.group(3) == "bias":
+            if not (cfg.qkv_bias and part == "self_attn" and module in _QKV):
+                raise ModelConfigError(
+                    f"checkpoint tensor {name}: {cfg.architecture} has no bias there "
+                    "(of the biases, only Qwen2's on q/k/v are supported)"
+                )
+            layer.self_attn.qkv_proj.load_bias(module, w, output_rows(cfg, group, module))
+        elif part == "self_attn" and module in _QKV:
             layer.self_attn.qkv_proj.load(module, w, output_rows(cfg, group, module))
         elif part == "self_attn" and module == "o_proj":
             layer.self_attn.o_proj.load(w, input_cols(cfg, group, module))

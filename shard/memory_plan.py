@@ -65,7 +65,7 @@ def activation_peak(
     if device.type != "cuda" or cfg.kv_pages is not None:
         return 0
     dtype = next(model.parameters()).dtype
-    tokens = min(cfg.max_prefill_tokens, model_cfg.max_position_embeddings)
+    tokens = min(cfg.max_prefill_tokens, model_cfg.max_context)
     pages = tuple(range(pages_for(tokens, cfg.page_size)))
     kv = KvCache(model_cfg, group, len(pages), cfg.page_size, dtype, device)
     runner = ModelRunner(model, kv, _no_adapters, device)
@@ -116,7 +116,7 @@ def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dt
     captured later, on first use, come out of the headroom that --kv-memory-fraction leaves."""
     if cfg.device != "cuda" or not cfg.cuda_graphs or cfg.kv_pages is not None:
         return 0
-    widths = width_classes(pages_for(model_cfg.max_position_embeddings, cfg.page_size))
+    widths = width_classes(pages_for(model_cfg.max_context, cfg.page_size))
     keys = warm_keys(cfg.max_batch_size, cfg.graph_warmup, widths)
     if not keys:
         return 0

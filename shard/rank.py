@@ -69,7 +69,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
     activations = activation_peak(model, cfg, model_cfg, group)
     activations += decode_graph_bytes(cfg, model_cfg, dtype)
-    max_context = model_cfg.max_position_embeddings
+    max_context = model_cfg.max_context
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)

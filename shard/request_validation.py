@@ -15,6 +15,16 @@ MAX_STOP_BYTES = 256
 _LIMIT_NOTE = " (the model's context, or the whole KV pool when that is smaller)"
 
 
+def _limit_note(model: ModelConfig) -> str:
+    """What limits the context, naming a sliding window when it caps the model's."""
+    if model.sliding_window is not None and model.max_context == model.sliding_window:
+        return (
+            f" (the model's sliding window of {model.sliding_window} tokens, which the shard does "
+            "not serve past, or the whole KV pool when that is smaller)"
+        )
+    return _LIMIT_NOTE
+
+
 class RequestError(ValueError):
     """The request is malformed (maps to INVALID_ARGUMENT)."""
 
@@ -47,10 +57,11 @@ def to_engine_request(
         raise RequestError("no input: set prompt or prompt_token_ids")
 
     stop = msg.stopping
+    note = _limit_note(model)
     if len(ids) >= max_context:
         raise RequestError(
             f"the prompt has {len(ids)} tokens; the context this shard serves is {max_context} "
-            f"tokens{_LIMIT_NOTE}: shorten it"
+            f"tokens{note}: shorten it"
         )
     # Unset: up to the context limit, as OpenAI-compatible servers do; EOS or a stop string
     # usually ends it first.
@@ -58,7 +69,7 @@ def to_engine_request(
     if len(ids) + max_new > max_context:
         raise RequestError(
             f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the context of "
-            f"{max_context} tokens this shard serves{_LIMIT_NOTE}: lower max_new_tokens to at most "
+            f"{max_context} tokens this shard serves{note}: lower max_new_tokens to at most "
             f"{max_context - len(ids)}"
         )
     if len(stop.stop) > MAX_STOP_STRINGS:

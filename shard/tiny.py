@@ -1,4 +1,5 @@
-"""A tiny random Llama, its tokenizer and a set of PEFT adapters, in real HF/PEFT file layouts.
+"""A tiny random Llama-family model (Llama, Mistral or Qwen2), its tokenizer and a set of PEFT
+adapters, in real HF/PEFT file layouts.
 
 `write_tiny(root)` writes `root/model/` (what `transformers.AutoModelForCausalLM.from_pretrained`
 and `AutoTokenizer.from_pretrained` read) and `root/adapters/<adapter_id>/` (what
@@ -22,11 +23,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM
+    from transformers import PreTrainedModel
 
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
+# transformers `model_type`s the tiny model can be written as.
+FAMILIES = ("llama", "mistral", "qwen2")
 
 LLAMA3_ROPE_SCALING: dict[str, Any] = {
     "rope_type": "llama3",
@@ -42,6 +45,9 @@ EOS_TOKEN = "</s>"
 # Large enough that greedy top-2 logit gaps are well above float noise, so different
 # implementations (fused kernels, TP splits, bf16 vs fp32 at the margin) agree on tokens.
 _INIT_STD = 0.2
+# Qwen2's q/k/v biases: transformers initialises them to zero, which would hide a shard that
+# drops them; this size changes greedy tokens.
+_BIAS_STD = 0.5
 # Frobenius size of each LoRA delta relative to the base weight it adds to: large enough to
 # change greedy tokens, small enough that logits stay in the base model's range.
 _LORA_RELATIVE_SIZE = 0.6
@@ -64,8 +70,9 @@ every token it produced was decoded back into bytes, and every byte found its wa
 
 @dataclass(frozen=True, slots=True)
 class TinySpec:
-    """Shape of the tiny model; every field maps to one `LlamaConfig` field."""
+    """Shape of the tiny model; every field maps to one transformers config field."""
 
+    family: str = "llama"  # the transformers model_type, one of FAMILIES
     num_layers: int = 3
     hidden_size: int = 64
     num_heads: int = 4
@@ -75,6 +82,7 @@ class TinySpec:
     rope_scaling: dict[str, Any] | None = None  # None or e.g. LLAMA3_ROPE_SCALING
     num_shards: int = 1  # >1 writes a sharded checkpoint with model.safetensors.index.json
     max_position_embeddings: int = 256
+    sliding_window: int | None = None  # Mistral's attention window; None: full attention
 
     def to_json(self) -> dict[str, Any]:
         """This spec as a JSON-serializable dict."""
@@ -187,9 +195,13 @@ def write_tokenizer(model_dir: Path) -> Tokenizer:
 
 def _write_model(
     model_dir: Path, tokenizer: Tokenizer, *, seed: int, spec: TinySpec
-) -> LlamaForCausalLM:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    if spec.family not in FAMILIES:
+        raise ValueError(f"family {spec.family!r} is not one of {FAMILIES}")
+    if spec.sliding_window is not None and spec.family != "mistral":
+        raise ValueError("sliding_window is written for the mistral family only")
     if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
         raise ValueError(
             f"hidden_size={spec.hidden_size} must divide by num_heads={spec.num_heads}, "
@@ -197,7 +209,9 @@ def _write_model(
         )
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
-    config = LlamaConfig(
+    family_fields = {"sliding_window": spec.sliding_window} if spec.family == "mistral" else {}
+    config = AutoConfig.for_model(
+        spec.family,
         vocab_size=-(-tokenizer.get_vocab_size() // 8) * 8,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -215,9 +229,14 @@ def _write_model(
         eos_token_id=eos_id,
         pad_token_id=None,
         dtype="float32",
+        **family_fields,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, _BIAS_STD)
     model.generation_config = GenerationConfig(
         bos_token_id=bos_id, eos_token_id=eos_id, do_sample=False
     )
@@ -229,7 +248,7 @@ def _write_model(
     return model
 
 
-def _shard_size(model: LlamaForCausalLM, num_shards: int) -> int:
+def _shard_size(model: PreTrainedModel, num_shards: int) -> int:
     """The smallest `max_shard_size` that packs the weights into at most `num_shards` files."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -244,7 +263,7 @@ def _shard_size(model: LlamaForCausalLM, num_shards: int) -> int:
     return size
 
 
-def _write_adapter(out: Path, base: LlamaForCausalLM, adapter: AdapterSpec, *, seed: int) -> None:
+def _write_adapter(out: Path, base: PreTrainedModel, adapter: AdapterSpec, *, seed: int) -> None:
     from peft import LoraConfig, get_peft_model
 
     lora_config = LoraConfig(
@@ -284,11 +303,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=FAMILIES, default="llama")
     parser.add_argument("--tie-word-embeddings", action="store_true")
     parser.add_argument("--llama3-rope-scaling", action="store_true")
     parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args(argv)
     spec = TinySpec(
+        family=args.family,
         tie_word_embeddings=args.tie_word_embeddings,
         rope_scaling=LLAMA3_ROPE_SCALING if args.llama3_rope_scaling else None,
         num_shards=args.num_shards,

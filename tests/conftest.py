@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,3 +16,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     from shard.tiny import write_tiny
 
     return write_tiny(Path(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], object]:
+    """Returns the tiny model of a `tests.families.FAMILY_SPECS` name, written once a session."""
+    from shard.tiny import write_tiny
+    from tests.families import FAMILY_SPECS
+
+    written: dict[str, object] = {}
+
+    def get(name: str) -> object:
+        if name not in written:
+            written[name] = write_tiny(tmp_path_factory.mktemp(name), spec=FAMILY_SPECS[name])
+        return written[name]
+
+    return get

@@ -15,9 +15,9 @@ from shard.parallel import all_reduce
 class MergedColumnLinear(nn.Module):
     """Several projections of the same input fused along the output dimension (q/k/v, gate/up).
 
-    Each projection is split across ranks by output rows; LoRA keeps A whole and writes into this
-    rank's output columns, so it needs no collective. The projections' LoRA runs as one group
-    (one shrink and one expand launch for all of them).
+    Each projection is split across ranks by output rows, and so is its bias when it has one;
+    LoRA keeps A whole and writes into this rank's output columns, so it needs no collective. The
+    projections' LoRA runs as one group (one shrink and one expand launch for all of them).
     """
 
     def __init__(
@@ -26,9 +26,10 @@ class MergedColumnLinear(nn.Module):
         modules: dict[str, int],
         layer_idx: int,
         at: Placement,
+        bias: bool = False,
     ) -> None:
         """`modules` maps each HF projection name to its LOCAL output width on this rank, in the
-        order of a LORA_GROUPS group."""
+        order of a LORA_GROUPS group; `bias`: every projection has one (Qwen2's q/k/v)."""
         super().__init__()
         if group_key(modules) not in GROUP_KEYS:
             raise ValueError(f"{list(modules)} is not a LoRA projection group")
@@ -43,17 +44,27 @@ class MergedColumnLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(start, in_features, dtype=at.dtype, device=at.device), requires_grad=False
         )
+        self.bias = (
+            nn.Parameter(torch.empty(start, dtype=at.dtype, device=at.device), requires_grad=False)
+            if bias
+            else None
+        )
 
     def load(self, module: str, full: torch.Tensor, rows: torch.Tensor | slice) -> None:
         """Copies this rank's rows `rows` of the checkpoint's `module` weight into place."""
         self.weight.data[self.slices[module]].copy_(full[rows])
 
+    def load_bias(self, module: str, full: torch.Tensor, rows: torch.Tensor | slice) -> None:
+        """Copies this rank's entries `rows` (the weight's rows) of `module`'s bias into place."""
+        assert self.bias is not None, "the loader checks the architecture has biases"
+        self.bias.data[self.slices[module]].copy_(full[rows])
+
     def forward(
         self, x: torch.Tensor, lora: LoraBatch | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x @ W.T, its LoRA term or None): the caller adds the two in its next chain."""
+        """(x @ W.T + bias, its LoRA term or None): the caller adds the two in its next chain."""
         pending = start_lora(x, lora, self.lora_modules, self.lora_widths, self.layer_idx)
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         return y, finish_lora(pending)
 
 
