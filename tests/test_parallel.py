@@ -32,7 +32,12 @@ def test_slices_cover_every_weight_once(tiny) -> None:
 
 
 @pytest.mark.slow
-def test_tp2_mixed_adapters_match_peft(tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llama", "qwen2-untied"])
+def test_tp2_mixed_adapters_match_peft(tiny, tiny_family, family: str, tmp_path: Path) -> None:
+    """Qwen2's q/k/v biases split with their weight rows, and its one KV head (with its biases)
+    replicated on both ranks."""
+    if family != "llama":
+        tiny = tiny_family(family)
     port = free_port()
     proc = start(shard_args(tiny, port, "--tp", "2"), tmp_path / "shard.log")
     jobs = [(a, [11 + i, 22, 33 + i, 44]) for i, a in enumerate([*tiny.adapter_ids, ""])]
