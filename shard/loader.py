@@ -138,12 +138,14 @@ def build_model(
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
-    """Norm scales 1, every matrix N(0, std^2), generated on the weights' own device."""
+    """Norm scales 1, biases 0, every matrix N(0, std^2), generated on the weights' own device."""
     device = next(model.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)

@@ -151,3 +151,15 @@ def test_llama3_stops_at_any_of_several_eos_ids(tiny_family, tmp_path: Path) -> 
         engine.stop()
     assert sink.tokens == tokens[: at + 1]
     assert sink.outputs[-1].finish is FinishReason.EOS
+
+
+def test_dummy_weights_give_zero_biases(tiny_family) -> None:
+    """--load-format dummy on a Qwen2 shape: biases 0, norm scales 1, matrices random."""
+    tiny = tiny_family("qwen2-tied")
+    cfg = load_model_config(tiny.model_dir)
+    model = build_model(cfg, tiny.model_dir, SINGLE, torch.float32, torch.device("cpu"), "dummy")
+    layer = model.layers[0]
+    assert layer.self_attn.qkv_proj.bias is not None
+    assert not layer.self_attn.qkv_proj.bias.any()
+    assert (layer.input_layernorm.weight == 1).all()
+    assert layer.self_attn.qkv_proj.weight.std() > 0.01
