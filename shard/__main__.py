@@ -22,6 +22,7 @@ from router.config import LogFormat
 from router.logs import configure_logging
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
+from shard.model_config import ModelConfigError
 from shard.parallel import TPGroup, init_group
 from shard.rank import Leader, build_rank, follower_main, rank_device, shutdown_group
 from shard.scheduler import Scheduler
@@ -181,9 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(LogFormat(cfg.log_format))
     torch.set_grad_enabled(False)
     followers = spawn_followers(cfg)
-    with loading_health(cfg):
-        group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
-        engine, service, leader = build_engine(cfg, group)
+    try:
+        with loading_health(cfg):
+            group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
+            engine, service, leader = build_engine(cfg, group)
+    except ModelConfigError as err:
+        # The folder passed the checks of parse_config, but its weights do not fit its config.
+        log.error("the model folder cannot be served", error=str(err))
+        raise SystemExit(f"lorafleet-shard: {err}") from None
     try:
         asyncio.run(serve(cfg, engine, service))
     finally:

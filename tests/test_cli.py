@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from safetensors.torch import load_file, save_file
 
 from protos import generate_pb2, generate_pb2_grpc
 from router import client
@@ -170,7 +172,6 @@ def _run(
     [
         ("shard", ("--model", "/", "--adapters", "/"), {"LORAFLEET_LOG_FORMAT": "jsn"},
          "LORAFLEET_LOG_FORMAT='jsn'"),
-        ("shard", ("--model", "/", "--adapters", "/"), {}, "config.json not found"),
         ("router", ("--shard", "a:1"), {"LORAFLEET_QUEUE_TIMEOUT_S": "-2"}, "must be > 0.0"),
         ("router", (), {}, "give either --shard"),
         ("router.client", ("info",), {"LORAFLEET_TARGET": "x"}, "expected HOST:PORT"),
@@ -183,6 +184,22 @@ def test_entry_points_end_bad_configuration_in_a_usage_error(
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "usage:" in done.stderr and message in done.stderr
+
+
+def test_weights_that_do_not_fit_their_config_end_the_shard_without_a_traceback(
+    tiny, tmp_path: Path
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny.model_dir, model)
+    weights = load_file(model / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if "layers.1." not in k}, model / "model.safetensors"
+    )
+    argv = ["--model", str(model), "--adapters", str(tiny.adapters_dir), "--device", "cpu"]
+    done = _run("shard", *argv, "--host", "127.0.0.1", "--port", str(free_port()), env={})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "lacks" in done.stderr and "layers.1." in done.stderr
 
 
 class _Recorder(generate_pb2_grpc.GeneratorServicer):
