@@ -4,6 +4,11 @@
 
 `--placement`: the router's placement index on N shards in steady state (`fleet_placement`);
 prints `placement_p50_us` per fleet size.
+
+    python -m benchmarks.bench_fleet --tracking --shards 1000 --changes-per-s 0,6
+
+`--tracking`: a real router process holding N simulated shards' load streams
+(`fleet_tracking`, `sim_shards`): its CPU per snapshot and in total, per change rate.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from benchmarks import fleet_placement, fleet_tracking
 from benchmarks.serving_procs import machine
 from benchmarks.timing import git_commit
 from router.config import Policy
@@ -41,26 +47,42 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--placement", action="store_true", help="time the placement index")
+    mode.add_argument("--tracking", action="store_true", help="router CPU of load tracking")
     parser.add_argument("--shards", default="1000", help="comma list of fleet sizes")
     parser.add_argument("--policy", default="consolidate", choices=[p.value for p in Policy])
     parser.add_argument("--requests", type=int, default=20_000, help="placements timed per size")
     parser.add_argument(
         "--compare-rule", action="store_true", help="also time the pure rule's full scan"
     )
+    parser.add_argument(
+        "--changes-per-s", default="6", help="tracking: comma list of load changes/s per shard"
+    )
+    parser.add_argument("--window-s", type=float, default=20.0, help="tracking: seconds measured")
+    parser.add_argument(
+        "--full-residency", action="store_true", help="tracking: shards send full adapter lists"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     command = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(command)
-    report = _header(command, args.commit, "fleet_placement")
-    from benchmarks import fleet_placement
-
-    runs = [
-        fleet_placement.run(n, Policy(args.policy), args.requests, compare_rule=args.compare_rule)
-        for n in _sizes(args.shards)
-    ]
-    report["runs"] = runs
-    if len(runs) == 1:
-        report |= {"placement_p50_us": runs[0]["placement_p50_us"]}
+    if args.placement:
+        report = _header(command, args.commit, "fleet_placement")
+        runs = [
+            fleet_placement.run(
+                n, Policy(args.policy), args.requests, compare_rule=args.compare_rule
+            )
+            for n in _sizes(args.shards)
+        ]
+        report["runs"] = runs
+        if len(runs) == 1:
+            report |= {"placement_p50_us": runs[0]["placement_p50_us"]}
+    else:
+        report = _header(command, args.commit, "fleet_tracking")
+        report["runs"] = [
+            fleet_tracking.run(n, float(rate), args.window_s, args.full_residency)
+            for n in _sizes(args.shards)
+            for rate in args.changes_per_s.split(",")
+        ]
     print(json.dumps(report, indent=2))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

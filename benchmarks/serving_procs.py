@@ -70,7 +70,7 @@ def pinned(cpus: str | None, command: list[str]) -> list[str]:
     return ["taskset", "-c", cpus, *command] if cpus else command
 
 
-def _launch(
+def launch(
     procs: list[subprocess.Popen],
     workdir: Path,
     name: str,
@@ -88,7 +88,7 @@ def _launch(
     return proc
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_all(procs: list[subprocess.Popen]) -> None:
     for proc in reversed(procs):
         proc.terminate()
         proc.wait(30)
@@ -111,10 +111,10 @@ def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Itera
         shard_args += ["--host", "127.0.0.1", "--port", shard_port, "--device", "cpu"]
         shard_args += ["--max-batch-size", max_batch_size, "--kv-pages", "4096"]
         shard_cmd = [sys.executable, "-m", "shard", *map(str, shard_args)]
-        require_serving(shard, _launch(procs, workdir, "shard", pins.shard, shard_cmd, env))
+        require_serving(shard, launch(procs, workdir, "shard", pins.shard, shard_cmd, env))
         router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1"]
         router_cmd += ["--port", str(router_port), "--shard", shard]
-        router_proc = _launch(procs, workdir, "router", pins.router, router_cmd, env)
+        router_proc = launch(procs, workdir, "router", pins.router, router_cmd, env)
         require_serving(router, router_proc)
         wait_placing(router)
         proxies = []
@@ -124,12 +124,12 @@ def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Itera
         ):
             port = free_port()
             command = [sys.executable, "-m", "benchmarks.passthrough_proxy", "--shard", shard]
-            proc = _launch(procs, workdir, name, cpus, [*command, "--port", str(port), *flags], env)
+            proc = launch(procs, workdir, name, cpus, [*command, "--port", str(port), *flags], env)
             require_serving(f"127.0.0.1:{port}", proc)
             proxies += [f"127.0.0.1:{port}", proc.pid]
         yield Spawned(shard, router, router_proc.pid, *proxies)
     finally:
-        _stop(procs)
+        stop_all(procs)
 
 
 @contextmanager
@@ -147,13 +147,13 @@ def fake_fleet(
     router = f"127.0.0.1:{router_port}"
     procs: list[subprocess.Popen] = []
     try:
-        _launch(procs, workdir, "fake", shard_cpus, shard_cmd)
-        router_proc = _launch(procs, workdir, "router", router_cpus, router_cmd)
+        launch(procs, workdir, "fake", shard_cpus, shard_cmd)
+        router_proc = launch(procs, workdir, "router", router_cpus, router_cmd)
         require_serving(router, router_proc)
         wait_placing(router)
         yield router, router_proc.pid
     finally:
-        _stop(procs)
+        stop_all(procs)
 
 
 def machine() -> dict:

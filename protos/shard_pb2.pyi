@@ -54,11 +54,17 @@ class ShardGenerateResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[_generate_pb2.GenerateResponse, _Mapping]] = ..., migration: _Optional[_Union[Migration, _Mapping]] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("residency_deltas", "min_interval_ms", "heartbeat_ms")
+    RESIDENCY_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    MIN_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    residency_deltas: bool
+    min_interval_ms: int
+    heartbeat_ms: int
+    def __init__(self, residency_deltas: _Optional[bool] = ..., min_interval_ms: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class LoadSnapshot(_message.Message):
-    __slots__ = ("shard_id", "sequence", "running", "max_batch_size", "kv_pages_free", "kv_pages_total", "kv_page_size", "queued", "adapters_resident", "draining", "tp_size", "max_context", "kv_pages_queued")
+    __slots__ = ("shard_id", "sequence", "running", "max_batch_size", "kv_pages_free", "kv_pages_total", "kv_page_size", "queued", "adapters_resident", "draining", "tp_size", "max_context", "kv_pages_queued", "adapters_delta", "adapters_added", "adapters_removed", "idle_s")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +78,10 @@ class LoadSnapshot(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_ADDED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     sequence: int
     running: int
@@ -85,7 +95,11 @@ class LoadSnapshot(_message.Message):
     tp_size: int
     max_context: int
     kv_pages_queued: int
-    def __init__(self, shard_id: _Optional[str] = ..., sequence: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_page_size: _Optional[int] = ..., queued: _Optional[int] = ..., adapters_resident: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_pages_queued: _Optional[int] = ...) -> None: ...
+    adapters_delta: bool
+    adapters_added: _containers.RepeatedScalarFieldContainer[str]
+    adapters_removed: _containers.RepeatedScalarFieldContainer[str]
+    idle_s: float
+    def __init__(self, shard_id: _Optional[str] = ..., sequence: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_page_size: _Optional[int] = ..., queued: _Optional[int] = ..., adapters_resident: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_pages_queued: _Optional[int] = ..., adapters_delta: _Optional[bool] = ..., adapters_added: _Optional[_Iterable[str]] = ..., adapters_removed: _Optional[_Iterable[str]] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
     __slots__ = ("snapshot",)

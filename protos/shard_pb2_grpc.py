@@ -75,7 +75,8 @@ class ShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchLoad(self, request, context):
-        """Streams the shard's load whenever it changes, and at least once a second.
+        """Streams the shard's load whenever it changes (changes within the watcher's min_interval_ms,
+        20 ms by default, ride in one snapshot), and at least every heartbeat_ms (1 s by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

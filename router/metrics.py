@@ -19,6 +19,10 @@ Names and meaning (all exported on `--metrics-port` at `/metrics`):
 - `lorafleet_router_shard_running{shard}` gauge: running batch size of each shard (last snapshot).
 - `lorafleet_router_shard_kv_pages_used{shard}` gauge: KV pages in use on each shard (last
   snapshot: total - free).
+- `lorafleet_router_shard_idle_seconds{shard}` gauge: how long each eligible shard has had
+  nothing running, queued or dispatched to it (the shard's own count, carried on; 0 otherwise).
+- `lorafleet_router_shards_idle` gauge: eligible shards with nothing running, queued or
+  dispatched: capacity a scale-in could release.
 """
 
 from __future__ import annotations
@@ -102,6 +106,17 @@ class RouterMetrics:
             ["shard"],
             registry=r,
         )
+        self.shard_idle_seconds = Gauge(
+            "lorafleet_router_shard_idle_seconds",
+            "Seconds each eligible shard has had nothing running, queued or dispatched.",
+            ["shard"],
+            registry=r,
+        )
+        self.shards_idle = Gauge(
+            "lorafleet_router_shards_idle",
+            "Eligible shards with nothing running, queued or dispatched.",
+            registry=r,
+        )
 
     def request_ended(self, adapter_id: str, status: str) -> None:
         """Counts a Generate call that ended with `status` (a gRPC code name)."""
@@ -113,7 +128,7 @@ class RouterMetrics:
 
     def forget_shard(self, shard: str) -> None:
         """Drops the per-shard series of a shard that left the table."""
-        for gauge in (self.shard_running, self.shard_kv_pages_used):
+        for gauge in (self.shard_running, self.shard_kv_pages_used, self.shard_idle_seconds):
             with contextlib.suppress(KeyError):
                 gauge.remove(shard)
 

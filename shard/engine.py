@@ -60,6 +60,8 @@ class LoadState:
     kv_pages_queued: int
     adapters_resident: tuple[str, ...]
     draining: bool
+    # time.monotonic() since when nothing has run or waited here; None while something does.
+    idle_since: float | None = None
 
 
 class Engine:
@@ -90,10 +92,13 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._draining = False
+        self._idle_since: float | None = time.monotonic()
+        self._load_listeners: list[Callable[[], None]] = []
         self._load = self._snapshot(0)
         self.failure: BaseException | None = None
         self.metrics = ShardMetrics()
         scheduler.adapters.attach_metrics(self.metrics)
+        self.metrics.idle_seconds.set_function(self.idle_seconds)
         self.steps = 0
 
     # -- thread-safe API ------------------------------------------------------------------------
@@ -161,6 +166,15 @@ class Engine:
 
     def load(self) -> LoadState:
         return self._load
+
+    def idle_seconds(self) -> float:
+        """Seconds since the shard last had a request running or waiting; 0 while it has one."""
+        since = self._load.idle_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def subscribe_load(self, listener: Callable[[], None]) -> None:
+        """Calls `listener` (from the engine thread or the caller's) after every load change."""
+        self._load_listeners.append(listener)
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -409,9 +423,15 @@ class Engine:
             kv_pages_queued=sched.pages_waiting(),
             adapters_resident=tuple(sched.adapters.resident_ids()),
             draining=self._draining,
+            idle_since=self._idle_since,
         )
 
     def _publish(self) -> None:
+        sched = self.scheduler
+        if sched.running or sched.waiting:
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = time.monotonic()
         snap = self._snapshot(self._load.version)
         if snap != self._load:
             self._load = dataclasses.replace(snap, version=self._load.version + 1)
@@ -421,6 +441,8 @@ class Engine:
             m.kv_free.set(snap.kv_pages_free)
             m.kv_total.set(snap.kv_pages_total)
             m.adapters.set(len(snap.adapters_resident))
+            for listener in self._load_listeners:
+                listener()
 
 
 def _deliver(sink: Sink, out: StepOutput) -> None:

@@ -8,6 +8,8 @@
 - `lorafleet_shard_running` / `lorafleet_shard_queued` gauges: running batch and waiting requests.
 - `lorafleet_shard_kv_pages_free` / `lorafleet_shard_kv_pages_total` gauges: KV page pool.
 - `lorafleet_shard_adapters_resident` gauge: adapters in device memory.
+- `lorafleet_shard_idle_seconds` gauge: seconds since a request last ran or waited here (0 while
+  one does; from the shard's start if none ever did): the scale-in signal.
 - `lorafleet_shard_adapter_lookups_total{tier,result}` counter: each request's adapter looked up
   tier by tier (`gpu`, then `host`, then `disk`) until a `hit`; every tier before it is a `miss`.
 - `lorafleet_shard_adapter_load_seconds{stage}` histogram: one load step, `disk_to_host` (read,
@@ -70,6 +72,12 @@ class ShardMetrics:
         self.kv_total = Gauge("lorafleet_shard_kv_pages_total", "KV pages in the pool", registry=r)
         self.adapters = Gauge(
             "lorafleet_shard_adapters_resident", "adapters in device memory", registry=r
+        )
+        # The engine sets its function: idleness grows between load changes.
+        self.idle_seconds = Gauge(
+            "lorafleet_shard_idle_seconds",
+            "seconds since a request last ran or waited here (0 while one does)",
+            registry=r,
         )
         self.adapter_lookups = Counter(
             "lorafleet_shard_adapter_lookups",

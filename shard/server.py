@@ -21,6 +21,7 @@ from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
 from shard.adapter_tiers import AdapterEntry
 from shard.engine import CapacityError, DrainingError, Engine, NeverFitsError
 from shard.faults import RequestFault
+from shard.load_feed import LoadFeed, intervals, load_updates
 from shard.model_config import ModelConfig
 from shard.request_validation import RequestError, to_engine_request
 from shard.sequence import EngineRequest, FinishReason, MigrationReason, Resume, StepOutput
@@ -102,6 +103,9 @@ class ShardService:
         sched = engine.scheduler
         self.request_limit = min(max_context, sched.pool.total * sched.page_size)
         self.sequence = 0
+        # The engine thread wakes WatchLoad streams through it.
+        self.load_feed = LoadFeed()
+        engine.subscribe_load(self.load_feed.changed_threadsafe)
 
     async def stream(
         self,
@@ -207,6 +211,7 @@ class ShardService:
             tp_size=self.tp_size,
             max_context=self.max_context,
             kv_pages_queued=s.kv_pages_queued,
+            idle_s=0.0 if s.idle_since is None else time.monotonic() - s.idle_since,
         )
 
     def adapter_infos(self) -> list[generate_pb2.AdapterInfo]:
@@ -287,15 +292,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     async def WatchLoad(
         self, request: shard_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
-        """A snapshot now, then on every change and at least once a second."""
-        last_version, last_sent = -1, 0.0
-        while True:
-            version = self.s.engine.load().version
-            now = time.monotonic()
-            if version != last_version or now - last_sent >= 1.0:
-                last_version, last_sent = version, now
-                yield shard_pb2.WatchLoadResponse(snapshot=self.s.snapshot())
-            await asyncio.sleep(0.02)
+        """A snapshot now, then pushed on change (coalesced) and at least once a second."""
+        async for message in load_updates(
+            self.s.load_feed, self.s.snapshot, request.residency_deltas, *intervals(request)
+        ):
+            yield message
 
     async def LoadAdapter(
         self, request: shard_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext

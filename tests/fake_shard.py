@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import signal
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+from shard.load_feed import LoadFeed, load_updates
 
 VOCAB = 32000
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -67,10 +67,9 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
         self.pages: dict[str, int] = {}
         self.draining = False
         self.sequence = 0
-        # Bumped on every change; WatchLoad compares it so a change made while it was busy
-        # sending is not missed until the next one-second tick.
-        self.version = 0
-        self.changed = asyncio.Condition()
+        # Bumped on every change; WatchLoad streams through the shard's own feed, pushing
+        # every change at once (no coalescing gap: router tests see each one).
+        self.feed = LoadFeed()
 
     def snapshot(self) -> shard_pb2.LoadSnapshot:
         self.sequence += 1
@@ -89,20 +88,14 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
         )
 
     async def notify(self) -> None:
-        async with self.changed:
-            self.version += 1
-            self.changed.notify_all()
+        self.feed.changed()
 
     async def WatchLoad(self, request, context):
         """Snapshot now, on every change, and at least every second."""
-        while True:
-            sent = self.version
-            yield shard_pb2.WatchLoadResponse(snapshot=self.snapshot())
-            async with self.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self.changed.wait_for(lambda sent=sent: self.version != sent), 1.0
-                    )
+        async for message in load_updates(
+            self.feed, self.snapshot, request.residency_deltas, min_gap_s=0.0
+        ):
+            yield message
 
     async def Generate(self, request, context):
         """Deterministic tokens every `--token-delay-s`; resumes exactly; scripted failures."""

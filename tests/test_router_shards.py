@@ -117,13 +117,13 @@ async def scenario(monkeypatch: pytest.MonkeyPatch) -> None:
     await until(lambda: running() == 3, "SERVING to bring it back")
 
     # Silence is staleness: no event fires, yet placement and the gauge both see it.
-    monkeypatch.setattr(shards, "STALE_AFTER_S", 0.2)
+    monkeypatch.setattr(shards, "STALE_AFTER_HEARTBEATS", 0.2)
     fired = len(changes)
     await until(lambda: not table.loads(), "the snapshot to go stale")
     assert gauge("shards") == 0 and len(changes) == fired
     await feed.snapshots.put(snapshot(2))
     await until(lambda: running() == 2, "a fresh snapshot")
-    monkeypatch.setattr(shards, "STALE_AFTER_S", 5.0)
+    monkeypatch.setattr(shards, "STALE_AFTER_HEARTBEATS", 5.0)
 
     # A restarted shard is found again by the same watches.
     await server.stop(None)
@@ -141,3 +141,55 @@ async def scenario(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_table_follows_health_snapshots_staleness_and_restarts(monkeypatch: pytest.MonkeyPatch):
     asyncio.run(asyncio.wait_for(scenario(monkeypatch), 30))
+
+
+async def residency_and_idleness() -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    server, feed, _ = await start_shard(port)
+    metrics = RouterMetrics()
+    table = ShardTable(metrics)
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(f"lorafleet_router_{name}", labels)
+
+    def resident() -> frozenset[str] | None:
+        loads = table.loads()
+        return loads[0].adapters_resident if loads else None
+
+    table.add(address)
+    full = snapshot(0)
+    full.adapters_resident.extend(["a", "b"])
+    full.idle_s = 30.0
+    await feed.snapshots.put(full)
+    await until(lambda: resident() == {"a", "b"}, "the full residency")
+    # Idle as the shard counts it (30 s), carried on by the router's clock.
+    assert gauge("shard_idle_seconds", shard=address) >= 30.0 and gauge("shards_idle") == 1
+
+    delta = snapshot(1)
+    delta.adapters_delta = True
+    delta.adapters_added.append("c")
+    delta.adapters_removed.append("a")
+    await feed.snapshots.put(delta)
+    await until(lambda: resident() == {"b", "c"}, "the delta applied")
+    assert gauge("shard_idle_seconds", shard=address) == 0 and gauge("shards_idle") == 0
+    before = resident()
+    unchanged = snapshot(1, free=80)
+    unchanged.adapters_delta = True
+    await feed.snapshots.put(unchanged)
+    await until(lambda: gauge("shard_kv_pages_used", shard=address) == 20, "the next snapshot")
+    assert resident() is before  # nothing changed: the index keeps its residency sets
+
+    await feed.snapshots.put(snapshot(0))  # idle again, from now on
+    await until(lambda: gauge("shards_idle") == 1, "the shard idle again")
+    assert gauge("shard_idle_seconds", shard=address) < 5.0
+    reservation = table.get(address).reserve(Demand("a", context_tokens=10))
+    assert gauge("shard_idle_seconds", shard=address) == 0 and gauge("shards_idle") == 0
+    reservation.release()
+    assert gauge("shards_idle") == 1
+    await table.close()
+    await server.stop(None)
+
+
+def test_table_applies_residency_deltas_and_tracks_idleness():
+    asyncio.run(asyncio.wait_for(residency_and_idleness(), 30))
