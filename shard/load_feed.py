@@ -14,6 +14,7 @@ Torch-free: the tests' fake shard and the fleet benchmarks' simulated shards str
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from protos import shard_pb2
@@ -52,7 +53,9 @@ class LoadFeed:
         if self._loop is None or self._wake_pending:
             return
         self._wake_pending = True
-        self._loop.call_soon_threadsafe(self.changed)
+        # RuntimeError: the server's loop has closed (shutdown), nobody is left to wake.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.changed)
 
     async def wait_past(self, seen: int, timeout: float) -> None:
         """Returns once the version is past `seen`, or after `timeout` seconds."""

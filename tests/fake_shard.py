@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
-from shard.load_feed import LoadFeed, load_updates
+from shard.load_feed import HEARTBEAT_S, LoadFeed, intervals, load_updates
 
 VOCAB = 32000
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -92,8 +92,9 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
 
     async def WatchLoad(self, request, context):
         """Snapshot now, on every change, and at least every second."""
+        gap, heartbeat = intervals(request) if self.args.coalesce else (0.0, HEARTBEAT_S)
         async for message in load_updates(
-            self.feed, self.snapshot, request.residency_deltas, min_gap_s=0.0
+            self.feed, self.snapshot, request.residency_deltas, gap, heartbeat
         ):
             yield message
 
@@ -243,6 +244,11 @@ def main() -> None:
     parser.add_argument("--kv-pages", type=int, default=1000)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--token-delay-s", type=float, default=0.01)
+    parser.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="space snapshots as the watcher asks, like a real shard (default: push each change)",
+    )
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -50,7 +50,7 @@ async def push_and_coalesce() -> None:
     threading.Thread(target=burst).start()
     while len(got) < 2:
         await asyncio.sleep(0.005)
-    assert got[1][0] - start < 0.05
+    assert got[1][0] - start < 0.3  # pushed, not left for the heartbeat (0.5 s away)
     await asyncio.sleep(0.15)
     assert len(got) <= 3 and got[-1][1].running == 5
 
