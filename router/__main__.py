@@ -16,6 +16,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import generate_pb2, generate_pb2_grpc
+from protos.decoding import InvalidArgumentOnDecodeError
 from router.admission import Admission
 from router.config import (
     ConfigError,
@@ -36,6 +37,8 @@ log = structlog.get_logger("router")
 
 GENERATOR_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Seconds between "no shard is serving" warnings while that lasts.
+NO_SHARD_WARN_S = 5.0
 
 
 async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
@@ -49,7 +52,9 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
         config.queue_timeout_s,
         metrics,
     )
-    server = grpc.aio.server(options=server_options(config))
+    server = grpc.aio.server(
+        options=server_options(config), interceptors=(InvalidArgumentOnDecodeError(),)
+    )
     generate_pb2_grpc.add_GeneratorServicer_to_server(
         GeneratorService(table, admission, metrics, config.max_migrations), server
     )
@@ -67,6 +72,7 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
 
     await server.start()
     discovery = asyncio.create_task(Discovery(config, table).run(), name="discovery")
+    watchdog = asyncio.create_task(warn_while_no_shard(table), name="no-shard watchdog")
     for service in ("", GENERATOR_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -81,11 +87,26 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     log.info("router stopping", grace_s=config.shutdown_grace_s)
     await health.enter_graceful_shutdown()
     await server.stop(config.shutdown_grace_s)
-    discovery.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await discovery
+    for task in (discovery, watchdog):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await table.close()
     log.info("router stopped")
+
+
+async def warn_while_no_shard(table: ShardTable, every_s: float = NO_SHARD_WARN_S) -> None:
+    """Logs a warning every `every_s` while no shard serves (after start-up or losing them all),
+    so an operator sees it before the first request times out."""
+    while True:
+        await asyncio.sleep(every_s)
+        if not table.serving():
+            known = table.addresses()
+            log.warning(
+                "no shard is serving: check the shards' health and --shard/--shard-dns",
+                known=len(known),
+                shards=known[:10],
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

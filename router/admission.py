@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from dataclasses import dataclass
+
+import structlog
 
 from router.config import Policy
 from router.metrics import RouterMetrics
 from router.policy import Demand
 from router.shard_index import ShardIndex
 from router.shards import Reservation, ShardTable
+
+log = structlog.get_logger("router.admission")
+
+# At most one "no shard is serving" warning per this many seconds from the request path.
+_NO_SHARD_WARN_EVERY_S = 10.0
 
 
 class QueueFull(Exception):
@@ -68,6 +76,7 @@ class Admission:
         self._queue_timeout_s = queue_timeout_s
         self._metrics = metrics
         self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._warned_at = -_NO_SHARD_WARN_EVERY_S
         table.subscribe(self._serve_queue)
 
     @property
@@ -85,6 +94,7 @@ class Admission:
             return reservation
         if not resumed and self.depth >= self._queue_size:
             raise QueueFull(self._queue_size, len(self._table.serving()))
+        self._warn_if_no_shard()
         waiter = _Waiter(demand, asyncio.get_running_loop().create_future())
         if resumed:
             self._waiters.appendleft(waiter)
@@ -106,6 +116,20 @@ class Admission:
             self._metrics.queue_depth.set(self.depth)
             # The head may have left without a shard: let the next one try.
             self._serve_queue()
+
+    def _warn_if_no_shard(self) -> None:
+        """A request must wait and no shard serves at all: say so now, not at its timeout."""
+        now = time.monotonic()
+        if now - self._warned_at < _NO_SHARD_WARN_EVERY_S or self._table.serving():
+            return
+        self._warned_at = now
+        known = self._table.addresses()
+        log.warning(
+            "no shard is serving: requests wait for one up to --queue-timeout-s",
+            queue_timeout_s=self._queue_timeout_s,
+            known=len(known),
+            shards=known[:10],
+        )
 
     def _try(self, demand: Demand) -> Reservation | None:
         while (address := self._index.place(demand)) is not None:

@@ -3,8 +3,8 @@
 Names and meaning (all exported on `--metrics-port` at `/metrics`):
 
 - `lorafleet_router_requests_total{adapter,status}` counter: Generate calls that ended, by adapter
-  id (`<base>` for the base model, `<unknown>` for NOT_FOUND so made-up ids cannot grow the
-  series without bound) and gRPC status name (`OK`, `CANCELLED`, `NOT_FOUND`, ...).
+  id (`<base>` for the base model; `<unknown>` unless a shard admitted the call, so made-up ids
+  cannot grow the series without bound) and gRPC status name (`OK`, `CANCELLED`, ...).
 - `lorafleet_router_queue_time_seconds` histogram: time a request waited in the router's queue
   for a shard with room (0 when one fitted at once; summed over re-placements).
 - `lorafleet_router_time_to_first_token_seconds` histogram: arrival at the router to the first
@@ -38,11 +38,12 @@ UNKNOWN_ADAPTER_LABEL = "<unknown>"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-def adapter_label(adapter_id: str, status: str) -> str:
-    """The `adapter` label value of a request that ended with `status` (a gRPC code name)."""
-    if status == "NOT_FOUND":
-        return UNKNOWN_ADAPTER_LABEL
-    return adapter_id or BASE_MODEL_LABEL
+def adapter_label(adapter_id: str, known: bool) -> str:
+    """The `adapter` label value of a request; `known`: a shard admitted it, so the adapter
+    exists (labels exist only for real adapters: bounded cardinality)."""
+    if not adapter_id:
+        return BASE_MODEL_LABEL
+    return adapter_id if known else UNKNOWN_ADAPTER_LABEL
 
 
 class RouterMetrics:
@@ -118,9 +119,10 @@ class RouterMetrics:
             registry=r,
         )
 
-    def request_ended(self, adapter_id: str, status: str) -> None:
-        """Counts a Generate call that ended with `status` (a gRPC code name)."""
-        key = (adapter_label(adapter_id, status), status)
+    def request_ended(self, adapter_id: str, status: str, known: bool) -> None:
+        """Counts a Generate call that ended with `status` (a gRPC code name); `known`: a shard
+        admitted it."""
+        key = (adapter_label(adapter_id, known), status)
         counter = self._request_counts.get(key)
         if counter is None:
             counter = self._request_counts[key] = self.requests.labels(*key)

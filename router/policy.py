@@ -84,6 +84,14 @@ class Demand:
     adapter_id: str
     # Upper bound on the prompt's tokens, plus tokens already generated when resuming.
     context_tokens: int
+    # Upper bound on prompt + max_new_tokens: the most KV the request can ever hold (0: unknown,
+    # then the context plus one token).
+    longest_tokens: int = 0
+
+    @property
+    def longest(self) -> int:
+        """Tokens of KV the request may hold at its end."""
+        return max(self.context_tokens + 1, self.longest_tokens)
 
     def pages(self, page_size: int) -> int:
         """KV pages to admit the request: its context plus the first generated token.
@@ -95,17 +103,38 @@ class Demand:
         return math.ceil((self.context_tokens + 1) / max(1, page_size))
 
 
-def fits(load: ShardLoad, demand: Demand) -> bool:
+def holds_whole(load: ShardLoad, demand: Demand) -> bool:
+    """The shard's whole KV pool can hold the request at its longest."""
+    return demand.longest <= load.kv_pages_total * max(1, load.kv_page_size)
+
+
+def fits(load: ShardLoad, demand: Demand, idle_fits: bool = True) -> bool:
     """The shard takes requests, has a batch slot, and has KV pages for the request.
 
     Shards that are not SERVING or have no live snapshot have no load at all: `router.shards`
-    leaves them out. An idle shard fits any request: the estimate is an upper bound and only the
-    shard itself can tell whether the prompt fits its context, so it answers INVALID_ARGUMENT
-    instead of the request waiting forever.
+    leaves them out. With `idle_fits`, an idle shard fits any request: the estimate is an upper
+    bound and only the shard itself can tell whether the prompt fits its context, so it answers
+    INVALID_ARGUMENT instead of the request waiting forever.
     """
     if load.draining or load.occupancy >= load.max_batch_size:
         return False
-    return load.occupancy == 0 or demand.pages(load.kv_page_size) <= load.kv_pages_available
+    if idle_fits and load.occupancy == 0:
+        return True
+    return demand.pages(load.kv_page_size) <= load.kv_pages_available
+
+
+def candidates(loads: Sequence[ShardLoad], demand: Demand) -> list[ShardLoad]:
+    """Shards that fit the request. While some open shard's whole pool can hold the request at
+    its longest, only such shards count, and only with room now: a request never goes to a shard
+    that must refuse it while another could serve it. Otherwise (the estimate exceeds every
+    pool) idle shards fit, and the shard itself judges the exact token count."""
+    if any(not load.draining and holds_whole(load, demand) for load in loads):
+        return [
+            load
+            for load in loads
+            if holds_whole(load, demand) and fits(load, demand, idle_fits=False)
+        ]
+    return [load for load in loads if fits(load, demand)]
 
 
 def consolidate(
@@ -124,8 +153,8 @@ def consolidate(
             return (-resident, -load.occupancy, load.tie_key)
         return (-load.occupancy, -resident, load.tie_key)
 
-    candidates = [load for load in loads if fits(load, demand)]
-    return min(candidates, key=key).shard if candidates else None
+    fitting = candidates(loads, demand)
+    return min(fitting, key=key).shard if fitting else None
 
 
 def least_loaded(
@@ -145,8 +174,8 @@ def least_loaded(
             return (resident, fill, -load.kv_pages_available, load.tie_key)
         return (fill, resident, -load.kv_pages_available, load.tie_key)
 
-    candidates = [load for load in loads if fits(load, demand)]
-    return min(candidates, key=key).shard if candidates else None
+    fitting = candidates(loads, demand)
+    return min(fitting, key=key).shard if fitting else None
 
 
 PlacementRule = Callable[[Sequence[ShardLoad], Demand, bool], str | None]

@@ -19,6 +19,7 @@ from protos import generate_pb2, generate_pb2_grpc, shard_pb2
 from router.admission import Admission, QueueFull, QueueTimeout
 from router.metrics import RouterMetrics
 from router.policy import Demand
+from router.request_checks import problem
 from router.shards import Reservation, ShardHandle, ShardTable
 
 log = structlog.get_logger("router.server")
@@ -32,8 +33,13 @@ _MIGRATION_REASONS = {
 _SHARD_FAILED = "shard_failed"
 # Seconds a fan-out call (ListAdapters, GetInfo) may take per shard.
 _FANOUT_TIMEOUT_S = 5.0
+# Metadata key of the router's own id of a call, on every shard call it makes.
+CALL_ID_KEY = "lorafleet-call-id"
 # Suggested client retry delay when the router turns a request away.
 _RETRY_PUSHBACK_MS = "1000"
+# Shards that may fail while serving one request: a request whose shard failed is placed once
+# more, and a second failure ends it, so a request that kills shards cannot walk the fleet.
+_MAX_SHARD_FAILURES = 2
 
 
 class RequestFailed(Exception):
@@ -69,6 +75,10 @@ class _Progress:
     queued_s: float = 0.0
     first_token_s: float = 0.0
     last_write: float = 0.0
+    # Shards that failed while serving the request (not counting migration notices).
+    failed_on: list[str] = field(default_factory=list)
+    # A shard admitted the request at least once (so its adapter id names a real adapter).
+    accepted: bool = False
 
     def resume(self) -> shard_pb2.ResumeState:
         return shard_pb2.ResumeState(
@@ -100,18 +110,29 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         """Streams the completion from a shard, moving it to another shard when needed.
 
         Errors: RESOURCE_EXHAUSTED when no shard has room and the wait queue is full (with a
-        retry hint); UNAVAILABLE when no shard serves or the request migrated too often; shard
-        errors (NOT_FOUND, INVALID_ARGUMENT, ...) with the shard's status and message.
+        retry hint); UNAVAILABLE when no shard serves or the request migrated too often;
+        INTERNAL when a second shard failed while serving it; INVALID_ARGUMENT for ids or stop
+        strings past their bounds; shard errors (NOT_FOUND, INVALID_ARGUMENT, ...) with the
+        shard's status and message.
         """
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
         progress = _Progress(arrived=time.monotonic())
+        if (why := problem(request)) is not None:
+            self._metrics.request_ended(
+                request.adapter_id, grpc.StatusCode.INVALID_ARGUMENT.name, known=False
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+        # Every call gets an id of the router's own, sent to shards as `lorafleet-call-id`
+        # metadata; the client's request_id is a label only (shards key requests by ids of
+        # their own), so two live calls that share one never touch each other.
+        call_id = uuid.uuid4().hex
+        if not request.request_id:
+            request.request_id = call_id
         status = grpc.StatusCode.OK
         with structlog.contextvars.bound_contextvars(
-            request_id=request.request_id, adapter_id=request.adapter_id
+            request_id=request.request_id, call_id=call_id, adapter_id=request.adapter_id
         ):
             try:
-                await self._generate(request, context, progress)
+                await self._generate(request, context, progress, ((CALL_ID_KEY, call_id),))
             except RequestFailed as failure:
                 status = failure.code
                 log.info("request failed", code=failure.code.name, details=failure.details)
@@ -124,20 +145,32 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                 log.info("request cancelled", tokens=len(progress.token_ids))
                 raise
             finally:
-                self._metrics.request_ended(request.adapter_id, status.name)
+                self._metrics.request_ended(request.adapter_id, status.name, progress.accepted)
 
     async def _generate(
         self,
         request: generate_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         progress: _Progress,
+        metadata: tuple[tuple[str, str], ...],
     ) -> None:
         while True:
             reservation = await self._place(request, progress)
-            with structlog.contextvars.bound_contextvars(shard=reservation.handle.address):
-                reason = await self._run_on(reservation, request, context, progress)
+            address = reservation.handle.address
+            with structlog.contextvars.bound_contextvars(shard=address):
+                reason = await self._run_on(reservation, request, context, progress, metadata)
                 if reason is None:
                     return
+                if reason == _SHARD_FAILED:
+                    progress.failed_on.append(address)
+                    if len(progress.failed_on) >= _MAX_SHARD_FAILURES:
+                        raise RequestFailed(
+                            grpc.StatusCode.INTERNAL,
+                            f"{len(progress.failed_on)} shards failed while serving this request "
+                            f"({', '.join(progress.failed_on)}); the router does not place it "
+                            "again, so that one request cannot take down the fleet. If it "
+                            f"repeats, report it with call id {metadata[0][1]}",
+                        )
                 progress.migrations += 1
                 self._metrics.migrations.labels(reason).inc()
                 log.info("migrating", reason=reason, tokens=len(progress.token_ids))
@@ -153,7 +186,9 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
     async def _place(
         self, request: generate_pb2.GenerateRequest, progress: _Progress
     ) -> Reservation:
-        demand = Demand(request.adapter_id, context_bound(request) + len(progress.token_ids))
+        bound = context_bound(request)
+        longest = bound + request.stopping.max_new_tokens if request.stopping.max_new_tokens else 0
+        demand = Demand(request.adapter_id, bound + len(progress.token_ids), longest)
         start = time.monotonic()
         try:
             reservation = await self._admission.place(demand, resumed=progress.migrations > 0)
@@ -175,6 +210,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         request: generate_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         progress: _Progress,
+        metadata: tuple[tuple[str, str], ...],
     ) -> str | None:
         """Proxies one leg; returns None when finished, else the reason to migrate."""
         handle = reservation.handle
@@ -183,14 +219,16 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         )
         with handle.call():
             # Deadlines do not cross a proxy by themselves: hand the remainder down.
-            call = handle.shard.Generate(shard_request, timeout=context.time_remaining())
+            call = handle.shard.Generate(
+                shard_request, timeout=context.time_remaining(), metadata=metadata
+            )
             try:
                 answered = False
                 async for message in call:
                     if not answered:
                         # The shard admitted the request: its next snapshot counts it.
                         reservation.answered()
-                        answered = True
+                        answered = progress.accepted = True
                     if message.HasField("migration"):
                         return self._on_migration(handle, message.migration, progress)
                     if await self._forward(message.chunk, context, progress):

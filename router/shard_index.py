@@ -14,6 +14,9 @@ levels (at most max batch + 1):
   sit above every possible demand.
 - Residency breaks ties: a set of shards per (adapter, level). It is read only when the level's
   first fitting shard lacks the adapter, and costs O(shards of that level holding the adapter).
+- Whole pools (as in `policy.candidates`): while an open shard's pool can hold the request at its
+  longest, idle shards need real room too, and a pick whose pool is too small is hidden and the
+  question asked again (only in a fleet of mixed pool sizes; O(log n) per hidden shard).
 
 Updates (a snapshot, a reservation, a release) move one shard between levels: O(log n) for the
 trees plus O(adapters resident on it) for the residency sets.
@@ -69,7 +72,7 @@ class _MaxTree:
 class _Entry:
     """One shard's place in the index."""
 
-    __slots__ = ("address", "level", "load", "pos", "resident", "tie", "value")
+    __slots__ = ("address", "level", "load", "pool", "pos", "resident", "tie", "value")
 
     def __init__(self, address: str):
         self.address = address
@@ -80,6 +83,7 @@ class _Entry:
         self.level: float | None = None
         self.value = _EMPTY
         self.resident: frozenset[str] = frozenset()
+        self.pool = 0  # tokens the whole KV pool holds; counted in `_pools` while open
 
 
 class ShardIndex:
@@ -97,6 +101,7 @@ class ShardIndex:
         self._members: dict[float, set[_Entry]] = collections.defaultdict(set)
         self._holding: dict[tuple[str, float], set[_Entry]] = collections.defaultdict(set)
         self._page_sizes: collections.Counter[int] = collections.Counter()
+        self._pools: collections.Counter[int] = collections.Counter()  # open shards' pool sizes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -108,11 +113,16 @@ class ShardIndex:
             e = self._entries[address] = _Entry(address)
         if e.load is not None:
             self._page_sizes[e.load.kv_page_size] -= 1
+            if not e.load.draining:
+                self._pools[e.pool] -= 1
         e.load = load
         if load is None:
             self._move(e, None, _EMPTY, frozenset())
             return
         self._page_sizes[load.kv_page_size] += 1
+        e.pool = load.kv_pages_total * max(1, load.kv_page_size)
+        if not load.draining:
+            self._pools[e.pool] += 1
         if load.tie_key != e.tie:
             e.tie = load.tie_key
             self._dirty = True
@@ -140,31 +150,59 @@ class ShardIndex:
         """The shard the policy picks for `demand`, or None when none fits."""
         if self._dirty:
             self._rebuild()
+        longest = demand.longest
+        if longest > max(+self._pools, default=0):
+            return self._place(demand, idle_fits=True)
+        hidden: list[tuple[_Entry, int]] = []
+        try:
+            while (address := self._place(demand, idle_fits=False)) is not None:
+                e = self._entries[address]
+                if e.pool >= longest:
+                    return address
+                hidden.append((e, e.value))  # its pool is too small: ask again without it
+                self._set_value(e, _EMPTY)
+            return None
+        finally:
+            for e, value in reversed(hidden):
+                self._set_value(e, value)
+
+    def _set_value(self, e: _Entry, value: int) -> None:
+        self._trees[e.level].set(e.pos, value)
+        e.value = value
+
+    def _place(self, demand: Demand, idle_fits: bool) -> str | None:
         need = demand.context_tokens + 1
         adapter = demand.adapter_id
         if self._residency_first and adapter:
             for level in self._levels:
-                if self._trees[level].t[1] >= need:
-                    best = self._best(self._holding.get((adapter, level)), need)
+                bound = self._bound(level, need, idle_fits)
+                if self._trees[level].t[1] >= bound:
+                    best = self._best(self._holding.get((adapter, level)), bound)
                     if best is not None:
                         return best.address
         for level in self._levels:
             tree = self._trees[level]
             top = tree.t[1]
-            if top < need:
+            need_here = self._bound(level, need, idle_fits)
+            if top < need_here:
                 continue
             if self._consolidate:
-                winner = self._by_pos[tree.first_at_least(need)]
+                winner = self._by_pos[tree.first_at_least(need_here)]
             elif len(+self._page_sizes) == 1:
                 # Most room first: with one page size, room in tokens orders like room in pages.
                 winner = self._by_pos[tree.first_at_least(top)]
             else:
-                winner = self._best(self._members[level], need)
+                winner = self._best(self._members[level], need_here)
             assert winner is not None
             if adapter and adapter not in winner.resident:
-                winner = self._best(self._holding.get((adapter, level)), need) or winner
+                winner = self._best(self._holding.get((adapter, level)), need_here) or winner
             return winner.address
         return None
+
+    def _bound(self, level: float, need: int, idle_fits: bool) -> int:
+        """The leaf value a shard of `level` needs: idle shards' leaves carry _IDLE on top of
+        their room, so without the idle exception they need that much more."""
+        return need if idle_fits or level != 0.0 else need + _IDLE
 
     def _best(self, entries: set[_Entry] | None, need: int) -> _Entry | None:
         """The policy's pick among `entries` (all of one level) that fit `need` tokens."""

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
+from protos.decoding import InvalidArgumentOnDecodeError
 from router.config import LogFormat
 from router.logs import configure_logging
 from shard.config import ShardConfig, parse_config
@@ -123,7 +124,7 @@ async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None
     NOT_SERVING from the signal on (Kubernetes readiness fails, the router stops placing here)
     while running requests finish or migrate; the process then exits 0, or 1 if the engine died.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=(InvalidArgumentOnDecodeError(),))
     generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(service), server)
     shard_pb2_grpc.add_ShardServicer_to_server(ShardServicer(service), server)
     health_servicer = health.aio.HealthServicer()

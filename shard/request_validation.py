@@ -12,6 +12,10 @@ from shard.sequence import EngineRequest, Resume, StopParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+MAX_REQUEST_ID_CHARS = 256  # the same bound as the router's: ids are labels in logs
+# Inputs larger than this (text characters, token ids) are checked and tokenized off the event
+# loop, releasing the GIL; smaller ones cost less than the hand-off.
+LARGE_INPUT = 4096
 _LIMIT_NOTE = " (the model's context, or the whole KV pool when that is smaller)"
 
 
@@ -29,6 +33,25 @@ class RequestError(ValueError):
     """The request is malformed (maps to INVALID_ARGUMENT)."""
 
 
+def prompt_byte_bound(tokenizer: Tokenizer, max_context: int) -> int | None:
+    """Bytes of text that surely tokenize to more than `max_context` tokens: every token covers
+    at most the longest vocabulary entry's bytes. None when a tokenizer may fuse unknown
+    characters into one token (then no byte count bounds the tokens)."""
+    model = tokenizer.model
+    if getattr(model, "fuse_unk", False):
+        return None
+    longest = max((len(t.encode()) for t in tokenizer.get_vocab()), default=1)
+    return max_context * max(longest, 1)
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`. A large text goes through `encode_batch`, which releases the GIL
+    (`encode` holds it: a megabyte prompt then stalls every Python thread for seconds)."""
+    if len(text) > LARGE_INPUT:
+        return tokenizer.encode_batch([text])[0].ids
+    return tokenizer.encode(text).ids
+
+
 def to_engine_request(
     msg: generate_pb2.GenerateRequest,
     request_id: str,
@@ -38,12 +61,29 @@ def to_engine_request(
     resume: Resume | None,
     migratable: bool,
     client_label: str = "",
+    max_prompt_bytes: int | None = None,
 ) -> EngineRequest:
+    """Checks every field (RequestError names the first one wrong) and tokenizes the prompt.
+
+    `max_prompt_bytes`: a longer text prompt cannot fit `max_context` tokens (see
+    `prompt_byte_bound`) and is refused before the tokenizer spends seconds on it.
+    """
+    if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(
+            f"request_id {quote(msg.request_id)} is longer than {MAX_REQUEST_ID_CHARS} "
+            "characters: use a shorter id (it is only a label)"
+        )
     which = msg.WhichOneof("input")
     if which == "prompt":
         if not msg.prompt:
             raise RequestError("prompt is empty: send a non-empty prompt or prompt_token_ids")
-        ids = tuple(tokenizer.encode(msg.prompt).ids)
+        size = len(msg.prompt.encode())
+        if max_prompt_bytes is not None and size > max_prompt_bytes:
+            raise RequestError(
+                f"the prompt has {size} bytes, more than {max_context} tokens of this model "
+                f"can hold ({max_prompt_bytes} bytes): it cannot fit the context, shorten it"
+            )
+        ids = tuple(encode(tokenizer, msg.prompt))
     elif which == "prompt_token_ids":
         ids = tuple(msg.prompt_token_ids.ids)
         if not ids:

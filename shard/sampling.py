@@ -50,7 +50,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10.0:
+        # isclose: a float32 0.01 off the wire reads as 0.0099999997.
+        penalty = self.repetition_penalty
+        if not (
+            MIN_REPETITION_PENALTY <= penalty <= 10.0
+            or math.isclose(penalty, MIN_REPETITION_PENALTY, rel_tol=1e-6)
+        ):
             raise ValueError(
                 f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 10] (1 = off), "
                 f"got {self.repetition_penalty}"

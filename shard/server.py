@@ -23,7 +23,12 @@ from shard.engine import CapacityError, DrainingError, Engine, NeverFitsError
 from shard.faults import RequestFault
 from shard.load_feed import LoadFeed, intervals, load_updates
 from shard.model_config import ModelConfig
-from shard.request_validation import RequestError, to_engine_request
+from shard.request_validation import (
+    LARGE_INPUT,
+    RequestError,
+    prompt_byte_bound,
+    to_engine_request,
+)
 from shard.sequence import EngineRequest, FinishReason, MigrationReason, Resume, StepOutput
 
 log = structlog.get_logger(__name__)
@@ -45,11 +50,9 @@ _ADAPTER_CODE = {
     AdapterErrorKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     AdapterErrorKind.CHANGED: grpc.StatusCode.ABORTED,  # a retry reads the new files
 }
-# Inputs larger than this (prompt bytes or token ids) are checked and tokenized on a worker
-# thread: a megabyte prompt takes seconds to tokenize and would stall every stream of the
-# event loop. Small ones stay on the loop, where a thread hop would cost more than the work.
-_INLINE_INPUT_MAX = 4096
 _LOAD_TIMEOUT_S = 300.0  # LoadAdapter's wait for device room when the call has no deadline
+# Metadata key of the router's id of a call (logged; the engine keys by an id of its own).
+CALL_ID_KEY = "lorafleet-call-id"
 _RESIDENCY = {
     "gpu": generate_pb2.ADAPTER_RESIDENCY_GPU,
     "cpu": generate_pb2.ADAPTER_RESIDENCY_CPU,
@@ -102,6 +105,7 @@ class ShardService:
         # model's context and the whole KV pool (an unset max_new_tokens runs to this limit).
         sched = engine.scheduler
         self.request_limit = min(max_context, sched.pool.total * sched.page_size)
+        self.max_prompt_bytes = prompt_byte_bound(tokenizer, self.request_limit)
         self.sequence = 0
         # The engine thread wakes WatchLoad streams through it.
         self.load_feed = LoadFeed()
@@ -119,8 +123,9 @@ class ShardService:
         # and two live calls that share one never touch each other's state.
         rid = uuid.uuid4().hex
         label = request.request_id[:128] or rid
+        call_id = dict(context.invocation_metadata() or ()).get(CALL_ID_KEY, "")
         structlog.contextvars.bind_contextvars(
-            request_id=label, adapter_id=request.adapter_id[:128]
+            request_id=label, call_id=call_id[:64], adapter_id=request.adapter_id[:128]
         )
         try:
             if request.adapter_id:
@@ -176,7 +181,8 @@ class ShardService:
         resume: Resume | None,
         migratable: bool,
     ) -> EngineRequest:
-        """Validates and tokenizes; large inputs on a worker thread (see _INLINE_INPUT_MAX)."""
+        """Validates and tokenizes; large inputs on a worker thread (a megabyte prompt takes
+        seconds to tokenize and would stall every stream of the event loop)."""
         args = (
             request,
             rid,
@@ -186,11 +192,12 @@ class ShardService:
             resume,
             migratable,
             label,
+            self.max_prompt_bytes,
         )
         size = max(len(request.prompt), len(request.prompt_token_ids.ids))
         if resume is not None:
             size = max(size, len(resume.generated_ids))
-        if size > _INLINE_INPUT_MAX:
+        if size > LARGE_INPUT:
             return await asyncio.to_thread(to_engine_request, *args)
         return to_engine_request(*args)
 

@@ -8,7 +8,9 @@ Token i of a completion is `expected_tokens(adapter_id, prompt, n)[i]`, wherever
 Words in the prompt script the first leg of a request (ignored when it resumes):
 `migrate@K` / `drain@K` end the stream after K tokens with a migration notice (KV_EXHAUSTED /
 DRAINING), `abort@K` aborts with UNAVAILABLE after K tokens, `error:CODE` aborts at once with that
-status code. SIGTERM or Drain makes running streams migrate (DRAINING) at their next token.
+status code. The word `poison` aborts every leg with UNAVAILABLE after one token, as a request
+that crashes each shard it reaches would. SIGTERM or Drain makes running streams migrate
+(DRAINING) at their next token.
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
                     )
                     emit("migrated", shard=self.shard_id, request_id=key, at=position)
                     return
-                if script["abort"] == sent:
+                if script["abort"] == sent or ("poison" in prompt.split() and sent == 1):
+                    # abort@N fails the first leg only; a "poison" request fails every shard.
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted: shard lost")
                 await asyncio.sleep(self.args.token_delay_s)
                 last = position == total - 1

@@ -17,13 +17,14 @@ def _random_load(rng: random.Random, name: str, page_sizes: tuple[int, ...]) -> 
     max_batch = rng.choice((2, 4, 8))
     running = rng.randint(0, max_batch)
     queued = rng.choice((0, 0, 0, 1, 2))
-    free = rng.randint(0, 12)
+    total = rng.choice((6, 12, 12, 40))  # mixed pool sizes: some cannot hold every request
+    free = rng.randint(0, total)
     return ShardLoad(
         shard=name,
         running=running,
         max_batch_size=max_batch,
         kv_pages_free=free,
-        kv_pages_total=12,
+        kv_pages_total=total,
         kv_page_size=rng.choice(page_sizes),
         queued=queued,
         kv_pages_queued=rng.randint(0, free) if queued else 0,
@@ -60,7 +61,9 @@ def test_index_agrees_with_the_rule(policy, residency_first, page_sizes):
         else:
             loads[name] = _random_load(rng, name, page_sizes)
             index.update(name, loads[name])
-        demand = Demand(rng.choice(("", *ADAPTERS)), rng.choice((0, 10, 40, 150)))
+        context = rng.choice((0, 10, 40, 150))
+        longest = rng.choice((0, context + 20, context + 300, 5000))
+        demand = Demand(rng.choice(("", *ADAPTERS)), context, longest)
         expected = rule(list(loads.values()), demand, residency_first)
         assert index.place(demand) == expected, (step, demand)
 
@@ -91,3 +94,27 @@ def test_ties_go_to_the_lowest_ordinal_not_the_smallest_name():
 )
 def test_statefulset_ordinal(name, ordinal):
     assert statefulset_ordinal(name) == ordinal
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_a_request_goes_to_a_shard_whose_pool_can_hold_it(policy):
+    # An idle shard whose whole pool is too small must not take the request while a busy one
+    # with room in a big enough pool can; once no pool can hold the estimate, an idle one may.
+    small = ShardLoad("small", 0, 8, 8, 8, 4)  # 32 tokens
+    big = ShardLoad("big", 3, 8, 50, 100, 4)  # 400 tokens, 200 free
+    for place in (RULES[policy], _index_rule(policy)):
+        assert place([small, big], Demand("", 10, 60), False) == "big"
+        assert place([small, big], Demand("", 10, 20), False) in ("small", "big")
+        full = ShardLoad("big", 3, 8, 2, 100, 4)
+        assert place([small, full], Demand("", 10, 60), False) is None  # wait for big
+        assert place([small, full], Demand("", 10, 900), False) == "small"  # the shard judges
+
+
+def _index_rule(policy):
+    def place(loads, demand, residency_first):
+        index = ShardIndex(policy, residency_first)
+        for load in loads:
+            index.update(load.shard, load)
+        return index.place(demand)
+
+    return place
