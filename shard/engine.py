@@ -16,9 +16,9 @@ from tokenizers import Tokenizer
 
 from shard.detokenizer import TextStream
 from shard.faults import RequestFault, is_process_fault, request_fault
+from shard.isolated_step import run_forward, sample_tokens
 from shard.kv_cache import pages_for
 from shard.metrics import ShardMetrics, adapter_label
-from shard.sampling import sample
 from shard.scheduler import Scheduler
 from shard.sequence import (
     EngineRequest,
@@ -27,7 +27,7 @@ from shard.sequence import (
     Sequence,
     StepOutput,
 )
-from shard.step_plan import StepPlan, make_plan
+from shard.step_plan import StepPlan
 
 log = structlog.get_logger(__name__)
 
@@ -260,13 +260,20 @@ class Engine:
                 time.sleep(0.002)  # adapters are loading or pages are short: look again soon
             return
         started = time.perf_counter()
-        logits, order, prefills = self._forward(sched.decode, sched.prefill)
+        logits, order, prefills = run_forward(
+            self.forward,
+            sched.decode,
+            sched.prefill,
+            self.scheduler.page_size,
+            self.retry_alone,
+            self._fail,
+        )
         if not order:
             self._publish()
             return
         for seq in order:
             seq.num_cached = len(seq.token_ids)
-        rows = self._sample(logits, order)
+        rows = sample_tokens(logits, order, self._fail)
         self.metrics.tokens_generated(seq.adapter_id for seq, _, _ in rows)
         now = time.monotonic()  # when this step's tokens came out, for every sequence
         # First tokens (the prefill rows, last in `order`) go out ahead of the running streams':
@@ -284,70 +291,6 @@ class Engine:
         self.metrics.step_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(order))
         self._publish()
-
-    def _forward(
-        self, decode: list[Sequence], prefill: list[Sequence]
-    ) -> tuple[torch.Tensor, list[Sequence], set[Sequence]]:
-        """Runs the step's forward: logits [B, V], the sequences of its rows, and which of them
-        were prefills. When the batched forward fails, each request runs alone (re-running a
-        forward rewrites the same KV slots), and only those that fail alone fail."""
-        page_size = self.scheduler.page_size
-        plan, order = make_plan(decode, prefill, page_size)
-        try:
-            return self.forward(plan), order, set(prefill)
-        except Exception as exc:
-            if is_process_fault(exc) or not self.retry_alone:
-                raise
-            if len(order) == 1:
-                self._fail(order[0], exc)
-                return torch.empty(0), [], set()
-            log.warning("batched forward failed: running its requests one by one", error=str(exc))
-        rows, survivors = [], []
-        for seq in order:
-            alone = ([seq], []) if seq in decode else ([], [seq])
-            try:
-                rows.append(self.forward(make_plan(*alone, page_size)[0]))
-            except Exception as exc:
-                if is_process_fault(exc):
-                    raise
-                self._fail(seq, exc)
-                continue
-            survivors.append(seq)
-        logits = torch.cat(rows) if rows else torch.empty(0)
-        return logits, survivors, set(prefill) & set(survivors)
-
-    def _sample(
-        self, logits: torch.Tensor, order: list[Sequence]
-    ) -> list[tuple[Sequence, int, float]]:
-        """One token and its logprob per sequence; a row whose sampling fails fails alone."""
-        try:
-            tokens, logprobs = self._sample_rows(logits, order)
-            return list(zip(order, tokens, logprobs, strict=True))
-        except Exception as exc:
-            if is_process_fault(exc):
-                raise
-        rows = []
-        for i, seq in enumerate(order):
-            try:
-                tokens, logprobs = self._sample_rows(logits[i : i + 1], [seq])
-            except Exception as exc:
-                if is_process_fault(exc):
-                    raise
-                self._fail(seq, exc)
-                continue
-            rows.append((seq, tokens[0], logprobs[0]))
-        return rows
-
-    def _sample_rows(
-        self, logits: torch.Tensor, order: list[Sequence]
-    ) -> tuple[list[int], list[float]]:
-        tokens, logprobs = sample(
-            logits,
-            [s.req.sampling for s in order],
-            [s.token_ids for s in order],
-            [len(s.generated) for s in order],
-        )
-        return tokens.tolist(), logprobs.tolist()
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         """Ends one request with its own fault; everything it held is freed."""
