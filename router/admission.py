@@ -84,6 +84,10 @@ class Admission:
         """Requests waiting now."""
         return sum(not w.placed.done() for w in self._waiters)
 
+    def largest_pool(self) -> int:
+        """Tokens the largest whole KV pool among open shards holds (0 while none is known)."""
+        return self._index.largest_pool()
+
     async def place(self, demand: Demand, resumed: bool = False) -> Reservation:
         """Returns the request's reservation on the shard it goes to; the caller releases it.
 

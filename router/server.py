@@ -189,6 +189,15 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         bound = context_bound(request)
         longest = bound + request.stopping.max_new_tokens if request.stopping.max_new_tokens else 0
         demand = Demand(request.adapter_id, bound + len(progress.token_ids), longest)
+        exact = request.WhichOneof("input") == "prompt_token_ids"
+        if exact and longest and longest > (pool := self._admission.largest_pool()) > 0:
+            # Exact token counts that no open shard can ever hold fail now, not at a timeout.
+            raise RequestFailed(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt ({bound} tokens) + max_new_tokens ({request.stopping.max_new_tokens}) "
+                f"needs {longest} tokens of KV, but the largest shard's whole KV pool holds "
+                f"{pool}: lower max_new_tokens to at most {max(pool - bound, 0)}",
+            )
         start = time.monotonic()
         try:
             reservation = await self._admission.place(demand, resumed=progress.migrations > 0)

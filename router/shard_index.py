@@ -146,12 +146,16 @@ class ShardIndex:
         if not self._dirty and e.pos >= 0:
             self._by_pos[e.pos] = None
 
+    def largest_pool(self) -> int:
+        """Tokens the largest whole KV pool among open (not draining) shards holds; 0: none."""
+        return max(+self._pools, default=0)
+
     def place(self, demand: Demand) -> str | None:
         """The shard the policy picks for `demand`, or None when none fits."""
         if self._dirty:
             self._rebuild()
         longest = demand.longest
-        if longest > max(+self._pools, default=0):
+        if longest > self.largest_pool():
             return self._place(demand, idle_fits=True)
         hidden: list[tuple[_Entry, int]] = []
         try:
