@@ -21,6 +21,7 @@ from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from protos.decoding import InvalidArgumentOnDecodeError
 from router.config import LogFormat
 from router.logs import configure_logging
+from shard.chat_template import load_chat_template
 from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
 from shard.model_config import ModelConfigError
@@ -98,7 +99,14 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         # Read at scrape time: captures on first use happen on the engine thread.
         engine.metrics.decode_graphs.set_function(lambda: graphs.captured)
     service = ShardService(
-        engine, state.adapters, state.tokenizer, model_cfg, cfg.shard_id, group.size, max_context
+        engine,
+        state.adapters,
+        state.tokenizer,
+        model_cfg,
+        cfg.shard_id,
+        group.size,
+        max_context,
+        load_chat_template(cfg.model, state.tokenizer),
     )
     log.info(
         "shard ready",

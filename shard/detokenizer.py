@@ -54,6 +54,17 @@ class TextStream:
             raise ValueError("stop strings must be non-empty")
         self._tokenizer = tokenizer
         self._stop = tuple(stop)
+        # Special tokens decode to no text, so a stop string naming one (`<|im_end|>`, say)
+        # matches the token itself.
+        self._stop_ids = (
+            frozenset(
+                i
+                for i, t in tokenizer.get_added_tokens_decoder().items()
+                if t.special and t.content in self._stop
+            )
+            if self._stop
+            else frozenset()
+        )
         self._ids = list(prompt_ids)
         # The detokenizer's window: ids[prefix:read] were emitted (as prefix_text), ids[read:]
         # not yet, because they end in an incomplete character or add no text.
@@ -83,8 +94,21 @@ class TextStream:
         # One token at a time, so the result does not depend on how tokens were grouped.
         released = ""
         for token_id in token_ids:
+            if token_id in self._stop_ids:
+                return self._stop_at_token(released)
             released += self._release(token_id)
         return self._emit(self._held + released)
+
+    def _stop_at_token(self, released: str) -> StreamDelta:
+        """A special token named as a stop string ends the request after the text before it,
+        unless a stop string in that text ended it earlier."""
+        delta = self._emit(self._held + released)
+        if delta.stopped:
+            return delta
+        text = delta.text + self._held
+        self._held = ""
+        self._stopped = True
+        return StreamDelta(text, True)
 
     def finish(self) -> str:
         """Flush the text held back at the end of a request that no stop string ended."""

@@ -148,6 +148,18 @@ def _eos_ids(eos: int | list[int] | None) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
 
+def _with_generation_eos(eos_ids: tuple[int, ...], model_dir: Path) -> tuple[int, ...]:
+    """config.json's EOS ids followed by generation_config.json's others: chat models end a turn
+    with a token only the latter names (Llama 3's `<|eot_id|>`), and transformers' generate()
+    stops at any of them."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return eos_ids
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    return tuple(dict.fromkeys([*eos_ids, *(int(e) for e in extra)]))
+
+
 def load_model_config(model_dir: Path) -> ModelConfig:
     """Reads `config.json` of a Hugging Face Llama-family folder."""
     path = model_dir / "config.json"
@@ -175,7 +187,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        eos_token_ids=_with_generation_eos(_eos_ids(raw.get("eos_token_id")), model_dir),
         architecture=arch,
         qkv_bias=arch == "Qwen2ForCausalLM",
         sliding_window=_sliding_window(raw, layers),

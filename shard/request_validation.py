@@ -5,6 +5,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from protos import generate_pb2
+from shard.chat_template import ChatTemplate, ChatTemplateError, Message
 from shard.faults import quote
 from shard.model_config import ModelConfig
 from shard.sampling import SamplingParams
@@ -31,6 +32,10 @@ def _limit_note(model: ModelConfig) -> str:
 
 class RequestError(ValueError):
     """The request is malformed (maps to INVALID_ARGUMENT)."""
+
+
+class NoChatTemplate(RequestError):
+    """The request is a conversation but the model has no chat template (FAILED_PRECONDITION)."""
 
 
 def prompt_byte_bound(tokenizer: Tokenizer, max_context: int) -> int | None:
@@ -62,6 +67,7 @@ def to_engine_request(
     migratable: bool,
     client_label: str = "",
     max_prompt_bytes: int | None = None,
+    chat: ChatTemplate | None = None,
 ) -> EngineRequest:
     """Checks every field (RequestError names the first one wrong) and tokenizes the prompt.
 
@@ -93,8 +99,16 @@ def to_engine_request(
             raise RequestError(
                 f"prompt_token_ids holds ids >= the vocabulary size {model.vocab_size}: {bad[:5]}"
             )
+    elif which == "messages":
+        size = sum(len(m.content.encode()) for m in msg.messages.messages)
+        if max_prompt_bytes is not None and size > max_prompt_bytes:
+            raise RequestError(
+                f"the messages hold {size} bytes, more than {max_context} tokens of this model "
+                f"can hold ({max_prompt_bytes} bytes): they cannot fit the context, shorten them"
+            )
+        ids = _chat_ids(msg.messages, chat)
     else:
-        raise RequestError("no input: set prompt or prompt_token_ids")
+        raise RequestError("no input: set prompt, prompt_token_ids or messages")
 
     stop = msg.stopping
     note = _limit_note(model)
@@ -143,6 +157,18 @@ def to_engine_request(
         migratable=migratable,
         client_label=client_label,
     )
+
+
+def _chat_ids(messages: generate_pb2.ChatMessages, chat: ChatTemplate | None) -> tuple[int, ...]:
+    if chat is None:
+        raise NoChatTemplate(
+            "this model has no chat template (chat_template.jinja or tokenizer_config.json's "
+            "chat_template): send a prompt instead of messages"
+        )
+    try:
+        return chat.encode([Message(m.role, m.content) for m in messages.messages])
+    except ChatTemplateError as e:
+        raise RequestError(str(e)) from e
 
 
 def _check_resume(resume: Resume, prompt_tokens: int, max_new: int, vocab_size: int) -> None:

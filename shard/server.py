@@ -19,12 +19,14 @@ from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
 from shard.adapter_tiers import AdapterEntry
+from shard.chat_template import ChatTemplate
 from shard.engine import CapacityError, DrainingError, Engine, NeverFitsError
 from shard.faults import RequestFault
 from shard.load_feed import LoadFeed, intervals, load_updates
 from shard.model_config import ModelConfig
 from shard.request_validation import (
     LARGE_INPUT,
+    NoChatTemplate,
     RequestError,
     prompt_byte_bound,
     to_engine_request,
@@ -61,10 +63,14 @@ _RESIDENCY = {
 }
 
 
-def _chunk(out: StepOutput) -> generate_pb2.GenerateResponse:
+def _chunk(out: StepOutput, tokenizer: Tokenizer) -> generate_pb2.GenerateResponse:
     msg = generate_pb2.GenerateResponse(
         token_ids=list(out.token_ids), text=out.text, logprobs=list(out.logprobs)
     )
+    if out.logprobs:
+        msg.token_texts.extend(
+            tokenizer.decode([t], skip_special_tokens=False) for t in out.token_ids
+        )
     if out.finish is not None:
         msg.finish_reason = _FINISH[out.finish]
     if out.usage is not None:
@@ -93,8 +99,10 @@ class ShardService:
         shard_id: str,
         tp_size: int,
         max_context: int,
+        chat: ChatTemplate | None = None,
     ) -> None:
         self.engine = engine
+        self.chat = chat
         self.adapters = adapters
         self.tokenizer = tokenizer
         self.model = model
@@ -131,6 +139,8 @@ class ShardService:
             if request.adapter_id:
                 self.adapters.lookup(request.adapter_id)
             req = await self._to_engine_request(request, rid, label, resume, migratable)
+        except NoChatTemplate as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except RequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except AdapterError as e:
@@ -193,8 +203,10 @@ class ShardService:
             migratable,
             label,
             self.max_prompt_bytes,
+            self.chat,
         )
-        size = max(len(request.prompt), len(request.prompt_token_ids.ids))
+        chat_chars = sum(len(m.content) for m in request.messages.messages)
+        size = max(len(request.prompt), len(request.prompt_token_ids.ids), chat_chars)
         if resume is not None:
             size = max(size, len(resume.generated_ids))
         if size > LARGE_INPUT:
@@ -246,7 +258,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         """Streams a completion; KV shortage preempts and recomputes here (no migration)."""
         async for out in self.s.stream(request, None, False, context):
-            yield _chunk(out)
+            yield _chunk(out, self.s.tokenizer)
 
     async def ListAdapters(
         self, request: generate_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
@@ -294,7 +306,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
                     )
                 )
             else:
-                yield shard_pb2.ShardGenerateResponse(chunk=_chunk(out))
+                yield shard_pb2.ShardGenerateResponse(chunk=_chunk(out, self.s.tokenizer))
 
     async def WatchLoad(
         self, request: shard_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext

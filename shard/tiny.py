@@ -41,6 +41,18 @@ LLAMA3_ROPE_SCALING: dict[str, Any] = {
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
+# A Zephyr-style template (role headers as text, each turn closed by EOS), so the tiny model can
+# chat; unknown roles go through raise_exception like real templates do.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles must be system, user or assistant') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 # Large enough that greedy top-2 logit gaps are well above float noise, so different
 # implementations (fused kernels, TP splits, bf16 vs fp32 at the margin) agree on tokens.
@@ -140,7 +152,12 @@ def write_tiny(root: Path, *, seed: int = 0, spec: TinySpec = TinySpec()) -> Tin
     """
     root = Path(root).resolve()
     paths = TinyPaths(root=root, model_dir=root / "model", adapters_dir=root / "adapters")
-    marker = {"seed": seed, "spec": spec.to_json(), "adapters": [a.adapter_id for a in ADAPTERS]}
+    marker = {
+        "seed": seed,
+        "spec": spec.to_json(),
+        "adapters": [a.adapter_id for a in ADAPTERS],
+        "chat_template": CHAT_TEMPLATE,
+    }
     marker_path = root / _MARKER
     written = marker_path.exists() and (paths.model_dir / "config.json").exists()
     if written and json.loads(marker_path.read_text()) == marker:
@@ -185,6 +202,7 @@ def write_tokenizer(model_dir: Path) -> Tokenizer:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 256,
+        "chat_template": CHAT_TEMPLATE,
     }
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (model_dir / "special_tokens_map.json").write_text(

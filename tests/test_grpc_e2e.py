@@ -289,3 +289,29 @@ def test_prometheus_metrics_have_labels(cluster, tiny) -> None:
         n.removesuffix("_total") if k == "counter" else n for n, (k, _) in documented.items()
     }
     assert exported <= documented_families, f"undocumented: {exported - documented_families}"
+
+
+def test_chat_messages_use_the_models_template(cluster, tiny) -> None:
+    from transformers import AutoTokenizer
+
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    prompt = AutoTokenizer.from_pretrained(tiny.model_dir).apply_chat_template(
+        conversation, add_generation_prompt=True, return_dict=False
+    )
+    adapter = tiny.adapter_ids[1]
+    want, _ = greedy(tiny.model_dir, tiny.adapter_dir(adapter), list(prompt), 8)
+    msgs = generate(
+        cluster["router"],
+        adapter_id=adapter,
+        messages=generate_pb2.ChatMessages(
+            messages=[generate_pb2.ChatMessage(**m) for m in conversation]
+        ),
+        stopping=generate_pb2.StoppingCriteria(max_new_tokens=8, ignore_eos=True),
+        return_logprobs=True,
+    )
+    assert [t for m in msgs for t in m.token_ids] == want
+    assert msgs[-1].usage.prompt_tokens == len(prompt)
+    assert all(len(m.token_texts) == len(m.token_ids) for m in msgs)
