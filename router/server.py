@@ -166,10 +166,10 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                     if len(progress.failed_on) >= _MAX_SHARD_FAILURES:
                         raise RequestFailed(
                             grpc.StatusCode.INTERNAL,
-                            f"{len(progress.failed_on)} shards failed while serving this request "
-                            f"({', '.join(progress.failed_on)}); the router does not place it "
-                            "again, so that one request cannot take down the fleet. If it "
-                            f"repeats, report it with call id {metadata[0][1]}",
+                            f"shards failed {len(progress.failed_on)} times while serving this "
+                            f"request ({', '.join(progress.failed_on)}); the router does not "
+                            "place it again, so that one request cannot take down the fleet. "
+                            f"If it repeats, report it with call id {metadata[0][1]}",
                         )
                 progress.migrations += 1
                 self._metrics.migrations.labels(reason).inc()

@@ -21,7 +21,7 @@ from shard.adapter_loader import AdapterError, AdapterErrorKind, resolve
 from shard.adapter_tiers import AdapterEntry
 from shard.chat_template import ChatTemplate
 from shard.engine import CapacityError, DrainingError, Engine, NeverFitsError
-from shard.faults import RequestFault
+from shard.faults import RequestFault, quote
 from shard.load_feed import LoadFeed, intervals, load_updates
 from shard.model_config import ModelConfig
 from shard.request_validation import (
@@ -145,6 +145,14 @@ class ShardService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except AdapterError as e:
             await context.abort(_ADAPTER_CODE[e.kind], str(e))
+        except Exception as e:
+            # A bug met by this request's input must not surface as UNKNOWN with a traceback.
+            log.exception("request could not be prepared")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"the shard failed to prepare this request: {type(e).__name__}: "
+                f"{quote(str(e), 200)}",
+            )
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[StepOutput] = asyncio.Queue()
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from tests.test_engine import Collector, make_engine, reference, request
 POISON = 479  # a valid id of the tiny vocabulary that the wrapped forward below refuses
 
 
-def poisoned(engine: Engine) -> Engine:
-    """Makes the engine's forward raise whenever a row holds POISON, like a per-request bug."""
+@pytest.fixture(scope="module")
+def engine(tiny) -> Iterator[Engine]:
+    """One engine for the module; its forward raises whenever a row holds POISON, like a bug
+    that one request's input triggers."""
+    engine = make_engine(tiny)
     forward = engine.forward
 
     def fragile(plan):
@@ -27,7 +31,8 @@ def poisoned(engine: Engine) -> Engine:
         return forward(plan)
 
     engine.forward = fragile
-    return engine
+    yield engine
+    engine.stop()
 
 
 def run(engine: Engine, reqs) -> list[Collector]:
@@ -45,47 +50,35 @@ def assert_engine_clean(engine: Engine) -> None:
     assert (load.running, load.queued, load.kv_pages_free) == (0, 0, load.kv_pages_total)
 
 
-def test_a_failing_forward_row_fails_only_its_request(tiny) -> None:
-    engine = poisoned(make_engine(tiny))
-    try:
-        good = [("", [5, 17, 42]), (tiny.adapter_ids[0], [7, 8, 9, 10])]
-        reqs = [request(f"g{i}", a, p) for i, (a, p) in enumerate(good)]
-        reqs.insert(1, request("bad", "", [3, POISON, 4]))
-        sinks = run(engine, reqs)
-        err = sinks[1].outputs[-1].error
-        assert isinstance(err, RequestFault) and not err.invalid
-        assert "IndexError" in str(err) and "'bad'" in str(err)
-        for (adapter, prompt), sink in zip(good, [sinks[0], sinks[2]], strict=True):
-            assert sink.outputs[-1].error is None
-            assert sink.tokens == reference(tiny, adapter, prompt)[0]
-        assert_engine_clean(engine)
-    finally:
-        engine.stop()
+def test_a_failing_forward_row_fails_only_its_request(engine: Engine, tiny) -> None:
+    good = [("", [5, 17, 42]), (tiny.adapter_ids[0], [7, 8, 9, 10])]
+    reqs = [request(f"g{i}", a, p) for i, (a, p) in enumerate(good)]
+    reqs.insert(1, request("bad", "", [3, POISON, 4]))
+    sinks = run(engine, reqs)
+    err = sinks[1].outputs[-1].error
+    assert isinstance(err, RequestFault) and not err.invalid
+    assert "IndexError" in str(err) and "'bad'" in str(err)
+    for (adapter, prompt), sink in zip(good, [sinks[0], sinks[2]], strict=True):
+        assert sink.outputs[-1].error is None
+        assert sink.tokens == reference(tiny, adapter, prompt)[0]
+    assert_engine_clean(engine)
 
 
-def test_a_failing_sampling_row_fails_only_its_request(tiny) -> None:
-    engine = make_engine(tiny)
-    try:
-        broken = SamplingParams(temperature="hot", seed=1)  # type: ignore[arg-type]
-        bad = dataclasses.replace(request("bad", "", [1, 2, 3]), sampling=broken)
-        sinks = run(engine, [request("good", "", [5, 17, 42]), bad])
-        assert isinstance(sinks[1].outputs[-1].error, RequestFault)
-        assert sinks[0].tokens == reference(tiny, "", [5, 17, 42])[0]
-        assert_engine_clean(engine)
-    finally:
-        engine.stop()
+def test_a_failing_sampling_row_fails_only_its_request(engine: Engine, tiny) -> None:
+    broken = SamplingParams(temperature="hot", seed=1)  # type: ignore[arg-type]
+    bad = dataclasses.replace(request("bad", "", [1, 2, 3]), sampling=broken)
+    sinks = run(engine, [request("good", "", [5, 17, 42]), bad])
+    assert isinstance(sinks[1].outputs[-1].error, RequestFault)
+    assert sinks[0].tokens == reference(tiny, "", [5, 17, 42])[0]
+    assert_engine_clean(engine)
 
 
-def test_resume_ids_outside_the_vocabulary_fail_only_that_request(tiny) -> None:
-    engine = make_engine(tiny)
-    try:
-        bad = dataclasses.replace(request("bad", "", [1, 2, 3]), resume=Resume((10**6,)))
-        sinks = run(engine, [bad, request("good", "", [5, 17, 42])])
-        assert isinstance(sinks[0].outputs[-1].error, RequestFault)
-        assert sinks[1].tokens == reference(tiny, "", [5, 17, 42])[0]
-        assert_engine_clean(engine)
-    finally:
-        engine.stop()
+def test_resume_ids_outside_the_vocabulary_fail_only_that_request(engine: Engine, tiny) -> None:
+    bad = dataclasses.replace(request("bad", "", [1, 2, 3]), resume=Resume((10**6,)))
+    sinks = run(engine, [bad, request("good", "", [5, 17, 42])])
+    assert isinstance(sinks[0].outputs[-1].error, RequestFault)
+    assert sinks[1].tokens == reference(tiny, "", [5, 17, 42])[0]
+    assert_engine_clean(engine)
 
 
 @pytest.mark.parametrize(
@@ -96,18 +89,16 @@ def test_resume_ids_outside_the_vocabulary_fail_only_that_request(tiny) -> None:
         SamplingParams(temperature=100.0, top_p=1e-9, repetition_penalty=10.0, seed=7),
     ],
 )
-def test_extreme_accepted_sampling_parameters_generate(tiny, params: SamplingParams) -> None:
+def test_extreme_accepted_sampling_parameters_generate(
+    engine: Engine, params: SamplingParams
+) -> None:
     params.validate()
-    engine = make_engine(tiny)
-    try:
-        req = dataclasses.replace(request("x", "", [5, 17, 42], new=8), sampling=params)
-        (sink,) = run(engine, [req])
-        assert sink.outputs[-1].error is None and len(sink.tokens) == 8
-        assert all(0 <= t < 480 for t in sink.tokens)
-        assert all(lp == lp and lp <= 0 for lp in sink.logprobs)  # no NaN
-        assert_engine_clean(engine)
-    finally:
-        engine.stop()
+    req = dataclasses.replace(request("x", "", [5, 17, 42], new=8), sampling=params)
+    (sink,) = run(engine, [req])
+    assert sink.outputs[-1].error is None and len(sink.tokens) == 8
+    assert all(0 <= t < 480 for t in sink.tokens)
+    assert all(lp == lp and lp <= 0 for lp in sink.logprobs)  # no NaN
+    assert_engine_clean(engine)
 
 
 def test_a_request_that_can_never_fit_the_pool_fails_at_once(tiny) -> None:
@@ -122,18 +113,14 @@ def test_a_request_that_can_never_fit_the_pool_fails_at_once(tiny) -> None:
         engine.stop()
 
 
-def test_a_duplicate_engine_id_is_refused_without_touching_the_first(tiny) -> None:
-    engine = make_engine(tiny)
-    try:
-        first, second = Collector(), Collector()
-        engine.submit(request("same", "", [5, 17, 42]), first)
-        engine.submit(request("same", "", [7, 8, 9]), second)
-        assert first.done.wait(60) and second.done.wait(60)
-        assert isinstance(second.outputs[-1].error, RequestFault)
-        assert first.tokens == reference(tiny, "", [5, 17, 42])[0]
-        assert_engine_clean(engine)
-    finally:
-        engine.stop()
+def test_a_duplicate_engine_id_is_refused_without_touching_the_first(engine: Engine, tiny) -> None:
+    first, second = Collector(), Collector()
+    engine.submit(request("same", "", [5, 17, 42]), first)
+    engine.submit(request("same", "", [7, 8, 9]), second)
+    assert first.done.wait(60) and second.done.wait(60)
+    assert isinstance(second.outputs[-1].error, RequestFault)
+    assert first.tokens == reference(tiny, "", [5, 17, 42])[0]
+    assert_engine_clean(engine)
 
 
 @pytest.mark.parametrize(
