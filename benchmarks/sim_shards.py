@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from protos import shard_pb2, shard_pb2_grpc
-from shard.load_feed import LoadFeed, intervals, load_updates
+from shard.load_feed import LoadFeed, load_updates, pacing
 
 MAX_BATCH = 32
 KV_PAGES = 2048
@@ -52,7 +52,6 @@ class SimulatedShards(shard_pb2_grpc.ShardServicer):
         resident = sorted({f"adapter-{rng.randrange(self.adapters)}" for _ in range(8)})
 
         def snapshot() -> shard_pb2.LoadSnapshot:
-            self.sent += 1
             running = state["running"]
             return shard_pb2.LoadSnapshot(
                 shard_id=shard_id,
@@ -84,8 +83,9 @@ class SimulatedShards(shard_pb2_grpc.ShardServicer):
                 feed,
                 snapshot,
                 request.residency_deltas and not self.full_residency,
-                *intervals(request),
+                pacing(request),
             ):
+                self.sent += 1
                 yield message
         finally:
             changer.cancel()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from protos import shard_pb2
 
@@ -91,28 +92,90 @@ class ResidencySender:
         snapshot.adapters_removed.extend(sorted(previous - resident))
 
 
-def intervals(request: shard_pb2.WatchLoadRequest) -> tuple[float, float]:
-    """(least, most) seconds between two snapshots of the stream `request` opens."""
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    """When one watcher gets snapshots."""
+
+    # Least seconds between two snapshots: changes within it ride together.
+    min_gap_s: float = MIN_GAP_S
+    # Changes that matter little to placement (see `urgent`) wait this long after the last
+    # snapshot, so a busy shard whose KV pages grow every step is not a snapshot every step.
+    settle_s: float = HEARTBEAT_S / 2
+    # Most seconds between two snapshots, changed or not.
+    heartbeat_s: float = HEARTBEAT_S
+
+
+# Every change at once: the tests' fake shard, whose router tests watch each step.
+EVERY_CHANGE = Pacing(0.0, 0.0, HEARTBEAT_S)
+
+
+def pacing(request: shard_pb2.WatchLoadRequest) -> Pacing:
+    """The pacing a WatchLoadRequest asks for (protos/shard.proto), within the shard's bounds."""
     heartbeat = HEARTBEAT_S
     if request.heartbeat_ms:
         heartbeat = min(max(request.heartbeat_ms / 1000, HEARTBEAT_S), MAX_HEARTBEAT_S)
     gap = MIN_GAP_S if not request.min_interval_ms else request.min_interval_ms / 1000
-    return min(gap, heartbeat), heartbeat
+    gap = min(gap, heartbeat)
+    return Pacing(gap, max(gap, heartbeat / 2), heartbeat)
+
+
+def urgent(sent: shard_pb2.LoadSnapshot, now: shard_pb2.LoadSnapshot) -> bool:
+    """A change the router must see at once.
+
+    The shard starts or stops draining, its limits change, its batch empties or fills (or
+    stops being either), or the KV room not promised to queued requests moves by a sixteenth of
+    the pool. Other changes (a batch of 12 becoming 13, a page more in use, residency) only
+    refine the router's ordering and wait for `Pacing.settle_s`.
+    """
+    if (now.draining, now.max_batch_size, now.kv_pages_total, now.kv_page_size) != (
+        sent.draining,
+        sent.max_batch_size,
+        sent.kv_pages_total,
+        sent.kv_page_size,
+    ):
+        return True
+    before, after = sent.running + sent.queued, now.running + now.queued
+    if (before == 0) != (after == 0) or (before >= sent.max_batch_size) != (
+        after >= now.max_batch_size
+    ):
+        return True
+    room_before = max(0, sent.kv_pages_free - sent.kv_pages_queued)
+    room_after = max(0, now.kv_pages_free - now.kv_pages_queued)
+    return abs(room_after - room_before) * 16 >= max(1, now.kv_pages_total)
 
 
 async def load_updates(
     feed: LoadFeed,
     snapshot: Callable[[], shard_pb2.LoadSnapshot],
     deltas: bool,
-    min_gap_s: float = MIN_GAP_S,
-    heartbeat_s: float = HEARTBEAT_S,
+    pace: Pacing = Pacing(),
 ) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
-    """One watcher's stream: a snapshot now, then on change (coalesced) and every heartbeat."""
+    """One watcher's stream: a snapshot now, then on change (paced) and every heartbeat."""
     residency = ResidencySender(deltas)
+    clock = asyncio.get_running_loop().time
+    seen = feed.version
+    message = snapshot()
     while True:
-        seen = feed.version
-        message = snapshot()
+        sent = shard_pb2.LoadSnapshot()
+        sent.CopyFrom(message)
         residency.fill(message)
+        sent_at = clock()
         yield shard_pb2.WatchLoadResponse(snapshot=message)
-        await asyncio.sleep(min_gap_s)
-        await feed.wait_past(seen, heartbeat_s - min_gap_s)
+        await asyncio.sleep(pace.min_gap_s)
+        while True:
+            now = clock()
+            beat_at = sent_at + pace.heartbeat_s
+            if feed.version == seen:  # nothing changed since the sent snapshot
+                if now >= beat_at:
+                    seen = feed.version
+                    message = snapshot()
+                    break
+                await feed.wait_past(seen, beat_at - now)
+                continue
+            version = feed.version  # read before the snapshot: a later change is not lost
+            current = snapshot()
+            settle_at = sent_at + pace.settle_s
+            if now >= settle_at or now >= beat_at or urgent(sent, current):
+                seen, message = version, current
+                break
+            await feed.wait_past(version, min(settle_at, beat_at) - now)

@@ -22,7 +22,7 @@ from shard.adapter_tiers import AdapterEntry
 from shard.chat_template import ChatTemplate
 from shard.engine import CapacityError, DrainingError, Engine, NeverFitsError
 from shard.faults import RequestFault, quote
-from shard.load_feed import LoadFeed, intervals, load_updates
+from shard.load_feed import LoadFeed, load_updates, pacing
 from shard.model_config import ModelConfig
 from shard.request_validation import (
     LARGE_INPUT,
@@ -321,7 +321,7 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     ) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
         """A snapshot now, then pushed on change (coalesced) and at least once a second."""
         async for message in load_updates(
-            self.s.load_feed, self.s.snapshot, request.residency_deltas, *intervals(request)
+            self.s.load_feed, self.s.snapshot, request.residency_deltas, pacing(request)
         ):
             yield message
 

@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
-from shard.load_feed import HEARTBEAT_S, LoadFeed, intervals, load_updates
+from shard.load_feed import EVERY_CHANGE, LoadFeed, load_updates, pacing
 
 VOCAB = 32000
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -94,10 +94,8 @@ class FakeShard(shard_pb2_grpc.ShardServicer, generate_pb2_grpc.GeneratorService
 
     async def WatchLoad(self, request, context):
         """Snapshot now, on every change, and at least every second."""
-        gap, heartbeat = intervals(request) if self.args.coalesce else (0.0, HEARTBEAT_S)
-        async for message in load_updates(
-            self.feed, self.snapshot, request.residency_deltas, gap, heartbeat
-        ):
+        pace = pacing(request) if self.args.coalesce else EVERY_CHANGE
+        async for message in load_updates(self.feed, self.snapshot, request.residency_deltas, pace):
             yield message
 
     async def Generate(self, request, context):

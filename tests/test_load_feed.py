@@ -1,4 +1,4 @@
-"""WatchLoad's stream: push on change, coalescing, heartbeats, residency deltas."""
+"""WatchLoad's stream: push on change, pacing by urgency, heartbeats, residency deltas."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from protos import shard_pb2
-from shard.load_feed import LoadFeed, load_updates
+from shard.load_feed import LoadFeed, Pacing, load_updates, pacing, urgent
 
 
 class Shard:
@@ -15,12 +17,18 @@ class Shard:
 
     def __init__(self) -> None:
         self.running = 0
+        self.free = 100
         self.resident = ["a"]
-        self.snapshots = 0
 
     def snapshot(self) -> shard_pb2.LoadSnapshot:
-        self.snapshots += 1
-        return shard_pb2.LoadSnapshot(running=self.running, adapters_resident=self.resident)
+        return shard_pb2.LoadSnapshot(
+            running=self.running,
+            max_batch_size=8,
+            kv_pages_free=self.free,
+            kv_pages_total=160,
+            kv_page_size=16,
+            adapters_resident=self.resident,
+        )
 
 
 async def _collect(stream, into: list[tuple[float, shard_pb2.LoadSnapshot]]) -> None:
@@ -28,44 +36,58 @@ async def _collect(stream, into: list[tuple[float, shard_pb2.LoadSnapshot]]) -> 
         into.append((time.monotonic(), message.snapshot))
 
 
-async def push_and_coalesce() -> None:
+async def _until(got: list, count: int, timeout_s: float = 5.0) -> float:
+    start = time.monotonic()
+    while len(got) < count:
+        assert time.monotonic() - start < timeout_s, f"no snapshot {count}"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def paced_stream() -> None:
     feed, shard = LoadFeed(), Shard()
     got: list[tuple[float, shard_pb2.LoadSnapshot]] = []
-    task = asyncio.create_task(
-        _collect(load_updates(feed, shard.snapshot, True, min_gap_s=0.1, heartbeat_s=0.6), got)
-    )
+    pace = Pacing(min_gap_s=0.1, settle_s=0.5, heartbeat_s=1.2)
+    task = asyncio.create_task(_collect(load_updates(feed, shard.snapshot, True, pace), got))
     await asyncio.sleep(0.3)
     assert len(got) == 1  # quiet: the first snapshot only, no polling snapshots
     first = got[0][1]
     assert not first.adapters_delta and list(first.adapters_resident) == ["a"]
 
-    # A burst of changes from another thread (the engine's) is one snapshot, sent at once.
-    start = time.monotonic()
-
+    # The batch stops being empty (urgent), in a burst from another thread (the engine's): one
+    # snapshot, pushed at once, then at most one more for the rest of the burst.
     def burst() -> None:
         for i in range(1, 6):
             shard.running = i
             feed.changed_threadsafe()
 
     threading.Thread(target=burst).start()
-    while len(got) < 2:
-        await asyncio.sleep(0.005)
-    assert got[1][0] - start < 0.3  # pushed, not left for the heartbeat (0.5 s away)
-    await asyncio.sleep(0.15)
+    assert await _until(got, 2) < 0.3  # pushed, not left for the heartbeat (1.2 s away)
+    await asyncio.sleep(0.6)
     assert len(got) <= 3 and got[-1][1].running == 5
 
-    # Residency goes out as changes against the stream's previous snapshot.
-    shard.resident = ["b", "c"]
+    # 5 -> 6 of 8 and a page more in use: it waits for settle_s after the last snapshot.
+    count, sent_at = len(got), got[-1][0]
+    shard.running, shard.free = 6, 99
     feed.changed()
+    await asyncio.sleep(0.2)
+    assert len(got) == count
+    await _until(got, count + 1)
+    assert got[-1][1].running == 6 and got[-1][0] - sent_at >= 0.45
+
+    # The batch fills (urgent) as the residency changes: at once, residency as changes.
     await asyncio.sleep(0.15)
+    count = len(got)
+    shard.running, shard.resident = 8, ["b", "c"]
+    feed.changed()
+    assert await _until(got, count + 1) < 0.3
     delta = got[-1][1]
-    assert delta.adapters_delta and not delta.adapters_resident
+    assert delta.running == 8 and delta.adapters_delta and not delta.adapters_resident
     assert (list(delta.adapters_added), list(delta.adapters_removed)) == (["b", "c"], ["a"])
 
-    # Nothing changes: a heartbeat within the interval, with an empty delta.
+    # Nothing changes: a heartbeat, with an empty delta.
     count = len(got)
-    await asyncio.sleep(0.7)
-    assert len(got) == count + 1
+    assert 0.9 < await _until(got, count + 1) < 2.0
     beat = got[-1][1]
     assert beat.adapters_delta and not beat.adapters_added and not beat.adapters_removed
     task.cancel()
@@ -74,7 +96,8 @@ async def push_and_coalesce() -> None:
 async def full_lists_unless_asked() -> None:
     feed, shard = LoadFeed(), Shard()
     got: list[tuple[float, shard_pb2.LoadSnapshot]] = []
-    task = asyncio.create_task(_collect(load_updates(feed, shard.snapshot, False, 0.0, 1.0), got))
+    pace = Pacing(0.0, 0.0, 1.0)
+    task = asyncio.create_task(_collect(load_updates(feed, shard.snapshot, False, pace), got))
     await asyncio.sleep(0.05)
     shard.resident = ["b"]
     feed.changed()
@@ -84,9 +107,44 @@ async def full_lists_unless_asked() -> None:
     task.cancel()
 
 
-def test_changes_are_pushed_coalesced_with_heartbeats_and_residency_deltas():
-    asyncio.run(asyncio.wait_for(push_and_coalesce(), 10))
+def test_changes_are_paced_by_urgency_with_heartbeats_and_residency_deltas():
+    asyncio.run(asyncio.wait_for(paced_stream(), 20))
 
 
 def test_watchers_that_ask_for_no_deltas_get_full_lists():
     asyncio.run(asyncio.wait_for(full_lists_unless_asked(), 10))
+
+
+def _snap(running: int, queued: int = 0, free: int = 100, **kw) -> shard_pb2.LoadSnapshot:
+    return shard_pb2.LoadSnapshot(
+        running=running, queued=queued, max_batch_size=8, kv_pages_free=free,
+        kv_pages_total=160, kv_page_size=16, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (_snap(3), _snap(4), False),  # mid-batch
+        (_snap(3, free=100), _snap(3, free=91), False),  # KV moved less than 1/16 of 160
+        (_snap(3, free=100), _snap(3, free=90), True),
+        (_snap(0), _snap(1), True),  # no longer idle
+        (_snap(1), _snap(0), True),  # idle
+        (_snap(7), _snap(8), True),  # full
+        (_snap(5, queued=3), _snap(5, queued=2), True),  # no longer full (queue counts)
+        (_snap(3), _snap(3, draining=True), True),
+    ],
+)
+def test_urgent_changes(before, after, expected):
+    assert urgent(before, after) is expected
+
+
+def test_pacing_from_the_request():
+    assert pacing(shard_pb2.WatchLoadRequest()) == Pacing(0.02, 0.5, 1.0)
+    asked = pacing(shard_pb2.WatchLoadRequest(min_interval_ms=250, heartbeat_ms=2000))
+    assert asked == Pacing(0.25, 1.0, 2.0)
+    # Bounds: the heartbeat within 1..10 s, the gap never past the heartbeat.
+    assert pacing(shard_pb2.WatchLoadRequest(heartbeat_ms=50)).heartbeat_s == 1.0
+    assert pacing(shard_pb2.WatchLoadRequest(min_interval_ms=99_000, heartbeat_ms=99_000)) == (
+        Pacing(10.0, 10.0, 10.0)
+    )
