@@ -64,7 +64,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
             self.error(f"{name}={text!r}: choose from {', '.join(map(str, action.choices))}")
         return value
 
-    def env_name(self, dest: str) -> str:
+    def flag_and_env(self, dest: str) -> str:
         """`--flag (LORAFLEET_FLAG)` of a flag, for messages about a value from either."""
         for action, name in self._env_flags:
             if action.dest == dest:

@@ -214,11 +214,11 @@ def parse_config(
         p.error("--model and --adapters are required (or LORAFLEET_MODEL / LORAFLEET_ADAPTERS)")
     model, adapters = Path(a.model), Path(a.adapters)
     if not model.is_dir():
-        p.error(f"{p.env_name('model')}: {model} is not a folder")
+        p.error(f"{p.flag_and_env('model')}: {model} is not a folder")
     if not adapters.is_dir():
-        p.error(f"{p.env_name('adapters')}: {adapters} is not a folder")
+        p.error(f"{p.flag_and_env('adapters')}: {adapters} is not a folder")
     if (why := model_folder_problem(model, a.load_format)) is not None:
-        p.error(f"{p.env_name('model')}: {why}")
+        p.error(f"{p.flag_and_env('model')}: {why}")
     device = a.device
     if device == "auto":
         import torch
