@@ -155,7 +155,7 @@ def run(
                 launch(procs, workdir, f"fake{i}", None, cmd, env)
                 addresses.append(f"127.0.0.1:{port}")
             router_port, metrics_port = free_port(), free_port()
-            cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1"]
+            cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--http-port=0"]
             cmd += ["--port", str(router_port), "--metrics-port", str(metrics_port)]
             cmd += [f"--shard={a}" for a in addresses]
             router = launch(procs, workdir, "router", None, cmd, env)

@@ -64,7 +64,7 @@ def run(
             sim_cmd += ["--changes-per-s", str(changes_per_s)]
             sim_cmd += ["--full-residency"] if full_residency else []
             sim = launch(procs, workdir, "sim", None, sim_cmd, env)
-            router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1"]
+            router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--http-port=0"]
             router_cmd += ["--port", str(router_port), "--metrics-port", str(metrics_port)]
             router_cmd += [f"--shard={a}" for a in loopback_addresses(shards, sim_port)]
             router = launch(procs, workdir, "router", None, router_cmd, env)

@@ -112,7 +112,7 @@ def spawn_tiny(workdir: Path, max_batch_size: int, pins: Pins = Pins()) -> Itera
         shard_args += ["--max-batch-size", max_batch_size, "--kv-pages", "4096"]
         shard_cmd = [sys.executable, "-m", "shard", *map(str, shard_args)]
         require_serving(shard, launch(procs, workdir, "shard", pins.shard, shard_cmd, env))
-        router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1"]
+        router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--http-port=0"]
         router_cmd += ["--port", str(router_port), "--shard", shard]
         router_proc = launch(procs, workdir, "router", pins.router, router_cmd, env)
         require_serving(router, router_proc)
@@ -143,7 +143,7 @@ def fake_fleet(
     shard_cmd += ["--max-batch-size", "256", "--kv-pages", "1000000"]
     shard_cmd += ["--token-delay-s", str(token_delay_s)]
     router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(router_port)]
-    router_cmd += ["--shard", f"127.0.0.1:{shard_port}"]
+    router_cmd += ["--shard", f"127.0.0.1:{shard_port}", "--http-port=0"]
     router = f"127.0.0.1:{router_port}"
     procs: list[subprocess.Popen] = []
     try:

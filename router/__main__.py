@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Sequence
 
 import grpc
@@ -30,6 +31,7 @@ from router.config import (
 from router.discovery import Discovery
 from router.logs import configure_logging
 from router.metrics import RouterMetrics
+from router.openai_api.serve import HttpApi
 from router.server import GeneratorService
 from router.shards import ShardTable
 
@@ -55,9 +57,14 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     server = grpc.aio.server(
         options=server_options(config), interceptors=(InvalidArgumentOnDecodeError(),)
     )
-    generate_pb2_grpc.add_GeneratorServicer_to_server(
-        GeneratorService(table, admission, metrics, config.max_migrations), server
-    )
+    generator = GeneratorService(table, admission, metrics, config.max_migrations)
+    generate_pb2_grpc.add_GeneratorServicer_to_server(generator, server)
+    http = None
+    if config.http_port is not None:
+        # The OpenAI-compatible edge over the same service; bound first, so a taken port ends
+        # the start before anything serves.
+        http = HttpApi(generator, Endpoint(config.host, config.http_port), config.shutdown_grace_s)
+        http.start()
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -78,6 +85,7 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     log.info(
         "router serving",
         address=str(Endpoint(config.host, config.port)),
+        http=str(http.endpoint) if http else None,
         policy=config.policy.value,
         shards=[str(s) for s in config.shards],
         shard_dns=str(config.shard_dns) if config.shard_dns else None,
@@ -86,13 +94,17 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
 
     log.info("router stopping", grace_s=config.shutdown_grace_s)
     await health.enter_graceful_shutdown()
-    await server.stop(config.shutdown_grace_s)
+    await asyncio.gather(server.stop(config.shutdown_grace_s), http.stop() if http else _nothing())
     for task in (discovery, watchdog):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
     await table.close()
     log.info("router stopped")
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def warn_while_no_shard(table: ShardTable, every_s: float = NO_SHARD_WARN_S) -> None:
@@ -121,7 +133,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics.serve(config.metrics_port)
     # uvloop: each message crossing the router wakes the event loop from grpc's poller thread,
     # and uvloop's wake-up and task switches cost less CPU than asyncio's (issue 5).
-    uvloop.run(serve(config, metrics))
+    try:
+        uvloop.run(serve(config, metrics))
+    except ConfigError as err:
+        sys.exit(f"lorafleet-router: {err}")
 
 
 if __name__ == "__main__":

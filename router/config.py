@@ -75,6 +75,8 @@ class RouterConfig:
     queue_timeout_s: float = 60.0
     # Prometheus HTTP port; None disables the exporter.
     metrics_port: int | None = None
+    # Port of the OpenAI-compatible HTTP API (/v1/...) on `host`; None turns it off.
+    http_port: int | None = 8000
     log_format: LogFormat = LogFormat.AUTO
     # Seconds between DNS resolutions.
     resolve_interval_s: float = 2.0
@@ -106,6 +108,11 @@ class RouterConfig:
             raise ConfigError(f"--metrics-port {self.metrics_port} is outside 1..65535")
         if self.metrics_port == self.port:
             raise ConfigError(f"--metrics-port and --port are both {self.port}")
+        if self.http_port is not None and self.http_port in (self.port, self.metrics_port):
+            raise ConfigError(
+                f"--http-port {self.http_port} is also --port or --metrics-port: give each "
+                "server its own port"
+            )
         for name, value in (
             ("--queue-size", self.queue_size),
             ("--shutdown-grace-s", self.shutdown_grace_s),
@@ -179,6 +186,13 @@ def build_parser(env: Mapping[str, str]) -> EnvArgumentParser:
         type=int_range(0, 65535),
     )
     add(
+        "--http-port",
+        "port of the OpenAI-compatible HTTP API (/v1/models, /v1/completions, "
+        "/v1/chat/completions); 0: off",
+        8000,
+        type=int_range(0, 65535),
+    )
+    add(
         "--log-format",
         "log lines: json, console, or auto (console on a terminal)",
         LogFormat.AUTO.value,
@@ -248,6 +262,7 @@ def parse_config(
         queue_size=args.queue_size,
         queue_timeout_s=args.queue_timeout_s,
         metrics_port=args.metrics_port or None,
+        http_port=args.http_port or None,
         log_format=LogFormat(args.log_format),
         resolve_interval_s=args.resolve_interval_s,
         shutdown_grace_s=args.shutdown_grace_s,

@@ -235,7 +235,7 @@ def demo(config: DemoConfig, console: Console) -> None:
         router_proc = children.start(
             "router",
             ["router", "--host", "127.0.0.1", "--port", router.rsplit(":", 1)[1],
-             "--shard", shard],
+             "--shard", shard, "--http-port=0"],
         )  # fmt: skip
         wait_serving(shard, shard_proc, logs / "shard.log", config.start_timeout_s)
         wait_serving(router, router_proc, logs / "router.log", 30)

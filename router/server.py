@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 import structlog
@@ -42,6 +43,16 @@ _RETRY_PUSHBACK_MS = "1000"
 _MAX_SHARD_FAILURES = 2
 
 
+class Client(Protocol):
+    """Where a Generate stream goes: a gRPC servicer context, or another edge's writer."""
+
+    async def write(self, chunk: generate_pb2.GenerateResponse) -> None:
+        """Sends one chunk; waits while the client reads slower than tokens come."""
+
+    def time_remaining(self) -> float | None:
+        """Seconds left of the client's deadline; None without one."""
+
+
 class RequestFailed(Exception):
     """Ends a Generate call with a status; raised where the reason is known."""
 
@@ -56,10 +67,16 @@ def context_bound(request: generate_pb2.GenerateRequest) -> int:
     """Upper bound on the prompt's tokens before tokenization.
 
     Token ids count exactly; text counts its UTF-8 bytes, since a byte-level BPE token covers at
-    least one byte. Over-estimating only makes placement conservative.
+    least one byte (a conversation adds an allowance per message for the chat template's
+    markup). Over-estimating only makes placement conservative.
     """
-    if request.WhichOneof("input") == "prompt_token_ids":
+    which = request.WhichOneof("input")
+    if which == "prompt_token_ids":
         return len(request.prompt_token_ids.ids)
+    if which == "messages":
+        # The chat template adds role headers and markers the router cannot see; allow for them.
+        messages = request.messages.messages
+        return sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in messages)
     return len(request.prompt.encode())
 
 
@@ -115,12 +132,23 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         strings past their bounds; shard errors (NOT_FOUND, INVALID_ARGUMENT, ...) with the
         shard's status and message.
         """
+        try:
+            await self.generate(request, context)
+        except RequestFailed as failure:
+            pushback = (("grpc-retry-pushback-ms", _RETRY_PUSHBACK_MS),)
+            metadata = pushback if failure.retry_hint else ()
+            await context.abort(failure.code, failure.details, metadata)
+
+    async def generate(self, request: generate_pb2.GenerateRequest, client: Client) -> None:
+        """Places the request and streams its chunks to `client`, migrating as needed: the one
+        path of every edge (gRPC Generate, the OpenAI-compatible HTTP API). Raises
+        RequestFailed with the status the call ends with; metrics count the call either way."""
         progress = _Progress(arrived=time.monotonic())
         if (why := problem(request)) is not None:
             self._metrics.request_ended(
                 request.adapter_id, grpc.StatusCode.INVALID_ARGUMENT.name, known=False
             )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, why)
         # Every call gets an id of the router's own, sent to shards as `lorafleet-call-id`
         # metadata; the client's request_id is a label only (shards key requests by ids of
         # their own), so two live calls that share one never touch each other.
@@ -132,14 +160,11 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             request_id=request.request_id, call_id=call_id, adapter_id=request.adapter_id
         ):
             try:
-                await self._generate(request, context, progress, ((CALL_ID_KEY, call_id),))
+                await self._generate(request, client, progress, ((CALL_ID_KEY, call_id),))
             except RequestFailed as failure:
                 status = failure.code
                 log.info("request failed", code=failure.code.name, details=failure.details)
-                pushback = (("grpc-retry-pushback-ms", _RETRY_PUSHBACK_MS),)
-                await context.abort(
-                    failure.code, failure.details, pushback if failure.retry_hint else ()
-                )
+                raise
             except asyncio.CancelledError:
                 status = grpc.StatusCode.CANCELLED
                 log.info("request cancelled", tokens=len(progress.token_ids))
@@ -150,7 +175,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
     async def _generate(
         self,
         request: generate_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
+        client: Client,
         progress: _Progress,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
@@ -158,7 +183,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             reservation = await self._place(request, progress)
             address = reservation.handle.address
             with structlog.contextvars.bound_contextvars(shard=address):
-                reason = await self._run_on(reservation, request, context, progress, metadata)
+                reason = await self._run_on(reservation, request, client, progress, metadata)
                 if reason is None:
                     return
                 if reason == _SHARD_FAILED:
@@ -217,7 +242,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         self,
         reservation: Reservation,
         request: generate_pb2.GenerateRequest,
-        context: grpc.aio.ServicerContext,
+        client: Client,
         progress: _Progress,
         metadata: tuple[tuple[str, str], ...],
     ) -> str | None:
@@ -229,7 +254,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         with handle.call():
             # Deadlines do not cross a proxy by themselves: hand the remainder down.
             call = handle.shard.Generate(
-                shard_request, timeout=context.time_remaining(), metadata=metadata
+                shard_request, timeout=client.time_remaining(), metadata=metadata
             )
             try:
                 answered = False
@@ -240,7 +265,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                         answered = progress.accepted = True
                     if message.HasField("migration"):
                         return self._on_migration(handle, message.migration, progress)
-                    if await self._forward(message.chunk, context, progress):
+                    if await self._forward(message.chunk, client, progress):
                         return None
                 log.warning("shard stream ended without a finish reason")
             except grpc.aio.AioRpcError as err:
@@ -272,7 +297,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
     async def _forward(
         self,
         chunk: generate_pb2.GenerateResponse,
-        context: grpc.aio.ServicerContext,
+        client: Client,
         progress: _Progress,
     ) -> bool:
         """Writes one chunk to the client; returns True when it was the last one."""
@@ -298,7 +323,7 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
             usage.generated_tokens = len(progress.token_ids)
             usage.time_to_first_token_s = progress.first_token_s
             usage.migrations = progress.migrations
-        await context.write(chunk)
+        await client.write(chunk)
         if last:
             # Logged after the write: the client should not wait for a log line.
             log.info(
@@ -316,7 +341,15 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
 
         Shards that do not answer within a few seconds are left out; UNAVAILABLE when none does.
         """
+        try:
+            return await self.adapters()
+        except RequestFailed as failure:
+            await context.abort(failure.code, failure.details)
+
+    async def adapters(self) -> generate_pb2.ListAdaptersResponse:
+        """ListAdapters for every edge; RequestFailed(UNAVAILABLE) when no shard answers."""
         handles = self._table.serving()
+        request = generate_pb2.ListAdaptersRequest()
         replies = await asyncio.gather(
             *(h.generator.ListAdapters(request, timeout=_FANOUT_TIMEOUT_S) for h in handles),
             return_exceptions=True,
@@ -334,24 +367,33 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                 adapter.shard = handle.address
                 response.adapters.append(adapter)
         if not answered:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
+            raise RequestFailed(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
         return response
 
     async def GetInfo(
         self, request: generate_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> generate_pb2.GetInfoResponse:
         """The base model as a serving shard describes it, with the router's serving shards."""
+        try:
+            return await self.info()
+        except RequestFailed as failure:
+            await context.abort(failure.code, failure.details)
+
+    async def info(self) -> generate_pb2.GetInfoResponse:
+        """GetInfo for every edge; RequestFailed(UNAVAILABLE) when no shard answers."""
         handles = self._table.serving()
         for handle in handles:
             try:
-                info = await handle.generator.GetInfo(request, timeout=_FANOUT_TIMEOUT_S)
+                info = await handle.generator.GetInfo(
+                    generate_pb2.GetInfoRequest(), timeout=_FANOUT_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as err:
                 log.warning("GetInfo failed", shard=handle.address, code=err.code().name)
                 continue
             del info.shards[:]
             info.shards.extend(h.address for h in handles)
             return info
-        await context.abort(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
+        raise RequestFailed(grpc.StatusCode.UNAVAILABLE, self._no_shard_details())
 
     def _no_shard_details(self) -> str:
         known = self._table.addresses()

@@ -148,6 +148,7 @@ class Router(Process):
     def __init__(self, log_dir: Path, name: str, *args: str):
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         super().__init__(
             [
                 "-m",
@@ -158,6 +159,8 @@ class Router(Process):
                 str(self.port),
                 "--metrics-port",
                 str(self.metrics_port),
+                "--http-port",
+                str(self.http_port),
                 "--log-format",
                 "json",
                 *args,

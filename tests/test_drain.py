@@ -167,7 +167,7 @@ def launch(tiny, tmp_path: Path) -> Iterator[Callable[..., Server]]:
             args = shard_args(tiny, port, "--log-format", "json", *flags)
         else:
             args = ["router", "--host", "127.0.0.1", "--port", str(port), "--log-format", "json"]
-            args += flags
+            args += ["--http-port=0", *flags]
         server = Server(start(args, log), f"127.0.0.1:{port}", log)
         started.append(server)
         wait_serving(server.address, server.proc, log)

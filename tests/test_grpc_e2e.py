@@ -44,6 +44,8 @@ def cluster(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
                 "127.0.0.1",
                 "--port",
                 str(router_port),
+                "--http-port",
+                "0",
                 "--shard",
                 f"127.0.0.1:{shard_port}",
                 "--metrics-port",

@@ -29,6 +29,7 @@ ROUTER_HEALTH, SHARD_HEALTH = "lorafleet.v1.Generator", "lorafleet.v1.Shard"
 # LORAFLEET_* variables each CLI reads as flag defaults (DESIGN.md, "Command line").
 ROUTER_ENV = {
     "LORAFLEET_PORT",
+    "LORAFLEET_HTTP_PORT",
     "LORAFLEET_METRICS_PORT",
     "LORAFLEET_SHARD_DNS",
     "LORAFLEET_POLICY",
@@ -459,3 +460,21 @@ def test_cpu_image_has_what_the_tiny_model_writer_imports() -> None:
     # huggingface_hub arrives as a dependency of transformers.
     missing = {m for m in third_party - {"huggingface_hub"} if m not in installed}
     assert not missing, f"the cpu image lacks {missing}, which shard.tiny imports"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_router_service_exposes_the_openai_http_api(built: dict[str, Path], name: str) -> None:
+    """The router's HTTP API is on (LORAFLEET_HTTP_PORT), on a named container port, and the
+    router Service forwards a port to it."""
+    docs = _docs(built, name)
+    c = _container(docs, "router")
+    port = int(_env(docs, c)["LORAFLEET_HTTP_PORT"])
+    assert port > 0
+    assert {"name": "http", "containerPort": port, "protocol": "TCP"} in c["ports"]
+    assert port not in (
+        int(_env(docs, c)["LORAFLEET_PORT"]),
+        int(_env(docs, c)["LORAFLEET_METRICS_PORT"]),
+    )
+    service = _one(docs, "Service", "lorafleet-router")
+    (http,) = [p for p in service["spec"]["ports"] if p["name"] == "http"]
+    assert http["targetPort"] == "http" and http["port"] == port

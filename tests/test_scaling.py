@@ -95,7 +95,7 @@ def test_shards_added_behind_the_dns_name_take_new_requests(tiny, dns, tmp_path)
         wait_serving(f"127.0.0.2:{port}", first.proc, first.log)
         zone.publish("127.0.0.2")
         discovery = [f"--shard-dns={zone.name}:{port}", f"--dns-server=127.0.0.1:{dns_port}"]
-        timing = ["--resolve-interval-s=0.2", "--queue-timeout-s=60"]
+        timing = ["--resolve-interval-s=0.2", "--queue-timeout-s=60", "--http-port=0"]
         router = start(
             ["router", "--host", "127.0.0.1", "--port", str(router_port), *discovery, *timing],
             router_log,

@@ -145,7 +145,7 @@ def test_router_resumes_stream_when_a_rank_dies(tiny, tmp_path: Path) -> None:
         for port in ports
     ]
     router = start(
-        ["router", "--host", "127.0.0.1", "--port", str(router_port)]
+        ["router", "--host", "127.0.0.1", "--port", str(router_port), "--http-port=0"]
         + [arg for port in ports for arg in ("--shard", f"127.0.0.1:{port}")],
         tmp_path / "router.log",
     )

@@ -15,5 +15,5 @@ COPY shard/__init__.py ./shard/__init__.py
 # The project's base dependencies only (the `shard` extra with torch is not installed).
 RUN pip install . && rm -rf /opt/lorafleet/app/build
 USER 10001:10001
-EXPOSE 50051 9090
+EXPOSE 50051 8000 9090
 ENTRYPOINT ["lorafleet-router"]
