@@ -26,7 +26,8 @@ from shard.config import ShardConfig, parse_config
 from shard.engine import Engine
 from shard.model_config import ModelConfigError
 from shard.parallel import TPGroup, init_group
-from shard.rank import Leader, build_rank, follower_main, rank_device, shutdown_group
+from shard.prefix_cache import PrefixCache
+from shard.rank import Leader, RankState, build_rank, follower_main, rank_device, shutdown_group
 from shard.scheduler import Scheduler
 from shard.server import GeneratorServicer, ShardService, ShardServicer
 
@@ -84,7 +85,12 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     model_cfg = state.model_cfg
     max_context = model_cfg.max_context
     scheduler = Scheduler(
-        state.kv.pool, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, state.adapters
+        state.kv.pool,
+        cfg.page_size,
+        cfg.max_batch_size,
+        cfg.max_prefill_tokens,
+        state.adapters,
+        prefix_cache(cfg, state) if cfg.prefix_cache else None,
     )
     engine = Engine(
         scheduler,
@@ -123,6 +129,17 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     )
     leader.start(on_lost=engine.fail)
     return engine, service, leader
+
+
+def prefix_cache(cfg: ShardConfig, state: RankState) -> PrefixCache:
+    """The prefix cache over the KV pool; a replaced or evicted adapter version retires its
+    blocks."""
+    adapters = state.adapters
+    cache = PrefixCache(
+        state.kv.pool, cfg.page_size, lambda key: not key or adapters.is_current(key)
+    )
+    adapters.on_retired(cache.retire)
+    return cache
 
 
 async def serve(cfg: ShardConfig, engine: Engine, service: ShardService) -> None:

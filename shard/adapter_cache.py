@@ -13,6 +13,7 @@ import dataclasses
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -96,6 +97,9 @@ class AdapterCache:
         # budget is full of adapters in use), "copying" (to the device, for a strict poll).
         self.waits: Counter[str] = Counter()
         self._replicas: Replicas | None = None  # rank 0 of a tensor-parallel group
+        # Told the key of every version that stops being current (the prefix cache drops its
+        # keys and values); called from whichever thread replaced or evicted it, lock held.
+        self._on_retired: list[Callable[[str], None]] = []
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
 
@@ -124,6 +128,16 @@ class AdapterCache:
 
     def attach_metrics(self, metrics: ShardMetrics) -> None:
         self.metrics = metrics
+
+    def on_retired(self, callback: Callable[[str], None]) -> None:
+        """Calls `callback(id@version)` whenever a version stops being the one new requests get
+        (its files changed, or the adapter was evicted); it must be quick and thread-safe."""
+        self._on_retired.append(callback)
+
+    def is_current(self, key: str) -> bool:
+        """Whether version `key` (`id@version`) is the one new requests of its id get."""
+        with self._lock:
+            return self._current.get(split_key(key)[0]) == key
 
     def attach_replicas(self, replicate: Replicate) -> None:
         """Rank 0 of a tensor-parallel group: a version is claimed (enters step plans) only once
@@ -198,7 +212,9 @@ class AdapterCache:
             for key in [k for k in (*self._resident, *self._host) if split_key(k)[0] == adapter_id]:
                 found = True
                 self._drop(key)
-            self._current.pop(adapter_id, None)
+                self._retired(key)
+            if (current := self._current.pop(adapter_id, None)) is not None:
+                self._retired(current)
             return found
 
     def entries(self) -> list[AdapterEntry]:
@@ -402,6 +418,7 @@ class AdapterCache:
             if old is not None and old != w.key:
                 log.info("adapter reloaded", adapter_id=adapter_id, old=old, new=w.key)
                 self._drop(old)
+                self._retired(old)
             self._gauges()
         seconds = time.perf_counter() - start
         if self.metrics is not None:
@@ -450,6 +467,11 @@ class AdapterCache:
         self._sigs.pop(adapter_id, None)
         if old is not None:
             self._drop(old)
+            self._retired(old)
+
+    def _retired(self, key: str) -> None:
+        for callback in self._on_retired:
+            callback(key)
 
     def _drop(self, key: str) -> None:
         """Removes a version from both tiers, except from the device while requests use it."""

@@ -36,6 +36,8 @@ class ShardConfig:
     # KV pages and adapters (CUDA)
     kv_memory_mb: int  # most memory for KV pages on CPU
     page_size: int  # tokens per KV page
+    prefix_cache: bool  # share the KV pages of full prompt blocks among requests of one adapter
+    # version that start with the same tokens
     adapter_memory_mb: int  # device budget for resident adapters
     adapter_host_memory_mb: int  # host-memory tier between disk and device (LRU beyond it)
     adapter_base_mismatch: str  # "warn" or "error": adapter trained on another base model
@@ -135,6 +137,12 @@ def build_parser(env: Mapping[str, str]) -> EnvArgumentParser:
         type=positive,
     )
     add("--page-size", "tokens per KV page", 16, type=positive)
+    add(
+        "--prefix-cache",
+        "keep the KV pages of full prompt blocks for later requests of the same adapter version",
+        "on",
+        choices=("on", "off"),
+    )
     add("--adapter-memory-mb", "device budget for resident adapters (LRU)", 2048, type=int_range(0))
     add(
         "--adapter-host-memory-mb",
@@ -240,6 +248,7 @@ def parse_config(
         kv_memory_fraction=a.kv_memory_fraction,
         kv_memory_mb=a.kv_memory_mb,
         page_size=a.page_size,
+        prefix_cache=a.prefix_cache == "on",
         adapter_memory_mb=a.adapter_memory_mb,
         adapter_host_memory_mb=a.adapter_host_memory_mb,
         adapter_base_mismatch=a.adapter_base_mismatch,

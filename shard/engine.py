@@ -99,6 +99,8 @@ class Engine:
         self.metrics = ShardMetrics()
         scheduler.adapters.attach_metrics(self.metrics)
         self.metrics.idle_seconds.set_function(self.idle_seconds)
+        if scheduler.prefix is not None:
+            scheduler.prefix.attach_metrics(self.metrics)
         self.steps = 0
 
     # -- thread-safe API ------------------------------------------------------------------------

@@ -18,6 +18,16 @@
 - `lorafleet_shard_adapter_queue_seconds{adapter}` summary: arrival to admission, by adapter.
 - `lorafleet_shard_adapter_evictions_total{tier}` counter: adapters dropped to make room.
 - `lorafleet_shard_adapter_bytes{tier}` gauge: bytes of adapters held in `gpu` and `host` memory.
+- `lorafleet_shard_prefix_lookups_total{adapter,result}` counter: admissions that looked up the
+  prefix cache, by adapter id and whether at least one block was found (`hit`) or not (`miss`).
+- `lorafleet_shard_prefix_prompt_tokens_total{adapter}` / `lorafleet_shard_prefix_hit_tokens_total
+  {adapter}` counters: tokens of those admissions, and how many of them came from the cache (their
+  ratio is the hit rate in tokens).
+- `lorafleet_shard_prefix_cached_pages` gauge: KV pages the prefix cache keeps (held or idle);
+  `lorafleet_shard_prefix_idle_pages` gauge: those no request holds (reclaimable, counted free).
+- `lorafleet_shard_prefix_evicted_pages_total` / `lorafleet_shard_prefix_retired_pages_total`
+  counters: cached pages reclaimed for allocations (LRU), and dropped with a replaced adapter
+  version.
 - `lorafleet_shard_decode_graphs` gauge: decode CUDA graphs captured (at start by
   `--graph-warmup`, then on first use of a shape that was not warmed).
 """
@@ -111,6 +121,42 @@ class ShardMetrics:
         self.adapter_bytes = Gauge(
             "lorafleet_shard_adapter_bytes", "adapter bytes held", ["tier"], registry=r
         )
+        self.prefix_lookups = Counter(
+            "lorafleet_shard_prefix_lookups",
+            "admissions that looked up the prefix cache",
+            ["adapter", "result"],
+            registry=r,
+        )
+        self.prefix_prompt_tokens = Counter(
+            "lorafleet_shard_prefix_prompt_tokens",
+            "prompt tokens of admissions that looked up the prefix cache",
+            ["adapter"],
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "lorafleet_shard_prefix_hit_tokens",
+            "prompt tokens found in the prefix cache",
+            ["adapter"],
+            registry=r,
+        )
+        self.prefix_cached_pages = Gauge(
+            "lorafleet_shard_prefix_cached_pages", "KV pages the prefix cache keeps", registry=r
+        )
+        self.prefix_idle_pages = Gauge(
+            "lorafleet_shard_prefix_idle_pages",
+            "cached KV pages no request holds (reclaimable)",
+            registry=r,
+        )
+        self.prefix_evicted_pages = Counter(
+            "lorafleet_shard_prefix_evicted_pages",
+            "cached KV pages reclaimed for allocations",
+            registry=r,
+        )
+        self.prefix_retired_pages = Counter(
+            "lorafleet_shard_prefix_retired_pages",
+            "cached KV pages dropped with a replaced adapter version",
+            registry=r,
+        )
         self.decode_graphs = Gauge(
             "lorafleet_shard_decode_graphs", "decode CUDA graphs captured", registry=r
         )
@@ -123,6 +169,14 @@ class ShardMetrics:
             if counter is None:
                 counter = self._token_counts[label] = self.tokens.labels(label)
             counter.inc(count)
+
+    def prefix_lookup(self, adapter_key: str, hit_tokens: int, prompt_tokens: int) -> None:
+        """One admission's prefix lookup; `adapter_key` is `id@version` ("" the base model),
+        labelled by id alone (a label per version would grow with every reload)."""
+        label = adapter_label(adapter_key.partition("@")[0])
+        self.prefix_lookups.labels(label, "hit" if hit_tokens else "miss").inc()
+        self.prefix_prompt_tokens.labels(label).inc(prompt_tokens)
+        self.prefix_hit_tokens.labels(label).inc(hit_tokens)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from shard.adapter_cache import AdapterCache
 from shard.adapter_loader import AdapterError
 from shard.kv_cache import PagePool, pages_for
+from shard.prefix_cache import PrefixCache
 from shard.sequence import SeqStatus, Sequence
 
 
@@ -47,8 +48,11 @@ class Scheduler:
         max_batch_size: int,
         max_prefill_tokens: int,
         adapters: AdapterCache,
+        prefix: PrefixCache | None = None,
     ) -> None:
+        """`prefix`: the prefix cache over `pool` (None: every prompt is prefilled whole)."""
         self.pool = pool
+        self.prefix = prefix
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -69,6 +73,10 @@ class Scheduler:
     def schedule(self) -> Schedule:
         out = Schedule()
         self.adapters.want(self._wanted_adapters())
+        if self.prefix is not None:
+            self.prefix.sync()
+            for seq in self.running:
+                self._index(seq)
         self._grow_running(out)
         self._admit(out)
         return out
@@ -133,13 +141,11 @@ class Scheduler:
                     break
             # The prompt's pages now, plus room for the first generated token.
             need = pages_for(len(seq.token_ids) + 1, self.page_size)
-            got = self.pool.alloc(need)
-            if got is None:
+            if not self._take_pages(seq, claimed.key if claimed else seq.adapter_key, need):
                 if claimed is not None:
                     self.adapters.release(claimed.key)
                 break
             waiting.popleft()
-            seq.pages = got
             if claimed is not None:
                 seq.adapter_key = claimed.key
                 seq.holds_adapter = True
@@ -151,13 +157,46 @@ class Scheduler:
             budget -= rows
         waiting.extendleft(reversed(passed))
 
+    def _take_pages(self, seq: Sequence, adapter_key: str, need: int) -> bool:
+        """Gives a request being admitted `need` pages: with the prefix cache, the cached pages
+        of its longest known prefix first (those tokens are not prefilled again)."""
+        if self.prefix is None:
+            got = self.pool.alloc(need)
+            if got is None:
+                return False
+            seq.pages = got
+            return True
+        admission = self.prefix.admit(adapter_key, seq.token_ids, seq.block_hashes, need)
+        if admission is None:
+            return False
+        seq.pages = admission.pages
+        seq.num_cached = seq.prefix_hit = admission.cached_tokens
+        return True
+
+    def _index(self, seq: Sequence) -> None:
+        """Adds the computed full blocks of a request's tokens at admission to the prefix
+        cache (decoded tokens are not added: only what a prefill computed is shared)."""
+        assert self.prefix is not None
+        end = min(seq.num_cached // self.page_size, len(seq.block_hashes))
+        if end > seq.blocks_indexed:
+            seq.blocks_indexed = self.prefix.insert(
+                seq.adapter_key, seq.block_hashes, seq.pages, seq.blocks_indexed, end
+            )
+
+    def _drop_pages(self, seq: Sequence) -> None:
+        """Releases a request's pages; its computed blocks stay in the prefix cache."""
+        if self.prefix is not None and seq.pages:
+            self._index(seq)
+        self.pool.release(seq.pages)
+        seq.pages = []
+        seq.blocks_indexed = 0
+
     def _evict(self, seq: Sequence) -> None:
         """Takes a running request out of the batch and frees its pages; it keeps its tokens and
         its adapter version (a reload meanwhile must not change its weights)."""
         if seq in self.running:
             self.running.remove(seq)
-        self.pool.release(seq.pages)
-        seq.pages = []
+        self._drop_pages(seq)
         seq.num_cached = 0
         seq.status = SeqStatus.WAITING
 
@@ -167,8 +206,7 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.release(seq.pages)
-        seq.pages = []
+        self._drop_pages(seq)
         if seq.holds_adapter:
             self.adapters.release(seq.adapter_key)
             seq.holds_adapter = False

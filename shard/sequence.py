@@ -113,7 +113,10 @@ class Sequence:
         self.token_ids: list[int] = [*req.prompt_ids, *resumed]
         self.generated: list[int] = list(resumed)
         self.num_cached = 0  # tokens whose keys and values are in the KV pages
-        self.pages: list[int] = []
+        self.pages: list[int] = []  # the first ones may be shared: cached prefix blocks
+        self.block_hashes: list[bytes] = []  # prefix-cache keys of its full blocks at admission
+        self.blocks_indexed = 0  # its blocks before this one are in the prefix cache (or skipped)
+        self.prefix_hit = 0  # tokens its last admission found in the prefix cache
         self.status = SeqStatus.WAITING
         self.holds_adapter = False
         self.adapter_key = ""  # the adapter version it runs on (id@version), set at admission
