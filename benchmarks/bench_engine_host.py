@@ -10,6 +10,10 @@ The benchmark drives `Engine._step` on its own thread: the timings hold no threa
 host time is the launches and the wait for the tokens.
 
     python -m benchmarks.bench_engine_host [--batches 1,8,32,64] [--steps 400] [--out f.json]
+
+`--mixed 8:16,32:256` adds the mixed-step case (benchmarks/mixed_step.py) on a real engine and
+model runner: a tiny model with the layer count of a 7B model (`--mixed-layers`) but narrow
+layers, whose step time on a CPU is then mostly the host's Python in and around the forward.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import shard.engine
+from benchmarks.mixed_step import measure_mixed, start_decodes
 from benchmarks.timing import provenance
 from shard.adapter_cache import AdapterCache
 from shard.detokenizer import TextStream
@@ -261,6 +266,41 @@ def profile(tokenizer: Tokenizer, text_ids: list[int], batch: int, a: argparse.N
     pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 
 
+def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> list[dict]:
+    """Median ms of the decode-only and the mixed step for each (batch, prefill tokens) case,
+    on the tiny model with `a.mixed_layers` layers, its adapters dealt over the batch."""
+    from shard.__main__ import build_engine as build_shard_engine
+    from shard.config import parse_config
+    from shard.tiny import TinySpec, write_tiny
+
+    longest = max(n for _, n in cases)
+    spec = TinySpec(num_layers=a.mixed_layers, max_position_embeddings=4 * longest + 1024)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = write_tiny(Path(tmp), spec=spec)
+        adapters = [*tiny.adapter_ids, ""]
+        for batch, tokens in cases:
+            argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
+            argv += ["--device", "cpu", "--kv-pages", str(64 * (batch + 4) + 4 * longest)]
+            argv += ["--max-batch-size", str(batch + 1), "--max-prefill-tokens", str(longest)]
+            engine, _, _ = build_shard_engine(parse_config(argv, env={}), SINGLE)
+            try:
+                vocab = engine.tokenizer.get_vocab_size()
+                start_decodes(engine, batch, adapters, vocab, 64, 4 * a.mixed_reps + 8)
+                timing = measure_mixed(engine, batch, tokens, a.mixed_reps, vocab)
+            finally:
+                engine.scheduler.adapters.close()
+            row = {f: getattr(timing, f) for f in timing.__slots__}
+            out.append(row)
+            print(
+                f"mixed B={batch:3d} N={tokens:5d}: decode {timing.decode_ms:7.2f} ms, "
+                f"mixed {timing.mixed_ms:7.2f} ms (forward {timing.decode_forward_ms:6.2f} / "
+                f"{timing.mixed_forward_ms:6.2f} ms)",
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", default="1,8,32,64", help="comma-separated batch sizes")
@@ -269,6 +309,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096, help="the BPE tokenizer's vocabulary")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--profile", type=int, default=0, help="also cProfile this batch size")
+    p.add_argument("--mixed", default="", help="B:N,... decode batch B beside an N-token prefill")
+    p.add_argument("--mixed-layers", type=int, default=32, help="layers of the mixed-step model")
+    p.add_argument("--mixed-reps", type=int, default=20, help="steps timed per mixed case")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     p.add_argument("--command", default="python -m benchmarks.bench_engine_host")
@@ -287,7 +330,7 @@ def main() -> None:
     }
     print(f"{'batch':>5} {'total':>7} {'mean':>7} " + " ".join(f"{k:>9}" for k in PHASES), end="")
     print(" detokenize  (median host ms per step)")
-    for batch in (int(b) for b in a.batches.split(",")):
+    for batch in (int(b) for b in a.batches.split(",") if b):
         row = measure(tokenizer, text_ids, batch, a)
         result["host_ms_per_step"][str(batch)] = row
         cells = " ".join(f"{row[k]:9.3f}" for k in PHASES)
@@ -295,6 +338,10 @@ def main() -> None:
             f"{batch:5d} {row['total']:7.3f} {row['mean']:7.3f} {cells} {row['detokenize']:10.3f}",
             flush=True,
         )
+    if a.mixed:
+        cases = [tuple(int(v) for v in c.split(":")) for c in a.mixed.split(",")]
+        result["mixed_layers"] = a.mixed_layers
+        result["mixed_ms_per_step"] = measure_mixed_cases(cases, a)  # type: ignore[arg-type]
     if a.profile:
         profile(tokenizer, text_ids, a.profile, a)
     if a.out is not None:

@@ -18,6 +18,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 BASE_MISMATCH_MODES = ("warn", "error")
 BLAS = ("cublas", "cublaslt")
+# The default per-step prompt-token budget. 2,048 prompt rows are ~28 TFLOP at 7B, about five
+# decode steps' time on an H100: lower it where inter-token latency matters more than time to
+# first token. A CPU runs far fewer rows per second.
+PREFILL_TOKENS = {"cuda": 2048, "cpu": 512}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +34,8 @@ class ShardConfig:
     dtype: str
     tp: int  # tensor-parallel size (GPUs in this shard)
     max_batch_size: int  # requests in the running batch
-    max_prefill_tokens: int  # prompt tokens per step
+    max_prefill_tokens: int  # prompt tokens per step (the token budget beside the decode rows):
+    # a longer prompt is prefilled in chunks over several steps
     kv_pages: int | None  # explicit KV pool size; None: planned from the memory settings
     kv_memory_fraction: float  # share of device memory free after the weights for activations,
     # KV pages and adapters (CUDA)
@@ -116,7 +121,12 @@ def build_parser(env: Mapping[str, str]) -> EnvArgumentParser:
     add("--dtype", "weights dtype (default: bfloat16 on cuda, float32 on cpu)", choices=DTYPES)
     add("--tp", "tensor-parallel size (GPUs in this shard)", 1, type=positive)
     add("--max-batch-size", "requests in the running batch", 32, type=positive)
-    add("--max-prefill-tokens", "prompt tokens per step", 4096, type=positive)
+    add(
+        "--max-prefill-tokens",
+        "prompt tokens per step, beside the decode rows; a longer prompt is prefilled in chunks "
+        f"(default: {PREFILL_TOKENS['cuda']} on cuda, {PREFILL_TOKENS['cpu']} on cpu)",
+        type=positive,
+    )
     add(
         "--kv-pages",
         "KV pool size in pages (default: planned from "
@@ -243,7 +253,7 @@ def parse_config(
         dtype=dtype,
         tp=a.tp,
         max_batch_size=a.max_batch_size,
-        max_prefill_tokens=a.max_prefill_tokens,
+        max_prefill_tokens=a.max_prefill_tokens or PREFILL_TOKENS[device],
         kv_pages=a.kv_pages,
         kv_memory_fraction=a.kv_memory_fraction,
         kv_memory_mb=a.kv_memory_mb,

@@ -219,7 +219,8 @@ class PaddedDecode:
             num_decode=n,
             block_tables=dev["block_tables"],
             context_lens=dev["context_lens"],
-            prefills=(),
+            prefill_pages=None,
+            prefill_mask=None,
             logits_rows=dev["logits_rows"],
             lora=lora,
         )

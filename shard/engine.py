@@ -270,11 +270,16 @@ class Engine:
             self.retry_alone,
             self._fail,
         )
-        if not order:
-            self._publish()
-            return
-        for seq in order:
-            seq.num_cached = len(seq.token_ids)
+        if order:
+            self._emit(logits, order, prefills)
+        self.steps += 1
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(sched.decode) + len(sched.prefill))
+        self._publish()
+
+    def _emit(self, logits: torch.Tensor, order: list[Sequence], prefills: set[Sequence]) -> None:
+        """Samples the next token of each sequence in `order` (logits row i is order[i]) and
+        streams it out; `prefills` are those whose prompt ended in this step."""
         rows = sample_tokens(logits, order, self._fail)
         self.metrics.tokens_generated(seq.adapter_id for seq, _, _ in rows)
         now = time.monotonic()  # when this step's tokens came out, for every sequence
@@ -289,10 +294,6 @@ class Engine:
                 if is_process_fault(exc):
                     raise
                 self._fail(seq, exc)
-        self.steps += 1
-        self.metrics.step_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(order))
-        self._publish()
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         """Ends one request with its own fault; everything it held is freed."""

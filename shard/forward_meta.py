@@ -10,22 +10,13 @@ from shard.layers.lora import LoraBatch
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillSpan:
-    """A request whose new rows are more than one token (a prompt, or a resumed request)."""
-
-    start: int  # first row of the request in the batch
-    end: int  # one past its last row
-    context_len: int  # tokens in its KV after this step (cached prefix + the new rows)
-    pages: torch.Tensor  # [ceil(context_len / page_size)] int64 its page ids, in order
-
-
-@dataclass(frozen=True, slots=True)
 class ForwardMeta:
     """Positions, KV slots, page tables and adapter segments of one forward.
 
     Rows [0, num_decode) are decode rows (one per request, attended through the paged kernel);
-    the rest belong to prefill spans. Within each group rows are sorted by adapter so that LoRA
-    segments are contiguous.
+    the other N_p rows belong to prefill chunks, which attend together in one call: to the keys
+    of every chunk's pages, gathered, under `prefill_mask`. Within each group rows are sorted by
+    adapter so that LoRA segments are contiguous.
     """
 
     positions: torch.Tensor  # [T] int64 absolute position of each row
@@ -33,6 +24,12 @@ class ForwardMeta:
     num_decode: int
     block_tables: torch.Tensor  # [num_decode, max_pages] int32 page ids of each decode request
     context_lens: torch.Tensor  # [num_decode] int32 tokens in each decode request's KV
-    prefills: tuple[PrefillSpan, ...]
-    logits_rows: torch.Tensor  # [B] int64 the last row of each request: its logits are sampled
+    # [P] int64 the pages of every prefill chunk's context (earlier chunks and its own rows),
+    # chunk after chunk; their P * page_size slots are the keys the prefill rows attend to.
+    prefill_pages: torch.Tensor | None
+    # [group * N_p, P * page_size] bool: may prefill row i see key slot j. Row g * N_p + i is row
+    # i for the g-th query head of each KV head (group = query heads per KV head): the queries
+    # of a KV head's group are stacked as rows, so keys and values are never repeated per head.
+    prefill_mask: torch.Tensor | None
+    logits_rows: torch.Tensor  # [B] int64 the last row of each sampled request
     lora: LoraBatch | None

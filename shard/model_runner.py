@@ -8,12 +8,39 @@ from collections.abc import Callable
 import torch
 
 from shard.adapter_loader import AdapterWeights
-from shard.decode_graphs import DecodeGraphs
-from shard.forward_meta import ForwardMeta, PrefillSpan
+from shard.decode_graphs import DecodeGraphs, replace_leaves, step_leaves
+from shard.forward_meta import ForwardMeta
 from shard.kv_cache import KvCache
 from shard.layers.lora import LoraBatch, build_lora_batch
 from shard.llama import LlamaForCausalLM
 from shard.step_plan import StepPlan
+
+HOST = torch.device("cpu")
+ALIGN = 16  # bytes: every packed field starts aligned for any dtype's view
+
+
+def upload(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host tensors -> views of one device buffer, filled by a single host-to-device copy
+    (from pinned memory on CUDA, so it does not block the host)."""
+    offsets, total = {}, 0
+    for name, t in fields.items():
+        offsets[name] = total
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    buf = torch.empty(max(total, ALIGN), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    views = {}
+    for name, t in fields.items():
+        nbytes = t.numel() * t.element_size()
+        views[name] = buf[offsets[name] : offsets[name] + nbytes].view(t.dtype).view(t.shape)
+        views[name].copy_(t)
+    if device.type == HOST.type:
+        return views
+    dev = buf.to(device, non_blocking=True)
+    return {
+        name: dev[offsets[name] : offsets[name] + v.numel() * v.element_size()]
+        .view(v.dtype)
+        .view(v.shape)
+        for name, v in views.items()
+    }
 
 
 class ModelRunner:
@@ -34,34 +61,78 @@ class ModelRunner:
         self.device = device
         self.dtype = kv.k.dtype
         self.decode_graphs = decode_graphs
+        attn = model.layers[0].self_attn.attn
+        self.query_group = attn.num_heads // attn.num_kv_heads
 
-    def _tensor(self, values: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-    def meta(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> ForwardMeta:
+    def inputs(
+        self, plan: StepPlan, weights: list[AdapterWeights | None]
+    ) -> tuple[torch.Tensor, ForwardMeta]:
+        """Token ids [T] and the forward metadata of a plan, uploaded in one copy."""
         nd = len(plan.decode_pages)
         width = max((len(p) for p in plan.decode_pages), default=1)
-        tables = [list(p) + [0] * (width - len(p)) for p in plan.decode_pages]
-        return ForwardMeta(
-            positions=self._tensor(plan.positions, torch.int64),
-            slot_mapping=self._tensor(plan.slots, torch.int64),
+        tables = [t for p in plan.decode_pages for t in (*p, *([0] * (width - len(p))))]
+        fields = {
+            "input_ids": torch.tensor(plan.input_ids, dtype=torch.int64),
+            "positions": torch.tensor(plan.positions, dtype=torch.int64),
+            "slot_mapping": torch.tensor(plan.slots, dtype=torch.int64),
+            "block_tables": torch.tensor(tables, dtype=torch.int32).view(nd, width),
+            "context_lens": torch.tensor(plan.decode_context, dtype=torch.int32),
+            "logits_rows": torch.tensor(plan.logits_rows, dtype=torch.int64),
+        }
+        if plan.prefills:
+            # Each prefill row's first key slot in the gathered pages of all chunks: the slots
+            # of its own chunk's pages start there, and its position is its last visible slot.
+            page_size = self.kv.page_size
+            first, pages = [], []
+            for p in plan.prefills:
+                first += [len(pages) * page_size] * (p.end - p.start)
+                pages += p.pages
+            fields["prefill_first"] = torch.tensor(first, dtype=torch.int64)
+            fields["prefill_pages"] = torch.tensor(pages, dtype=torch.int64)
+        host_lora = self.lora_batch(plan, weights, HOST)
+        fields |= step_leaves(host_lora)
+        dev = upload(fields, self.device)
+        lora = None
+        if host_lora is not None:
+            scratch = torch.empty_like(host_lora.buffer, device=self.device)
+            leaves = {k.removeprefix("lora."): v for k, v in dev.items() if k.startswith("lora.")}
+            lora = replace_leaves(host_lora, leaves | {"buffer": scratch})
+            assert isinstance(lora, LoraBatch)
+        pages, mask = None, None
+        if plan.prefills:
+            pages = dev["prefill_pages"]
+            mask = self._prefill_mask(dev["prefill_first"], dev["positions"][nd:], pages.numel())
+        meta = ForwardMeta(
+            positions=dev["positions"],
+            slot_mapping=dev["slot_mapping"],
             num_decode=nd,
-            block_tables=self._tensor(tables, torch.int32).view(nd, width),
-            context_lens=self._tensor(plan.decode_context, torch.int32),
-            prefills=tuple(
-                PrefillSpan(p.start, p.end, p.context_len, self._tensor(p.pages, torch.int64))
-                for p in plan.prefills
-            ),
-            logits_rows=self._tensor(plan.logits_rows, torch.int64),
-            lora=self.lora_batch(plan, weights),
+            block_tables=dev["block_tables"],
+            context_lens=dev["context_lens"],
+            prefill_pages=pages,
+            prefill_mask=mask,
+            logits_rows=dev["logits_rows"],
+            lora=lora,
         )
+        return dev["input_ids"], meta
 
-    def lora_batch(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> LoraBatch | None:
+    def _prefill_mask(
+        self, first: torch.Tensor, positions: torch.Tensor, num_pages: int
+    ) -> torch.Tensor:
+        """[group * N_p, P * page_size] bool (ForwardMeta.prefill_mask): row i sees the slots
+        first[i] .. first[i] + positions[i] of the gathered pages, its request's tokens up to
+        its own position, built on the device from the two [N_p] vectors."""
+        slots = torch.arange(num_pages * self.kv.page_size, device=first.device)
+        mask = (slots >= first[:, None]) & (slots <= (first + positions)[:, None])
+        return mask.repeat(self.query_group, 1)
+
+    def lora_batch(
+        self, plan: StepPlan, weights: list[AdapterWeights | None], device: torch.device
+    ) -> LoraBatch | None:
         """Segments and per-projection weight pointers; None when no row uses an adapter."""
         if all(w is None for w in weights):
             return None
         starts = [row for row, _ in plan.segments]
-        return build_lora_batch(starts, weights, plan.num_rows, self.dtype, self.device)
+        return build_lora_batch(starts, weights, plan.num_rows, self.dtype, device)
 
     @torch.inference_mode()
     def forward(self, plan: StepPlan) -> torch.Tensor:
@@ -72,5 +143,5 @@ class ModelRunner:
             key = self.decode_graphs.key(plan, weights)
             if key is not None:
                 return self.decode_graphs.run(plan, weights, key)
-        ids = self._tensor(plan.input_ids, torch.int64)
-        return self.model(ids, self.meta(plan, weights), self.kv_layers)
+        ids, meta = self.inputs(plan, weights)
+        return self.model(ids, meta, self.kv_layers)

@@ -1,10 +1,17 @@
 """Continuous batching: which requests run in the next forward.
 
-Every step holds one decode token of each running request plus as many new prompts as the token
-budget, the batch limit and the free KV pages allow. A request is admitted only once its adapter
-is resident; one whose adapter is still loading waits without holding up the others. When a
-running request needs a page and none is free, the newest request is evicted (it keeps its adapter
-version, so it resumes on the same weights).
+Every step holds one decode token of each running request plus at most `max_prefill_tokens`
+prompt tokens (the per-step token budget): first the next chunks of running requests whose
+prompts are partly prefilled, in admission order, then new requests in FCFS order while the
+budget, the batch limit and the free KV pages allow. A prompt longer than what is left of the
+budget is prefilled in chunks over several steps, so a long prompt never stalls the running
+streams for more than one budget's worth of rows. A request takes the KV pages of its whole
+prompt when it is admitted, so a partly prefilled request never waits for pages.
+
+A request is admitted only once its adapter is resident; one whose adapter is still loading waits
+without holding up the others. When a running request needs a page and none is free, the newest
+request is evicted, partly prefilled or not: its pages go back to the pool and it starts over
+from its first token (it keeps its adapter version, so it resumes on the same weights).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from shard.adapter_loader import AdapterError
 from shard.kv_cache import PagePool, pages_for
 from shard.prefix_cache import PrefixCache
 from shard.sequence import SeqStatus, Sequence
+from shard.step_plan import Chunk
 
 
 @dataclass(slots=True)
@@ -25,7 +33,7 @@ class Schedule:
     """The outcome of one scheduling decision."""
 
     decode: list[Sequence] = field(default_factory=list)
-    prefill: list[Sequence] = field(default_factory=list)
+    prefill: list[Chunk] = field(default_factory=list)
     evicted: list[Sequence] = field(default_factory=list)  # lost their KV pages this step
     failed: list[tuple[Sequence, AdapterError]] = field(default_factory=list)
 
@@ -39,7 +47,7 @@ ADAPTER_WAIT_BARRIER_S = 2.0
 
 
 class Scheduler:
-    """FCFS admission with a token budget; engine thread only."""
+    """FCFS admission with a per-step prompt-token budget; engine thread only."""
 
     def __init__(
         self,
@@ -55,7 +63,7 @@ class Scheduler:
         self.prefix = prefix
         self.page_size = page_size
         self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # prompt rows per step, over all chunks
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
@@ -77,9 +85,21 @@ class Scheduler:
             self.prefix.sync()
             for seq in self.running:
                 self._index(seq)
-        self._grow_running(out)
-        self._admit(out)
+        partial = self._grow_running(out)
+        budget = self.max_prefill_tokens
+        for seq in partial:
+            if budget == 0:
+                break
+            budget -= self._chunk(seq, budget, out)
+        self._admit(out, budget)
         return out
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int, out: Schedule) -> int:
+        """Schedules the next chunk of `seq`'s uncached tokens within `budget`; its size."""
+        rows = min(seq.new_tokens, budget)
+        out.prefill.append(Chunk(seq, seq.num_cached + rows))
+        return rows
 
     def _wanted_adapters(self) -> set[str]:
         """Adapters of waiting requests, in order, up to the first one past the wait barrier:
@@ -94,8 +114,11 @@ class Scheduler:
                 break
         return wanted
 
-    def _grow_running(self, out: Schedule) -> None:
-        """Gives each running request a page for its next token, evicting the newest if needed."""
+    def _grow_running(self, out: Schedule) -> list[Sequence]:
+        """Gives each running request a page for its next token, evicting the newest if needed.
+        Requests with one uncached token decode; the partly prefilled ones are returned, in
+        admission order."""
+        partial = []
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # evicted earlier in this loop
@@ -111,20 +134,18 @@ class Scheduler:
                 if victim is seq:
                     break
             if seq.status is SeqStatus.RUNNING:
-                out.decode.append(seq)
+                (out.decode if seq.new_tokens == 1 else partial).append(seq)
+        return [s for s in partial if s.status is SeqStatus.RUNNING]
 
-    def _admit(self, out: Schedule) -> None:
+    def _admit(self, out: Schedule, budget: int) -> None:
         """Admits waiting requests in FCFS order. Each one looked at leaves the queue's front in
         O(1); those that stay (adapter still loading) go back in front, in order, at the end:
-        one pass over a long queue, not a `remove` per admitted request."""
-        budget = self.max_prefill_tokens
+        one pass over a long queue, not a `remove` per admitted request. Each admitted request
+        gets a first chunk of what is left of the step's `budget`."""
         waiting = self.waiting
         passed: list[Sequence] = []  # overtaken while their adapter loads; they keep their place
-        while waiting and len(self.running) < self.max_batch_size:
+        while waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = waiting[0]
-            rows = seq.new_tokens
-            if rows > budget and out.prefill:
-                break
             claimed = None
             if seq.adapter_id and not seq.holds_adapter:
                 claimed = self.adapters.claim(seq.adapter_id)
@@ -153,8 +174,7 @@ class Scheduler:
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
             self.running.append(seq)
-            out.prefill.append(seq)
-            budget -= rows
+            budget -= self._chunk(seq, budget, out)
         waiting.extendleft(reversed(passed))
 
     def _take_pages(self, seq: Sequence, adapter_key: str, need: int) -> bool:

@@ -56,7 +56,7 @@ def test_requests_overtake_an_adapter_that_is_loading() -> None:
     s.add(seq("b", "hot", now))
     s.add(seq("c", "warm", now))
     out = s.schedule()
-    assert [q.request_id for q in out.prefill] == ["b", "c"]
+    assert [c.seq.request_id for c in out.prefill] == ["b", "c"]
     assert [q.request_id for q in s.waiting] == ["a"]
     assert s.adapters.wanted == {"cold", "hot", "warm"}
 
@@ -85,9 +85,9 @@ def test_a_long_queue_is_admitted_in_one_fcfs_pass() -> None:
     for i in range(LONG_QUEUE):
         s.add(seq(f"r{i}", "cold" if i % 2 else f"hot{i % 7}", now))
     out = s.schedule()
-    assert [q.request_id for q in out.prefill] == [f"r{i}" for i in range(0, LONG_QUEUE, 2)]
+    assert [c.seq.request_id for c in out.prefill] == [f"r{i}" for i in range(0, LONG_QUEUE, 2)]
     assert [q.request_id for q in s.waiting] == [f"r{i}" for i in range(1, LONG_QUEUE, 2)]
-    assert all(q.adapter_key == f"hot{int(q.request_id[1:]) % 7}@v1" for q in out.prefill)
+    assert all(c.seq.adapter_key == f"hot{int(c.seq.request_id[1:]) % 7}@v1" for c in out.prefill)
 
 
 def test_a_long_queue_stops_at_the_batch_limit_and_at_a_starving_adapter() -> None:
@@ -99,7 +99,7 @@ def test_a_long_queue_stops_at_the_batch_limit_and_at_a_starving_adapter() -> No
     # Batch full after 100 admissions: requests 1, 2, 4, 5, ... ; the cold ones before the
     # last admitted one were overtaken and stay in front of the untouched rest, in order.
     admitted = [f"r{i}" for i in range(LONG_QUEUE) if i % 3][:100]
-    assert [q.request_id for q in out.prefill] == admitted
+    assert [c.seq.request_id for c in out.prefill] == admitted
     assert [q.request_id for q in s.waiting] == [
         f"r{i}" for i in range(LONG_QUEUE) if f"r{i}" not in set(admitted)
     ]
@@ -112,7 +112,7 @@ def test_a_long_queue_stops_at_the_batch_limit_and_at_a_starving_adapter() -> No
         s.add(seq(f"r{i}", "cold" if old or i % 3 == 0 else "hot", arrival))
     out = s.schedule()
     # Everything before the starving request that could run did; no one behind it was admitted.
-    assert [q.request_id for q in out.prefill] == [f"r{i}" for i in range(starving) if i % 3]
+    assert [c.seq.request_id for c in out.prefill] == [f"r{i}" for i in range(starving) if i % 3]
     waiting = [q.request_id for q in s.waiting]
     assert waiting[: starving // 3 + 1] == [f"r{i}" for i in range(0, starving, 3)]
     assert waiting[starving // 3 + 1 :] == [f"r{i}" for i in range(starving, LONG_QUEUE)]

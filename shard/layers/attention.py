@@ -1,5 +1,5 @@
-"""Self-attention over the paged KV cache: decode rows through the paged kernel, prefill spans
-through torch's fused attention over their gathered pages."""
+"""Self-attention over the paged KV cache: decode rows through the paged kernel, the rows of all
+prefill chunks through one call of torch's fused attention over their gathered pages."""
 
 from __future__ import annotations
 
@@ -38,33 +38,30 @@ class PagedAttention(nn.Module):
             paged_decode_attention(
                 out[:nd], q[:nd], k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale
             )
-        for span in meta.prefills:
-            keys = k_cache[span.pages].flatten(0, 1)[: span.context_len]  # [ctx, n_kv, d]
-            values = v_cache[span.pages].flatten(0, 1)[: span.context_len]
-            qs = q[span.start : span.end].transpose(0, 1)  # [n_q, n, d]
-            n = span.end - span.start
-            fresh = n == span.context_len
-            mask = None
-            if not fresh:
-                # Queries are the last n positions of the context: causal with an offset.
-                mask = torch.ones(n, span.context_len, dtype=torch.bool, device=q.device).tril(
-                    span.context_len - n
-                )
-            keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [n_kv, ctx, d]
-            group = self.num_heads // self.num_kv_heads
-            if group > 1:
-                # Expanded rather than enable_gqa=True: torch's flash kernel does not take GQA,
-                # and its math fallback materialises [heads, n, ctx] scores (GBs for 4k prompts).
-                keys = keys.repeat_interleave(group, dim=0)
-                values = values.repeat_interleave(group, dim=0)
-            # 4-d [1, heads, n, d] inputs: the flash and memory-efficient kernels take no other.
-            attn = F.scaled_dot_product_attention(
-                qs[None],
-                keys[None],
-                values[None],
-                attn_mask=mask,
-                is_causal=fresh,
-                scale=self.scale,
-            )
-            out[span.start : span.end] = attn[0].transpose(0, 1)
+        if meta.prefill_mask is not None:
+            self._prefill(out[nd:], q[nd:], k_cache, v_cache, meta)
         return out
+
+    def _prefill(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: ForwardMeta,
+    ) -> None:
+        """Every prefill row at once: q [N_p, n_q, d] over the gathered pages of all chunks,
+        masked to each row's own request and causal position (ForwardMeta.prefill_mask). A KV
+        head's query heads are stacked as rows of one [group * N_p, d] query, so the call reads
+        each key and value once per KV head, with no copy per query head."""
+        n, d = q.shape[0], self.head_dim
+        group = self.num_heads // self.num_kv_heads
+        pages = meta.prefill_pages
+        keys = k_cache[pages].flatten(0, 1).transpose(0, 1)  # [n_kv, S, d]
+        values = v_cache[pages].flatten(0, 1).transpose(0, 1)
+        queries = q.transpose(0, 1).reshape(self.num_kv_heads, group * n, d)
+        # 4-d [1, heads, rows, d] inputs: the fused kernels take no other.
+        attn = F.scaled_dot_product_attention(
+            queries[None], keys[None], values[None], attn_mask=meta.prefill_mask, scale=self.scale
+        )
+        out.copy_(attn[0].reshape(self.num_heads, n, d).transpose(0, 1))

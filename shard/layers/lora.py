@@ -114,10 +114,14 @@ class PendingLora:
     side: torch.cuda.Stream | None  # the stream computing it; None: the current one
 
 
-# On CUDA a group's shrink and expand run on a side stream beside the base GEMM, into a delta
-# buffer that the elementwise chain after the projection adds. At 7B batch 32 (32 distinct
-# adapters) that step took 7.81 ms against 8.40 ms with the LoRA after the GEMM on one stream,
-# and 8.10 ms with only the shrink beside it (benchmarks/NOTES.md). Off: one stream.
+# While a CUDA graph is captured, a group's shrink and expand run on a side stream beside the
+# base GEMM, into a delta buffer that the elementwise chain after the projection adds. At 7B
+# batch 32 (32 distinct adapters) that decode step took 7.81 ms against 8.40 ms with the LoRA
+# after the GEMM on one stream, and 8.10 ms with only the shrink beside it
+# (benchmarks/NOTES.md). In a graph the fork and join are free edges; in an eager step
+# (one that holds a prefill) they are two event records and waits per group and layer on the
+# host, which such a step, bound by its host time, cannot hide: eager steps use one stream.
+# Off: one stream everywhere.
 _overlap = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -126,6 +130,11 @@ def set_overlap(on: bool) -> None:
     """Whether CUDA forwards run the LoRA beside the base GEMM (A/B runs; the CPU path never)."""
     global _overlap
     _overlap = on
+
+
+def _forks(x: torch.Tensor) -> bool:
+    """Whether this group's LoRA runs on the side stream: CUDA, overlap on, inside a capture."""
+    return x.is_cuda and _overlap and torch.cuda.is_current_stream_capturing()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -144,10 +153,10 @@ def start_lora(
     """Issues the LoRA term of `modules` (a LORA_GROUPS group, projection p into `widths[p]`
     output columns) for every segment of the batch; None when no segment's adapter targets it.
 
-    Call it before the base projection of the same x: on CUDA the work runs on a side stream
-    forked from the current one, so its launch latency and tail hide under the base GEMM (both
-    only read x). `finish_lora` joins it; inside a CUDA graph capture fork and join are graph
-    edges. The previous group's expand has read the shared scratch buffer by the fork point."""
+    Call it before the base projection of the same x: inside a CUDA graph capture the work runs
+    on a side stream forked from the current one, so its tail hides under the base GEMM (both
+    only read x), and `finish_lora` joins it; fork and join are graph edges. The previous
+    group's expand has read the shared scratch buffer by the fork point."""
     if lora is None:
         return None
     group = lora.groups.get(group_key(modules))
@@ -158,7 +167,7 @@ def start_lora(
     # Allocated on the current stream, which joins the side stream before it frees the delta;
     # the expand writes every row of it (zeros where a segment has no adapter), so no memset.
     delta = x.new_empty(x.shape[0], sum(widths))
-    side = _side_stream(x.device) if x.is_cuda and _overlap else None
+    side = _side_stream(x.device) if _forks(x) else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):  # no-op for None
