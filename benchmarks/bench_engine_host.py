@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import itertools
 import json
 import pstats
 import pydoc_data.topics
@@ -268,7 +269,9 @@ def profile(tokenizer: Tokenizer, text_ids: list[int], batch: int, a: argparse.N
 
 def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> list[dict]:
     """Median ms of the decode-only and the mixed step for each (batch, prefill tokens) case,
-    on the tiny model with `a.mixed_layers` layers, its adapters dealt over the batch."""
+    on the tiny model with `a.mixed_layers` layers, with its adapters dealt over the batch beside
+    the base model, and with the base model alone (whose narrow layers leave the step's time to
+    the host: the CPU reference of SGMV computes, where a GPU launches one kernel)."""
     from shard.__main__ import build_engine as build_shard_engine
     from shard.config import parse_config
     from shard.tiny import TinySpec, write_tiny
@@ -278,8 +281,8 @@ def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny(Path(tmp), spec=spec)
-        adapters = [*tiny.adapter_ids, ""]
-        for batch, tokens in cases:
+        mixes = {"adapters": [*tiny.adapter_ids, ""], "base": [""]}
+        for (batch, tokens), (mix, adapters) in itertools.product(cases, mixes.items()):
             argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
             argv += ["--device", "cpu", "--kv-pages", str(64 * (batch + 4) + 4 * longest)]
             argv += ["--max-batch-size", str(batch + 1), "--max-prefill-tokens", str(longest)]
@@ -290,10 +293,10 @@ def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> 
                 timing = measure_mixed(engine, batch, tokens, a.mixed_reps, vocab)
             finally:
                 engine.scheduler.adapters.close()
-            row = {f: getattr(timing, f) for f in timing.__slots__}
+            row = {"rows": mix} | {f: getattr(timing, f) for f in timing.__slots__}
             out.append(row)
             print(
-                f"mixed B={batch:3d} N={tokens:5d}: decode {timing.decode_ms:7.2f} ms, "
+                f"mixed {mix:8s} B={batch:3d} N={tokens:5d}: decode {timing.decode_ms:7.2f} ms, "
                 f"mixed {timing.mixed_ms:7.2f} ms (forward {timing.decode_forward_ms:6.2f} / "
                 f"{timing.mixed_forward_ms:6.2f} ms)",
                 flush=True,

@@ -72,7 +72,7 @@ def activation_peak(
     plan = StepPlan(
         input_ids=(0,) * tokens,
         positions=tuple(range(tokens)),
-        slots=tuple(range(tokens)),
+        slots=(),
         decode_pages=(),
         decode_context=(),
         prefills=(PrefillPlan(0, tokens, tokens, pages),),

@@ -74,7 +74,7 @@ class ModelRunner:
         fields = {
             "input_ids": torch.tensor(plan.input_ids, dtype=torch.int64),
             "positions": torch.tensor(plan.positions, dtype=torch.int64),
-            "slot_mapping": torch.tensor(plan.slots, dtype=torch.int64),
+            "decode_slots": torch.tensor(plan.slots, dtype=torch.int64),
             "block_tables": torch.tensor(tables, dtype=torch.int32).view(nd, width),
             "context_lens": torch.tensor(plan.decode_context, dtype=torch.int32),
             "logits_rows": torch.tensor(plan.logits_rows, dtype=torch.int64),
@@ -98,13 +98,14 @@ class ModelRunner:
             leaves = {k.removeprefix("lora."): v for k, v in dev.items() if k.startswith("lora.")}
             lora = replace_leaves(host_lora, leaves | {"buffer": scratch})
             assert isinstance(lora, LoraBatch)
-        pages, mask = None, None
+        pages, mask, slots = None, None, dev["decode_slots"]
         if plan.prefills:
-            pages = dev["prefill_pages"]
-            mask = self._prefill_mask(dev["prefill_first"], dev["positions"][nd:], pages.numel())
+            pages, first, positions = dev["prefill_pages"], dev["prefill_first"], dev["positions"]
+            mask = self._prefill_mask(first, positions[nd:], pages.numel())
+            slots = torch.cat((slots, self._prefill_slots(pages, first, positions[nd:])))
         meta = ForwardMeta(
             positions=dev["positions"],
-            slot_mapping=dev["slot_mapping"],
+            slot_mapping=slots,
             num_decode=nd,
             block_tables=dev["block_tables"],
             context_lens=dev["context_lens"],
@@ -124,6 +125,15 @@ class ModelRunner:
         slots = torch.arange(num_pages * self.kv.page_size, device=first.device)
         mask = (slots >= first[:, None]) & (slots <= (first + positions)[:, None])
         return mask.repeat(self.query_group, 1)
+
+    def _prefill_slots(
+        self, pages: torch.Tensor, first: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """[N_p] the KV slot of each prefill row: page positions // page_size of its chunk's
+        pages (which start at page first // page_size of the gathered ones), offset
+        positions % page_size."""
+        size = self.kv.page_size
+        return pages[first // size + positions // size] * size + positions % size
 
     def lora_batch(
         self, plan: StepPlan, weights: list[AdapterWeights | None], device: torch.device

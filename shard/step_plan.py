@@ -38,7 +38,9 @@ class StepPlan:
 
     input_ids: tuple[int, ...]  # [T]
     positions: tuple[int, ...]  # [T]
-    slots: tuple[int, ...]  # [T] KV slot each row writes
+    # [num_decode] KV slot each decode row writes; a prefill row's slot follows from its chunk's
+    # pages and its position, on the device (no per-token Python for a long prompt)
+    slots: tuple[int, ...]
     decode_pages: tuple[tuple[int, ...], ...]  # [num_decode] page tables
     decode_context: tuple[int, ...]  # [num_decode] tokens in KV after this step
     prefills: tuple[PrefillPlan, ...]
@@ -73,15 +75,13 @@ def make_plan(
         if not segments or segments[-1][1] != seq.adapter_key:
             segments.append((start, seq.adapter_key))
         first, pages = seq.num_cached, seq.pages
-        if end - first == 1:  # a decode row: no generator for one position
+        if chunk is None:
             ids.append(seq.token_ids[first])
             positions.append(first)
             slots.append(pages[first // page_size] * page_size + first % page_size)
         else:
-            span = range(first, end)
             ids.extend(seq.token_ids[first:end])
-            positions.extend(span)
-            slots.extend(pages[p // page_size] * page_size + p % page_size for p in span)
+            positions.extend(range(first, end))
         if chunk is None or chunk.last:
             rows.append(len(ids) - 1)
             sampled.append(seq)

@@ -186,3 +186,47 @@ def test_unknown_mode_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--target", "127.0.0.1:1", "--modes", "paired,closed-loop"])
     assert "--modes: unknown closed-loop" in capsys.readouterr().err
+
+
+def test_gpu_serving_suite_runs_every_part_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks.serving_gpu end to end with the tiny shape: two offered rates, the long
+    workload, mixed steps against decode-only steps, closed-batch decode at each mean batch."""
+    from benchmarks import serving_gpu
+
+    out = tmp_path / "serving_gpu.json"
+    args = ["--out", str(out), "--device", "cpu", "--shape", "tiny", "--adapters", "2"]
+    args += ["--max-batch-size", "8", "--max-prefill-tokens", "64", "--rates", "20,60"]
+    args += ["--seconds", "0.25", "--long-rate", "20", "--short", "[[4, 12], [2, 4]]"]
+    args += ["--long", "[[40, 90], [2, 3]]", "--mixed-batches", "2,5", "--mixed-tokens", "3,64"]
+    args += ["--decode-context", "8", "--reps", "2", "--commit", "abc1234"]
+    report = serving_gpu.main(args)
+    assert json.loads(out.read_text()) == report
+    assert report["commit"] == "abc1234" and report["device"] == "cpu" and report["date"]
+    assert [r["offered_rate"] for r in report["short"]] == [20.0, 60.0]
+    for row in [*report["short"], report["long"]]:
+        assert row["ok"] == row["requests"] > 0 and not row["errors"]
+        assert row["steps"] > 0 and row["mean_batch"] >= 1 and row["mean_step_ms"] > 0
+        assert row["ttft_ms"]["p50"] > 0
+    for row in report["short"]:
+        assert row["closed_batch_tokens_per_s"] > 0
+        assert (
+            row["served_over_decode"]
+            == row["output_tokens_per_s"] / row["closed_batch_tokens_per_s"]
+        )
+    steps = report["in_process"]["mixed_steps"]
+    assert [(r["batch"], r["prefill_tokens"]) for r in steps] == [(2, 3), (2, 64), (5, 3), (5, 64)]
+    assert all(r["decode_ms"] > 0 and r["mixed_ms"] > 0 for r in steps)
+    assert all(r["floor_ms"] is None for r in steps)  # no copy bandwidth measured on a CPU
+    batches = {max(1, round(r["mean_batch"])) for r in report["short"]}
+    assert {c["batch"] for c in report["in_process"]["closed_batch"]} == batches
+
+
+def test_gpu_serving_saturation_is_the_highest_rate_within_the_limits() -> None:
+    from benchmarks.serving_gpu import saturation
+
+    def row(rate: float, itl: float, ttft: float) -> dict:
+        return {"offered_rate": rate, "itl_ms": {"p99": itl}, "ttft_ms": {"p99": ttft}}
+
+    curve = [row(2, 20, 300), row(4, 30, 500), row(8, 49, 1900), row(12, 80, 900)]
+    assert saturation(curve) == curve[2]
+    assert saturation([row(16, 51, 100), row(20, 10, 2500)]) is None

@@ -58,7 +58,10 @@ def test_plan_matches_row_by_row_reference(seed: int) -> None:
     rows = [(s, p) for s, end, _ in spans for p in range(s.num_cached, end)]
     assert plan.input_ids == tuple(s.token_ids[p] for s, p in rows)
     assert plan.positions == tuple(p for _, p in rows)
-    assert plan.slots == tuple(s.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for s, p in rows)
+    decoded = [(s, len(s.token_ids) - 1) for s in by_key]
+    assert plan.slots == tuple(
+        s.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for s, p in decoded
+    )
     bounds = []  # (sequence, first row, one past its last row, context after, sampled)
     for s, end, last in spans:
         start = bounds[-1][2] if bounds else 0

@@ -1,0 +1,393 @@
+"""Serving under real traffic on one GPU (issue 16), in one run on one machine:
+
+1. a shard of the 7B shape (`--load-format dummy`, bf16) with N PEFT r16 adapters on all seven
+   projections, behind a router; the short workload (prompts 64-512, outputs 64-256, Zipf over
+   the adapters and the base model) open loop at each `--rates` rate: the capacity curve
+   (output tok/s, TTFT and ITL p50/p90/p99 against offered rate), and the shard's own mean batch
+   and mean step over each rate (from its Prometheus histograms);
+2. the long workload (prompts 1,024-3,500, outputs 32-256) at `--long-rate`;
+3. the shard stops; in this process an engine with the same flags runs the mixed-step
+   microbenchmark (benchmarks/mixed_step.py: decode batch B of distinct adapters and the base
+   model plus one N-token prefill) against the decode-only step and the step's floor (weights and
+   adapters over the copy bandwidth, or the step's FLOPs over measured matmul throughput,
+   whichever is larger), a torch.profiler pass on one mixed case (kernel time against wall
+   time), and the closed-batch decode throughput at each rate's mean batch, so each rate's
+   "served / decode capacity" ratio comes from one run.
+
+    python -m benchmarks.serving_gpu --out benchmarks/results/serving_gpu_h100.json
+
+JSON (device, date, commit, command) and a plot beside it (throughput and ITL p99 against
+offered rate). `--shape tiny --device cpu` runs every part on a CPU in seconds (the test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_serving import LoadSpec, make_workload, run_load
+from benchmarks.bench_textgen import write_model_dir
+from benchmarks.mixed_step import measure_mixed, start_decodes
+from benchmarks.peft_baseline import write_adapters
+from benchmarks.serving_procs import _launch, _stop, require_serving, wait_placing
+from benchmarks.serving_stats import summarize
+from benchmarks.timing import copy_bandwidth, provenance
+from benchmarks.workloads import SHAPES
+from router.local_process import free_port
+
+SHORT = ((64, 512), (64, 256))  # (prompt tokens, output tokens), inclusive ranges
+LONG = ((1024, 3500), (32, 256))
+# Saturation: the highest offered rate still served within these (the issue's definition).
+ITL_P99_LIMIT_MS = 50.0
+TTFT_P99_LIMIT_MS = 2000.0
+
+
+def shard_flags(args: argparse.Namespace, model: Path, adapters: Path) -> list[str]:
+    """The shard's flags, the same for the served shard and the in-process engine."""
+    cuda = args.device == "cuda"
+    flags = ["--model", str(model), "--adapters", str(adapters), "--device", args.device]
+    flags += ["--dtype", "bfloat16" if cuda else "float32", "--load-format", "dummy"]
+    flags += ["--max-batch-size", str(args.max_batch_size), "--adapter-memory-mb", "8192"]
+    flags += ["--max-prefill-tokens", str(args.max_prefill_tokens)]
+    flags += ["--kv-memory-fraction", "0.85"] if cuda else ["--kv-pages", "4096"]
+    return flags
+
+
+@contextmanager
+def serving(workdir: Path, flags: list[str]) -> Iterator[tuple[str, int]]:
+    """A shard (metrics on a port) and a router in front of it: (router address, metrics
+    port). Logs in `workdir`."""
+    shard_port, router_port, metrics = free_port(), free_port(), free_port()
+    shard, router = f"127.0.0.1:{shard_port}", f"127.0.0.1:{router_port}"
+    shard_cmd = [sys.executable, "-m", "shard", *flags, "--host", "127.0.0.1"]
+    shard_cmd += ["--port", str(shard_port), "--metrics-port", str(metrics)]
+    router_cmd = [sys.executable, "-m", "router", "--host", "127.0.0.1"]
+    router_cmd += ["--port", str(router_port), "--shard", shard]
+    procs: list = []
+    try:
+        require_serving(shard, _launch(procs, workdir, "shard", None, shard_cmd), 900.0)
+        require_serving(router, _launch(procs, workdir, "router", None, router_cmd))
+        wait_placing(router)
+        yield router, metrics
+    finally:
+        _stop(procs)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The shard's step and batch histograms' sums and counts."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in {
+            f"lorafleet_shard_{h}_{s}"
+            for h in ("step_seconds", "batch_size")
+            for s in (
+                "sum",
+                "count",
+            )
+        }:
+            out[name.removeprefix("lorafleet_shard_")] = float(value)
+    return out
+
+
+def open_loop(router: str, metrics: int, spec: LoadSpec) -> dict:
+    """One open-loop run: the client's summary, plus the shard's mean batch and step."""
+    before = scrape(metrics)
+    outcomes, duration = asyncio.run(run_load(router, make_workload(spec), timeout_s=600.0))
+    after = scrape(metrics)
+    steps = after["step_seconds_count"] - before["step_seconds_count"]
+    row = {"offered_rate": spec.rate} | summarize(outcomes, duration)
+    row["mean_batch"] = (after["batch_size_sum"] - before["batch_size_sum"]) / max(steps, 1)
+    row["mean_step_ms"] = (after["step_seconds_sum"] - before["step_seconds_sum"]) / max(steps, 1)
+    row["mean_step_ms"] *= 1e3
+    row["steps"] = int(steps)
+    return row
+
+
+def saturation(curve: list[dict]) -> dict | None:
+    """The highest offered rate served with ITL p99 and TTFT p99 within the limits."""
+    within = [
+        r
+        for r in curve
+        if r["itl_ms"]["p99"] <= ITL_P99_LIMIT_MS and r["ttft_ms"]["p99"] <= TTFT_P99_LIMIT_MS
+    ]
+    return max(within, key=lambda r: r["offered_rate"]) if within else None
+
+
+def matmul_flops(device: str) -> float | None:
+    """Measured bf16 matmul throughput (8192^3), FLOP/s; None off CUDA."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 10 * 2 * 8192**3 / (start.elapsed_time(end) * 1e-3)
+
+
+def step_floor_ms(
+    params: int,
+    weight_bytes: int,
+    adapter_bytes: int,
+    rows: int,
+    prefill: int,
+    layers_dim: int,
+    bandwidth: float | None,
+    flops: float | None,
+) -> float | None:
+    """max(bytes read / copy bandwidth, FLOPs / matmul throughput) of one step of `rows` rows,
+    `prefill` of them one causal prompt: 2 * params per row, plus its attention's
+    2 * prefill^2 * hidden per layer (`layers_dim` = layers * hidden)."""
+    if bandwidth is None or flops is None:
+        return None
+    memory = (weight_bytes + adapter_bytes) / bandwidth
+    compute = (2 * params * rows + 2 * prefill * prefill * layers_dim) / flops
+    return max(memory, compute) * 1e3
+
+
+def reset(engine) -> None:
+    """Cancels everything the engine runs or queues (between in-process cases)."""
+    for seq in [*engine.scheduler.running, *engine.scheduler.waiting]:
+        engine.cancel(seq.request_id)
+    engine._take_inbox(block=False)
+
+
+def kernel_profile(engine, batch: int, tokens: int, vocab: int, adapters: list[str]) -> dict:
+    """torch.profiler over a few mixed steps: wall time against summed kernel time per step
+    and kernel launches per step (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reset(engine)
+    start_decodes(engine, batch, adapters, vocab, 256, 64)
+    measure_mixed(engine, batch, tokens, 2, vocab)  # warm
+    reps = 5
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timing = measure_mixed(engine, batch, tokens, reps, vocab)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_us = sum(e.device_time for e in kernels)
+    return {
+        "batch": batch,
+        "prefill_tokens": tokens,
+        "mixed_ms_profiled": timing.mixed_ms,
+        "decode_ms_profiled": timing.decode_ms,
+        "kernel_ms_per_step": kernel_us / 1e3 / (2 * reps),
+        "launches_per_step": len(kernels) / (2 * reps),
+    }
+
+
+def in_process(args: argparse.Namespace, flags: list[str], mean_batches: list[int]) -> dict:
+    """Mixed steps against decode-only steps and floors; closed-batch decode at each batch."""
+    from shard.__main__ import build_engine
+    from shard.config import parse_config
+    from shard.parallel import SINGLE
+
+    engine, _, leader = build_engine(parse_config(flags, env={}), SINGLE)
+    model = leader.state.runner.model
+    params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = leader.state.model_cfg
+    adapters = [*(f"a{i}" for i in range(args.adapters)), ""]
+    vocab = cfg.vocab_size
+    bandwidth = copy_bandwidth() if args.device == "cuda" else None
+    flops = matmul_flops(args.device)
+    out: dict = {
+        "copy_bandwidth_tbps": bandwidth / 1e12 if bandwidth else None,
+        "matmul_tflops": flops / 1e12 if flops else None,
+        "mixed_steps": [],
+        "closed_batch": [],
+    }
+    try:
+        for batch in args.mixed_batches:
+            reset(engine)
+            start_decodes(engine, batch, adapters, vocab, args.decode_context, 8 * args.reps + 64)
+            distinct = {adapters[i % len(adapters)] for i in range(batch)} - {""}
+            adapter_bytes = sum(leader.state.adapters.weights(a).nbytes for a in distinct)
+            for tokens in args.mixed_tokens:
+                t = measure_mixed(engine, batch, tokens, args.reps, vocab)
+                dims = cfg.num_layers * cfg.hidden_size
+                floor = step_floor_ms(
+                    params,
+                    weight_bytes,
+                    adapter_bytes,
+                    batch + tokens,
+                    tokens,
+                    dims,
+                    bandwidth,
+                    flops,
+                )
+                decode_floor = step_floor_ms(
+                    params, weight_bytes, adapter_bytes, batch, 0, dims, bandwidth, flops
+                )
+                row = {
+                    "batch": batch,
+                    "prefill_tokens": tokens,
+                    "decode_ms": t.decode_ms,
+                    "mixed_ms": t.mixed_ms,
+                    "mixed_over_decode": t.mixed_ms / t.decode_ms,
+                    "floor_ms": floor,
+                    "mixed_over_floor": t.mixed_ms / floor if floor else None,
+                    "decode_floor_ms": decode_floor,
+                }
+                out["mixed_steps"].append(row)
+                print(json.dumps(row), flush=True)
+        if args.device == "cuda" and args.profile:
+            out["profile"] = kernel_profile(engine, 32, 16, vocab, adapters)
+        for batch in sorted(set(mean_batches)):
+            reset(engine)
+            start_decodes(engine, batch, adapters, vocab, args.decode_context, 4 * args.reps + 8)
+            steps = []
+            for _ in range(2 * args.reps):
+                start = time.perf_counter()
+                engine._step()
+                steps.append(time.perf_counter() - start)
+            step_ms = statistics.median(steps) * 1e3
+            row = {"batch": batch, "step_ms": step_ms, "tokens_per_s": batch / step_ms * 1e3}
+            out["closed_batch"].append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        reset(engine)
+        engine.scheduler.adapters.close()
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["short"]
+    rates = [r["offered_rate"] for r in curve]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(rates, [r["output_tokens_per_s"] for r in curve], "o-", label="served")
+    decode = {c["batch"]: c["tokens_per_s"] for c in report["in_process"]["closed_batch"]}
+    left.plot(
+        rates,
+        [decode.get(max(1, round(r["mean_batch"])), math.nan) for r in curve],
+        "s--",
+        label="closed-batch decode at the mean batch",
+    )
+    left.set_xlabel("offered rate (req/s)")
+    left.set_ylabel("output tokens/s")
+    left.legend()
+    right.plot(rates, [r["itl_ms"]["p99"] for r in curve], "o-", label="ITL p99")
+    right.plot(rates, [r["ttft_ms"]["p50"] for r in curve], "s-", label="TTFT p50")
+    right.axhline(ITL_P99_LIMIT_MS, color="gray", linestyle=":")
+    right.set_xlabel("offered rate (req/s)")
+    right.set_ylabel("ms")
+    right.set_yscale("log")
+    right.legend()
+    fig.suptitle(f"{report['shape_name']}, {report['adapters']} adapters r16 + base, open loop")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON path; the PNG goes beside")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--shape", default="llama2-7b", choices=tuple(SHAPES))
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    p.add_argument(
+        "--rates", type=lambda t: [float(v) for v in t.split(",")], default="2,4,8,12,16"
+    )
+    p.add_argument("--seconds", type=float, default=40.0, help="offered load per rate")
+    p.add_argument("--long-rate", type=float, default=4.0, help="0: no long workload")
+    p.add_argument("--short", type=lambda t: json.loads(t), default=SHORT, help="JSON lengths")
+    p.add_argument("--long", type=lambda t: json.loads(t), default=LONG, help="JSON lengths")
+    p.add_argument("--mixed-batches", type=_ints, default="8,32,64")
+    p.add_argument("--mixed-tokens", type=_ints, default="16,256,1024,2048")
+    p.add_argument("--decode-context", type=int, default=256)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="torch.profiler pass (CUDA)")
+    p.add_argument("--zipf-s", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--command", default="python -m benchmarks.serving_gpu")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    if max(args.mixed_tokens) > args.max_prefill_tokens:
+        p.error("--mixed-tokens: each prefill must fit one step's --max-prefill-tokens")
+    shape = SHAPES[args.shape]
+    workdir = Path(tempfile.mkdtemp(prefix="serving-gpu-"))
+    model, adapter_dir = workdir / "model", workdir / "adapters"
+    write_model_dir(model, shape)
+    write_adapters(model, adapter_dir, args.adapters, 16, args.device)
+    flags = shard_flags(args, model, adapter_dir)
+    names = (*(f"a{i}" for i in range(args.adapters)), "")
+
+    def spec(rate: float, lengths: list, seconds: float) -> LoadSpec:
+        (p_lo, p_hi), (o_lo, o_hi) = lengths
+        count = max(1, round(rate * seconds))
+        return LoadSpec(
+            count,
+            rate,
+            names,
+            args.zipf_s,
+            (p_lo, p_hi),
+            (o_lo, o_hi),
+            shape["vocab_size"],
+            args.seed,
+        )
+
+    report: dict = {"benchmark": "serving_gpu"} | provenance(
+        args.command, args.commit, None, args.device
+    )
+    report |= {"shape_name": args.shape, "shape": shape, "adapters": args.adapters}
+    report |= {"shard_flags": flags[4:], "short_lengths": args.short, "long_lengths": args.long}
+    with serving(workdir, flags) as (router, metrics):
+        warm = spec(max(args.rates), args.short, 2.0)
+        asyncio.run(run_load(router, make_workload(warm), timeout_s=600.0))
+        report["short"] = []
+        for rate in args.rates:
+            row = open_loop(router, metrics, spec(rate, args.short, args.seconds))
+            report["short"].append(row)
+            print(json.dumps({k: row[k] for k in ("offered_rate", "requests_per_s", "mean_batch")}))
+        report["saturation"] = saturation(report["short"])
+        if args.long_rate:
+            report["long"] = open_loop(
+                router, metrics, spec(args.long_rate, args.long, args.seconds)
+            )
+    batches = [max(1, round(r["mean_batch"])) for r in report["short"]]
+    report["in_process"] = in_process(args, flags, batches)
+    decode = {c["batch"]: c["tokens_per_s"] for c in report["in_process"]["closed_batch"]}
+    for row, batch in zip(report["short"], batches, strict=True):
+        row["closed_batch_tokens_per_s"] = decode[batch]
+        row["served_over_decode"] = row["output_tokens_per_s"] / decode[batch]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    plot(report, args.out.with_suffix(".png"))
+    return report
+
+
+if __name__ == "__main__":
+    main()
