@@ -41,7 +41,7 @@ from benchmarks.bench_serving import LoadSpec, make_workload, run_load
 from benchmarks.bench_textgen import write_model_dir
 from benchmarks.mixed_step import measure_mixed, start_decodes
 from benchmarks.peft_baseline import write_adapters
-from benchmarks.serving_procs import _launch, _stop, require_serving, wait_placing
+from benchmarks.serving_procs import launch, require_serving, stop_all, wait_placing
 from benchmarks.serving_stats import summarize
 from benchmarks.timing import copy_bandwidth, provenance
 from benchmarks.workloads import SHAPES
@@ -77,12 +77,12 @@ def serving(workdir: Path, flags: list[str]) -> Iterator[tuple[str, int]]:
     router_cmd += ["--port", str(router_port), "--shard", shard]
     procs: list = []
     try:
-        require_serving(shard, _launch(procs, workdir, "shard", None, shard_cmd), 900.0)
-        require_serving(router, _launch(procs, workdir, "router", None, router_cmd))
+        require_serving(shard, launch(procs, workdir, "shard", None, shard_cmd), 900.0)
+        require_serving(router, launch(procs, workdir, "router", None, router_cmd))
         wait_placing(router)
         yield router, metrics
     finally:
-        _stop(procs)
+        stop_all(procs)
 
 
 def scrape(port: int) -> dict[str, float]:
