@@ -35,7 +35,7 @@ from unittest import mock
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import shard.engine
+import shard.isolated_step
 from benchmarks.mixed_step import measure_mixed, start_decodes
 from benchmarks.timing import provenance
 from shard.adapter_cache import AdapterCache
@@ -168,8 +168,8 @@ def instrumented(engine: Engine, timer: PhaseTimer) -> Iterator[None]:
     per-sequence loop (`advance`). `detokenize` is the share of it spent in `TextStream`."""
     with contextlib.ExitStack() as stack:
         for name, phase in (("make_plan", "plan"), ("sample", "sample")):
-            fn = getattr(shard.engine, name)
-            stack.enter_context(mock.patch.object(shard.engine, name, timer.wrap(phase, fn)))
+            fn = getattr(shard.isolated_step, name)
+            stack.enter_context(mock.patch.object(shard.isolated_step, name, timer.wrap(phase, fn)))
         for name in ("push", "finish"):
             fn = getattr(TextStream, name)
             stack.enter_context(mock.patch.object(TextStream, name, timer.wrap("detokenize", fn)))
