@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "--token-delay-s", type=float, default=15.0, help="streams: seconds between tokens"
     )
     parser.add_argument("--fakes", type=int, default=4, help="streams: fake shards")
+    parser.add_argument(
+        "--open-per-s", type=float, default=500.0, help="streams: new streams a second"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     parser.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     command = list(sys.argv[1:] if argv is None else argv)
@@ -119,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             report |= {"placement_p50_us": runs[0]["placement_p50_us"]}
     elif args.streams:
         report = _header(command, args.commit, "fleet_streams")
-        report |= fleet_streams.run(args.streams, args.fakes, args.tokens, args.token_delay_s)
+        report |= fleet_streams.run(
+            args.streams, args.fakes, args.tokens, args.token_delay_s, args.open_per_s
+        )
     elif args.simulate:
         report = _header(command, args.commit, "fleet_sim")
         report |= _simulate(args)

@@ -84,8 +84,10 @@ class _Client:
             await channel.close()
 
 
-async def _drive(router: str, router_pid: int, streams: int, tokens: int, delay_s: float) -> dict:
-    client = _Client(router, connections=max(1, streams // 250), tokens=tokens)
+async def _drive(
+    router: str, router_pid: int, streams: int, tokens: int, delay_s: float, open_per_s: float
+) -> dict:
+    client = _Client(router, connections=max(1, streams // 100), tokens=tokens)
     client.streams = streams
     await client.stream(-1, 60)  # warm-up: channels connected, router code paths hot
     client.streams, client.first_tokens, client.messages = streams, 0, 0
@@ -93,7 +95,11 @@ async def _drive(router: str, router_pid: int, streams: int, tokens: int, delay_
     peak_rss = idle_rss
     cpu0, start = cpu_seconds(router_pid), time.monotonic()
     timeout_s = 120 + tokens * delay_s
-    tasks = [asyncio.create_task(client.stream(i, timeout_s)) for i in range(streams)]
+    tasks = []
+    for i in range(streams):
+        tasks.append(asyncio.create_task(client.stream(i, timeout_s)))
+        if i % 100 == 99:  # open them at about `open_per_s`, as clients arrive, not all at once
+            await asyncio.sleep(100 / open_per_s)
     done = asyncio.gather(*tasks)
     first_at = cpu_first = None
     while not done.done():
@@ -111,6 +117,7 @@ async def _drive(router: str, router_pid: int, streams: int, tokens: int, delay_
         "tokens_per_stream": tokens,
         "token_delay_s": delay_s,
         "client_connections": len(client.channels),
+        "opened_per_s": open_per_s,
         "failed": len(client.failed),
         "failures_sample": client.failed[:5],
         "peak_concurrent_streams": client.peak_open,
@@ -136,7 +143,11 @@ async def _drive(router: str, router_pid: int, streams: int, tokens: int, delay_
 
 
 def run(
-    streams: int = 10_000, shards: int = 4, tokens: int = 3, token_delay_s: float = 15.0
+    streams: int = 10_000,
+    shards: int = 4,
+    tokens: int = 3,
+    token_delay_s: float = 15.0,
+    open_per_s: float = 500.0,
 ) -> dict[str, object]:
     """`streams` concurrent streams of `tokens` tokens through one router over `shards` fakes."""
     env = {**os.environ, "LORAFLEET_LOG_FORMAT": "json"}
@@ -164,7 +175,9 @@ def run(
             url = f"http://127.0.0.1:{metrics_port}/metrics"
             while f"lorafleet_router_shards {shards}.0" not in _scrape(url):
                 time.sleep(0.2)
-            result = asyncio.run(_drive(address, router.pid, streams, tokens, token_delay_s))
+            result = asyncio.run(
+                _drive(address, router.pid, streams, tokens, token_delay_s, open_per_s)
+            )
         finally:
             stop_all(procs)
     return {"shards": shards} | result
