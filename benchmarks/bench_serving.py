@@ -60,6 +60,10 @@ class LoadSpec:
     output_tokens: tuple[int, int]  # inclusive range, uniform
     vocab_size: int
     seed: int
+    # Tokens every prompt starts with (a system prompt shared by all requests and adapters),
+    # before its own `prompt_tokens`; 0: none. Run the shard with --prefix-cache on and off
+    # to see what the prefix cache saves of the time to first token.
+    shared_prefix_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,11 @@ def make_workload(spec: LoadSpec) -> list[Arrival]:
     weights = [1.0 / (k**spec.zipf_s) for k in range(1, len(spec.adapters) + 1)]
     # Token ids 0..2 are the tiny tokenizer's specials; stay clear of them in any vocabulary.
     low_id = min(3, spec.vocab_size - 1)
+    # From its own generator, so that the rest of a seeded workload does not change with it.
+    shared = random.Random(f"shared-prefix-{spec.seed}")
+    prefix = tuple(
+        shared.randrange(low_id, spec.vocab_size) for _ in range(spec.shared_prefix_tokens)
+    )
     at, arrivals = 0.0, []
     for _ in range(spec.requests):
         at += rng.expovariate(spec.rate)
@@ -84,7 +93,8 @@ def make_workload(spec: LoadSpec) -> list[Arrival]:
             Arrival(
                 at_s=at,
                 adapter_id=rng.choices(spec.adapters, weights)[0],
-                prompt_ids=tuple(rng.randrange(low_id, spec.vocab_size) for _ in range(length)),
+                prompt_ids=prefix
+                + tuple(rng.randrange(low_id, spec.vocab_size) for _ in range(length)),
                 max_new_tokens=rng.randint(*spec.output_tokens),
             )
         )
@@ -243,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--prompt-tokens", type=_range, default=(8, 64), metavar="MIN:MAX")
     parser.add_argument("--output-tokens", type=_range, default=(16, 64), metavar="MIN:MAX")
+    parser.add_argument(
+        "--shared-prefix-tokens",
+        type=int,
+        default=0,
+        help="tokens of a system prompt every request starts with, before its own",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="--spawn-tiny: interleaved runs")
     parser.add_argument("--max-batch-size", type=int, default=32, help="--spawn-tiny: shard's")
@@ -346,6 +362,7 @@ def _spec(args: argparse.Namespace, target: str) -> LoadSpec:
         output_tokens=args.output_tokens,
         vocab_size=vocab_size,
         seed=args.seed,
+        shared_prefix_tokens=args.shared_prefix_tokens,
     )
     # Loads every adapter once, so the first requests do not time adapter loading from disk.
     warm = [Arrival(0.0, a, (5, 6, 7), 2) for a in spec.adapters]

@@ -65,6 +65,20 @@ def test_workload_is_seeded_poisson_zipf_and_in_range() -> None:
     assert all(3 <= t < SPEC.vocab_size for a in workload for t in a.prompt_ids)
 
 
+def test_a_shared_prefix_starts_every_prompt_and_leaves_the_rest_unchanged() -> None:
+    spec = dataclasses.replace(SPEC, requests=300, shared_prefix_tokens=40)
+    plain, shared = (
+        make_workload(dataclasses.replace(spec, shared_prefix_tokens=0)),
+        make_workload(spec),
+    )
+    prefix = shared[0].prompt_ids[:40]
+    assert len(set(prefix)) > 10  # seeded tokens, not one repeated id
+    for a, b in zip(plain, shared, strict=True):
+        assert b.prompt_ids == prefix + a.prompt_ids
+        assert (a.at_s, a.adapter_id, a.max_new_tokens) == (b.at_s, b.adapter_id, b.max_new_tokens)
+    assert make_workload(dataclasses.replace(spec, seed=8))[0].prompt_ids[:40] != prefix
+
+
 def test_percentiles_and_summary() -> None:
     assert percentile([], 50) != percentile([], 50)  # NaN
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
