@@ -184,6 +184,38 @@ def test_migrated_request_resumes_exactly_whether_or_not_the_destination_holds_i
         assert sink.outputs[-1].usage.generated_tokens == 2 * NEW
 
 
+def test_hits_on_the_chunks_of_a_prefill_still_running_then_chunked_rest(tiny) -> None:
+    """With an 8-token step budget: a request arriving while another with the same prompt is
+    in its chunked prefill finds the blocks that the finished chunks computed, a later one
+    finds the whole prefix, and each prefills the rest in chunks; tokens equal PEFT's."""
+    engine = engine_of(tiny, "on", "--max-prefill-tokens", "8")
+    prompt, longer = [*SYSTEM, *TAILS[0]], [*SYSTEM, *TAILS[2], 40, 41, 42, 43]
+    try:
+        first = submit(engine, "c0", "r16-attn", prompt)
+        head = seq_of(engine, "c0")
+        until(engine, lambda: head.num_cached >= 16)  # two chunks of 8: blocks 0-3 computed
+        assert head.first_token is None
+        second = submit(engine, "c1", "r16-attn", prompt)
+        follower = seq_of(engine, "c1")
+        until(engine, lambda: follower.first_scheduled is not None)
+        # Admitted beside the head's last chunk (5 tokens), with the 3 left of the budget: the
+        # head's fifth block was not computed yet (once it is, a hit is 20 tokens).
+        assert follower.prefix_hit == 16
+        until(engine, lambda: first.done.is_set() and second.done.is_set())
+        third = submit(engine, "c2", "r16-attn", longer)
+        last = seq_of(engine, "c2")
+        chunked = 0
+        while not third.done.is_set():
+            engine._step()
+            chunked += 16 < last.num_cached < len(longer)
+        settled(engine)
+    finally:
+        engine.scheduler.adapters.close()
+    assert last.prefix_hit == 16 and chunked == 1  # 11 tokens left: 8, then 3
+    assert first.tokens == second.tokens == expected(tiny, "r16-attn", prompt)
+    assert third.tokens == expected(tiny, "r16-attn", longer)
+
+
 def _replace_files(src: Path, dst: Path) -> None:
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         tmp = dst / f".{name}.new"
@@ -226,12 +258,17 @@ def test_after_a_hot_reload_the_old_versions_cached_kv_is_never_used(tiny, tmp_p
     assert after.tokens == expected(tiny, "", prompt, folder=new_src) != before.tokens
 
 
-def test_evictions_and_a_cancellation_storm_leave_every_page_free_or_cached(tiny) -> None:
-    """Many requests over shared prefixes in a small pool (running requests are evicted and
-    recomputed, idle cached pages are reclaimed), a third of them cancelled at random steps:
-    the others' tokens equal PEFT's, and at the end no page is held by anyone."""
+@pytest.mark.parametrize("budget", [512, 5])
+def test_evictions_and_a_cancellation_storm_leave_every_page_free_or_cached(
+    tiny, budget: int
+) -> None:
+    """Many requests over shared prefixes in a small pool (running requests, some partly
+    prefilled, are evicted and recomputed, idle cached pages are reclaimed), a third of them
+    cancelled at random steps: the others' tokens equal PEFT's, and at the end no page is held
+    by anyone."""
     rng = random.Random(7)
-    engine = engine_of(tiny, "on", "--kv-pages", "24", "--max-batch-size", "6")
+    flags = ("--kv-pages", "24", "--max-batch-size", "6", "--max-prefill-tokens", str(budget))
+    engine = engine_of(tiny, "on", *flags)
     adapters = ("r8-all", "", "r16-attn")
     rows = [
         (adapters[i % 3], [*SYSTEM[: rng.choice((8, 12, 18))], *rng.choice(TAILS)])
