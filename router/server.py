@@ -221,7 +221,12 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"prompt ({bound} tokens) + max_new_tokens ({request.stopping.max_new_tokens}) "
                 f"needs {longest} tokens of KV, but the largest shard's whole KV pool holds "
-                f"{pool}: lower max_new_tokens to at most {max(pool - bound, 0)}",
+                f"{pool}: "
+                + (
+                    f"lower max_new_tokens to at most {pool - bound}"
+                    if pool > bound
+                    else "shorten the prompt"
+                ),
             )
         start = time.monotonic()
         try:
