@@ -214,3 +214,35 @@ def test_sigkilled_shard_streams_finish_elsewhere_exactly(
     # The survivors served the rest: their batches emptied again.
     for shard in survivors:
         assert shard.snapshot().running == 0
+
+
+def test_sigstopped_shard_streams_finish_elsewhere_exactly(
+    launch: Callable, cluster: Cluster, tiny
+) -> None:
+    """A frozen shard (a vanished host: no reset, no answer) is found by the router's keepalive
+    pings; its streams resume elsewhere with every token exactly once (the fake-shard test
+    proves the router's side; this one the real shards' resume)."""
+    shards = cluster.roomy
+    router = launch(
+        Router,
+        "--shard-keepalive-s=0.2",
+        "--shard-keepalive-timeout-s=1",
+        *(f"--shard={s.address}" for s in shards),
+    )
+    router.wait_shards([s.address for s in shards])
+    batch = jobs(tiny, 4, 48)
+    streams = [router.stub.Generate(job.request(f"stop-{i}"), 60) for i, job in enumerate(batch)]
+    firsts = [next(stream) for stream in streams]
+    (frozen,) = [s for s in shards if s.snapshot().running == len(batch)]  # consolidation
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        for job, first, stream in zip(batch, firsts, streams, strict=True):
+            rest = collect(stream)
+            done = Completion(
+                [*first.token_ids, *rest.token_ids], first.text + rest.text, rest.finish
+            )
+            assert_matches_reference(tiny, job, done)
+            assert rest.finish.usage.migrations == 1
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+    router.stop()
