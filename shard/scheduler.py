@@ -12,6 +12,12 @@ A request is admitted only once its adapter is resident; one whose adapter is st
 without holding up the others. When a running request needs a page and none is free, the newest
 request is evicted, partly prefilled or not: its pages go back to the pool and it starts over
 from its first token (it keeps its adapter version, so it resumes on the same weights).
+
+With the prefix cache, an admitted request first takes the cached pages of the longest prefix
+of full blocks that an earlier request of its adapter version computed, and is prefilled from
+there. At the start of every step, and when a request leaves or is evicted, the full blocks its
+prefill has computed so far are added to the cache, so a request that starts over after an
+eviction finds its own finished chunks again.
 """
 
 from __future__ import annotations
