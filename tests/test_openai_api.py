@@ -3,6 +3,7 @@ tokens equal the gRPC path's and transformers + PEFT greedy output."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -233,6 +234,35 @@ def test_client_disconnect_cancels_the_request(fleet) -> None:
         5,
     )
     assert 'status="CANCELLED"' in fleet.router.metrics()
+
+
+def test_non_streaming_request_is_cancelled_when_the_client_leaves(fleet) -> None:
+    url = f"http://127.0.0.1:{fleet.router.http_port}/v1/chat/completions"
+    before = len([e for f in fleet.fakes for e in f.events("cancelled")])
+    body = {"model": "b", "messages": CONVERSATION, "max_tokens": 100000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(10, read=1.0))
+    wait_until(
+        lambda: len([e for f in fleet.fakes for e in f.events("cancelled")]) > before,
+        "the shard to see the cancel",
+        5,
+    )
+
+
+def test_full_fleet_and_full_queue_is_429(fleet, launch) -> None:
+    """Both fake shards (batch 8) full and a router queue of 0: the next request gets 429."""
+    router = launch(Router, *(f"--shard={f.address}" for f in fleet.fakes), "--queue-size=0")
+    router.wait_shards([f.address for f in fleet.fakes])
+    url = f"http://127.0.0.1:{router.http_port}/v1/completions"
+    body = {"model": "c", "prompt": "hold", "max_tokens": 100000, "stream": True}
+    with httpx.Client(timeout=30) as http, contextlib.ExitStack() as streams:
+        for _ in range(16):
+            reply = streams.enter_context(http.stream("POST", url, json=body))
+            assert reply.status_code == 200
+        refused = http.post(url, json={**body, "stream": False})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "queue is full" in refused.json()["error"]["message"]
 
 
 def test_no_shard_is_503_and_errors_map_to_http(launch) -> None:
