@@ -33,7 +33,7 @@ from router.logs import configure_logging
 from router.metrics import RouterMetrics
 from router.openai_api.serve import HttpApi
 from router.server import GeneratorService
-from router.shards import ShardTable
+from router.shard_table import ShardTable
 
 log = structlog.get_logger("router")
 

@@ -17,7 +17,8 @@ from router.config import Policy
 from router.metrics import RouterMetrics
 from router.policy import Demand
 from router.shard_index import ShardIndex
-from router.shards import Reservation, ShardTable
+from router.shard_table import ShardTable
+from router.shards import Reservation
 
 log = structlog.get_logger("router.admission")
 

@@ -15,7 +15,7 @@ import dnslib
 import structlog
 
 from router.config import Endpoint, RouterConfig
-from router.shards import ShardTable
+from router.shard_table import ShardTable
 
 log = structlog.get_logger("router.discovery")
 

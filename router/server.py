@@ -21,7 +21,8 @@ from router.admission import Admission, QueueFull, QueueTimeout
 from router.metrics import RouterMetrics
 from router.policy import Demand
 from router.request_checks import problem
-from router.shards import Reservation, ShardHandle, ShardTable
+from router.shard_table import ShardTable
+from router.shards import Reservation, ShardHandle
 
 log = structlog.get_logger("router.server")
 

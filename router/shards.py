@@ -1,4 +1,4 @@
-"""The live shard table: one channel, one WatchLoad stream and one health watch per shard.
+"""One shard as the router sees it: one channel, one WatchLoad stream and one health watch.
 
 A shard is eligible for placement while its health says SERVING and its load stream delivers
 fresh snapshots. The router adds what it dispatched to the last snapshot (optimistic accounting),
@@ -28,7 +28,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from router.metrics import RouterMetrics
 from router.policy import Demand, ShardLoad, statefulset_ordinal
-from router.shard_index import ShardIndex
 
 log = structlog.get_logger("router.shards")
 
@@ -37,15 +36,6 @@ Message = TypeVar("Message")
 ChannelOptions = tuple[tuple[str, int], ...]
 # A load stream silent for this many of its heartbeats means a hung or cut-off shard.
 STALE_AFTER_HEARTBEATS = 5.0
-# How often the table looks for shards whose snapshots went stale, to take them out of the index.
-_SWEEP_EVERY_S = 1.0
-# What a load stream asks of its shard grows with the fleet, so the router's snapshots a second
-# stay bounded (each costs it ~100-200 us of CPU, mostly gRPC's): the least interval is a quarter
-# of a millisecond per shard (at most ~4,000 snapshots/s of changes: 25 ms at 100 shards, 250 ms
-# at 1,000; never under the shard's own 20 ms), the heartbeat 2 ms per shard (at most ~500
-# heartbeats/s: 1 s up to 500 shards, 2 s at 1,000, 10 s from 5,000 on).
-_MIN_INTERVAL_MS = (20, 1000)
-_HEARTBEAT_MS = (1000, 10000)
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 2.0
 
@@ -343,124 +333,3 @@ class ShardHandle:
             self._serving = serving
             log.info("health changed", shard=self.address, serving=serving)
             self._on_change(self)
-
-
-class ShardTable:
-    """All shards the router knows, by dialed address; callbacks fire on every change.
-
-    With an index attached (`track`), every change of a shard's believed load reaches it at once,
-    and a sweep every second takes out shards whose snapshots went stale.
-    """
-
-    def __init__(self, metrics: RouterMetrics, channel_options: ChannelOptions = ()):
-        self._metrics = metrics
-        self._channel_options = channel_options
-        self._shards: dict[str, ShardHandle] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._index: ShardIndex | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        # Counted when scraped (in the exporter's thread), not on every snapshot; that also
-        # notices a shard going stale, which changes nothing in the table.
-        metrics.shards.set_function(self._eligible_count)
-        metrics.shards_idle.set_function(self._idle_count)
-
-    def subscribe(self, listener: Callable[[], None]) -> None:
-        """Calls `listener` (synchronously, in the event loop) whenever a shard's state changes."""
-        self._listeners.append(listener)
-
-    def track(self, index: ShardIndex) -> None:
-        """Keeps `index` up to date with every shard's believed load from now on."""
-        self._index = index
-        for handle in self._shards.values():
-            self._reindex(handle)
-
-    def add(self, address: str) -> None:
-        """Starts watching a shard; it becomes eligible once SERVING with a first snapshot."""
-        if address not in self._shards:
-            log.info("shard added", shard=address)
-            handle = ShardHandle(
-                address,
-                self._metrics,
-                self._changed,
-                self._reindex,
-                self._watch_request,
-                self._channel_options,
-            )
-            self._shards[address] = handle
-            handle.start()
-            if self._sweeper is None:
-                self._sweeper = asyncio.create_task(self._sweep(), name="stale sweep")
-
-    async def remove(self, address: str) -> None:
-        """Stops placing on a shard; calls already running on it continue."""
-        handle = self._shards.pop(address, None)
-        if handle is not None:
-            log.info("shard removed", shard=address)
-            if self._index is not None:
-                self._index.remove(address)
-            await handle.close()
-            self._notify()
-
-    def addresses(self) -> list[str]:
-        """Every known shard, eligible or not, sorted."""
-        return sorted(self._shards)
-
-    def get(self, address: str) -> ShardHandle | None:
-        """The handle of a known shard."""
-        return self._shards.get(address)
-
-    def serving(self) -> list[ShardHandle]:
-        """Shards eligible for placement now."""
-        return [h for h in self._shards.values() if h.load() is not None]
-
-    def loads(self) -> list[ShardLoad]:
-        """Believed loads of the eligible shards."""
-        return [load for h in self._shards.values() if (load := h.load()) is not None]
-
-    async def close(self) -> None:
-        """Removes every shard."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
-        for address in list(self._shards):
-            await self.remove(address)
-
-    def _eligible_count(self) -> int:
-        # list() copies the values in one step, safe against the event loop adding a shard.
-        return sum(handle.eligible() for handle in list(self._shards.values()))
-
-    def _watch_request(self) -> shard_pb2.WatchLoadRequest:
-        """What a load stream asks of its shard: residency as deltas, intervals by fleet size."""
-        shards = len(self._shards)
-        return shard_pb2.WatchLoadRequest(
-            residency_deltas=True,
-            min_interval_ms=min(_MIN_INTERVAL_MS[1], max(_MIN_INTERVAL_MS[0], shards // 4)),
-            heartbeat_ms=min(_HEARTBEAT_MS[1], max(_HEARTBEAT_MS[0], shards * 2)),
-        )
-
-    def _idle_count(self) -> int:
-        return sum(handle.idle_seconds() > 0 for handle in list(self._shards.values()))
-
-    def _reindex(self, handle: ShardHandle) -> None:
-        if self._index is not None and handle.address in self._shards:
-            load = handle.load()
-            handle.indexed = load is not None
-            self._index.update(handle.address, load)
-
-    def _changed(self, handle: ShardHandle) -> None:
-        self._reindex(handle)
-        self._notify()
-
-    def _notify(self) -> None:
-        for listener in self._listeners:
-            listener()
-
-    async def _sweep(self) -> None:
-        """Takes shards whose snapshots went stale out of the index (O(shards) a second)."""
-        while True:
-            await asyncio.sleep(_SWEEP_EVERY_S)
-            stale = [h for h in self._shards.values() if h.indexed and not h.eligible()]
-            for handle in stale:
-                # A shard leaving placement cannot make a waiting request placeable: no event.
-                self._reindex(handle)

@@ -87,6 +87,32 @@ def _chunk(out: StepOutput, tokenizer: Tokenizer) -> generate_pb2.GenerateRespon
     return msg
 
 
+def take_ready(
+    out: StepOutput, outputs: asyncio.Queue[StepOutput]
+) -> tuple[StepOutput, StepOutput | None]:
+    """`out` joined with the token outputs already queued behind it, and the first queued
+    output that cannot join (an error or a migration notice), if any.
+
+    Outputs queue up only while the stream's consumer lags (gRPC flow control holds this
+    generator at its yield): the backlog then goes out as one message instead of one per step,
+    which saves the shard, the router and the client a message each per token they were behind.
+    """
+    held = None
+    while not out.final and not outputs.empty():
+        later = outputs.get_nowait()
+        if later.error is not None or later.migration is not None:
+            held = later
+            break
+        out = StepOutput(
+            token_ids=out.token_ids + later.token_ids,
+            text=out.text + later.text,
+            logprobs=out.logprobs + later.logprobs,
+            finish=later.finish,
+            usage=later.usage,
+        )
+    return out, held
+
+
 class ShardService:
     """Both services of a shard over one engine."""
 
@@ -165,9 +191,10 @@ class ShardService:
         except CapacityError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         done = False
+        held: StepOutput | None = None
         try:
             while not done:
-                out = await outputs.get()
+                out, held = take_ready(held or await outputs.get(), outputs)
                 if out.error is not None:
                     done = True
                     err = out.error

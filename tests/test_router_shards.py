@@ -16,7 +16,7 @@ from router import shards
 from router.local_process import free_port
 from router.metrics import RouterMetrics
 from router.policy import Demand
-from router.shards import ShardTable
+from router.shard_table import ShardTable
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
