@@ -17,6 +17,7 @@ import grpc
 import httpx
 import openai
 import pytest
+import torch
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -127,7 +128,7 @@ def test_streams_chat_for_adapters_and_base_concurrently(api, client, tiny) -> N
         chunks = list(stream)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         tokens = [
-            t.token
+            (t.token, t.logprob)
             for c in chunks
             if c.choices and c.choices[0].logprobs
             for t in c.choices[0].logprobs.content
@@ -141,14 +142,16 @@ def test_streams_chat_for_adapters_and_base_concurrently(api, client, tiny) -> N
         t.join(120)
     for model in models:
         adapter = "" if model == base else model
-        want, _ = greedy(
+        want, logits = greedy(
             tiny.model_dir, tiny.adapter_dir(adapter) if adapter else None, prompt, NEW
         )
         grpc_ids, grpc_text = _grpc_chat(api, adapter)
         text, tokens, chunks = results[model]
         assert grpc_ids == want, model
         assert text == grpc_text == tok.decode(want), model
-        assert tokens == [tok.decode([t], skip_special_tokens=False) for t in want], model
+        assert [t for t, _ in tokens] == [tok.decode([t], skip_special_tokens=False) for t in want]
+        want_lp = torch.log_softmax(logits, dim=-1)[torch.arange(NEW), torch.tensor(want)]
+        assert torch.allclose(torch.tensor([lp for _, lp in tokens]), want_lp, atol=1e-3), model
         first, last = chunks[0], chunks[-1]
         assert (
             first.object == "chat.completion.chunk" and first.choices[0].delta.role == "assistant"
@@ -190,9 +193,14 @@ def test_usage_chunk_when_asked(client, tiny) -> None:
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        logprobs=0,
         extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
+    logprobs = [c.choices[0].logprobs for c in chunks if c.choices]
+    assert sum(len(lp.token_logprobs) for lp in logprobs) == 4
+    assert all(x <= 0 for lp in logprobs for x in lp.token_logprobs)
+    assert all(len(lp.tokens) == len(lp.text_offset) for lp in logprobs)
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 4 and chunks[-1].usage.prompt_tokens == 3
     assert all(c.usage is None for c in chunks[:-1])
