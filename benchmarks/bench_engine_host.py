@@ -281,7 +281,8 @@ def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         tiny = write_tiny(Path(tmp), spec=spec)
-        mixes = {"adapters": [*tiny.adapter_ids, ""], "base": [""]}
+        known = {"adapters": [*tiny.adapter_ids, ""], "base": [""]}
+        mixes = {name: known[name] for name in a.mixed_rows.split(",")}
         for (batch, tokens), (mix, adapters) in itertools.product(cases, mixes.items()):
             argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
             argv += ["--device", "cpu", "--kv-pages", str(64 * (batch + 4) + 4 * longest)]
@@ -298,7 +299,8 @@ def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> 
             print(
                 f"mixed {mix:8s} B={batch:3d} N={tokens:5d}: decode {timing.decode_ms:7.2f} ms, "
                 f"mixed {timing.mixed_ms:7.2f} ms (forward {timing.decode_forward_ms:6.2f} / "
-                f"{timing.mixed_forward_ms:6.2f} ms)",
+                f"{timing.mixed_forward_ms:6.2f} ms; CPU {timing.decode_cpu_ms:7.2f} / "
+                f"{timing.mixed_cpu_ms:7.2f} ms)",
                 flush=True,
             )
     return out
@@ -315,6 +317,11 @@ def main() -> None:
     p.add_argument("--mixed", default="", help="B:N,... decode batch B beside an N-token prefill")
     p.add_argument("--mixed-layers", type=int, default=32, help="layers of the mixed-step model")
     p.add_argument("--mixed-reps", type=int, default=20, help="steps timed per mixed case")
+    p.add_argument(
+        "--mixed-rows",
+        default="adapters,base",
+        help="decode rows of the mixed cases: adapters (the tiny ones and the base), base, or both",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--commit", default=None, help="default: git rev-parse HEAD")
     p.add_argument("--command", default="python -m benchmarks.bench_engine_host")
@@ -343,7 +350,7 @@ def main() -> None:
         )
     if a.mixed:
         cases = [tuple(int(v) for v in c.split(":")) for c in a.mixed.split(",")]
-        result["mixed_layers"] = a.mixed_layers
+        result |= {"mixed_layers": a.mixed_layers, "mixed_reps": a.mixed_reps}
         result["mixed_ms_per_step"] = measure_mixed_cases(cases, a)  # type: ignore[arg-type]
     if a.profile:
         profile(tokenizer, text_ids, a.profile, a)

@@ -30,6 +30,10 @@ class MixedTiming:
     mixed_ms: float  # the same batch plus one `prefill_tokens` prefill
     decode_forward_ms: float  # of which the forward call (its host share, on a GPU: + wait)
     mixed_forward_ms: float
+    # CPU time of the stepping thread: on a shared machine, unlike wall time, it does not grow
+    # while other processes hold the cores (on a CPU run the forward's compute is in it too)
+    decode_cpu_ms: float
+    mixed_cpu_ms: float
 
 
 class _TimedForward:
@@ -97,18 +101,20 @@ def measure_mixed(
     """Times `reps` decode-only and `reps` mixed steps of the running batch (see the module
     docstring); the batch must be running (`start_decodes`) with room for 2 * reps more tokens."""
     timed = _TimedForward(engine)
-    decode, mixed, decode_fwd, mixed_fwd = [], [], [], []
+    decode, mixed, decode_fwd, mixed_fwd, decode_cpu, mixed_cpu = [], [], [], [], [], []
+    cases = ((decode, decode_fwd, decode_cpu, False), (mixed, mixed_fwd, mixed_cpu, True))
     try:
         for rep in range(reps):
-            for times, fwd, prefill in ((decode, decode_fwd, False), (mixed, mixed_fwd, True)):
+            for times, fwd, cpu, prefill in cases:
                 if prefill:
                     prompt = prompt_of(prefill_tokens, vocab, 10_000 + rep)
                     engine.submit(_request(f"p{rep}", prefill_adapter, prompt, 1), _check)
                     engine._take_inbox(block=False)
                 timed.seconds = 0.0
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 engine._step()
                 times.append(time.perf_counter() - start)
+                cpu.append(time.thread_time() - start_cpu)
                 fwd.append(timed.seconds)
             if len(engine.scheduler.running) != batch:
                 raise RuntimeError(
@@ -121,4 +127,13 @@ def measure_mixed(
     def ms(values: list[float]) -> float:
         return statistics.median(values) * 1e3
 
-    return MixedTiming(batch, prefill_tokens, ms(decode), ms(mixed), ms(decode_fwd), ms(mixed_fwd))
+    return MixedTiming(
+        batch,
+        prefill_tokens,
+        ms(decode),
+        ms(mixed),
+        ms(decode_fwd),
+        ms(mixed_fwd),
+        ms(decode_cpu),
+        ms(mixed_cpu),
+    )

@@ -221,6 +221,7 @@ class PaddedDecode:
             context_lens=dev["context_lens"],
             prefill_pages=None,
             prefill_mask=None,
+            prefill_causal=False,
             logits_rows=dev["logits_rows"],
             lora=lora,
         )

@@ -15,7 +15,8 @@ class ForwardMeta:
 
     Rows [0, num_decode) are decode rows (one per request, attended through the paged kernel);
     the other N_p rows belong to prefill chunks, which attend together in one call: to the keys
-    of every chunk's pages, gathered, under `prefill_mask`. Within each group rows are sorted by
+    of every chunk's pages, gathered, under `prefill_mask` (or, for one fresh prompt, causally
+    to their own keys). Within each group rows are sorted by
     adapter so that LoRA segments are contiguous.
     """
 
@@ -31,5 +32,8 @@ class ForwardMeta:
     # i for the g-th query head of each KV head (group = query heads per KV head): the queries
     # of a KV head's group are stacked as rows, so keys and values are never repeated per head.
     prefill_mask: torch.Tensor | None
+    # The prefill rows are one request's whole context (one prompt, nothing cached before it):
+    # they attend causally to their own keys, with no gather and no mask (flash on CUDA).
+    prefill_causal: bool
     logits_rows: torch.Tensor  # [B] int64 the last row of each sampled request
     lora: LoraBatch | None

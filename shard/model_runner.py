@@ -99,10 +99,13 @@ class ModelRunner:
             lora = replace_leaves(host_lora, leaves | {"buffer": scratch})
             assert isinstance(lora, LoraBatch)
         pages, mask, slots = None, None, dev["decode_slots"]
+        only = plan.prefills[0] if len(plan.prefills) == 1 else None
+        causal = only is not None and only.end - only.start == only.context_len
         if plan.prefills:
             pages, first, positions = dev["prefill_pages"], dev["prefill_first"], dev["positions"]
-            mask = self._prefill_mask(first, positions[nd:], pages.numel())
             slots = torch.cat((slots, self._prefill_slots(pages, first, positions[nd:])))
+            if not causal:
+                mask = self._prefill_mask(first, positions[nd:], pages.numel())
         meta = ForwardMeta(
             positions=dev["positions"],
             slot_mapping=slots,
@@ -111,6 +114,7 @@ class ModelRunner:
             context_lens=dev["context_lens"],
             prefill_pages=pages,
             prefill_mask=mask,
+            prefill_causal=causal,
             logits_rows=dev["logits_rows"],
             lora=lora,
         )

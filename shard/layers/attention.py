@@ -38,7 +38,18 @@ class PagedAttention(nn.Module):
             paged_decode_attention(
                 out[:nd], q[:nd], k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale
             )
-        if meta.prefill_mask is not None:
+        if meta.prefill_causal:
+            # One fresh prompt: its own keys, causally; GQA in the kernel (flash on CUDA).
+            attn = F.scaled_dot_product_attention(
+                q[nd:].transpose(0, 1)[None],
+                k[nd:].transpose(0, 1)[None],
+                v[nd:].transpose(0, 1)[None],
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            out[nd:] = attn[0].transpose(0, 1)
+        elif meta.prefill_mask is not None:
             self._prefill(out[nd:], q[nd:], k_cache, v_cache, meta)
         return out
 
