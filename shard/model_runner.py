@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 
 from shard.adapter_loader import AdapterWeights
-from shard.decode_graphs import DecodeGraphs, replace_leaves, step_leaves
+from shard.decode_graphs import DecodeGraphs
 from shard.forward_meta import ForwardMeta
 from shard.kv_cache import KvCache
-from shard.layers.lora import LoraBatch, build_lora_batch
+from shard.layers.lora import LoraBatch, LoraGroup, build_lora_batch
 from shard.llama import LlamaForCausalLM
 from shard.step_plan import StepPlan
 
@@ -43,6 +43,34 @@ def upload(fields: dict[str, torch.Tensor], device: torch.device) -> dict[str, t
     }
 
 
+LORA_TABLES = ("a_ptrs", "b_ptrs", "ranks", "scales")
+
+
+def lora_fields(lora: LoraBatch | None) -> dict[str, torch.Tensor]:
+    """A host LoraBatch's per-step tables, named for `upload` (its scratch buffer left out)."""
+    if lora is None:
+        return {}
+    out = {"lora.seg_starts": lora.seg_starts}
+    for key, group in lora.groups.items():
+        out |= {f"lora.{key}.{name}": getattr(group, name) for name in LORA_TABLES}
+    return out
+
+
+def lora_on(
+    lora: LoraBatch | None, uploaded: dict[str, torch.Tensor], device: torch.device
+) -> LoraBatch | None:
+    """The LoraBatch over the uploaded copies of `lora_fields(lora)`, with a scratch buffer of
+    the same shape on `device`."""
+    if lora is None:
+        return None
+    groups = {
+        key: LoraGroup(*(uploaded[f"lora.{key}.{name}"] for name in LORA_TABLES))
+        for key in lora.groups
+    }
+    scratch = torch.empty(lora.buffer.shape, dtype=lora.buffer.dtype, device=device)
+    return LoraBatch(uploaded["lora.seg_starts"], groups, scratch)
+
+
 class ModelRunner:
     """Owns the model and the KV cache of one rank."""
 
@@ -67,7 +95,8 @@ class ModelRunner:
     def inputs(
         self, plan: StepPlan, weights: list[AdapterWeights | None]
     ) -> tuple[torch.Tensor, ForwardMeta]:
-        """Token ids [T] and the forward metadata of a plan, uploaded in one copy."""
+        """Token ids [T] and the forward metadata of a plan, uploaded to the device in one
+        copy (on a CPU the host tensors are used as they are)."""
         nd = len(plan.decode_pages)
         width = max((len(p) for p in plan.decode_pages), default=1)
         tables = [t for p in plan.decode_pages for t in (*p, *([0] * (width - len(p))))]
@@ -89,15 +118,12 @@ class ModelRunner:
                 pages += p.pages
             fields["prefill_first"] = torch.tensor(first, dtype=torch.int64)
             fields["prefill_pages"] = torch.tensor(pages, dtype=torch.int64)
-        host_lora = self.lora_batch(plan, weights, HOST)
-        fields |= step_leaves(host_lora)
-        dev = upload(fields, self.device)
-        lora = None
-        if host_lora is not None:
-            scratch = torch.empty_like(host_lora.buffer, device=self.device)
-            leaves = {k.removeprefix("lora."): v for k, v in dev.items() if k.startswith("lora.")}
-            lora = replace_leaves(host_lora, leaves | {"buffer": scratch})
-            assert isinstance(lora, LoraBatch)
+        lora = self.lora_batch(plan, weights, HOST)
+        if self.device.type == HOST.type:
+            dev = fields  # the forward runs where they are: nothing to copy
+        else:
+            dev = upload(fields | lora_fields(lora), self.device)
+            lora = lora_on(lora, dev, self.device)
         pages, mask, slots = None, None, dev["decode_slots"]
         only = plan.prefills[0] if len(plan.prefills) == 1 else None
         causal = only is not None and only.end - only.start == only.context_len
