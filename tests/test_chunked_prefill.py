@@ -8,7 +8,6 @@ each test knows exactly which step a chunk runs in."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
@@ -16,7 +15,7 @@ from shard.engine import Engine
 from shard.parallel import SINGLE
 from shard.sequence import MigrationReason, Resume, SeqStatus, Sequence
 from tests.reference import greedy
-from tests.test_engine import Collector, request
+from tests.test_engine import Collector, request, until
 
 NEW = 12
 LONG = [(7 * i + 3) % 290 + 5 for i in range(21)]  # longer than every budget here
@@ -39,16 +38,6 @@ def step(engine: Engine, times: int = 1) -> None:
     for _ in range(times):
         engine._take_inbox(block=False)
         engine._step()
-
-
-def until(engine: Engine, done: Callable[[], bool], limit: int = 2000) -> None:
-    """Steps until `done()` (adapters load on their own thread: some steps may be empty)."""
-    for _ in range(limit):
-        engine._take_inbox(block=False)
-        if done():
-            return
-        engine._step()
-    raise AssertionError("the engine did not get there")
 
 
 def run_out(engine: Engine, sinks: list[Collector]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -55,6 +56,17 @@ def make_engine(tiny, *extra: str) -> Engine:
     engine, _, _ = build_engine(parse_config(argv, env={}), SINGLE)
     engine.start()
     return engine
+
+
+def until(engine: Engine, done: Callable[[], bool], limit: int = 3000) -> None:
+    """Steps an engine whose loop thread is not running until `done()` (adapters load on their
+    own thread: some steps may be empty)."""
+    for _ in range(limit):
+        engine._take_inbox(block=False)
+        if done():
+            return
+        engine._step()
+    raise AssertionError("the engine did not get there")
 
 
 def request(rid: str, adapter: str, prompt: list[int], new: int = NEW_TOKENS) -> EngineRequest:

@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from shard.engine import Engine
 from shard.parallel import SINGLE
 from shard.sequence import Resume, Sequence
 from tests.reference import greedy
-from tests.test_engine import Collector, request
+from tests.test_engine import Collector, request, until
 
 NEW = 8
 LOOKUPS = "lorafleet_shard_prefix_lookups_total"
@@ -63,16 +63,6 @@ def expected(
     """PEFT's greedy tokens (of the adapter's files in `folder`, when given)."""
     adapter_dir = folder or (tiny.adapter_dir(adapter) if adapter else None)
     return _greedy(tiny.model_dir, adapter_dir, tuple(prompt), new)
-
-
-def until(engine: Engine, done: Callable[[], bool], limit: int = 3000) -> None:
-    """Steps until `done()` (adapters load on their own thread: some steps may be empty)."""
-    for _ in range(limit):
-        engine._take_inbox(block=False)
-        if done():
-            return
-        engine._step()
-    raise AssertionError("the engine did not get there")
 
 
 def submit(
