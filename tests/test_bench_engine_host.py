@@ -21,7 +21,9 @@ def test_short_run_times_every_phase(tmp_path: Path) -> None:
         for phase in ("schedule", "plan", "sample", "publish", "detokenize"):
             assert row[phase] > 0, phase
         assert 0 < row["detokenize"] <= row["advance"]  # the per-sequence loop holds it
-        assert row["total"] > row["sample"]
+        # `total` comes from an uninstrumented run of its own, so on a busy machine it need not
+        # exceed any one phase of the instrumented run: only that it was measured is certain.
+        assert row["total"] > 0 and row["mean"] > 0
     mixed = r["mixed_ms_per_step"]
     assert [(m["rows"], m["batch"], m["prefill_tokens"]) for m in mixed] == [
         ("adapters", 3, 20),
