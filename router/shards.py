@@ -213,13 +213,20 @@ class ShardHandle:
         """The shard just ran out of KV pages: no placements needing pages until it says more."""
         if self._load is not None:
             self._load = dataclasses.replace(self._load, kv_pages_free=0)
-            self._on_load(self)
+            self._overridden()
 
     def mark_draining(self) -> None:
         """The shard said it drains: no placements, whatever a stale snapshot says."""
         if self._load is not None:
             self._load = dataclasses.replace(self._load, draining=True)
-            self._on_load(self)
+            self._overridden()
+
+    def _overridden(self) -> None:
+        """The load was changed here, not by the shard: its next snapshot replaces it, even a
+        heartbeat that repeats the last one (a shard whose load did not move would otherwise
+        stay marked full or draining for good)."""
+        self._last_fields = ()
+        self._on_load(self)
 
     @contextmanager
     def call(self) -> Iterator[None]:

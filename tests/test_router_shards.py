@@ -193,3 +193,33 @@ async def residency_and_idleness() -> None:
 
 def test_table_applies_residency_deltas_and_tracks_idleness():
     asyncio.run(asyncio.wait_for(residency_and_idleness(), 30))
+
+
+async def marks_until_next_snapshot() -> None:
+    handle = shards.ShardHandle(
+        "127.0.0.1:1", RouterMetrics(), lambda _: None, lambda _: None, shard_pb2.WatchLoadRequest
+    )
+    beat = shard_pb2.WatchLoadResponse(
+        snapshot=shard_pb2.LoadSnapshot(
+            running=1, max_batch_size=8, kv_pages_free=50, kv_pages_total=64, kv_page_size=16
+        )
+    )
+    handle._accept(beat)
+    for mark, field, marked in (
+        (handle.mark_full, "kv_pages_free", 0),
+        (handle.mark_draining, "draining", True),
+    ):
+        mark()
+        assert getattr(handle._load, field) == marked
+        # The shard's load did not move, so its next message repeats the last one: still the
+        # shard's word, which replaces what the router assumed.
+        handle._accept(beat)
+        assert getattr(handle._load, field) == getattr(beat.snapshot, field)
+    await handle.channel.close()
+
+
+def test_a_heartbeat_replaces_a_full_or_draining_mark():
+    """After a KV-exhausted or draining migration the router marks the shard; a shard whose load
+    then stays the same sends only heartbeats, which must lift the mark (else it is never placed
+    on again)."""
+    asyncio.run(asyncio.wait_for(marks_until_next_snapshot(), 10))
