@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import fleet_placement, fleet_sim, fleet_streams, fleet_tracking
+from benchmarks import fleet_placement, fleet_plot, fleet_sim, fleet_streams, fleet_tracking
 from benchmarks.serving_procs import machine
 from benchmarks.timing import git_commit
 from router.config import Policy
@@ -66,7 +66,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, object]:
     plotted = None
     if args.out is not None:
         png = args.out.with_suffix(".png")
-        plotted = str(png) if fleet_sim.plot(sims, fleet, str(png)) else None
+        plotted = str(png) if fleet_plot.plot(sims, fleet, str(png)) else None
     return {
         "fleet": dataclasses.asdict(fleet),
         "step_model": dataclasses.asdict(fleet_sim.StepModel()),
