@@ -44,3 +44,20 @@ def problem(request: generate_pb2.GenerateRequest) -> str | None:
         if not stop or len(stop.encode()) > MAX_STOP_BYTES:
             return f"stop strings must be 1..{MAX_STOP_BYTES} bytes, got {quote(stop)}"
     return None
+
+
+def context_bound(request: generate_pb2.GenerateRequest) -> int:
+    """Upper bound on the prompt's tokens before tokenization.
+
+    Token ids count exactly; text counts its UTF-8 bytes, since a byte-level BPE token covers at
+    least one byte (a conversation adds an allowance per message for the chat template's
+    markup). Over-estimating only makes placement conservative.
+    """
+    which = request.WhichOneof("input")
+    if which == "prompt_token_ids":
+        return len(request.prompt_token_ids.ids)
+    if which == "messages":
+        # The chat template adds role headers and markers the router cannot see; allow for them.
+        messages = request.messages.messages
+        return sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in messages)
+    return len(request.prompt.encode())

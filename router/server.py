@@ -11,16 +11,16 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import grpc
 import structlog
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2
 from router.admission import Admission, QueueFull, QueueTimeout
+from router.edge import Client, RequestFailed
 from router.metrics import RouterMetrics
 from router.policy import Demand
-from router.request_checks import problem
+from router.request_checks import context_bound, problem
 from router.shard_table import ShardTable
 from router.shards import Reservation, ShardHandle
 
@@ -42,43 +42,6 @@ _RETRY_PUSHBACK_MS = "1000"
 # Shards that may fail while serving one request: a request whose shard failed is placed once
 # more, and a second failure ends it, so a request that kills shards cannot walk the fleet.
 _MAX_SHARD_FAILURES = 2
-
-
-class Client(Protocol):
-    """Where a Generate stream goes: a gRPC servicer context, or another edge's writer."""
-
-    async def write(self, chunk: generate_pb2.GenerateResponse) -> None:
-        """Sends one chunk; waits while the client reads slower than tokens come."""
-
-    def time_remaining(self) -> float | None:
-        """Seconds left of the client's deadline; None without one."""
-
-
-class RequestFailed(Exception):
-    """Ends a Generate call with a status; raised where the reason is known."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, retry_hint: bool = False):
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.retry_hint = retry_hint
-
-
-def context_bound(request: generate_pb2.GenerateRequest) -> int:
-    """Upper bound on the prompt's tokens before tokenization.
-
-    Token ids count exactly; text counts its UTF-8 bytes, since a byte-level BPE token covers at
-    least one byte (a conversation adds an allowance per message for the chat template's
-    markup). Over-estimating only makes placement conservative.
-    """
-    which = request.WhichOneof("input")
-    if which == "prompt_token_ids":
-        return len(request.prompt_token_ids.ids)
-    if which == "messages":
-        # The chat template adds role headers and markers the router cannot see; allow for them.
-        messages = request.messages.messages
-        return sum(len(m.content.encode()) + len(m.role.encode()) + 16 for m in messages)
-    return len(request.prompt.encode())
 
 
 @dataclass(slots=True)

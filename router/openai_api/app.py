@@ -13,12 +13,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from protos import generate_pb2
+from router.edge import RequestFailed
 from router.openai_api import convert
 from router.openai_api.convert import Envelope
 from router.openai_api.errors import ApiError, from_status
 from router.openai_api.protocol import ChatCompletionRequest, CompletionRequest
 from router.openai_api.run import Run
-from router.server import GeneratorService, RequestFailed
+from router.server import GeneratorService
 
 _DONE = "data: [DONE]\n\n"
 

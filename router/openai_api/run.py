@@ -9,8 +9,9 @@ import structlog
 from starlette.requests import Request
 
 from protos import generate_pb2
+from router.edge import RequestFailed
 from router.openai_api.errors import ApiError, from_status
-from router.server import GeneratorService, RequestFailed
+from router.server import GeneratorService
 
 log = structlog.get_logger("router.openai_api")
 
