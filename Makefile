@@ -64,6 +64,7 @@ lint: $(SETUP)
 	$(PYTHON) -m ruff check protos router shard tests benchmarks
 	$(PYTHON) -m ruff format --check router shard tests benchmarks
 	buf lint --config protos/buf.yaml --path protos .
+	$(PYTHON) -m mypy
 
 test: check-protos lint
 	$(PYTHON) -m pytest -q tests

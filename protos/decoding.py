@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -43,17 +43,22 @@ def _details(method: str, bad: Undecodable) -> str:
     )
 
 
+# A grpc method handler of any request and response types (the stubs' generic; at run time
+# grpc's class takes no parameters, hence a string).
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
 class InvalidArgumentOnDecodeError(grpc.aio.ServerInterceptor):
     """Answers INVALID_ARGUMENT to requests that do not parse, for every unary-request method."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
+        self._wrapped: dict[str, Handler] = {}  # by method: built once
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
             handler = await continuation(details)
@@ -63,12 +68,15 @@ class InvalidArgumentOnDecodeError(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(method: str, handler: Handler) -> Handler:
+    # grpc.aio's handler is a namedtuple (`_replace`) of coroutine functions, which the type
+    # stubs' RpcMethodHandler (sync callables) does not describe.
+    aio: Any = handler
     if handler.request_deserializer is None or handler.request_streaming:
         return handler
     parse = _lenient(handler.request_deserializer)
     if handler.unary_stream is not None:
-        inner = handler.unary_stream
+        inner = aio.unary_stream
         if inspect.isasyncgenfunction(inner):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
@@ -79,21 +87,21 @@ def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                     async for message in messages:
                         yield message
 
-            return handler._replace(request_deserializer=parse, unary_stream=stream)
+            return aio._replace(request_deserializer=parse, unary_stream=stream)
 
         async def writer(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(method, request))
             return await inner(request, context)
 
-        return handler._replace(request_deserializer=parse, unary_stream=writer)
+        return aio._replace(request_deserializer=parse, unary_stream=writer)
     if handler.unary_unary is not None:
-        unary = handler.unary_unary
+        unary = aio.unary_unary
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(method, request))
             return await unary(request, context)
 
-        return handler._replace(request_deserializer=parse, unary_unary=call)
+        return aio._replace(request_deserializer=parse, unary_unary=call)
     return handler

@@ -36,7 +36,7 @@ async def resolve_system(name: Endpoint) -> set[str]:
         if err.errno == socket.EAI_NONAME:
             return set()
         raise LookupFailed(f"getaddrinfo({name.host}): {err}") from err
-    return {str(Endpoint(info[4][0], name.port)) for info in infos}
+    return {str(Endpoint(str(info[4][0]), name.port)) for info in infos}
 
 
 async def resolve_direct(name: Endpoint, server: Endpoint) -> set[str]:

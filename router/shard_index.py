@@ -171,6 +171,7 @@ class ShardIndex:
                 self._set_value(e, value)
 
     def _set_value(self, e: _Entry, value: int) -> None:
+        assert e.level is not None  # only a placed shard is hidden and shown again
         self._trees[e.level].set(e.pos, value)
         e.value = value
 
@@ -217,7 +218,7 @@ class ShardIndex:
             return None
         if self._consolidate:
             return min(fitting, key=lambda e: e.pos)
-        return min(fitting, key=lambda e: (-e.load.kv_pages_available, e.pos))
+        return min(fitting, key=lambda e: (-_pages_available(e), e.pos))
 
     def _move(self, e: _Entry, level: float | None, value: int, resident: frozenset[str]) -> None:
         old_level, old_resident = e.level, e.resident
@@ -256,6 +257,11 @@ class ShardIndex:
             if e.level is not None:
                 self._trees[e.level].set(e.pos, e.value)
         self._dirty = False
+
+
+def _pages_available(e: _Entry) -> int:
+    """KV pages free for new requests of a placed shard (every placed shard has a load)."""
+    return e.load.kv_pages_available if e.load is not None else 0
 
 
 def _tie(e: _Entry) -> tuple[bool, int, str]:

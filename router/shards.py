@@ -305,7 +305,7 @@ class ShardHandle:
         self._last_fields = fields
         self._resident = resident
         load = load_from_proto(snapshot, self.address, self._resident)
-        grown = load.occupancy - (0 if first else self._load.occupancy)
+        grown = load.occupancy - (self._load.occupancy if self._load is not None else 0)
         # Answered requests are in this snapshot and account for part of its growth; the rest
         # of the growth takes over the oldest reservations.
         for reservation in self._answered:
