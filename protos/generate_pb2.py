@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/generate.proto\x12\x0clorafleet.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.lorafleet.v1.ChatMessage\"{\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"L\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"\xb3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x16.lorafleet.v1.TokenIdsH\x00\x12.\n\x08messages\x18\x08 \x01(\x0b\x32\x1a.lorafleet.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.lorafleet.v1.SamplingParams\x12\x30\n\x08stopping\x18\x06 \x01(\x0b\x32\x1e.lorafleet.v1.StoppingCriteria\x12\x17\n\x0freturn_logprobs\x18\x07 \x01(\x08\x42\x07\n\x05input\"\x81\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x14\n\x0cqueue_time_s\x18\x03 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x12\n\nmigrations\x18\x05 \x01(\r\"\xb1\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.lorafleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.lorafleet.v1.Usage\x12\x13\n\x0btoken_texts\x18\x06 \x03(\t\"\x15\n\x13ListAdaptersRequest\"\xc7\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x31\n\tresidency\x18\x02 \x01(\x0e\x32\x1e.lorafleet.v1.AdapterResidency\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x18\n\x10last_used_unix_s\x18\x06 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\r\n\x05shard\x18\x08 \x01(\t\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.lorafleet.v1.AdapterInfo\"\x10\n\x0eGetInfoRequest\"o\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x0e\n\x06shards\x18\x03 \x03(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\xa3\x01\n\x10\x41\x64\x61pterResidency\x12!\n\x1d\x41\x44\x41PTER_RESIDENCY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_RESIDENCY_DISK\x10\x01\x12\x1a\n\x16\x41\x44\x41PTER_RESIDENCY_HOST\x10\x02\x12\x19\n\x15\x41\x44\x41PTER_RESIDENCY_GPU\x10\x03\x12\x19\n\x15\x41\x44\x41PTER_RESIDENCY_CPU\x10\x04\x32\xf7\x01\n\tGenerator\x12K\n\x08Generate\x12\x1d.lorafleet.v1.GenerateRequest\x1a\x1e.lorafleet.v1.GenerateResponse0\x01\x12U\n\x0cListAdapters\x12!.lorafleet.v1.ListAdaptersRequest\x1a\".lorafleet.v1.ListAdaptersResponse\x12\x46\n\x07GetInfo\x12\x1c.lorafleet.v1.GetInfoRequest\x1a\x1d.lorafleet.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/generate.proto\x12\x0clorafleet.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.lorafleet.v1.ChatMessage\"{\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"L\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x0c\n\x04stop\x18\x02 \x03(\t\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"\xb3\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x04 \x01(\x0b\x32\x16.lorafleet.v1.TokenIdsH\x00\x12.\n\x08messages\x18\x08 \x01(\x0b\x32\x1a.lorafleet.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.lorafleet.v1.SamplingParams\x12\x30\n\x08stopping\x18\x06 \x01(\x0b\x32\x1e.lorafleet.v1.StoppingCriteria\x12\x17\n\x0freturn_logprobs\x18\x07 \x01(\x08\x42\x07\n\x05input\"\x9f\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x14\n\x0cqueue_time_s\x18\x03 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x04 \x01(\x01\x12\x12\n\nmigrations\x18\x05 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"\xb1\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.lorafleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.lorafleet.v1.Usage\x12\x13\n\x0btoken_texts\x18\x06 \x03(\t\"\x15\n\x13ListAdaptersRequest\"\xc7\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x31\n\tresidency\x18\x02 \x01(\x0e\x32\x1e.lorafleet.v1.AdapterResidency\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x18\n\x10last_used_unix_s\x18\x06 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\r\n\x05shard\x18\x08 \x01(\t\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.lorafleet.v1.AdapterInfo\"\x10\n\x0eGetInfoRequest\"o\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\r\x12\x0e\n\x06shards\x18\x03 \x03(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*\xa3\x01\n\x10\x41\x64\x61pterResidency\x12!\n\x1d\x41\x44\x41PTER_RESIDENCY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41\x44\x41PTER_RESIDENCY_DISK\x10\x01\x12\x1a\n\x16\x41\x44\x41PTER_RESIDENCY_HOST\x10\x02\x12\x19\n\x15\x41\x44\x41PTER_RESIDENCY_GPU\x10\x03\x12\x19\n\x15\x41\x44\x41PTER_RESIDENCY_CPU\x10\x04\x32\xf7\x01\n\tGenerator\x12K\n\x08Generate\x12\x1d.lorafleet.v1.GenerateRequest\x1a\x1e.lorafleet.v1.GenerateResponse0\x01\x12U\n\x0cListAdapters\x12!.lorafleet.v1.ListAdaptersRequest\x1a\".lorafleet.v1.ListAdaptersResponse\x12\x46\n\x07GetInfo\x12\x1c.lorafleet.v1.GetInfoRequest\x1a\x1d.lorafleet.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1422
-  _globals['_FINISHREASON']._serialized_end=1569
-  _globals['_ADAPTERRESIDENCY']._serialized_start=1572
-  _globals['_ADAPTERRESIDENCY']._serialized_end=1735
+  _globals['_FINISHREASON']._serialized_start=1452
+  _globals['_FINISHREASON']._serialized_end=1599
+  _globals['_ADAPTERRESIDENCY']._serialized_start=1602
+  _globals['_ADAPTERRESIDENCY']._serialized_end=1765
   _globals['_TOKENIDS']._serialized_start=39
   _globals['_TOKENIDS']._serialized_end=62
   _globals['_CHATMESSAGE']._serialized_start=64
@@ -48,19 +48,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=375
   _globals['_GENERATEREQUEST']._serialized_end=682
   _globals['_USAGE']._serialized_start=685
-  _globals['_USAGE']._serialized_end=814
-  _globals['_GENERATERESPONSE']._serialized_start=817
-  _globals['_GENERATERESPONSE']._serialized_end=994
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=996
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1017
-  _globals['_ADAPTERINFO']._serialized_start=1020
-  _globals['_ADAPTERINFO']._serialized_end=1219
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1221
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1288
-  _globals['_GETINFOREQUEST']._serialized_start=1290
-  _globals['_GETINFOREQUEST']._serialized_end=1306
-  _globals['_GETINFORESPONSE']._serialized_start=1308
-  _globals['_GETINFORESPONSE']._serialized_end=1419
-  _globals['_GENERATOR']._serialized_start=1738
-  _globals['_GENERATOR']._serialized_end=1985
+  _globals['_USAGE']._serialized_end=844
+  _globals['_GENERATERESPONSE']._serialized_start=847
+  _globals['_GENERATERESPONSE']._serialized_end=1024
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1026
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1047
+  _globals['_ADAPTERINFO']._serialized_start=1050
+  _globals['_ADAPTERINFO']._serialized_end=1249
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1251
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1318
+  _globals['_GETINFOREQUEST']._serialized_start=1320
+  _globals['_GETINFOREQUEST']._serialized_end=1336
+  _globals['_GETINFORESPONSE']._serialized_start=1338
+  _globals['_GETINFORESPONSE']._serialized_end=1449
+  _globals['_GENERATOR']._serialized_start=1768
+  _globals['_GENERATOR']._serialized_end=2015
 # @@protoc_insertion_point(module_scope)

@@ -197,6 +197,8 @@ class Scheduler:
             return False
         seq.pages = admission.pages
         seq.num_cached = seq.prefix_hit = admission.cached_tokens
+        if seq.first_scheduled is None:
+            seq.prompt_cached = min(admission.cached_tokens, len(seq.req.prompt_ids))
         return True
 
     def _index(self, seq: Sequence) -> None:

@@ -77,6 +77,7 @@ class Usage:
     queue_time_s: float
     time_to_first_token_s: float
     migrations: int
+    cached_prompt_tokens: int = 0  # prompt tokens the prefix cache held at first admission
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,9 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # prefix-cache keys of its full blocks at admission
         self.blocks_indexed = 0  # its blocks before this one are in the prefix cache (or skipped)
         self.prefix_hit = 0  # tokens its last admission found in the prefix cache
+        # Prompt tokens its first admission here found cached (a preempted request that finds
+        # its own chunks again on re-admission does not count them: they were prefilled).
+        self.prompt_cached = 0
         self.status = SeqStatus.WAITING
         self.holds_adapter = False
         self.adapter_key = ""  # the adapter version it runs on (id@version), set at admission
@@ -152,4 +156,5 @@ class Sequence:
             queue_time_s=queue,
             time_to_first_token_s=ttft,
             migrations=resume.migrations if resume else 0,
+            cached_prompt_tokens=self.prompt_cached,
         )

@@ -82,6 +82,7 @@ def _chunk(out: StepOutput, tokenizer: Tokenizer) -> generate_pb2.GenerateRespon
                 queue_time_s=u.queue_time_s,
                 time_to_first_token_s=u.time_to_first_token_s,
                 migrations=u.migrations,
+                cached_prompt_tokens=u.cached_prompt_tokens,
             )
         )
     return msg

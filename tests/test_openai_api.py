@@ -207,6 +207,59 @@ def test_usage_chunk_when_asked(client, tiny) -> None:
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_cached_prompt_tokens_through_router_and_openai_api(api, client, tiny) -> None:
+    """The shard's prefix cache (4-token pages) reaches the client: a first request with a
+    fresh prompt finds nothing cached, the same prompt again finds its full blocks (all but the
+    block holding the last token), a prompt sharing only two blocks finds those two; gRPC says
+    it in usage.cached_prompt_tokens, the OpenAI API in usage.prompt_tokens_details, and the
+    tokens of every hit equal PEFT's."""
+    adapter = tiny.adapter_ids[1]
+    prompt = [(29 * i + 11) % 280 + 9 for i in range(18)]  # no other test sends it
+    request = generate_pb2.GenerateRequest(
+        adapter_id=adapter,
+        prompt_token_ids=generate_pb2.TokenIds(ids=prompt),
+        stopping=generate_pb2.StoppingCriteria(max_new_tokens=4, ignore_eos=True),
+    )
+    with grpc.insecure_channel(api["router"]) as channel:
+        first = list(generate_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=60))
+    assert first[-1].usage.prompt_tokens == 18 and first[-1].usage.cached_prompt_tokens == 0
+    want, _ = greedy(tiny.model_dir, tiny.adapter_dir(adapter), prompt, 4)
+    again = client.completions.create(
+        model=adapter, prompt=prompt, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert again.usage.prompt_tokens_details.cached_tokens == 16
+    tok = Tokenizer.from_file(str(tiny.model_dir / "tokenizer.json"))
+    assert again.choices[0].text == tok.decode(want)
+    partial = [*prompt[:9], 3, 4, 5]
+    stream = client.completions.create(
+        model=adapter,
+        prompt=partial,
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 8
+    want, _ = greedy(tiny.model_dir, tiny.adapter_dir(adapter), partial, 4)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == tok.decode(want)
+    conversation = [
+        {"role": "system", "content": "You count sheep, one by one, in a quiet voice."},
+        {"role": "user", "content": "Begin."},
+    ]
+    chats = [
+        client.chat.completions.create(
+            model=adapter, messages=conversation, max_completion_tokens=2, temperature=0
+        )
+        for _ in range(2)
+    ]
+    # The first may share the template's opening blocks with earlier chats of this module.
+    whole = (chats[0].usage.prompt_tokens - 1) // 4 * 4
+    cached = [c.usage.prompt_tokens_details.cached_tokens for c in chats]
+    assert cached[0] < whole == cached[1]
+
+
 def test_unknown_model_and_bad_parameters(client) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="no-such-adapter", messages=CONVERSATION)

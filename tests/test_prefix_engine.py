@@ -131,9 +131,10 @@ def test_shared_system_prompt_hits_and_partial_hits_match_peft(tiny, cache: str)
     rows = primers + rows
     results = list(zip(sinks, (s.prefix_hit for s in seqs), strict=True))
     assert [hit for _, hit in results] == [hit for _, _, hit in rows]
-    for (adapter, prompt, _), (sink, _) in zip(rows, results, strict=True):
+    for (adapter, prompt, _), (sink, hit) in zip(rows, results, strict=True):
         assert sink.tokens == expected(tiny, adapter, prompt), (adapter or "base", prompt)
         assert sink.outputs[-1].usage.prompt_tokens == len(prompt)
+        assert sink.outputs[-1].usage.cached_prompt_tokens == hit
     hit_tokens = metric(engine, "lorafleet_shard_prefix_hit_tokens_total", adapter="r8-all")
     assert hit_tokens == (2 * 16 + 4 + 12 if on else 0)
     if on:
@@ -172,6 +173,9 @@ def test_migrated_request_resumes_exactly_whether_or_not_the_destination_holds_i
     assert on_warm.tokens == on_cold.tokens == again.tokens == want[NEW:]
     for sink in (on_warm, on_cold, again):
         assert sink.outputs[-1].usage.generated_tokens == 2 * NEW
+    # Cached prompt tokens only: the cold shard's second resume found generated tokens too.
+    cached = [s.outputs[-1].usage.cached_prompt_tokens for s in (on_warm, on_cold, again)]
+    assert cached == [20, 0, 21]
 
 
 def test_hits_on_the_chunks_of_a_prefill_still_running_then_chunked_rest(tiny) -> None:

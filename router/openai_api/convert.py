@@ -135,13 +135,15 @@ def finish_reason(chunk: generate_pb2.GenerateResponse) -> str | None:
     return _FINISH[chunk.finish_reason]
 
 
-def usage(chunk: generate_pb2.GenerateResponse) -> dict[str, int]:
-    """OpenAI's usage object from the last chunk's usage."""
+def usage(chunk: generate_pb2.GenerateResponse) -> dict[str, Any]:
+    """OpenAI's usage object from the last chunk's usage; `prompt_tokens_details.cached_tokens`
+    counts the prompt tokens the shard's prefix cache served (as OpenAI and vLLM report them)."""
     prompt, completion = chunk.usage.prompt_tokens, chunk.usage.generated_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": chunk.usage.cached_prompt_tokens},
     }
 
 
