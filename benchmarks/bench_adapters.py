@@ -30,17 +30,17 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models
 
 from benchmarks.timing import provenance
-from shard.adapter_cache import AdapterCache
-from shard.adapter_tiers import HostCopy, Resident
-from shard.engine import Engine
-from shard.kv_cache import PagePool
+from shard.adapters.cache import AdapterCache
+from shard.adapters.tiers import HostCopy, Resident
+from shard.engine.engine import Engine
+from shard.engine.kv_cache import PagePool
+from shard.engine.sampling import SamplingParams
+from shard.engine.scheduler import Scheduler
+from shard.engine.sequence import EngineRequest, StepOutput, StopParams
+from shard.engine.step_plan import StepPlan
 from shard.metrics import ShardMetrics
-from shard.model_config import ModelConfig
-from shard.parallel import SINGLE
-from shard.sampling import SamplingParams
-from shard.scheduler import Scheduler
-from shard.sequence import EngineRequest, StepOutput, StopParams
-from shard.step_plan import StepPlan
+from shard.model.config import ModelConfig
+from shard.parallel.group import SINGLE
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB = 512  # the synthetic head's width; token ids are never decoded into real text

@@ -35,19 +35,19 @@ from unittest import mock
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import shard.isolated_step
+import shard.engine.isolated_step
 from benchmarks.mixed_step import measure_mixed, start_decodes
 from benchmarks.timing import provenance
-from shard.adapter_cache import AdapterCache
-from shard.detokenizer import TextStream
-from shard.engine import Engine
-from shard.kv_cache import PagePool
-from shard.model_config import ModelConfig
-from shard.parallel import SINGLE
-from shard.sampling import SamplingParams
-from shard.scheduler import Scheduler
-from shard.sequence import EngineRequest, StepOutput, StopParams
-from shard.step_plan import StepPlan
+from shard.adapters.cache import AdapterCache
+from shard.engine.detokenizer import TextStream
+from shard.engine.engine import Engine
+from shard.engine.kv_cache import PagePool
+from shard.engine.sampling import SamplingParams
+from shard.engine.scheduler import Scheduler
+from shard.engine.sequence import EngineRequest, StepOutput, StopParams
+from shard.engine.step_plan import StepPlan
+from shard.model.config import ModelConfig
+from shard.parallel.group import SINGLE
 
 PAGE_SIZE = 16
 MAX_CONTEXT = 4096
@@ -168,8 +168,10 @@ def instrumented(engine: Engine, timer: PhaseTimer) -> Iterator[None]:
     per-sequence loop (`advance`). `detokenize` is the share of it spent in `TextStream`."""
     with contextlib.ExitStack() as stack:
         for name, phase in (("make_plan", "plan"), ("sample", "sample")):
-            fn = getattr(shard.isolated_step, name)
-            stack.enter_context(mock.patch.object(shard.isolated_step, name, timer.wrap(phase, fn)))
+            fn = getattr(shard.engine.isolated_step, name)
+            stack.enter_context(
+                mock.patch.object(shard.engine.isolated_step, name, timer.wrap(phase, fn))
+            )
         for name in ("push", "finish"):
             fn = getattr(TextStream, name)
             stack.enter_context(mock.patch.object(TextStream, name, timer.wrap("detokenize", fn)))

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks.timing import copy_bandwidth, provenance, time_graph
-from shard.layers.lora import (
+from shard.model.layers.lora import (
     LORA_GROUPS,
     MAX_GROUP,
     LoraBatch,
@@ -45,7 +45,7 @@ LLAMA7B_PROJECTIONS = (
     ("up", 4096, 11008),
     ("down", 11008, 4096),
 )
-# The projections that share an input, as shard.layers.lora groups them (indices above).
+# The projections that share an input, as shard.model.layers.lora groups them (indices above).
 LLAMA7B_GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))
 
 

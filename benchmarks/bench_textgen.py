@@ -41,11 +41,11 @@ from benchmarks.workloads import (
 )
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.engine import Engine
-from shard.parallel import SINGLE
-from shard.rank import RankState
-from shard.sampling import SamplingParams
-from shard.sequence import EngineRequest, StepOutput, StopParams
+from shard.engine.engine import Engine
+from shard.engine.sampling import SamplingParams
+from shard.engine.sequence import EngineRequest, StepOutput, StopParams
+from shard.parallel.group import SINGLE
+from shard.parallel.rank import RankState
 from shard.tiny import write_tokenizer
 
 

@@ -42,7 +42,7 @@ from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import median_ms, provenance
 from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms, make_workload
 from router.local_process import free_port
-from shard.adapter_tiers import Resident
+from shard.adapters.tiers import Resident
 from shard.config import parse_config
 
 SHAPE_70B = {
@@ -83,8 +83,8 @@ def engine_main(job: EngineJob, out: mp.Queue) -> None:
     """A shard process: rank 0 of `--tp N`, exactly as `lorafleet-shard` builds it. The result
     goes out before the group is torn down; Python stacks are dumped if it runs past 150 s."""
     from shard.__main__ import build_engine, spawn_followers
-    from shard.parallel import TPGroup, init_group
-    from shard.rank import rank_device, shutdown_group
+    from shard.parallel.group import TPGroup, init_group
+    from shard.parallel.rank import rank_device, shutdown_group
 
     faulthandler.dump_traceback_later(150, exit=False)
     started = time.perf_counter()
@@ -142,7 +142,7 @@ def leader_forward_ms(leader, work: Workload, context: int) -> float:
             cache.release(state.key)
 
 
-# torch.distributed calls counted: every collective shard.parallel can make.
+# torch.distributed calls counted: every collective shard.parallel.group can make.
 COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast")
 
 
@@ -154,8 +154,8 @@ def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from shard.parallel import TPGroup, destroy, init_group
-    from shard.rank import build_rank, rank_device
+    from shard.parallel.group import TPGroup, destroy, init_group
+    from shard.parallel.rank import build_rank, rank_device
 
     cfg = parse_config(argv, env={})
     group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)

@@ -15,9 +15,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from shard.engine import Engine
-from shard.sampling import SamplingParams
-from shard.sequence import EngineRequest, StepOutput, StopParams
+from shard.engine.engine import Engine
+from shard.engine.sampling import SamplingParams
+from shard.engine.sequence import EngineRequest, StepOutput, StopParams
 
 
 @dataclass(frozen=True, slots=True)

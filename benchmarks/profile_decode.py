@@ -30,13 +30,13 @@ from benchmarks.bench_textgen import hbm_floor_ms, write_model_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import copy_bandwidth, provenance
 from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms
-from shard import fusion
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.decode_graphs import DecodeGraphs
-from shard.layers.lora import set_overlap
-from shard.parallel import SINGLE
-from shard.rank import RankState
+from shard.engine.decode_graphs import DecodeGraphs
+from shard.model import fusion
+from shard.model.layers.lora import set_overlap
+from shard.parallel.group import SINGLE
+from shard.parallel.rank import RankState
 
 TOP = 16  # kernels listed by name per row
 # Kernel-name patterns, first match wins; anything else is plain (unfused) elementwise work.

@@ -199,7 +199,7 @@ def in_process(args: argparse.Namespace, flags: list[str], mean_batches: list[in
     """Mixed steps against decode-only steps and floors; closed-batch decode at each batch."""
     from shard.__main__ import build_engine
     from shard.config import parse_config
-    from shard.parallel import SINGLE
+    from shard.parallel.group import SINGLE
 
     engine, _, leader = build_engine(parse_config(flags, env={}), SINGLE)
     model = leader.state.runner.model

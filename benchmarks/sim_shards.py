@@ -6,7 +6,7 @@ The router dials each shard at a different loopback address (127.0.x.y:P, all on
 listener), so it holds one channel, one load stream and one health watch per simulated shard,
 as it would against a real fleet. Each load stream's shard changes its batch at Poisson times
 (`--changes-per-s`) and swaps a resident adapter on one change in twenty; its snapshots go out
-through the shard's own `shard.load_feed` (pushed on change, coalesced, heartbeats, residency
+through the shard's own `shard.edge.load_feed` (pushed on change, coalesced, heartbeats, residency
 deltas when the router asks). Every second it prints `{"snapshots": N}` (sent so far) on stdout.
 """
 
@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from protos import shard_pb2, shard_pb2_grpc
-from shard.load_feed import LoadFeed, load_updates, pacing
+from shard.edge.load_feed import LoadFeed, load_updates, pacing
 
 MAX_BATCH = 32
 KV_PAGES = 2048

@@ -11,8 +11,8 @@ import torch
 
 from benchmarks.bench_sgmv import adapters_of_rows
 from benchmarks.timing import median_ms
-from shard.kv_cache import KvCache, pages_for
-from shard.step_plan import StepPlan
+from shard.engine.kv_cache import KvCache, pages_for
+from shard.engine.step_plan import StepPlan
 
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

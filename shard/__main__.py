@@ -21,15 +21,22 @@ from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from protos.decoding import InvalidArgumentOnDecodeError
 from router.config import LogFormat
 from router.logs import configure_logging
-from shard.chat_template import load_chat_template
 from shard.config import ShardConfig, parse_config
-from shard.engine import Engine
-from shard.model_config import ModelConfigError
-from shard.parallel import TPGroup, init_group
-from shard.prefix_cache import PrefixCache
-from shard.rank import Leader, RankState, build_rank, follower_main, rank_device, shutdown_group
-from shard.scheduler import Scheduler
-from shard.server import GeneratorServicer, ShardService, ShardServicer
+from shard.edge.chat_template import load_chat_template
+from shard.edge.server import GeneratorServicer, ShardService, ShardServicer
+from shard.engine.engine import Engine
+from shard.engine.prefix_cache import PrefixCache
+from shard.engine.scheduler import Scheduler
+from shard.model.config import ModelConfigError
+from shard.parallel.group import TPGroup, init_group
+from shard.parallel.rank import (
+    Leader,
+    RankState,
+    build_rank,
+    follower_main,
+    rank_device,
+    shutdown_group,
+)
 
 log = structlog.get_logger("shard")
 

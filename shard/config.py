@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router.flags import EnvArgumentParser, float_range, int_range
-from shard.lora_ranks import MAX_RANK as MAX_KERNEL_RANK
-from shard.lora_ranks import RANK_CLASSES
-from shard.model_config import ModelConfigError, load_model_config
+from shard.adapters.lora_ranks import MAX_RANK as MAX_KERNEL_RANK
+from shard.adapters.lora_ranks import RANK_CLASSES
+from shard.model.config import ModelConfigError, load_model_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")

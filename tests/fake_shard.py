@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
-from shard.load_feed import EVERY_CHANGE, LoadFeed, load_updates, pacing
+from shard.edge.load_feed import EVERY_CHANGE, LoadFeed, load_updates, pacing
 
 VOCAB = 32000
 DEFAULT_MAX_NEW_TOKENS = 16

@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.__main__ import build_engine
-from shard.adapter_cache import AdapterCache
-from shard.adapter_loader import AdapterError, AdapterErrorKind, packed_size
-from shard.adapter_replicas import MAX_CHANGED_RETRIES
-from shard.adapter_tiers import Resident
+from shard.adapters.cache import AdapterCache
+from shard.adapters.loader import AdapterError, AdapterErrorKind, packed_size
+from shard.adapters.replicas import MAX_CHANGED_RETRIES
+from shard.adapters.tiers import Resident
 from shard.config import parse_config
-from shard.parallel import SINGLE
-from shard.server import GeneratorServicer, ShardServicer
+from shard.edge.server import GeneratorServicer, ShardServicer
+from shard.parallel.group import SINGLE
 from tests.reference import greedy
 
 NEW = 12

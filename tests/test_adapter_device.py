@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from shard.adapter_device import DeviceTier, copy_done, order_after_copy
-from shard.adapter_tiers import Resident
+from shard.adapters.device import DeviceTier, copy_done, order_after_copy
+from shard.adapters.tiers import Resident
 
 
 def entry(key: str, nbytes: int, refs: int = 0) -> Resident:

@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
-from shard.adapter_host import HostTier
-from shard.adapter_loader import AdapterError, AdapterErrorKind, AdapterWeights, packed_size
+from shard.adapters.host import HostTier
+from shard.adapters.loader import AdapterError, AdapterErrorKind, AdapterWeights, packed_size
 
 
 def weights(adapter_id: str, rank: int = 4) -> AdapterWeights:

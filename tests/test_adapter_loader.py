@@ -8,9 +8,9 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from shard.adapter_loader import CONFIG_FILE, WEIGHTS_FILE, load_adapter
-from shard.model_config import load_model_config
-from shard.parallel import SINGLE
+from shard.adapters.loader import CONFIG_FILE, WEIGHTS_FILE, load_adapter
+from shard.model.config import load_model_config
+from shard.parallel.group import SINGLE
 
 
 def test_layers_an_adapter_skips_are_zero(tiny, tmp_path, monkeypatch) -> None:

@@ -12,10 +12,10 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer
 
 from protos import generate_pb2
-from shard.chat_template import ChatTemplateError, Message, load_chat_template
-from shard.detokenizer import TextStream
-from shard.model_config import load_model_config
-from shard.request_validation import NoChatTemplate, RequestError, to_engine_request
+from shard.edge.chat_template import ChatTemplateError, Message, load_chat_template
+from shard.edge.request_validation import NoChatTemplate, RequestError, to_engine_request
+from shard.engine.detokenizer import TextStream
+from shard.model.config import load_model_config
 
 # ChatML as SmolLM2 and Qwen write it: special tokens the tokenizer must keep whole.
 CHATML = (

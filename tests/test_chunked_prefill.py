@@ -11,9 +11,9 @@ import dataclasses
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.engine import Engine
-from shard.parallel import SINGLE
-from shard.sequence import MigrationReason, Resume, SeqStatus, Sequence
+from shard.engine.engine import Engine
+from shard.engine.sequence import MigrationReason, Resume, SeqStatus, Sequence
+from shard.parallel.group import SINGLE
 from tests.reference import greedy
 from tests.test_engine import Collector, request, until
 

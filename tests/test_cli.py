@@ -20,7 +20,7 @@ from router import client
 from router import config as router_config
 from router.local_process import free_port
 from shard import config as shard_config
-from shard.lora_ranks import MAX_RANK, RANK_CLASSES
+from shard.adapters.lora_ranks import MAX_RANK, RANK_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 

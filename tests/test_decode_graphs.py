@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 
 from shard.__main__ import build_engine
-from shard.adapter_loader import AdapterWeights
+from shard.adapters.loader import AdapterWeights
 from shard.config import parse_config
-from shard.decode_graphs import (
+from shard.engine.decode_graphs import (
     BATCH_BUCKETS,
     DecodeGraphs,
     GraphKey,
@@ -20,11 +20,11 @@ from shard.decode_graphs import (
     table_width,
     tensor_leaves,
 )
-from shard.engine import Engine
-from shard.kv_cache import pages_for
-from shard.layers.lora import LORA_MODULES, LoraBatch, build_lora_batch
-from shard.parallel import SINGLE
-from shard.step_plan import StepPlan
+from shard.engine.engine import Engine
+from shard.engine.kv_cache import pages_for
+from shard.engine.step_plan import StepPlan
+from shard.model.layers.lora import LORA_MODULES, LoraBatch, build_lora_batch
+from shard.parallel.group import SINGLE
 from tests.test_engine import mixed_rows, reference, submit_all
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 from tokenizers import Tokenizer
 
-from shard.detokenizer import StreamDelta, TextStream
+from shard.engine.detokenizer import StreamDelta, TextStream
 from shard.tiny import write_tiny
 
 TEXTS = (

@@ -11,10 +11,10 @@ import torch
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.engine import Engine
-from shard.parallel import SINGLE
-from shard.sampling import SamplingParams
-from shard.sequence import EngineRequest, FinishReason, StepOutput, StopParams
+from shard.engine.engine import Engine
+from shard.engine.sampling import SamplingParams
+from shard.engine.sequence import EngineRequest, FinishReason, StepOutput, StopParams
+from shard.parallel.group import SINGLE
 from tests.reference import greedy
 
 NEW_TOKENS = 32

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from shard.engine import Engine, NeverFitsError
-from shard.faults import RequestFault, is_process_fault
-from shard.parallel import GroupLost
-from shard.sampling import SamplingParams
-from shard.sequence import Resume
+from shard.engine.engine import Engine, NeverFitsError
+from shard.engine.faults import RequestFault, is_process_fault
+from shard.engine.sampling import SamplingParams
+from shard.engine.sequence import Resume
+from shard.parallel.group import GroupLost
 from tests.test_engine import Collector, make_engine, reference, request
 
 POISON = 479  # a valid id of the tiny vocabulary that the wrapped forward below refuses

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from protos import generate_pb2
-from shard.layers.rotary import inverse_frequencies
-from shard.loader import build_model, load_tokenizer
-from shard.model_config import ModelConfigError, load_model_config
-from shard.parallel import SINGLE
-from shard.request_validation import RequestError, to_engine_request
-from shard.sequence import FinishReason, StopParams
+from shard.edge.request_validation import RequestError, to_engine_request
+from shard.engine.sequence import FinishReason, StopParams
+from shard.model.config import ModelConfigError, load_model_config
+from shard.model.layers.rotary import inverse_frequencies
+from shard.model.loader import build_model, load_tokenizer
+from shard.parallel.group import SINGLE
 from tests.families import FAMILY_SPECS
 from tests.reference import greedy
 from tests.test_engine import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shard import fusion
+from shard.model import fusion
 
 
 def test_cpu_tensors_never_compile(monkeypatch) -> None:

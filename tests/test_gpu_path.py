@@ -10,7 +10,7 @@ import torch
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.parallel import SINGLE
+from shard.parallel.group import SINGLE
 from shard.tiny import TinySpec, write_tiny
 from tests.test_engine import mixed_rows, submit_all
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard import rank
 from shard.__main__ import build_engine
 from shard.config import ShardConfig, parse_config
-from shard.decode_graphs import DecodeGraphs, GraphKey, width_classes
-from shard.engine import Engine
-from shard.memory_plan import GRAPH_OVERHEAD_BYTES, decode_graph_bytes
-from shard.model_config import load_model_config
-from shard.model_runner import ModelRunner
-from shard.parallel import SINGLE
+from shard.engine.decode_graphs import DecodeGraphs, GraphKey, width_classes
+from shard.engine.engine import Engine
+from shard.engine.memory_plan import GRAPH_OVERHEAD_BYTES, decode_graph_bytes
+from shard.engine.model_runner import ModelRunner
+from shard.model.config import load_model_config
+from shard.parallel import rank
+from shard.parallel.group import SINGLE
 from shard.tiny import write_tiny
 from tests.test_engine import PROMPTS, Collector, reference, submit_all
 from tests.test_gpu_path import GPU_SPEC
@@ -59,8 +59,8 @@ def test_flag_rejects_what_is_not_a_rank_class(tiny, value: str, capsys) -> None
 
 
 def cpu_graphs(*args: object, use_graphs: bool) -> DecodeGraphs:
-    """Stands in for DecodeGraphs in shard.rank: what it builds for a CUDA device, built on the
-    CPU (padded shapes of the warm-up, no graphs)."""
+    """Stands in for DecodeGraphs in shard.parallel.rank: what it builds for a CUDA device, built on
+    the CPU (padded shapes of the warm-up, no graphs)."""
     *rest, device = args
     assert isinstance(device, torch.device) and device.type == "cuda" and use_graphs
     return DecodeGraphs(*rest, torch.device("cpu"), use_graphs=use_graphs)

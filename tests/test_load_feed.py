@@ -9,7 +9,7 @@ import time
 import pytest
 
 from protos import shard_pb2
-from shard.load_feed import LoadFeed, Pacing, load_updates, pacing, urgent
+from shard.edge.load_feed import LoadFeed, Pacing, load_updates, pacing, urgent
 
 
 class Shard:

@@ -9,11 +9,11 @@ import torch
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.kv_cache import KvCache
-from shard.layers.lora import MAX_GROUP
-from shard.memory_plan import lora_activation_bytes, plan_kv_pages
-from shard.model_config import load_model_config
-from shard.parallel import SINGLE
+from shard.engine.kv_cache import KvCache
+from shard.engine.memory_plan import lora_activation_bytes, plan_kv_pages
+from shard.model.config import load_model_config
+from shard.model.layers.lora import MAX_GROUP
+from shard.parallel.group import SINGLE
 
 GIB = 2**30
 CUDA = torch.device("cuda", 0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shard.model_config import ModelConfigError, RopeScaling, load_model_config
+from shard.model.config import ModelConfigError, RopeScaling, load_model_config
 
 BASE = {
     "vocab_size": 512,

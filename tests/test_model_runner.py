@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from shard.adapter_loader import AdapterWeights
-from shard.layers.lora import LORA_MODULES, build_lora_batch
-from shard.model_runner import lora_fields, lora_on, upload
+from shard.adapters.loader import AdapterWeights
+from shard.engine.model_runner import lora_fields, lora_on, upload
+from shard.model.layers.lora import LORA_MODULES, build_lora_batch
 
 
 def adapter(name: str, rank: int) -> AdapterWeights:

@@ -11,8 +11,8 @@ import torch
 
 from protos import generate_pb2, generate_pb2_grpc
 from router.local_process import free_port
-from shard.parallel import TPGroup
-from shard.sharding import input_cols, output_rows
+from shard.model.sharding import input_cols, output_rows
+from shard.parallel.group import TPGroup
 from tests.processes import shard_args, start, stop, wait_serving
 from tests.reference import greedy
 
@@ -20,7 +20,7 @@ NEW = 12
 
 
 def test_slices_cover_every_weight_once(tiny) -> None:
-    from shard.model_config import load_model_config
+    from shard.model.config import load_model_config
 
     cfg = load_model_config(tiny.model_dir)
     for module in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):

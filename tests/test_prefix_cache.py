@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from shard.kv_cache import PagePool, pages_for
+from shard.engine.kv_cache import PagePool, pages_for
+from shard.engine.prefix_cache import PrefixCache, chain_root, extend_chain
 from shard.metrics import ShardMetrics
-from shard.prefix_cache import PrefixCache, chain_root, extend_chain
 
 PAGE = 4
 

@@ -23,9 +23,9 @@ import torch
 
 from shard.__main__ import build_engine
 from shard.config import parse_config
-from shard.engine import Engine
-from shard.parallel import SINGLE
-from shard.sequence import Resume, Sequence
+from shard.engine.engine import Engine
+from shard.engine.sequence import Resume, Sequence
+from shard.parallel.group import SINGLE
 from tests.reference import greedy
 from tests.test_engine import Collector, request, until
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shard.sampling import SamplingParams, sample
+from shard.engine.sampling import SamplingParams, sample
 
 GREEDY = SamplingParams()
 

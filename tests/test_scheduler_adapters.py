@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from shard.kv_cache import PagePool
-from shard.sampling import SamplingParams
-from shard.scheduler import ADAPTER_WAIT_BARRIER_S, Scheduler
-from shard.sequence import EngineRequest, Sequence, StopParams
+from shard.engine.kv_cache import PagePool
+from shard.engine.sampling import SamplingParams
+from shard.engine.scheduler import ADAPTER_WAIT_BARRIER_S, Scheduler
+from shard.engine.sequence import EngineRequest, Sequence, StopParams
 
 
 @dataclass

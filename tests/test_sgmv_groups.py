@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from shard.layers.lora import build_lora_batch
+from shard.model.layers.lora import build_lora_batch
 from shard.ops import sgmv_expand, sgmv_shrink
 from shard.ops.sgmv import sgmv_expand_reference, sgmv_shrink_reference
 from tests.sgmv_problems import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from shard.sequence import FinishReason, MigrationReason, StepOutput
-from shard.server import take_ready
+from shard.edge.server import take_ready
+from shard.engine.sequence import FinishReason, MigrationReason, StepOutput
 
 
 def _token(i: int, **kw) -> StepOutput:

@@ -8,10 +8,10 @@ import random
 import pytest
 from tokenizers import Tokenizer, models
 
-from shard.detokenizer import TextStream
-from shard.sampling import SamplingParams
-from shard.sequence import EngineRequest, Sequence, StopParams
-from shard.step_plan import Chunk, make_plan
+from shard.engine.detokenizer import TextStream
+from shard.engine.sampling import SamplingParams
+from shard.engine.sequence import EngineRequest, Sequence, StopParams
+from shard.engine.step_plan import Chunk, make_plan
 
 PAGE_SIZE = 4
 TOKENIZER = Tokenizer(models.WordLevel({f"t{i}": i for i in range(64)}, unk_token="t0"))

@@ -4,8 +4,8 @@ Semantics (the CPU reference below is the oracle for any faster backend):
 - `kv_append(k_cache, v_cache, k, v, slots)`: for each row t, writes k[t], v[t] ([n_kv, d]) to
   page `slots[t] // page_size`, offset `slots[t] % page_size` of k_cache / v_cache
   ([pages, page_size, n_kv, d]). Every slot must be a slot of the cache: a CUDA graph's padding
-  rows write to the KV cache's scratch page (shard/decode_graphs.py), so no row is ever skipped
-  and the reference needs no host sync to filter rows.
+  rows write to the KV cache's scratch page (shard/engine/decode_graphs.py), so no row is ever
+  skipped and the reference needs no host sync to filter rows.
 - `paged_decode_attention(out, q, k_cache, v_cache, block_tables, context_lens, scale)`: for each
   request b, one query q[b] [n_q, d] attends to the first context_lens[b] cached tokens whose pages
   are block_tables[b] ([max_pages] int32, in order); GQA maps query head h to kv head

@@ -1,0 +1,161 @@
+"""The prefix cache: keys and values of full prompt blocks, shared by the requests of one adapter
+version that start with the same tokens.
+
+A block is the `page_size` tokens one KV page holds. Its key is a hash chain: the hash of the
+previous block's key and this block's tokens, rooted in the adapter version (`id@version`, where
+the version is a digest of the adapter's config and weights) or in the base model's own root. A
+block matches only when every token before it matches too, on exactly the same weights: keys and
+values are never shared across adapters, nor across versions of one adapter (LoRA changes the
+hidden states of every layer).
+
+The cached pages stay in the KV pool (`PagePool.keep`): held by the requests that read them, and
+idle, reclaimable, least recently used first, once no request holds them. A reloaded adapter's
+old version is retired: its blocks leave the index and its idle pages are freed.
+
+Engine thread only, except `retire`, which the adapter cache calls from its threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import deque
+from collections.abc import Callable
+from collections.abc import Sequence as Tokens
+from dataclasses import dataclass
+
+from shard.engine.kv_cache import PagePool
+from shard.metrics import ShardMetrics
+
+BASE_ROOT = b"lorafleet-prefix/base-model"
+
+
+def chain_root(adapter_key: str) -> bytes:
+    """The hash every chain of `adapter_key` starts from ("" is the base model)."""
+    if not adapter_key:
+        return hashlib.sha256(BASE_ROOT).digest()
+    return hashlib.sha256(b"lorafleet-prefix/adapter/" + adapter_key.encode()).digest()
+
+
+def extend_chain(
+    adapter_key: str, tokens: Tokens[int], hashes: list[bytes], page_size: int
+) -> None:
+    """Appends to `hashes` the keys of the full blocks of `tokens` it does not cover yet (tokens
+    only grow, so the keys already there stay valid)."""
+    parent = hashes[-1] if hashes else chain_root(adapter_key)
+    for block in range(len(hashes), len(tokens) // page_size):
+        ids = array("I", tokens[block * page_size : (block + 1) * page_size])
+        parent = hashlib.sha256(parent + ids.tobytes()).digest()
+        hashes.append(parent)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The pages of a request being admitted: its cached prefix, then fresh ones."""
+
+    pages: list[int]
+    cached_tokens: int  # tokens whose keys and values the cached pages already hold
+
+
+class PrefixCache:
+    """Block key -> KV page, over the pages a `PagePool` keeps."""
+
+    def __init__(
+        self,
+        pool: PagePool,
+        page_size: int,
+        is_current: Callable[[str], bool] = lambda key: True,
+    ) -> None:
+        """`is_current(key)`: whether adapter version `key` is still the one new requests get;
+        blocks of an older version are not added (a request that outlives a reload finishes on
+        its version, but no later request can use that version's keys and values)."""
+        self.pool = pool
+        self.page_size = page_size
+        self.is_current = is_current
+        self.metrics: ShardMetrics | None = None
+        self._page_of: dict[bytes, int] = {}  # block key -> page
+        self._block_of: dict[int, tuple[str, bytes]] = {}  # page -> (adapter key, block key)
+        self._pages_of: dict[str, set[int]] = {}  # adapter key -> its cached pages
+        self._retired: deque[str] = deque()  # appended by other threads, drained by `sync`
+        pool.on_reclaim = self._reclaimed
+
+    def attach_metrics(self, metrics: ShardMetrics) -> None:
+        self.metrics = metrics
+        metrics.prefix_cached_pages.set_function(lambda: self.pool.kept)
+        metrics.prefix_idle_pages.set_function(lambda: self.pool.idle)
+
+    @property
+    def blocks(self) -> int:
+        """Blocks in the index."""
+        return len(self._page_of)
+
+    def retire(self, adapter_key: str) -> None:
+        """Adapter version `adapter_key` was replaced or evicted: its blocks go at the next
+        `sync`. Thread-safe."""
+        self._retired.append(adapter_key)
+
+    def sync(self) -> None:
+        """Applies the retirements other threads asked for (once per step)."""
+        while self._retired:
+            key = self._retired.popleft()
+            pages = self._pages_of.pop(key, set())
+            for page in pages:
+                _, block = self._block_of.pop(page)
+                del self._page_of[block]
+                self.pool.unkeep(page)
+            if pages and self.metrics is not None:
+                self.metrics.prefix_retired_pages.inc(len(pages))
+
+    def admit(
+        self, adapter_key: str, tokens: Tokens[int], hashes: list[bytes], need: int
+    ) -> Admission | None:
+        """`need` pages for a request of `tokens` being admitted: the pages of its longest cached
+        prefix of full blocks (held once more), then fresh ones; None, holding nothing, when they
+        do not fit. At least the last token is left to compute, so the request gets its logits.
+        `hashes` (the request's block keys, kept across admissions) is extended to cover
+        `tokens`."""
+        extend_chain(adapter_key, tokens, hashes, self.page_size)
+        cached: list[int] = []
+        for block in hashes[: min((len(tokens) - 1) // self.page_size, need)]:
+            page = self._page_of.get(block)
+            if page is None:
+                break
+            cached.append(page)
+        self.pool.hold(cached)
+        fresh = self.pool.alloc(need - len(cached))
+        if fresh is None:
+            self.pool.release(cached)
+            return None
+        hit = len(cached) * self.page_size
+        if self.metrics is not None:
+            self.metrics.prefix_lookup(adapter_key, hit, len(tokens))
+        return Admission(cached + fresh, hit)
+
+    def insert(
+        self, adapter_key: str, hashes: list[bytes], pages: list[int], first: int, end: int
+    ) -> int:
+        """Adds blocks [first, end) of a request (their keys and values are computed) and
+        returns `end`, the request's next first block. A block whose key another page holds
+        already stays the request's own (it is freed with the request)."""
+        if end <= first or not self.is_current(adapter_key):
+            return max(first, end)
+        for block in range(first, end):
+            key, page = hashes[block], pages[block]
+            if key in self._page_of or page in self._block_of:
+                continue
+            self._page_of[key] = page
+            self._block_of[page] = (adapter_key, key)
+            self._pages_of.setdefault(adapter_key, set()).add(page)
+            self.pool.keep(page)
+        return end
+
+    def _reclaimed(self, page: int) -> None:
+        """The pool took an idle cached page back for an allocation."""
+        adapter_key, block = self._block_of.pop(page)
+        del self._page_of[block]
+        pages = self._pages_of[adapter_key]
+        pages.discard(page)
+        if not pages:
+            del self._pages_of[adapter_key]
+        if self.metrics is not None:
+            self.metrics.prefix_evicted_pages.inc()

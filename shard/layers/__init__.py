@@ -1,1 +1,0 @@
-"""Building blocks of the Llama family, tensor-parallel aware, LoRA applied inside the linears."""
