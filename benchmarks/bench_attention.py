@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -30,7 +29,6 @@ DTYPE = torch.bfloat16
 SHAPES = (("llama7b", 32, 32, 128), ("gqa-32q8kv", 32, 8, 128))  # (name, n_q, n_kv, d)
 BATCHES = (1, 8, 32, 64)
 CONTEXTS = (512, 2048, 8192)
-VARIANT_ENV = ("LORAFLEET_ATTN_UNROLL", "LORAFLEET_ATTN_L2_PREFETCH")  # kernel A/B switches
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +185,6 @@ def write_report(args: argparse.Namespace, bw: float, results: list[Result]) -> 
         "dtype": str(DTYPE),
         "page_size": PAGE_SIZE,
         "l2_bytes": torch.cuda.get_device_properties(0).L2_cache_size,
-        "variant": {k: os.environ.get(k) for k in VARIANT_ENV},
         "cases": [asdict(r) | {"ours_tbps": r.kv_bytes / r.ours_us / 1e6} for r in results],
     }
     with open(args.out, "w") as f:

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
   float acc[kHalves][4][4] = {};
   constexpr int kStride = kWarps * kUnroll;
 
-  // Page ids of this iteration and the next one (whose pages are prefetched into L2).
+  // Page ids of this iteration and the next one.
   int phys[kUnroll], phys_next[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
@@ -131,9 +131,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
     phys[u] = page < page1 ? table[page] : 0;
     phys_next[u] = page + kStride < page1 ? table[page + kStride] : 0;
   }
-  // Lane l prefetches token l % 16 of the keys (l < 16) or values of a page: D * 2 bytes.
-  const char* prefetch_base = static_cast<const char*>(lane < 16 ? p.k_cache : p.v_cache) +
-                              ((lane % 16) * tok_stride + kvh * D) * sizeof(T);
   for (int first = page0 + warp * kUnroll; first < page1; first += kStride) {
     uint4 kf[kUnroll][2][kSpans];
     uint4 vf[kUnroll][kHalves][4];
@@ -159,16 +156,11 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const DecodeParams p) 
           vf[u][h][j] = ok ? ld_stream(vp + v_tok[j] * tok_stride + h * 64) : zero;
       }
     }
-    // While this iteration's loads are in flight: pull the next one's pages into L2 (so its
-    // loads wait for L2, not HBM, without holding registers) and read the page ids after it.
+    // While this iteration's loads are in flight: read the page ids after the next one. (An L2
+    // prefetch of the next iteration's pages here cost 10-13% at large batches on an H200.)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int page = first + kStride + u;
-      if (p.l2_prefetch && page < page1) {
-        const char* line = prefetch_base + phys_next[u] * page_stride * sizeof(T);
-#pragma unroll
-        for (int b = 0; b < D * static_cast<int>(sizeof(T)); b += 128) sgmv::prefetch_l2(line + b);
-      }
       phys[u] = phys_next[u];
       phys_next[u] = page + kStride < page1 ? table[page + kStride] : 0;
     }
@@ -316,15 +308,9 @@ namespace lorafleet {
 template <typename T, int D>
 cudaError_t paged_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
-  // LORAFLEET_ATTN_L2_PREFETCH=1 turns on the L2 prefetch of each warp's next pages: measured
-  // on an H200 it cost 10-13% at large batches and gained at most 13% at batch 1, so it is off.
-  static const bool prefetch = std::getenv("LORAFLEET_ATTN_L2_PREFETCH") != nullptr;
-  // LORAFLEET_ATTN_UNROLL=1 has each warp read one page per iteration instead of two (measured
-  // on an H200: 29% faster for the 7B shape at batch 1, up to 20% slower from 256 CTAs on).
-  static const char* unroll_env = std::getenv("LORAFLEET_ATTN_UNROLL");
-  static const int unroll = unroll_env != nullptr && unroll_env[0] == '1' ? 1 : 2;
-  DecodeParams params = p;
-  params.l2_prefetch = prefetch ? 1 : 0;
+  // Each warp reads two pages per iteration (one was 29% faster for the 7B shape at batch 1 on
+  // an H200, but up to 20% slower from 256 CTAs on).
+  constexpr int kUnroll = 2;
   int num_sms = 0, cc_major = 0;
   const cudaError_t err = sgmv::device_info(&num_sms, &cc_major);
   if (err != cudaSuccess) return err;
@@ -335,18 +321,14 @@ cudaError_t paged_decode_attention(const DecodeParams& p, cudaStream_t stream) {
   int splits = 1;
   if (cc_major >= 9 && p.batch * p.num_kv_heads < num_sms) {
     const int ctas = p.batch * p.num_kv_heads;
-    const int pages_per_cta = attention::kWarps * unroll;
+    const int pages_per_cta = attention::kWarps * kUnroll;
     while (splits * 2 <= p.max_splits && ctas * splits < 2 * num_sms &&
            p.max_pages >= 2 * splits * pages_per_cta)
       splits *= 2;
   }
   using attention::launch_decode;
-  if (unroll == 1) {
-    if (splits == 1) return launch_decode<T, D, 1, false>(params, 1, stream);
-    return launch_decode<T, D, 1, true>(params, splits, stream);
-  }
-  if (splits == 1) return launch_decode<T, D, 2, false>(params, 1, stream);
-  return launch_decode<T, D, 2, true>(params, splits, stream);
+  if (splits == 1) return launch_decode<T, D, kUnroll, false>(p, 1, stream);
+  return launch_decode<T, D, kUnroll, true>(p, splits, stream);
 }
 
 }  // namespace lorafleet

@@ -44,7 +44,6 @@ struct DecodeParams {
   int max_pages;
   int max_splits;             // 1..kMaxSplits; 1 turns split-K off
   float scale;
-  int l2_prefetch;            // set by the launcher: prefetch the next pages into L2
 };
 
 // Copies rows of bytes; dtype-agnostic.

@@ -50,7 +50,8 @@ struct ExpandParams {
   int accumulate;                    // 1: y += the LoRA term; 0: y = it (0 in rank-0 segments)
 };
 
-// T: __half or __nv_bfloat16. RMAX: the largest rank any segment may have (16, 32, 64 or 128).
+// T: __half or __nv_bfloat16. RMAX: the largest rank any segment may have, one of the rank
+// classes of shard/lora_ranks.py (tests/test_lora_ranks.py checks the instantiations).
 template <typename T, int RMAX>
 cudaError_t sgmv_shrink(const ShrinkParams& p, cudaStream_t stream);
 

@@ -135,9 +135,7 @@ cudaError_t launch(void (*kernel)(Params), dim3 grid, int smem, int cluster_y, i
   cfg.stream = stream;
   cudaLaunchAttribute attrs[2];
   int n = 0;
-  // LORAFLEET_NO_PDL=1 turns programmatic dependent launch off, to measure what it brings.
-  static const bool pdl = std::getenv("LORAFLEET_NO_PDL") == nullptr;
-  if (cc_major >= 9 && pdl) {
+  if (cc_major >= 9) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
     ++n;

@@ -43,10 +43,9 @@ arguments (the pointers are host addresses there).
 
 On sm_90 the kernels use programmatic dependent launch: they start reading the weights and the
 index tensors while the kernel just before them on the stream still runs, so that kernel must not
-write those (weights and segment metadata are written earlier in a step, as usual). Two
-environment switches, read at the first launch, serve measurements and tests:
-``LORAFLEET_NO_PDL=1`` turns programmatic dependent launch off, and ``LORAFLEET_SM80=1`` makes a
-Hopper GPU take the sm_80 launch paths (no PDL, no clusters).
+write those (weights and segment metadata are written earlier in a step, as usual).
+``LORAFLEET_SM80=1`` (a build of its own, see ``shard.ops.build``) makes a Hopper GPU take the sm_80
+launch paths (no PDL, no clusters), so that they are tested where only Hopper GPUs are at hand.
 """
 
 from __future__ import annotations
