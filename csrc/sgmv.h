@@ -51,7 +51,7 @@ struct ExpandParams {
 };
 
 // T: __half or __nv_bfloat16. RMAX: the largest rank any segment may have, one of the rank
-// classes of shard/lora_ranks.py (tests/test_lora_ranks.py checks the instantiations).
+// classes of shard/adapters/lora_ranks.py (tests/test_lora_ranks.py checks the instantiations).
 template <typename T, int RMAX>
 cudaError_t sgmv_shrink(const ShrinkParams& p, cudaStream_t stream);
 
