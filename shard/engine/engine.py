@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from shard.engine.detokenizer import TextStream
 from shard.engine.faults import RequestFault, is_process_fault, request_fault
+from shard.engine.inbox import Cancel, Drain, Evacuate, Fail, Message, Submit, Wake
 from shard.engine.isolated_step import run_forward, sample_tokens
 from shard.engine.kv_cache import pages_for
 from shard.engine.scheduler import Scheduler
@@ -24,14 +25,13 @@ from shard.engine.sequence import (
     FinishReason,
     MigrationReason,
     Sequence,
+    Sink,
     StepOutput,
 )
 from shard.engine.step_plan import StepPlan
 from shard.metrics import ShardMetrics, adapter_label
 
 log = structlog.get_logger(__name__)
-
-Sink = Callable[[StepOutput], None]
 
 
 class CapacityError(Exception):
@@ -87,7 +87,7 @@ class Engine:
         self.max_context = max_context
         self.max_queue = max_queue
         self.retry_alone = retry_alone
-        self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._inbox: queue.Queue[Message] = queue.Queue()
         self._seqs: dict[str, Sequence] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -109,7 +109,7 @@ class Engine:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
         self._thread.join(timeout)
 
     def submit(self, req: EngineRequest, sink: Sink) -> None:
@@ -119,7 +119,7 @@ class Engine:
             raise CapacityError(f"the shard's queue is full ({self.max_queue} requests waiting)")
         if self._draining:
             raise DrainingError("the shard is draining and takes no new requests")
-        self._inbox.put(("submit", (req, sink)))
+        self._inbox.put(Submit(req, sink))
 
     def _check_fits(self, req: EngineRequest) -> None:
         """Raises NeverFitsError when the request at its longest outgrows the whole KV pool:
@@ -142,17 +142,17 @@ class Engine:
             )
 
     def cancel(self, request_id: str) -> None:
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(Cancel(request_id))
 
     def drain(self) -> int:
         """Stops admissions; waiting migratable requests leave at once. Returns running count."""
         self._draining = True
-        self._inbox.put(("drain", None))
+        self._inbox.put(Drain())
         return self._load.running
 
     def evacuate(self) -> None:
         """Migrates every running migratable request (the end of a drain)."""
-        self._inbox.put(("evacuate", None))
+        self._inbox.put(Evacuate())
 
     def fail(self, exc: BaseException) -> None:
         """Marks the engine dead from another thread (a tensor-parallel rank is gone): `alive`
@@ -160,7 +160,7 @@ class Engine:
         stream with the error."""
         if self.failure is None:
             self.failure = exc
-        self._inbox.put(("fail", exc))
+        self._inbox.put(Fail(exc))
 
     @property
     def alive(self) -> bool:
@@ -193,33 +193,37 @@ class Engine:
 
     def _take_inbox(self, block: bool) -> None:
         try:
-            cmd, arg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            msg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:
-            self._handle(cmd, arg)
+            self._handle(msg)
             try:
-                cmd, arg = self._inbox.get_nowait()
+                msg = self._inbox.get_nowait()
             except queue.Empty:
                 break
         self._publish()  # once per batch of commands: a burst of submits is one snapshot
 
-    def _handle(self, cmd: str, arg: object) -> None:
-        if cmd == "submit":
-            req, sink = arg  # type: ignore[misc]
-            self._admit_request(req, sink)
-        elif cmd == "cancel":
-            seq = self._seqs.pop(arg, None)  # type: ignore[arg-type]
-            if seq is not None:
-                self.scheduler.release(seq)
-                log.info("request cancelled", request_id=seq.req.label, engine_id=seq.request_id)
-        elif cmd == "fail":
-            raise arg  # type: ignore[misc]
-        elif cmd in ("drain", "evacuate"):
-            group = self.scheduler.waiting if cmd == "drain" else list(self._seqs.values())
-            for seq in list(group):
-                if seq.req.migratable:
-                    self._migrate(seq, MigrationReason.DRAINING)
+    def _handle(self, msg: Message) -> None:
+        match msg:
+            case Submit(req, sink):
+                self._admit_request(req, sink)
+            case Cancel(request_id):
+                seq = self._seqs.pop(request_id, None)
+                if seq is not None:
+                    self.scheduler.release(seq)
+                    log.info(
+                        "request cancelled", request_id=seq.req.label, engine_id=seq.request_id
+                    )
+            case Fail(error):
+                raise error
+            case Drain() | Evacuate():
+                group = self.scheduler.waiting if isinstance(msg, Drain) else self._seqs.values()
+                for seq in list(group):
+                    if seq.req.migratable:
+                        self._migrate(seq, MigrationReason.DRAINING)
+            case Wake():
+                pass
 
     def _admit_request(self, req: EngineRequest, sink: Sink) -> None:
         if req.sampling.seed is None:

@@ -91,11 +91,15 @@ class StepOutput:
     usage: Usage | None = None
     migration: MigrationReason | None = None
     generated_ids: tuple[int, ...] = ()  # all generated so far, set with `migration`
-    error: Exception | None = None  # the request failed (e.g. its adapter could not be loaded)
+    error: BaseException | None = None  # the request failed (e.g. its adapter did not load)
 
     @property
     def final(self) -> bool:
         return self.finish is not None or self.migration is not None or self.error is not None
+
+
+# Where a request's outputs go, called from the engine thread.
+Sink = Callable[[StepOutput], None]
 
 
 class Sequence:
@@ -104,7 +108,7 @@ class Sequence:
     def __init__(
         self,
         req: EngineRequest,
-        sink: Callable[[StepOutput], None],
+        sink: Sink,
         text: TextStream,
     ) -> None:
         resumed = req.resume.generated_ids if req.resume else ()
