@@ -225,8 +225,10 @@ class SyntheticForward:
         self.head = torch.randn(h, VOCAB, device=d, dtype=dt)
         self.x = torch.randn(max_rows + 1, h, device=d, dtype=dt)
 
+    retry_alone = True
+
     @torch.inference_mode()
-    def __call__(self, plan: StepPlan) -> torch.Tensor:
+    def execute(self, plan: StepPlan) -> torch.Tensor:
         start = time.perf_counter()
         t, hid = plan.num_rows, self.cfg.hidden_size
         bounds = [row for row, _ in plan.segments] + [t]

@@ -85,7 +85,9 @@ class StubForward:
         self.base = torch.randn(vocab, generator=torch.Generator().manual_seed(0))  # [V]
         self.seconds = 0.0
 
-    def __call__(self, plan: StepPlan) -> torch.Tensor:
+    retry_alone = True
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
         start = time.perf_counter()
         rows = torch.tensor(plan.logits_rows)
         after = (torch.tensor(plan.positions)[rows] + 1) % len(self.text_ids)  # [B]

@@ -136,7 +136,7 @@ def leader_forward_ms(leader, work: Workload, context: int) -> float:
     keys = [claimed[a].key if a else "" for a in work.adapters]
     device = leader.state.runner.device
     try:
-        return decode_step_ms(leader.state.kv, leader.forward, device, keys, context, reps=30)
+        return decode_step_ms(leader.state.kv, leader.execute, device, keys, context, reps=30)
     finally:
         for state in claimed.values():
             cache.release(state.key)

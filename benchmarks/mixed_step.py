@@ -15,9 +15,12 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import torch
+
 from shard.engine.engine import Engine
 from shard.engine.sampling import SamplingParams
 from shard.engine.sequence import EngineRequest, StepOutput, StopParams
+from shard.engine.step_plan import StepPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +39,19 @@ class MixedTiming:
     mixed_cpu_ms: float
 
 
-class _TimedForward:
-    """Wraps the engine's forward to add up the seconds spent inside it."""
+class _TimedExecutor:
+    """Wraps the engine's executor to add up the seconds spent inside it."""
 
     def __init__(self, engine: Engine) -> None:
-        self.inner = engine.forward
+        self.inner = engine.executor
+        self.retry_alone = self.inner.retry_alone
         self.seconds = 0.0
-        engine.forward = self
+        engine.executor = self
 
-    def __call__(self, plan: object) -> object:
+    def execute(self, plan: StepPlan) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.inner(plan)
+            return self.inner.execute(plan)
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -100,7 +104,7 @@ def measure_mixed(
 ) -> MixedTiming:
     """Times `reps` decode-only and `reps` mixed steps of the running batch (see the module
     docstring); the batch must be running (`start_decodes`) with room for 2 * reps more tokens."""
-    timed = _TimedForward(engine)
+    timed = _TimedExecutor(engine)
     decode, mixed, decode_fwd, mixed_fwd, decode_cpu, mixed_cpu = [], [], [], [], [], []
     cases = ((decode, decode_fwd, decode_cpu, False), (mixed, mixed_fwd, mixed_cpu, True))
     try:
@@ -122,7 +126,7 @@ def measure_mixed(
                     "the prefill did not finish in its step (raise --max-prefill-tokens)"
                 )
     finally:
-        engine.forward = timed.inner
+        engine.executor = timed.inner
 
     def ms(values: list[float]) -> float:
         return statistics.median(values) * 1e3

@@ -25,6 +25,7 @@ from shard.config import ShardConfig, parse_config
 from shard.edge.chat_template import load_chat_template
 from shard.edge.server import GeneratorServicer, ShardService, ShardServicer
 from shard.engine.engine import Engine
+from shard.engine.executor import LocalExecutor
 from shard.engine.prefix_cache import PrefixCache
 from shard.engine.scheduler import Scheduler
 from shard.model.config import ModelConfigError
@@ -101,12 +102,11 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     )
     engine = Engine(
         scheduler,
-        leader.forward,
+        leader if group.size > 1 else LocalExecutor(state.runner),
         state.tokenizer,
         model_cfg.eos_token_ids,
         max_context,
         cfg.max_queue,
-        retry_alone=group.size == 1,
     )
     if (graphs := state.runner.decode_graphs) is not None:
         # Read at scrape time: captures on first use happen on the engine thread.

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from shard.engine.engine import Engine, NeverFitsError
+from shard.engine.executor import Executor
 from shard.engine.faults import RequestFault, is_process_fault
 from shard.engine.sampling import SamplingParams
 from shard.engine.sequence import Resume
+from shard.engine.step_plan import StepPlan
 from shard.parallel.group import GroupLost
 from tests.test_engine import Collector, make_engine, reference, request
 
@@ -23,16 +25,23 @@ def engine(tiny) -> Iterator[Engine]:
     """One engine for the module; its forward raises whenever a row holds POISON, like a bug
     that one request's input triggers."""
     engine = make_engine(tiny)
-    forward = engine.forward
-
-    def fragile(plan):
-        if POISON in plan.input_ids:
-            raise IndexError("row holds the poison id")
-        return forward(plan)
-
-    engine.forward = fragile
+    engine.executor = Fragile(engine.executor)
     yield engine
     engine.stop()
+
+
+class Fragile:
+    """An executor that raises whenever a row holds POISON, and otherwise runs `inner`'s."""
+
+    retry_alone = True
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        if POISON in plan.input_ids:
+            raise IndexError("row holds the poison id")
+        return self.inner.execute(plan)
 
 
 def run(engine: Engine, reqs) -> list[Collector]:

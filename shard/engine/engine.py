@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer
 
 from shard.engine.detokenizer import TextStream
+from shard.engine.executor import Executor
 from shard.engine.faults import RequestFault, is_process_fault, request_fault
 from shard.engine.inbox import Cancel, Drain, Evacuate, Fail, Message, Submit, Wake
 from shard.engine.isolated_step import run_forward, sample_tokens
@@ -28,7 +29,6 @@ from shard.engine.sequence import (
     Sink,
     StepOutput,
 )
-from shard.engine.step_plan import StepPlan
 from shard.metrics import ShardMetrics, adapter_label
 
 log = structlog.get_logger(__name__)
@@ -71,22 +71,18 @@ class Engine:
     def __init__(
         self,
         scheduler: Scheduler,
-        forward: Callable[[StepPlan], torch.Tensor],
+        executor: Executor,
         tokenizer: Tokenizer,
         eos_ids: tuple[int, ...],
         max_context: int,
         max_queue: int,
-        retry_alone: bool = True,
     ) -> None:
-        """`retry_alone`: when a forward fails, run each request of the step on its own to find
-        the one at fault (only without tensor parallelism: followers replay every forward)."""
         self.scheduler = scheduler
-        self.forward = forward
+        self.executor = executor
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
         self.max_queue = max_queue
-        self.retry_alone = retry_alone
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._seqs: dict[str, Sequence] = {}
         self._stop = threading.Event()
@@ -267,12 +263,7 @@ class Engine:
             return
         started = time.perf_counter()
         logits, order, prefills = run_forward(
-            self.forward,
-            sched.decode,
-            sched.prefill,
-            self.scheduler.page_size,
-            self.retry_alone,
-            self._fail,
+            self.executor, sched.decode, sched.prefill, self.scheduler.page_size, self._fail
         )
         if order:
             self._emit(logits, order, prefills)

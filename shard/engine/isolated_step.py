@@ -14,10 +14,11 @@ from collections.abc import Callable
 import structlog
 import torch
 
+from shard.engine.executor import Executor
 from shard.engine.faults import is_process_fault
 from shard.engine.sampling import sample
 from shard.engine.sequence import Sequence
-from shard.engine.step_plan import Chunk, StepPlan, make_plan
+from shard.engine.step_plan import Chunk, make_plan
 
 log = structlog.get_logger(__name__)
 
@@ -25,25 +26,25 @@ Fail = Callable[[Sequence, Exception], None]
 
 
 def run_forward(
-    forward: Callable[[StepPlan], torch.Tensor],
+    executor: Executor,
     decode: list[Sequence],
     prefill: list[Chunk],
     page_size: int,
-    retry_alone: bool,
     fail: Fail,
 ) -> tuple[torch.Tensor, list[Sequence], set[Sequence]]:
     """Logits [B, V] of the step's sampled rows, the sequences of those rows and which of them
     ended their prompt in this step (a prefill chunk that does not end it is not sampled). Every
     sequence whose rows ran has their keys and values marked cached (`num_cached`).
 
-    `retry_alone` False (tensor parallelism: followers replay every forward) re-raises instead.
+    An executor that cannot retry alone (tensor parallelism: the followers replay every
+    forward) re-raises instead.
     """
     plan, order = make_plan(decode, prefill, page_size)
     ending = {c.seq for c in prefill if c.last}
     try:
-        logits = forward(plan)
+        logits = executor.execute(plan)
     except Exception as exc:
-        if is_process_fault(exc) or not retry_alone:
+        if is_process_fault(exc) or not executor.retry_alone:
             raise
         if len(decode) + len(prefill) == 1:
             fail(decode[0] if decode else prefill[0].seq, exc)
@@ -56,12 +57,13 @@ def run_forward(
             chunk.seq.num_cached = chunk.end
         return logits, order, ending
     rows, survivors = [], []
-    parts = [([seq], []) for seq in decode] + [([], [chunk]) for chunk in prefill]
+    parts: list[tuple[list[Sequence], list[Chunk]]] = [([seq], []) for seq in decode]
+    parts += [([], [chunk]) for chunk in prefill]
     for alone_decode, alone_chunk in parts:
         seq = alone_decode[0] if alone_decode else alone_chunk[0].seq
         try:
             part, sampled = make_plan(alone_decode, alone_chunk, page_size)
-            out = forward(part)
+            out = executor.execute(part)
         except Exception as exc:
             if is_process_fault(exc):
                 raise

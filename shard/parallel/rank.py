@@ -120,8 +120,11 @@ class Leader:
         if self.state.group.size > 1:
             self._thread.start()
 
-    def forward(self, plan: StepPlan) -> torch.Tensor:
-        """Broadcasts the plan, then runs it like every other rank."""
+    # A failed forward is not run again request by request: the followers replay every forward.
+    retry_alone = False
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Broadcasts the plan, then runs it like every other rank (the engine's executor)."""
         self._send(plan)
         return self.state.runner.forward(plan)
 
