@@ -5,9 +5,9 @@ class) — and replayed from a graph captured once for that shape. Everything th
 to step (token ids, positions, KV slots, page tables, adapter segments and weight pointers) lives
 in one device buffer with a host mirror, so a step costs one host-to-device copy and one replay.
 
-Padding rows are harmless: they read token 0 at position 0, write their key and value into the
-KV cache's scratch page (never handed to a request), attend to that one slot, and belong to a
-base-model segment; their logits are dropped. Padding segments are empty with rank 0.
+The padding (`shard.engine.forward_inputs`, which builds eager steps' inputs too) is harmless:
+padding rows write into the KV cache's scratch page and their logits are dropped; padding
+segments are empty with rank 0.
 
 On a CPU the same padded path runs eagerly (no graph), which is how the padding is tested in CI.
 """
@@ -23,10 +23,10 @@ import torch
 
 from shard.adapters.loader import AdapterWeights
 from shard.adapters.lora_ranks import RANK_CLASSES
+from shard.engine.forward_inputs import NO_ROWS, DecodePadding, ForwardInputs
 from shard.engine.kv_cache import KvCache
 from shard.engine.step_plan import StepPlan
-from shard.model.forward_meta import ForwardMeta
-from shard.model.layers.lora import LoraBatch, build_lora_batch
+from shard.model.layers.lora import LoraBatch
 from shard.model.llama import LlamaForCausalLM
 
 log = structlog.get_logger(__name__)
@@ -179,52 +179,25 @@ class PaddedDecode:
         device: torch.device,
     ) -> None:
         self.key = key
-        self.kv = kv
         self.dtype = dtype
-        n = key.batch
-        template_lora = (
-            build_lora_batch([0], [None], n, dtype, device, num_segments=n + 1, rank=key.rank)
-            if key.rank
-            else None
-        )
-        lora_leaves = step_leaves(template_lora)
-        specs = {
-            "input_ids": ((n,), torch.int64),
-            "positions": ((n,), torch.int64),
-            "slot_mapping": ((n,), torch.int64),
-            "block_tables": ((n, key.width), torch.int32),
-            "context_lens": ((n,), torch.int32),
-            "logits_rows": ((n,), torch.int64),
-            **{name: (tuple(t.shape), t.dtype) for name, t in lora_leaves.items()},
-        }
-        self.arena = StagingArena(specs, device)
-        host = self.arena.host
-        host["logits_rows"].copy_(torch.arange(n))
+        self.inputs = ForwardInputs(kv.page_size)
+        self.padding = DecodePadding(key.batch, key.width, key.rank, kv.scratch_page)
         # Until a step fills them, every row is a padding row, in one base-model segment: what a
         # graph captured at start, before any step, runs and writes.
-        host["slot_mapping"].fill_(kv.scratch_page * kv.page_size)
-        host["block_tables"].fill_(kv.scratch_page)
-        host["context_lens"].fill_(1)
-        for name, t in lora_leaves.items():
-            host[name].copy_(t)
+        template = self.inputs.fields(NO_ROWS, self.padding)
+        template_lora = self.inputs.lora(NO_ROWS, [], dtype, self.padding, device)
+        lora_leaves = step_leaves(template_lora)
+        specs = {name: (tuple(t.shape), t.dtype) for name, t in (template | lora_leaves).items()}
+        self.arena = StagingArena(specs, device)
+        for name, t in (template | lora_leaves).items():
+            self.arena.host[name].copy_(t)
         dev = self.arena.device
         lora = None
         if template_lora is not None:
             static = {name.removeprefix("lora."): dev[name] for name in lora_leaves}
             lora = replace_leaves(template_lora, static)
             assert isinstance(lora, LoraBatch)
-        self.meta = ForwardMeta(
-            positions=dev["positions"],
-            slot_mapping=dev["slot_mapping"],
-            num_decode=n,
-            block_tables=dev["block_tables"],
-            context_lens=dev["context_lens"],
-            prefill_pages=None,
-            prefill_mask=None,
-            prefill_causal=False,
-            logits_rows=dev["logits_rows"],
-            lora=lora,
-        )
+        self.meta = self.inputs.meta(dev, (), lora)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._lora_signature: tuple | None = None  # what the host mirror's LoRA tables hold
@@ -233,32 +206,15 @@ class PaddedDecode:
         """Writes the plan's rows into the host mirror; rows past the plan become padding."""
         self.arena.wait_host()
         host = self.arena.host
-        b, n = plan.num_rows, self.key.batch
-        scratch_slot = self.kv.scratch_page * self.kv.page_size
-        width = self.key.width
-        tables = [list(p) + [self.kv.scratch_page] * (width - len(p)) for p in plan.decode_pages]
-        pad = n - b
-        host["input_ids"].copy_(torch.tensor([*plan.input_ids, *([0] * pad)]))
-        host["positions"].copy_(torch.tensor([*plan.positions, *([0] * pad)]))
-        host["slot_mapping"].copy_(torch.tensor([*plan.slots, *([scratch_slot] * pad)]))
-        host["context_lens"].copy_(torch.tensor([*plan.decode_context, *([1] * pad)]))
-        host["block_tables"][:b].copy_(torch.tensor(tables, dtype=torch.int32).view(b, -1))
-        host["block_tables"][b:].fill_(self.kv.scratch_page)
+        for name, t in self.inputs.fields(plan, self.padding).items():
+            host[name].copy_(t)
         if self.key.rank:
-            starts = [row for row, _ in plan.segments] + [b]
+            starts = [row for row, _ in plan.segments] + [plan.num_rows]
             signature = lora_signature(starts, weights)
             # The same segments on the same resident adapters as this shape's last step (most
             # decode steps): the host mirror still holds their tables.
             if signature != self._lora_signature:
-                lora = build_lora_batch(
-                    starts,
-                    [*weights, None],
-                    n,
-                    self.dtype,
-                    torch.device("cpu"),
-                    num_segments=n + 1,
-                    rank=self.key.rank,
-                )
+                lora = self.inputs.lora(plan, weights, self.dtype, self.padding)
                 for name, t in step_leaves(lora).items():
                     host[name].copy_(t)
                 self._lora_signature = signature
