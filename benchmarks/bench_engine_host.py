@@ -276,7 +276,7 @@ def measure_mixed_cases(cases: list[tuple[int, int]], a: argparse.Namespace) -> 
     on the tiny model with `a.mixed_layers` layers, with its adapters dealt over the batch beside
     the base model, and with the base model alone (whose narrow layers leave the step's time to
     the host: the CPU reference of SGMV computes, where a GPU launches one kernel)."""
-    from shard.__main__ import build_engine as build_shard_engine
+    from shard.compose import build_engine as build_shard_engine
     from shard.config import parse_config
     from shard.tiny import TinySpec, write_tiny
 

@@ -39,7 +39,7 @@ from benchmarks.workloads import (
     format_row,
     make_workload,
 )
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.engine import Engine
 from shard.engine.sampling import SamplingParams

@@ -82,9 +82,10 @@ def run_work(engine, work: Workload, tag: str) -> dict:
 def engine_main(job: EngineJob, out: mp.Queue) -> None:
     """A shard process: rank 0 of `--tp N`, exactly as `lorafleet-shard` builds it. The result
     goes out before the group is torn down; Python stacks are dumped if it runs past 150 s."""
-    from shard.__main__ import build_engine, spawn_followers
+    from shard.compose import build_engine, follower_main, rank_device
     from shard.parallel.group import TPGroup, init_group
-    from shard.parallel.rank import rank_device, shutdown_group
+    from shard.parallel.shutdown import shutdown_group
+    from shard.parallel.spawn import spawn_followers
 
     faulthandler.dump_traceback_later(150, exit=False)
     started = time.perf_counter()
@@ -95,7 +96,7 @@ def engine_main(job: EngineJob, out: mp.Queue) -> None:
     try:
         cfg = parse_config(list(job.argv), env={})
         torch.set_grad_enabled(False)
-        followers = spawn_followers(cfg)
+        followers = spawn_followers(cfg, follower_main)
         group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
         engine, _, leader = build_engine(cfg, group)
         engine.start()
@@ -154,8 +155,8 @@ def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
+    from shard.compose import build_rank, rank_device
     from shard.parallel.group import TPGroup, destroy, init_group
-    from shard.parallel.rank import build_rank, rank_device
 
     cfg = parse_config(argv, env={})
     group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)

@@ -30,7 +30,7 @@ from benchmarks.bench_textgen import hbm_floor_ms, write_model_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import copy_bandwidth, provenance
 from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.decode_graphs import DecodeGraphs
 from shard.model import fusion

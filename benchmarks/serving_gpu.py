@@ -197,7 +197,7 @@ def kernel_profile(engine, batch: int, tokens: int, vocab: int, adapters: list[s
 
 def in_process(args: argparse.Namespace, flags: list[str], mean_batches: list[int]) -> dict:
     """Mixed steps against decode-only steps and floors; closed-batch decode at each batch."""
-    from shard.__main__ import build_engine
+    from shard.compose import build_engine
     from shard.config import parse_config
     from shard.parallel.group import SINGLE
 

@@ -11,7 +11,8 @@ The packages are the parts of a shard, highest first; a part imports only the pa
 - ``parallel/``: the tensor-parallel group, its collectives, and the leader/follower ranks.
 - ``ops/``: the custom kernels (compiled from csrc/) and their plain-torch references.
 
-Beside them: ``__main__`` (the entry point), ``config`` (the process's one frozen ``ShardConfig``)
-and ``metrics`` (its Prometheus counters), both built once and passed down; ``tiny`` writes a tiny
-random checkpoint and adapters (``python -m shard.tiny``).
+Beside them: ``__main__`` (the entry point), ``compose`` (the composition root: builds a rank,
+and on rank 0 the engine and gRPC service, from the config), ``config`` (the process's one frozen
+``ShardConfig``) and ``metrics`` (its Prometheus counters), both built once and passed down;
+``tiny`` writes a tiny random checkpoint and adapters (``python -m shard.tiny``).
 """

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
-from shard.__main__ import build_engine
 from shard.adapters.cache import AdapterCache
 from shard.adapters.loader import AdapterError, AdapterErrorKind, packed_size
 from shard.adapters.replicas import MAX_CHANGED_RETRIES
 from shard.adapters.tiers import Resident
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.edge.server import GeneratorServicer, ShardServicer
 from shard.parallel.group import SINGLE

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.engine import Engine
 from shard.engine.sequence import MigrationReason, Resume, SeqStatus, Sequence

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from shard.__main__ import build_engine
 from shard.adapters.loader import AdapterWeights
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.decode_graphs import (
     BATCH_BUCKETS,

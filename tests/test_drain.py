@@ -28,8 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from router.local_process import free_port
-from shard.__main__ import SERVICES, loading_health
 from shard.config import parse_config
+from shard.edge.health import SERVICES, loading_health
 from tests.fleet import wait_until
 from tests.processes import shard_args, start, stop, wait_serving
 

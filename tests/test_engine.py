@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.engine import Engine
 from shard.engine.sampling import SamplingParams

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.parallel.group import SINGLE
 from shard.tiny import TinySpec, write_tiny

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.__main__ import build_engine
+from shard import compose
+from shard.compose import build_engine
 from shard.config import ShardConfig, parse_config
 from shard.engine.decode_graphs import DecodeGraphs, GraphKey, width_classes
 from shard.engine.engine import Engine
 from shard.engine.memory_plan import GRAPH_OVERHEAD_BYTES, decode_graph_bytes
 from shard.engine.model_runner import ModelRunner
 from shard.model.config import load_model_config
-from shard.parallel import rank
 from shard.parallel.group import SINGLE
 from shard.tiny import write_tiny
 from tests.test_engine import PROMPTS, Collector, reference, submit_all
@@ -59,7 +59,7 @@ def test_flag_rejects_what_is_not_a_rank_class(tiny, value: str, capsys) -> None
 
 
 def cpu_graphs(*args: object, use_graphs: bool) -> DecodeGraphs:
-    """Stands in for DecodeGraphs in shard.parallel.rank: what it builds for a CUDA device, built on
+    """Stands in for DecodeGraphs in shard.compose: what it builds for a CUDA device, built on
     the CPU (padded shapes of the warm-up, no graphs)."""
     *rest, device = args
     assert isinstance(device, torch.device) and device.type == "cuda" and use_graphs
@@ -67,14 +67,14 @@ def cpu_graphs(*args: object, use_graphs: bool) -> DecodeGraphs:
 
 
 def startup_graphs(tiny, monkeypatch, *flags: str) -> tuple[Engine, ModelRunner, DecodeGraphs]:
-    """A CPU engine whose runner holds the decode graphs that rank.build_decode_graphs makes for
+    """A CPU engine whose runner holds the decode graphs that compose.build_decode_graphs makes for
     a CUDA rank with these flags."""
     cfg = config(tiny, "--device", "cpu", "--page-size", "4", "--max-batch-size", "8", *flags)
     engine, _, leader = build_engine(cfg, SINGLE)
     state = leader.state
-    monkeypatch.setattr(rank, "DecodeGraphs", cpu_graphs)
+    monkeypatch.setattr(compose, "DecodeGraphs", cpu_graphs)
     max_context = state.model_cfg.max_position_embeddings
-    graphs = rank.build_decode_graphs(
+    graphs = compose.build_decode_graphs(
         cfg, state.runner.model, state.kv, torch.device("cuda", 0), max_context
     )
     assert graphs is not None
@@ -102,7 +102,7 @@ def test_startup_warmup_off_and_graphs_off(tiny, monkeypatch) -> None:
     _, _, leader = build_engine(cfg, SINGLE)
     state = leader.state
     cuda = torch.device("cuda", 0)
-    assert rank.build_decode_graphs(cfg, state.runner.model, state.kv, cuda, 256) is None
+    assert compose.build_decode_graphs(cfg, state.runner.model, state.kv, cuda, 256) is None
     assert state.runner.decode_graphs is None  # a CPU rank decodes eagerly, unpadded
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.kv_cache import KvCache
 from shard.engine.memory_plan import lora_activation_bytes, plan_kv_pages

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard.__main__ import build_engine
+from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.engine import Engine
 from shard.engine.sequence import Resume, Sequence

@@ -1,7 +1,7 @@
 """Runs a step's plan: the engine's one way to the model.
 
 `LocalExecutor` runs the model of this process (no tensor parallelism). With tensor parallelism
-rank 0's executor is the group's leader (`shard.parallel.rank.Leader`), which broadcasts each
+rank 0's executor is the group's leader (`shard.parallel.leader.Leader`), which broadcasts each
 plan to the follower ranks before it runs its own slice of the model.
 """
 

@@ -1,9 +1,11 @@
 """Tensor parallelism: the only part that touches ``torch.distributed``.
 
-Owns: the tensor-parallel group and its collectives (``group``, which imports only torch), and
-the ranks of a group: the leader that broadcasts each step plan and the followers that replay it
-(``rank``).
+Owns: the group and its collectives (``group``, which imports only torch and sits below every
+other part); what one rank holds (``rank``); rank 0's step-plan channel (``leader``), what it
+broadcasts (``messages``) and the followers that replay it (``follower``); starting follower
+processes (``spawn``) and ending the group (``shutdown``).
 
-``group`` sits below every other part. ``rank`` also builds each rank's model, KV cache and
-runner, so it imports the parts above (issue 20 moves that composition out).
+``group`` sits below every other part. The ranks above it run the engine's plans on the
+engine's runner, so ``rank``, ``leader``, ``follower`` and ``messages`` may import ``engine/``
+(plans, runner, KV cache) and ``adapters/``. Building a rank is ``shard.compose``'s job.
 """

@@ -1,0 +1,149 @@
+"""The composition root: builds a shard rank from its config, every part given what it needs
+when it is made. Rank 0 gets the engine and the gRPC service on top (`build_engine`); ranks
+1..N-1 replay rank 0's plans (`follower_main`)."""
+
+from __future__ import annotations
+
+import structlog
+import torch
+
+from shard.adapters.cache import AdapterCache
+from shard.config import ShardConfig
+from shard.edge.chat_template import load_chat_template
+from shard.edge.server import ShardService
+from shard.engine.decode_graphs import DecodeGraphs
+from shard.engine.engine import Engine
+from shard.engine.executor import LocalExecutor
+from shard.engine.kv_cache import KvCache, pages_for
+from shard.engine.memory_plan import activation_peak, decode_graph_bytes, plan_kv_pages
+from shard.engine.model_runner import ModelRunner
+from shard.engine.prefix_cache import PrefixCache
+from shard.engine.scheduler import Scheduler
+from shard.model import fusion
+from shard.model.config import load_model_config
+from shard.model.llama import LlamaForCausalLM
+from shard.model.loader import build_model, load_tokenizer
+from shard.parallel.follower import replay
+from shard.parallel.group import TPGroup, broadcast_object, init_group
+from shard.parallel.leader import Leader
+from shard.parallel.rank import RankState
+
+log = structlog.get_logger(__name__)
+
+
+def rank_device(cfg: ShardConfig, group: TPGroup) -> torch.device:
+    return torch.device("cuda", group.rank) if cfg.device == "cuda" else torch.device("cpu")
+
+
+def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
+    """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size."""
+    device = rank_device(cfg, group)
+    dtype = getattr(torch, cfg.dtype)
+    fusion.set_enabled(cfg.compile)
+    if device.type == "cuda":
+        # Process-wide: every rank of a process serves the same model with the same flags.
+        torch.backends.cuda.preferred_blas_library(cfg.blas)
+    model_cfg = load_model_config(cfg.model)
+    model = build_model(model_cfg, cfg.model, group, dtype, device, cfg.load_format)
+    page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
+    activations = activation_peak(model, cfg, model_cfg, group)
+    activations += decode_graph_bytes(cfg, model_cfg, dtype)
+    max_context = model_cfg.max_context
+    pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
+    pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
+    kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
+    adapters = AdapterCache.from_config(cfg, model_cfg, group, dtype, device)
+    graphs = build_decode_graphs(cfg, model, kv, device, max_context)
+    runner = ModelRunner(model, kv, adapters.weights, device, graphs)
+    return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
+
+
+def build_decode_graphs(
+    cfg: ShardConfig,
+    model: LlamaForCausalLM,
+    kv: KvCache,
+    device: torch.device,
+    max_context: int,
+) -> DecodeGraphs | None:
+    """The rank's decode graphs (CUDA with --cuda-graphs on), with the --graph-warmup rank
+    classes captured before the shard serves. Every rank captures the same shapes in the same
+    order, as the tensor-parallel collectives inside each captured forward require."""
+    if device.type != "cuda" or not cfg.cuda_graphs:
+        return None
+    max_pages = pages_for(max_context, cfg.page_size)
+    graphs = DecodeGraphs(model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True)
+    graphs.warm_up(cfg.graph_warmup)
+    return graphs
+
+
+def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, Leader]:
+    """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
+    tensor-parallel rank kills the engine."""
+    state = build_rank(cfg, group)
+    leader = Leader(state, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
+    model_cfg = state.model_cfg
+    max_context = model_cfg.max_context
+    scheduler = Scheduler(
+        state.kv.pool,
+        cfg.page_size,
+        cfg.max_batch_size,
+        cfg.max_prefill_tokens,
+        state.adapters,
+        prefix_cache(cfg, state) if cfg.prefix_cache else None,
+    )
+    engine = Engine(
+        scheduler,
+        leader if group.size > 1 else LocalExecutor(state.runner),
+        state.tokenizer,
+        model_cfg.eos_token_ids,
+        max_context,
+        cfg.max_queue,
+    )
+    if (graphs := state.runner.decode_graphs) is not None:
+        # Read at scrape time: captures on first use happen on the engine thread.
+        engine.metrics.decode_graphs.set_function(lambda: graphs.captured)
+    service = ShardService(
+        engine,
+        state.adapters,
+        state.tokenizer,
+        model_cfg,
+        cfg.shard_id,
+        group.size,
+        max_context,
+        load_chat_template(cfg.model, state.tokenizer),
+    )
+    log.info(
+        "shard ready",
+        model=model_cfg.name,
+        architecture=model_cfg.architecture,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        tp=group.size,
+        kv_pages=state.kv.pool.total,
+        page_size=cfg.page_size,
+        max_context=max_context,
+        # A windowed model (Mistral) is served up to its window: past it, requests are refused.
+        sliding_window=model_cfg.sliding_window,
+    )
+    leader.start(on_lost=engine.fail)
+    return engine, service, leader
+
+
+def prefix_cache(cfg: ShardConfig, state: RankState) -> PrefixCache:
+    """The prefix cache over the KV pool; a replaced or evicted adapter version retires its
+    blocks."""
+    adapters = state.adapters
+    cache = PrefixCache(
+        state.kv.pool, cfg.page_size, lambda key: not key or adapters.is_current(key)
+    )
+    adapters.on_retired(cache.retire)
+    return cache
+
+
+def follower_main(cfg: ShardConfig, rank: int) -> None:
+    """Entry point of ranks 1..N-1: build this rank, then replay plans until rank 0 sends None."""
+    group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)
+    torch.set_grad_enabled(False)
+    state = build_rank(cfg, group)
+    log.info("follower ready", rank=rank)
+    replay(state, cfg.tp_timeout_s / 2)
