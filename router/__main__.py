@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import generate_pb2, generate_pb2_grpc
+from protos.cli import configure_logging
 from protos.decoding import InvalidArgumentOnDecodeError
 from router.admission import Admission
 from router.config import (
@@ -29,7 +30,6 @@ from router.config import (
     shard_channel_options,
 )
 from router.discovery import Discovery
-from router.logs import configure_logging
 from router.metrics import RouterMetrics
 from router.openai_api.serve import HttpApi
 from router.server import GeneratorService

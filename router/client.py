@@ -11,8 +11,8 @@ from typing import TextIO
 import grpc
 
 from protos import generate_pb2, generate_pb2_grpc
+from protos.cli import EnvArgumentParser, float_range, int_range
 from router.config import ConfigError, Endpoint
-from router.flags import EnvArgumentParser, float_range, int_range
 
 DEFAULT_TARGET = "localhost:50051"
 

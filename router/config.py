@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from router.flags import EnvArgumentParser, float_range, int_range
+from protos.cli import EnvArgumentParser, LogFormat, float_range, int_range
 
 
 class ConfigError(ValueError):
@@ -19,14 +19,6 @@ class Policy(enum.Enum):
 
     CONSOLIDATE = "consolidate"
     LEAST_LOADED = "least-loaded"
-
-
-class LogFormat(enum.Enum):
-    """How log lines are written; AUTO picks CONSOLE on a terminal and JSON otherwise."""
-
-    AUTO = "auto"
-    JSON = "json"
-    CONSOLE = "console"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,7 @@ import asyncio
 import structlog
 import torch
 
-from router.config import LogFormat
-from router.logs import configure_logging
+from protos.cli import LogFormat, configure_logging
 from shard.compose import build_engine, follower_main, rank_device
 from shard.config import parse_config
 from shard.edge.health import loading_health

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.flags import EnvArgumentParser, float_range, int_range
+from protos.cli import EnvArgumentParser, float_range, int_range
 from shard.adapters.lora_ranks import MAX_RANK as MAX_KERNEL_RANK
 from shard.adapters.lora_ranks import RANK_CLASSES
 from shard.model.config import ModelConfigError, load_model_config

@@ -1,15 +1,26 @@
-"""Command lines whose flags default to `LORAFLEET_*` environment variables, checked like flags.
+"""What every lorafleet command line shares: flags that default to `LORAFLEET_*` environment
+variables, and structured logging. Torch-free; used by `lorafleet-router`, `lorafleet-shard`
+and `lorafleet`, so it sits in `protos/`, the one package all of them import.
 
-Kubernetes ConfigMaps set the variables, people type the flags; a bad value of either ends in the
-same usage error (exit status 2, the variable or flag named, no traceback). `--help` shows every
-flag's default and variable. Shared by `lorafleet-router`, `lorafleet-shard` and `lorafleet`.
+Flags: Kubernetes ConfigMaps set the variables, people type the flags; a bad value of either ends
+in the same usage error (exit status 2, the variable or flag named, no traceback). `--help` shows
+every flag's default and variable.
+
+Logs: JSON lines for machines, colored lines on a terminal. Request-scoped fields (request_id,
+adapter_id, shard) are bound with `structlog.contextvars`, so every line logged while a request is
+handled carries them.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
+import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import structlog
 
 ENV_PREFIX = "LORAFLEET_"
 TRUE = ("1", "true", "yes", "on")
@@ -114,3 +125,34 @@ def _check_range(value: float, low: float | None, high: float | None) -> None:
         raise argparse.ArgumentTypeError(f"must be >= {low}, got {value:g}")
     if high is not None and value > high:
         raise argparse.ArgumentTypeError(f"must be <= {high}, got {value:g}")
+
+
+class LogFormat(enum.Enum):
+    """How log lines are written; AUTO picks CONSOLE on a terminal and JSON otherwise."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+def configure_logging(log_format: LogFormat, level: int = logging.INFO) -> None:
+    """Sets up structlog for the process; AUTO means console on a TTY, JSON otherwise."""
+    if log_format is LogFormat.AUTO:
+        log_format = LogFormat.CONSOLE if sys.stderr.isatty() else LogFormat.JSON
+    # The console renderer prints exceptions itself; JSON needs them flattened to a string.
+    tail: list[structlog.typing.Processor] = (
+        [structlog.dev.ConsoleRenderer()]
+        if log_format is LogFormat.CONSOLE
+        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *tail,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,48 @@
+"""The dependency rules the tree is drawn by (README "Code map"), checked on the source: the
+router never imports torch or the shard, and the shard imports nothing of the router (what both
+need, torch-free, lives in protos/)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported(package: str) -> dict[str, set[str]]:
+    """Top-level names each module of `package` imports, at any depth of its code."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_imports_are_read_from_every_module() -> None:
+    modules = imported("shard")
+    assert len(modules) > 40, "the walk found too few shard modules"
+    assert "torch" in modules["shard/engine/engine.py"]
+    assert "protos" in modules["shard/edge/server.py"]
+
+
+def test_router_imports_neither_torch_nor_the_shard() -> None:
+    bad = {
+        m: n & {"torch", "shard"} for m, n in imported("router").items() if n & {"torch", "shard"}
+    }
+    assert not bad
+
+
+def test_shard_imports_nothing_of_the_router() -> None:
+    bad = [m for m, names in imported("shard").items() if "router" in names]
+    assert not bad, f"import what router and shard share from protos/ instead: {bad}"
+
+
+def test_protos_import_neither_the_router_nor_the_shard_nor_torch() -> None:
+    bad = {m: n & {"torch", "shard", "router"} for m, n in imported("protos").items()}
+    assert not any(bad.values()), bad
