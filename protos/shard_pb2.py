@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from protos import generate_pb2 as protos_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x0clorafleet.v1\x1a\x15protos/generate.proto\"s\n\x0bResumeState\x12\x1b\n\x13generated_token_ids\x18\x01 \x03(\r\x12\x14\n\x0cqueue_time_s\x18\x02 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x12\n\nmigrations\x18\x04 \x01(\r\"q\n\x14ShardGenerateRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.lorafleet.v1.GenerateRequest\x12)\n\x06resume\x18\x02 \x01(\x0b\x32\x19.lorafleet.v1.ResumeState\"W\n\tMigration\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.lorafleet.v1.MigrationReason\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\r\"r\n\x15ShardGenerateResponse\x12-\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1e.lorafleet.v1.GenerateResponse\x12*\n\tmigration\x18\x02 \x01(\x0b\x32\x17.lorafleet.v1.Migration\"[\n\x10WatchLoadRequest\x12\x18\n\x10residency_deltas\x18\x01 \x01(\x08\x12\x17\n\x0fmin_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x03 \x01(\r\"\xf6\x02\n\x0cLoadSnapshot\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x15\n\rkv_pages_free\x18\x05 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x06 \x01(\r\x12\x14\n\x0ckv_page_size\x18\x07 \x01(\r\x12\x0e\n\x06queued\x18\x08 \x01(\r\x12\x19\n\x11\x61\x64\x61pters_resident\x18\t \x03(\t\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x12\x0f\n\x07tp_size\x18\x0b \x01(\r\x12\x13\n\x0bmax_context\x18\x0c \x01(\r\x12\x17\n\x0fkv_pages_queued\x18\r \x01(\r\x12\x16\n\x0e\x61\x64\x61pters_delta\x18\x0e \x01(\x08\x12\x16\n\x0e\x61\x64\x61pters_added\x18\x0f \x03(\t\x12\x18\n\x10\x61\x64\x61pters_removed\x18\x10 \x03(\t\x12\x0e\n\x06idle_s\x18\x11 \x01(\x01\"A\n\x11WatchLoadResponse\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.lorafleet.v1.LoadSnapshot\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"A\n\x13LoadAdapterResponse\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x19.lorafleet.v1.AdapterInfo\")\n\x13\x45victAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\'\n\x14\x45victAdapterResponse\x12\x0f\n\x07\x65victed\x18\x01 \x01(\x08\"\x0e\n\x0c\x44rainRequest\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\r*u\n\x0fMigrationReason\x12 \n\x1cMIGRATION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1dMIGRATION_REASON_KV_EXHAUSTED\x10\x01\x12\x1d\n\x19MIGRATION_REASON_DRAINING\x10\x02\x32\x9b\x03\n\x05Shard\x12U\n\x08Generate\x12\".lorafleet.v1.ShardGenerateRequest\x1a#.lorafleet.v1.ShardGenerateResponse0\x01\x12N\n\tWatchLoad\x12\x1e.lorafleet.v1.WatchLoadRequest\x1a\x1f.lorafleet.v1.WatchLoadResponse0\x01\x12R\n\x0bLoadAdapter\x12 .lorafleet.v1.LoadAdapterRequest\x1a!.lorafleet.v1.LoadAdapterResponse\x12U\n\x0c\x45victAdapter\x12!.lorafleet.v1.EvictAdapterRequest\x1a\".lorafleet.v1.EvictAdapterResponse\x12@\n\x05\x44rain\x12\x1a.lorafleet.v1.DrainRequest\x1a\x1b.lorafleet.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/shard.proto\x12\x0clorafleet.v1\x1a\x15protos/generate.proto\"s\n\x0bResumeState\x12\x1b\n\x13generated_token_ids\x18\x01 \x03(\r\x12\x14\n\x0cqueue_time_s\x18\x02 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x12\n\nmigrations\x18\x04 \x01(\r\"q\n\x14ShardGenerateRequest\x12.\n\x07request\x18\x01 \x01(\x0b\x32\x1d.lorafleet.v1.GenerateRequest\x12)\n\x06resume\x18\x02 \x01(\x0b\x32\x19.lorafleet.v1.ResumeState\"W\n\tMigration\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.lorafleet.v1.MigrationReason\x12\x1b\n\x13generated_token_ids\x18\x02 \x03(\r\"r\n\x15ShardGenerateResponse\x12-\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x1e.lorafleet.v1.GenerateResponse\x12*\n\tmigration\x18\x02 \x01(\x0b\x32\x17.lorafleet.v1.Migration\"p\n\x10WatchLoadRequest\x12\x18\n\x10residency_deltas\x18\x01 \x01(\x08\x12\x17\n\x0fmin_interval_ms\x18\x02 \x01(\r\x12\x14\n\x0cheartbeat_ms\x18\x03 \x01(\r\x12\x13\n\x0bprefix_keys\x18\x04 \x01(\x08\"\xde\x03\n\x0cLoadSnapshot\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x15\n\rkv_pages_free\x18\x05 \x01(\r\x12\x16\n\x0ekv_pages_total\x18\x06 \x01(\r\x12\x14\n\x0ckv_page_size\x18\x07 \x01(\r\x12\x0e\n\x06queued\x18\x08 \x01(\r\x12\x19\n\x11\x61\x64\x61pters_resident\x18\t \x03(\t\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x12\x0f\n\x07tp_size\x18\x0b \x01(\r\x12\x13\n\x0bmax_context\x18\x0c \x01(\r\x12\x17\n\x0fkv_pages_queued\x18\r \x01(\r\x12\x16\n\x0e\x61\x64\x61pters_delta\x18\x0e \x01(\x08\x12\x16\n\x0e\x61\x64\x61pters_added\x18\x0f \x03(\t\x12\x18\n\x10\x61\x64\x61pters_removed\x18\x10 \x03(\t\x12\x0e\n\x06idle_s\x18\x11 \x01(\x01\x12\x13\n\x0bprefix_keys\x18\x12 \x03(\x06\x12\x19\n\x11prefix_keys_delta\x18\x13 \x01(\x08\x12\x19\n\x11prefix_keys_added\x18\x14 \x03(\x06\x12\x1b\n\x13prefix_keys_removed\x18\x15 \x03(\x06\"A\n\x11WatchLoadResponse\x12,\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1a.lorafleet.v1.LoadSnapshot\"5\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0b\n\x03pin\x18\x02 \x01(\x08\"A\n\x13LoadAdapterResponse\x12*\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x19.lorafleet.v1.AdapterInfo\")\n\x13\x45victAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\'\n\x14\x45victAdapterResponse\x12\x0f\n\x07\x65victed\x18\x01 \x01(\x08\"\x0e\n\x0c\x44rainRequest\" \n\rDrainResponse\x12\x0f\n\x07running\x18\x01 \x01(\r*u\n\x0fMigrationReason\x12 \n\x1cMIGRATION_REASON_UNSPECIFIED\x10\x00\x12!\n\x1dMIGRATION_REASON_KV_EXHAUSTED\x10\x01\x12\x1d\n\x19MIGRATION_REASON_DRAINING\x10\x02\x32\x9b\x03\n\x05Shard\x12U\n\x08Generate\x12\".lorafleet.v1.ShardGenerateRequest\x1a#.lorafleet.v1.ShardGenerateResponse0\x01\x12N\n\tWatchLoad\x12\x1e.lorafleet.v1.WatchLoadRequest\x1a\x1f.lorafleet.v1.WatchLoadResponse0\x01\x12R\n\x0bLoadAdapter\x12 .lorafleet.v1.LoadAdapterRequest\x1a!.lorafleet.v1.LoadAdapterResponse\x12U\n\x0c\x45victAdapter\x12!.lorafleet.v1.EvictAdapterRequest\x1a\".lorafleet.v1.EvictAdapterResponse\x12@\n\x05\x44rain\x12\x1a.lorafleet.v1.DrainRequest\x1a\x1b.lorafleet.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.shard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONREASON']._serialized_start=1289
-  _globals['_MIGRATIONREASON']._serialized_end=1406
+  _globals['_MIGRATIONREASON']._serialized_start=1414
+  _globals['_MIGRATIONREASON']._serialized_end=1531
   _globals['_RESUMESTATE']._serialized_start=59
   _globals['_RESUMESTATE']._serialized_end=174
   _globals['_SHARDGENERATEREQUEST']._serialized_start=176
@@ -43,23 +43,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHARDGENERATERESPONSE']._serialized_start=380
   _globals['_SHARDGENERATERESPONSE']._serialized_end=494
   _globals['_WATCHLOADREQUEST']._serialized_start=496
-  _globals['_WATCHLOADREQUEST']._serialized_end=587
-  _globals['_LOADSNAPSHOT']._serialized_start=590
-  _globals['_LOADSNAPSHOT']._serialized_end=964
-  _globals['_WATCHLOADRESPONSE']._serialized_start=966
-  _globals['_WATCHLOADRESPONSE']._serialized_end=1031
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1033
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1086
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1088
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1153
-  _globals['_EVICTADAPTERREQUEST']._serialized_start=1155
-  _globals['_EVICTADAPTERREQUEST']._serialized_end=1196
-  _globals['_EVICTADAPTERRESPONSE']._serialized_start=1198
-  _globals['_EVICTADAPTERRESPONSE']._serialized_end=1237
-  _globals['_DRAINREQUEST']._serialized_start=1239
-  _globals['_DRAINREQUEST']._serialized_end=1253
-  _globals['_DRAINRESPONSE']._serialized_start=1255
-  _globals['_DRAINRESPONSE']._serialized_end=1287
-  _globals['_SHARD']._serialized_start=1409
-  _globals['_SHARD']._serialized_end=1820
+  _globals['_WATCHLOADREQUEST']._serialized_end=608
+  _globals['_LOADSNAPSHOT']._serialized_start=611
+  _globals['_LOADSNAPSHOT']._serialized_end=1089
+  _globals['_WATCHLOADRESPONSE']._serialized_start=1091
+  _globals['_WATCHLOADRESPONSE']._serialized_end=1156
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1158
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1211
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1213
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1278
+  _globals['_EVICTADAPTERREQUEST']._serialized_start=1280
+  _globals['_EVICTADAPTERREQUEST']._serialized_end=1321
+  _globals['_EVICTADAPTERRESPONSE']._serialized_start=1323
+  _globals['_EVICTADAPTERRESPONSE']._serialized_end=1362
+  _globals['_DRAINREQUEST']._serialized_start=1364
+  _globals['_DRAINREQUEST']._serialized_end=1378
+  _globals['_DRAINRESPONSE']._serialized_start=1380
+  _globals['_DRAINRESPONSE']._serialized_end=1412
+  _globals['_SHARD']._serialized_start=1534
+  _globals['_SHARD']._serialized_end=1945
 # @@protoc_insertion_point(module_scope)

@@ -54,17 +54,19 @@ class ShardGenerateResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[_generate_pb2.GenerateResponse, _Mapping]] = ..., migration: _Optional[_Union[Migration, _Mapping]] = ...) -> None: ...
 
 class WatchLoadRequest(_message.Message):
-    __slots__ = ("residency_deltas", "min_interval_ms", "heartbeat_ms")
+    __slots__ = ("residency_deltas", "min_interval_ms", "heartbeat_ms", "prefix_keys")
     RESIDENCY_DELTAS_FIELD_NUMBER: _ClassVar[int]
     MIN_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_FIELD_NUMBER: _ClassVar[int]
     residency_deltas: bool
     min_interval_ms: int
     heartbeat_ms: int
-    def __init__(self, residency_deltas: _Optional[bool] = ..., min_interval_ms: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
+    prefix_keys: bool
+    def __init__(self, residency_deltas: _Optional[bool] = ..., min_interval_ms: _Optional[int] = ..., heartbeat_ms: _Optional[int] = ..., prefix_keys: _Optional[bool] = ...) -> None: ...
 
 class LoadSnapshot(_message.Message):
-    __slots__ = ("shard_id", "sequence", "running", "max_batch_size", "kv_pages_free", "kv_pages_total", "kv_page_size", "queued", "adapters_resident", "draining", "tp_size", "max_context", "kv_pages_queued", "adapters_delta", "adapters_added", "adapters_removed", "idle_s")
+    __slots__ = ("shard_id", "sequence", "running", "max_batch_size", "kv_pages_free", "kv_pages_total", "kv_page_size", "queued", "adapters_resident", "draining", "tp_size", "max_context", "kv_pages_queued", "adapters_delta", "adapters_added", "adapters_removed", "idle_s", "prefix_keys", "prefix_keys_delta", "prefix_keys_added", "prefix_keys_removed")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +84,10 @@ class LoadSnapshot(_message.Message):
     ADAPTERS_ADDED_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_ADDED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_KEYS_REMOVED_FIELD_NUMBER: _ClassVar[int]
     shard_id: str
     sequence: int
     running: int
@@ -99,7 +105,11 @@ class LoadSnapshot(_message.Message):
     adapters_added: _containers.RepeatedScalarFieldContainer[str]
     adapters_removed: _containers.RepeatedScalarFieldContainer[str]
     idle_s: float
-    def __init__(self, shard_id: _Optional[str] = ..., sequence: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_page_size: _Optional[int] = ..., queued: _Optional[int] = ..., adapters_resident: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_pages_queued: _Optional[int] = ..., adapters_delta: _Optional[bool] = ..., adapters_added: _Optional[_Iterable[str]] = ..., adapters_removed: _Optional[_Iterable[str]] = ..., idle_s: _Optional[float] = ...) -> None: ...
+    prefix_keys: _containers.RepeatedScalarFieldContainer[int]
+    prefix_keys_delta: bool
+    prefix_keys_added: _containers.RepeatedScalarFieldContainer[int]
+    prefix_keys_removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, shard_id: _Optional[str] = ..., sequence: _Optional[int] = ..., running: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_page_size: _Optional[int] = ..., queued: _Optional[int] = ..., adapters_resident: _Optional[_Iterable[str]] = ..., draining: _Optional[bool] = ..., tp_size: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_pages_queued: _Optional[int] = ..., adapters_delta: _Optional[bool] = ..., adapters_added: _Optional[_Iterable[str]] = ..., adapters_removed: _Optional[_Iterable[str]] = ..., idle_s: _Optional[float] = ..., prefix_keys: _Optional[_Iterable[int]] = ..., prefix_keys_delta: _Optional[bool] = ..., prefix_keys_added: _Optional[_Iterable[int]] = ..., prefix_keys_removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WatchLoadResponse(_message.Message):
     __slots__ = ("snapshot",)

@@ -45,7 +45,7 @@ NO_SHARD_WARN_S = 5.0
 
 async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     """Runs the router until SIGTERM or SIGINT, then drains open streams for the grace period."""
-    table = ShardTable(metrics, shard_channel_options(config))
+    table = ShardTable(metrics, shard_channel_options(config), config.prefix_affinity)
     admission = Admission(
         table,
         config.policy,
@@ -57,7 +57,9 @@ async def serve(config: RouterConfig, metrics: RouterMetrics) -> None:
     server = grpc.aio.server(
         options=server_options(config), interceptors=(InvalidArgumentOnDecodeError(),)
     )
-    generator = GeneratorService(table, admission, metrics, config.max_migrations)
+    generator = GeneratorService(
+        table, admission, metrics, config.max_migrations, config.prefix_affinity
+    )
     generate_pb2_grpc.add_GeneratorServicer_to_server(generator, server)
     http = None
     if config.http_port is not None:

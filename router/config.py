@@ -61,6 +61,9 @@ class RouterConfig:
     policy: Policy = Policy.CONSOLIDATE
     # Make adapter residency the first placement key instead of the tie-break.
     residency_first: bool = False
+    # Among shards the policy ranks equal, prefer one whose prefix cache holds the request's
+    # prefix (shards report prefix keys in their load snapshots; `protos.prefix_key`).
+    prefix_affinity: bool = True
     # Requests that may wait for room; one more gets RESOURCE_EXHAUSTED. 0 disables waiting.
     queue_size: int = 256
     # Seconds a request may wait for room before it fails (its own deadline may end it sooner).
@@ -166,6 +169,13 @@ def build_parser(env: Mapping[str, str]) -> EnvArgumentParser:
         action="store_true",
     )
     add(
+        "--prefix-affinity",
+        "on: among shards the policy ranks equal (the same batch size), prefer one whose prefix "
+        "cache holds the request's prefix; off: ignore prefixes",
+        "on",
+        choices=["on", "off"],
+    )
+    add(
         "--queue-size",
         "requests that may wait for a shard with room; 0: none wait",
         256,
@@ -251,6 +261,7 @@ def parse_config(
         port=args.port,
         policy=Policy(args.policy),
         residency_first=args.residency_first,
+        prefix_affinity=args.prefix_affinity == "on",
         queue_size=args.queue_size,
         queue_timeout_s=args.queue_timeout_s,
         metrics_port=args.metrics_port or None,

@@ -53,6 +53,9 @@ class ShardLoad:
     draining: bool = False
     # StatefulSet ordinal of the shard's pod, None when its name carries none.
     ordinal: int | None = None
+    # Prefix keys (`protos.prefix_key`) of the prefixes the shard's prefix cache holds; empty
+    # unless the router asked for them (prefix affinity on).
+    prefix_keys: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def tie_key(self) -> tuple[bool, int, str]:
@@ -76,6 +79,10 @@ class ShardLoad:
         """True when the adapter is resident (the base model always is)."""
         return not adapter_id or adapter_id in self.adapters_resident
 
+    def holds_prefix(self, prefix_key: int | None) -> bool:
+        """True when the shard's prefix cache holds the prefix of that key."""
+        return prefix_key is not None and prefix_key in self.prefix_keys
+
 
 @dataclass(frozen=True, slots=True)
 class Demand:
@@ -87,6 +94,9 @@ class Demand:
     # Upper bound on prompt + max_new_tokens: the most KV the request can ever hold (0: unknown,
     # then the context plus one token).
     longest_tokens: int = 0
+    # `protos.prefix_key` of the request when placement prefers shards holding its prefix
+    # (prefix affinity); None: no preference.
+    prefix_key: int | None = None
 
     @property
     def longest(self) -> int:
@@ -142,16 +152,18 @@ def consolidate(
 ) -> str | None:
     """Punica's rule: the busiest shard that still fits, so batches grow and idle shards stay idle.
 
-    Ties go to a shard holding the adapter, then to the lowest StatefulSet ordinal, then to the
-    smallest shard id (deterministic). With `residency_first`, holding the adapter outranks batch
-    size.
+    Ties go to a shard holding the request's prefix (prefix affinity: it never outranks batch
+    size, so it cannot wake an idle shard while a busy one has room), then to one holding the
+    adapter, then to the lowest StatefulSet ordinal, then to the smallest shard id
+    (deterministic). With `residency_first`, holding the adapter outranks batch size.
     """
 
-    def key(load: ShardLoad) -> tuple[int, int, tuple[bool, int, str]]:
+    def key(load: ShardLoad) -> tuple[int, int, int, tuple[bool, int, str]]:
         resident = int(load.holds(demand.adapter_id))
+        prefix = int(load.holds_prefix(demand.prefix_key))
         if residency_first:
-            return (-resident, -load.occupancy, load.tie_key)
-        return (-load.occupancy, -resident, load.tie_key)
+            return (-resident, -load.occupancy, -prefix, load.tie_key)
+        return (-load.occupancy, -prefix, -resident, load.tie_key)
 
     fitting = candidates(loads, demand)
     return min(fitting, key=key).shard if fitting else None
@@ -162,17 +174,18 @@ def least_loaded(
 ) -> str | None:
     """The shard with the emptiest batch (as a fraction of its max batch) that fits.
 
-    Ties go to a shard holding the adapter, then to the most available KV pages, then to the
-    lowest StatefulSet ordinal and the smallest shard id. With `residency_first`, holding the
-    adapter outranks batch fill.
+    Ties go to a shard holding the request's prefix, then to one holding the adapter, then to
+    the most available KV pages, then to the lowest StatefulSet ordinal and the smallest shard
+    id. With `residency_first`, holding the adapter outranks batch fill.
     """
 
-    def key(load: ShardLoad) -> tuple[float, float, int, tuple[bool, int, str]]:
+    def key(load: ShardLoad) -> tuple[float, float, int, int, tuple[bool, int, str]]:
         resident = -int(load.holds(demand.adapter_id))
+        prefix = -int(load.holds_prefix(demand.prefix_key))
         fill = load.occupancy / load.max_batch_size
         if residency_first:
-            return (resident, fill, -load.kv_pages_available, load.tie_key)
-        return (fill, resident, -load.kv_pages_available, load.tie_key)
+            return (resident, fill, prefix, -load.kv_pages_available, load.tie_key)
+        return (fill, prefix, resident, -load.kv_pages_available, load.tie_key)
 
     fitting = candidates(loads, demand)
     return min(fitting, key=key).shard if fitting else None

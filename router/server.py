@@ -16,6 +16,7 @@ import grpc
 import structlog
 
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2
+from protos.prefix_key import prefix_key
 from router.admission import Admission, QueueFull, QueueTimeout
 from router.edge import Client, RequestFailed
 from router.metrics import RouterMetrics
@@ -79,11 +80,15 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         admission: Admission,
         metrics: RouterMetrics,
         max_migrations: int,
+        prefix_affinity: bool = False,
     ):
+        """`prefix_affinity`: placement prefers, among equally good shards, one whose prefix
+        cache holds the request's prefix (`protos.prefix_key`)."""
         self._table = table
         self._admission = admission
         self._metrics = metrics
         self._max_migrations = max_migrations
+        self._prefix_affinity = prefix_affinity
 
     async def Generate(
         self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -177,7 +182,8 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
     ) -> Reservation:
         bound = context_bound(request)
         longest = bound + request.stopping.max_new_tokens if request.stopping.max_new_tokens else 0
-        demand = Demand(request.adapter_id, bound + len(progress.token_ids), longest)
+        key = prefix_key(request) if self._prefix_affinity else None
+        demand = Demand(request.adapter_id, bound + len(progress.token_ids), longest, key)
         exact = request.WhichOneof("input") == "prompt_token_ids"
         if exact and longest and longest > (pool := self._admission.largest_pool()) > 0:
             # Exact token counts that no open shard can ever hold fail now, not at a timeout.

@@ -14,6 +14,9 @@ levels (at most max batch + 1):
   sit above every possible demand.
 - Residency breaks ties: a set of shards per (adapter, level). It is read only when the level's
   first fitting shard lacks the adapter, and costs O(shards of that level holding the adapter).
+- Prefix affinity breaks ties before residency: a set of shards per prefix key, whatever their
+  level (keys change far less often than levels). It is read only when the demand has a key and
+  the level's first fitting shard lacks it or the adapter, and costs O(shards holding the key).
 - Whole pools (as in `policy.candidates`): while an open shard's pool can hold the request at its
   longest, idle shards need real room too, and a pick whose pool is too small is hidden and the
   question asked again (only in a fleet of mixed pool sizes; O(log n) per hidden shard).
@@ -72,7 +75,7 @@ class _MaxTree:
 class _Entry:
     """One shard's place in the index."""
 
-    __slots__ = ("address", "level", "load", "pool", "pos", "resident", "tie", "value")
+    __slots__ = ("address", "level", "load", "pool", "pos", "prefix", "resident", "tie", "value")
 
     def __init__(self, address: str):
         self.address = address
@@ -83,6 +86,7 @@ class _Entry:
         self.level: float | None = None
         self.value = _EMPTY
         self.resident: frozenset[str] = frozenset()
+        self.prefix: frozenset[int] = frozenset()  # prefix keys, counted in `_prefix_holders`
         self.pool = 0  # tokens the whole KV pool holds; counted in `_pools` while open
 
 
@@ -100,6 +104,7 @@ class ShardIndex:
         self._levels: list[float] = []  # keys of _trees, best first
         self._members: dict[float, set[_Entry]] = collections.defaultdict(set)
         self._holding: dict[tuple[str, float], set[_Entry]] = collections.defaultdict(set)
+        self._prefix_holders: dict[int, set[_Entry]] = {}
         self._page_sizes: collections.Counter[int] = collections.Counter()
         self._pools: collections.Counter[int] = collections.Counter()  # open shards' pool sizes
 
@@ -116,6 +121,7 @@ class ShardIndex:
             if not e.load.draining:
                 self._pools[e.pool] -= 1
         e.load = load
+        self._set_prefix(e, load.prefix_keys if load is not None else frozenset())
         if load is None:
             self._move(e, None, _EMPTY, frozenset())
             return
@@ -184,6 +190,8 @@ class ShardIndex:
                 if self._trees[level].t[1] >= bound:
                     best = self._best(self._holding.get((adapter, level)), bound)
                     if best is not None:
+                        if demand.prefix_key is not None and demand.prefix_key not in best.prefix:
+                            best = self._prefix_best(demand, level, bound, True) or best
                         return best.address
         for level in self._levels:
             tree = self._trees[level]
@@ -199,10 +207,49 @@ class ShardIndex:
             else:
                 winner = self._best(self._members[level], need_here)
             assert winner is not None
-            if adapter and adapter not in winner.resident:
+            key = demand.prefix_key
+            lacks_adapter = bool(adapter) and adapter not in winner.resident
+            if (
+                key is not None
+                and (key not in winner.prefix or lacks_adapter)
+                and (chosen := self._prefix_best(demand, level, need_here, False))
+            ):
+                return chosen.address
+            if lacks_adapter:
                 winner = self._best(self._holding.get((adapter, level)), need_here) or winner
             return winner.address
         return None
+
+    def _prefix_best(
+        self, demand: Demand, level: float, need: int, resident_only: bool
+    ) -> _Entry | None:
+        """The policy's pick among the shards of `level` that hold the demand's prefix and fit
+        `need`: those holding its adapter too first (only those with `resident_only`)."""
+        assert demand.prefix_key is not None
+        holders = self._prefix_holders.get(demand.prefix_key)
+        if not holders:
+            return None
+        here = {e for e in holders if e.level == level}
+        adapter = demand.adapter_id
+        if adapter:
+            resident = {e for e in here if adapter in e.resident}
+            if (best := self._best(resident, need)) is not None or resident_only:
+                return best
+        return self._best(here, need)
+
+    def _set_prefix(self, e: _Entry, keys: frozenset[int]) -> None:
+        """Records a shard's prefix keys (O(keys) when they changed, O(1) when not)."""
+        old = e.prefix
+        if keys is old:
+            return
+        for key in old - keys:
+            holders = self._prefix_holders[key]
+            holders.discard(e)
+            if not holders:
+                del self._prefix_holders[key]
+        for key in keys - old:
+            self._prefix_holders.setdefault(key, set()).add(e)
+        e.prefix = keys
 
     def _bound(self, level: float, need: int, idle_fits: bool) -> int:
         """The leaf value a shard of `level` needs: idle shards' leaves carry _IDLE on top of

@@ -34,9 +34,16 @@ class ShardTable:
     and a sweep every second takes out shards whose snapshots went stale.
     """
 
-    def __init__(self, metrics: RouterMetrics, channel_options: ChannelOptions = ()):
+    def __init__(
+        self,
+        metrics: RouterMetrics,
+        channel_options: ChannelOptions = (),
+        prefix_keys: bool = False,
+    ):
+        """`prefix_keys`: load streams ask their shards for prefix keys (prefix affinity)."""
         self._metrics = metrics
         self._channel_options = channel_options
+        self._prefix_keys = prefix_keys
         self._shards: dict[str, ShardHandle] = {}
         self._listeners: list[Callable[[], None]] = []
         self._index: ShardIndex | None = None
@@ -113,10 +120,12 @@ class ShardTable:
         return sum(handle.eligible() for handle in list(self._shards.values()))
 
     def _watch_request(self) -> shard_pb2.WatchLoadRequest:
-        """What a load stream asks of its shard: residency as deltas, intervals by fleet size."""
+        """What a load stream asks of its shard: residency (and prefix keys, when placement
+        uses them) as deltas, intervals by fleet size."""
         shards = len(self._shards)
         return shard_pb2.WatchLoadRequest(
             residency_deltas=True,
+            prefix_keys=self._prefix_keys,
             min_interval_ms=min(_MIN_INTERVAL_MS[1], max(_MIN_INTERVAL_MS[0], shards // 4)),
             heartbeat_ms=min(_HEARTBEAT_MS[1], max(_HEARTBEAT_MS[0], shards * 2)),
         )

@@ -41,10 +41,14 @@ _BACKOFF_MAX_S = 2.0
 
 
 def load_from_proto(
-    snapshot: shard_pb2.LoadSnapshot, shard: str, resident: frozenset[str]
+    snapshot: shard_pb2.LoadSnapshot,
+    shard: str,
+    resident: frozenset[str],
+    prefix_keys: frozenset[int] = frozenset(),
 ) -> ShardLoad:
     """Converts a protobuf snapshot to the policy's value type, keyed by the dialed address;
-    `resident` is the residency it describes (see `residency_after`)."""
+    `resident` and `prefix_keys` are the residency and prefix keys it describes (see
+    `residency_after` and `prefix_keys_after`)."""
     return ShardLoad(
         shard=shard,
         running=snapshot.running,
@@ -57,6 +61,7 @@ def load_from_proto(
         adapters_resident=resident,
         draining=snapshot.draining,
         ordinal=statefulset_ordinal(snapshot.shard_id or shard),
+        prefix_keys=prefix_keys,
     )
 
 
@@ -71,6 +76,19 @@ def residency_after(snapshot: shard_pb2.LoadSnapshot, before: frozenset[str]) ->
         return (before - frozenset(snapshot.adapters_removed)) | frozenset(snapshot.adapters_added)
     resident = frozenset(snapshot.adapters_resident)
     return before if resident == before else resident
+
+
+def prefix_keys_after(snapshot: shard_pb2.LoadSnapshot, before: frozenset[int]) -> frozenset[int]:
+    """The prefix keys a shard holds after `snapshot`, given those it held before; `before`
+    itself when nothing changed (the placement index then skips its key sets)."""
+    if snapshot.prefix_keys_delta:
+        if not snapshot.prefix_keys_added and not snapshot.prefix_keys_removed:
+            return before
+        return (before - frozenset(snapshot.prefix_keys_removed)) | frozenset(
+            snapshot.prefix_keys_added
+        )
+    keys = frozenset(snapshot.prefix_keys)
+    return before if keys == before else keys
 
 
 class Reservation:
@@ -123,6 +141,7 @@ class ShardHandle:
         self._serving = False
         self._load: ShardLoad | None = None
         self._resident: frozenset[str] = frozenset()
+        self._prefix_keys: frozenset[int] = frozenset()
         # The load fields of the last snapshot, to pass over heartbeats cheaply.
         self._last_fields: tuple[object, ...] = ()
         self._pending: dict[Reservation, int] = {}
@@ -284,6 +303,7 @@ class ShardHandle:
         snapshot = message.snapshot
         first = self._load is None
         resident = residency_after(snapshot, self._resident)
+        prefix_keys = prefix_keys_after(snapshot, self._prefix_keys)
         fields = (
             snapshot.running,
             snapshot.queued,
@@ -295,7 +315,11 @@ class ShardHandle:
             snapshot.kv_page_size,
             snapshot.shard_id,
         )
-        unchanged = resident is self._resident and fields == self._last_fields
+        unchanged = (
+            resident is self._resident
+            and prefix_keys is self._prefix_keys
+            and fields == self._last_fields
+        )
         if unchanged and not first and not self._answered:
             # A heartbeat: no growth to settle, nothing for the index or the gauges.
             self._received_at = time.monotonic()
@@ -304,7 +328,8 @@ class ShardHandle:
             return
         self._last_fields = fields
         self._resident = resident
-        load = load_from_proto(snapshot, self.address, self._resident)
+        self._prefix_keys = prefix_keys
+        load = load_from_proto(snapshot, self.address, resident, prefix_keys)
         grown = load.occupancy - (self._load.occupancy if self._load is not None else 0)
         # Answered requests are in this snapshot and account for part of its growth; the rest
         # of the growth takes over the oldest reservations.

@@ -152,3 +152,41 @@ def test_pacing_from_the_request():
     assert pacing(shard_pb2.WatchLoadRequest(min_interval_ms=99_000, heartbeat_ms=99_000)) == (
         Pacing(10.0, 10.0, 10.0)
     )
+
+
+async def prefix_keys_as_asked() -> None:
+    feed, shard = LoadFeed(), Shard()
+    keys = frozenset({1, 2})
+    streams: dict[str, list[tuple[float, shard_pb2.LoadSnapshot]]] = {}
+    tasks = []
+    for name, deltas, asked in (
+        ("deltas", True, True),
+        ("full", False, True),
+        ("none", True, False),
+    ):
+        got = streams[name] = []
+        stream = load_updates(
+            feed, shard.snapshot, deltas, Pacing(0.0, 0.0, 5.0), (lambda: keys) if asked else None
+        )
+        tasks.append(asyncio.create_task(_collect(stream, got)))
+    for count in (1, 2, 3):
+        for got in streams.values():
+            await _until(got, count)
+        if count == 1:
+            keys = frozenset({2, 3})
+        else:
+            shard.running = 1  # a change with the same keys (the same set object)
+        feed.changed()
+    first, changed, same = (s for _, s in streams["deltas"][:3])
+    assert sorted(first.prefix_keys) == [1, 2] and not first.prefix_keys_delta
+    assert changed.prefix_keys_delta and not changed.prefix_keys
+    assert (list(changed.prefix_keys_added), list(changed.prefix_keys_removed)) == ([3], [1])
+    assert same.prefix_keys_delta and not same.prefix_keys_added and not same.prefix_keys_removed
+    assert [sorted(s.prefix_keys) for _, s in streams["full"][:3]] == [[1, 2], [2, 3], [2, 3]]
+    assert not any(s.prefix_keys or s.prefix_keys_delta for _, s in streams["none"])
+    for task in tasks:
+        task.cancel()
+
+
+def test_prefix_keys_only_for_watchers_that_ask_as_changes_with_deltas():
+    asyncio.run(asyncio.wait_for(prefix_keys_as_asked(), 10))

@@ -19,6 +19,7 @@ def shard(
     resident: tuple[str, ...] = (),
     draining: bool = False,
     page_size: int = 16,
+    prefixes: tuple[int, ...] = (),
 ) -> ShardLoad:
     return ShardLoad(
         shard=name,
@@ -31,6 +32,7 @@ def shard(
         kv_pages_queued=pages_queued,
         adapters_resident=frozenset(resident),
         draining=draining,
+        prefix_keys=frozenset(prefixes),
     )
 
 
@@ -118,6 +120,31 @@ def test_residency_first_outranks_batch_size():
     assert consolidate(table, SMALL, residency_first=True) == "s3"
     # Nobody holds it: back to the busiest.
     assert consolidate(table, Demand("z", 1), residency_first=True) == "s1"
+
+
+def test_prefix_affinity_breaks_ties_but_never_outranks_batch_size():
+    """A request with a prefix key goes to a shard holding its prefix among the shards the
+    policy ranks equal (even over residency and ordinal), never to a less busy one; without a
+    key (affinity off) the pick is the one the rule makes without prefixes."""
+    with_key, without = Demand("a", 10, prefix_key=7), Demand("a", 10)
+    table = [shard("s1", 3, resident=("a",)), shard("s2", 3, prefixes=(7,)), shard("s3", 3)]
+    assert consolidate(table, with_key) == least_loaded(table, with_key) == "s2"
+    assert consolidate(table, without) == least_loaded(table, without) == "s1"
+    # Idle shards tie too: the one holding the prefix wakes up, not the lowest ordinal.
+    idle = [shard("s1"), shard("s2", prefixes=(7,))]
+    assert consolidate(idle, with_key) == "s2" and consolidate(idle, without) == "s1"
+    # A busier shard wins over the prefix holder (consolidation first); an emptier one under
+    # least-loaded.
+    busier = [shard("s1", 5), shard("s2", 3, prefixes=(7,)), shard("s3", 1)]
+    assert consolidate(busier, with_key) == "s1" and least_loaded(busier, with_key) == "s3"
+    # A prefix holder without room is passed over; residency_first ranks residency, then batch
+    # size, then the prefix.
+    full = [shard("s1", 3, prefixes=(7,), free=0), shard("s2", 3)]
+    assert consolidate(full, with_key) == "s2"
+    ranked = [shard("s1", 5, prefixes=(7,)), shard("s2", 2, resident=("a",))]
+    ranked.append(shard("s3", 2, resident=("a",), prefixes=(7,)))
+    assert consolidate(ranked, with_key, residency_first=True) == "s3"
+    assert consolidate(ranked, without, residency_first=True) == "s2"
 
 
 def test_base_model_counts_as_resident_everywhere():

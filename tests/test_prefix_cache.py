@@ -247,3 +247,35 @@ def test_a_storm_of_admissions_and_releases_keeps_every_page_accounted(seed: int
         pool.release(pages)
     check_pool(pool)
     assert pool.free == pool.total and pool.idle == pool.kept == cache.blocks
+
+
+def test_prefix_keys_follow_their_first_block_and_stay_bounded() -> None:
+    """A request's prefix key is reported while the first block of its chain is cached: from
+    the insert (or the hit) on, until that block is reclaimed or retired; past the bound, the
+    least recently used key goes. The reported set is a new object only after a change."""
+    pool = PagePool(6)
+    cache = PrefixCache(pool, PAGE)
+    cache.keys.max_keys = 2
+    prompt = list(range(8))
+    hashes = chain("a@1", prompt)
+    cache.note_key(101, hashes)  # nothing cached yet: not reported
+    assert cache.keys.current == frozenset()
+    computed(cache, "a@1", prompt)
+    cache.note_key(101, hashes)
+    cache.note_key(102, chain("a@1", [*prompt[:4], 9, 9, 9, 9]))  # shares the first block
+    reported = cache.keys.current
+    assert reported == {101, 102} and cache.keys.current is reported
+    cache.note_key(101, hashes)  # used again: 102 is now the least recently used
+    cache.note_key(103, hashes)
+    assert cache.keys.current == {101, 103}
+    held = pool.alloc(6)  # reclaims both blocks, the first one last
+    assert held is not None and cache.blocks == 0 and cache.keys.current == frozenset()
+    pool.release(held)
+    current = {"a@1": True}
+    retiring = PrefixCache(PagePool(6), PAGE, lambda key: current["a@1"])
+    computed(retiring, "a@1", prompt)
+    retiring.note_key(101, hashes)
+    current["a@1"] = False
+    retiring.retire("a@1")
+    retiring.sync()
+    assert retiring.keys.current == frozenset()

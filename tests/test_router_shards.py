@@ -223,3 +223,31 @@ def test_a_heartbeat_replaces_a_full_or_draining_mark():
     then stays the same sends only heartbeats, which must lift the mark (else it is never placed
     on again)."""
     asyncio.run(asyncio.wait_for(marks_until_next_snapshot(), 10))
+
+
+async def prefix_keys_reach_the_load() -> None:
+    seen: list[shards.ShardHandle] = []
+    handle = shards.ShardHandle(
+        "127.0.0.1:1", RouterMetrics(), seen.append, lambda _: None, shard_pb2.WatchLoadRequest
+    )
+    load = dict(running=1, max_batch_size=8, kv_pages_free=50, kv_pages_total=64, kv_page_size=16)
+    handle._accept(shard_pb2.WatchLoadResponse(snapshot=shard_pb2.LoadSnapshot(**load)))
+    keyed = shard_pb2.LoadSnapshot(**load, prefix_keys_delta=True, prefix_keys_added=[7])
+    handle._accept(shard_pb2.WatchLoadResponse(snapshot=keyed))
+    assert len(seen) == 2 and handle._load is not None and handle._load.prefix_keys == {7}
+    await handle.channel.close()
+
+
+def test_prefix_keys_follow_full_lists_and_deltas():
+    before = frozenset({1, 2})
+    full = shard_pb2.LoadSnapshot(prefix_keys=[2, 3])
+    assert shards.prefix_keys_after(full, before) == {2, 3}
+    assert shards.prefix_keys_after(shard_pb2.LoadSnapshot(prefix_keys=[1, 2]), before) is before
+    delta = shard_pb2.LoadSnapshot(
+        prefix_keys_delta=True, prefix_keys_added=[5], prefix_keys_removed=[1]
+    )
+    assert shards.prefix_keys_after(delta, before) == {2, 5}
+    empty = shard_pb2.LoadSnapshot(prefix_keys_delta=True)
+    assert shards.prefix_keys_after(empty, before) is before
+    # A snapshot whose only change is its prefix keys is a change, not a heartbeat.
+    asyncio.run(asyncio.wait_for(prefix_keys_reach_the_load(), 10))

@@ -11,6 +11,7 @@ from router.policy import RULES, Demand, ShardLoad, statefulset_ordinal
 from router.shard_index import ShardIndex
 
 ADAPTERS = ("a", "b", "c", "d")
+PREFIXES = (11, 12, 13)
 
 
 def _random_load(rng: random.Random, name: str, page_sizes: tuple[int, ...]) -> ShardLoad:
@@ -31,6 +32,7 @@ def _random_load(rng: random.Random, name: str, page_sizes: tuple[int, ...]) -> 
         adapters_resident=frozenset(a for a in ADAPTERS if rng.random() < 0.4),
         draining=rng.random() < 0.1,
         ordinal=statefulset_ordinal(name),
+        prefix_keys=frozenset(k for k in PREFIXES if rng.random() < 0.3),
     )
 
 
@@ -63,7 +65,8 @@ def test_index_agrees_with_the_rule(policy, residency_first, page_sizes):
             index.update(name, loads[name])
         context = rng.choice((0, 10, 40, 150))
         longest = rng.choice((0, context + 20, context + 300, 5000))
-        demand = Demand(rng.choice(("", *ADAPTERS)), context, longest)
+        key = rng.choice((None, None, *PREFIXES))  # None: prefix affinity off
+        demand = Demand(rng.choice(("", *ADAPTERS)), context, longest, key)
         expected = rule(list(loads.values()), demand, residency_first)
         assert index.place(demand) == expected, (step, demand)
 

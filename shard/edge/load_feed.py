@@ -6,7 +6,9 @@ becomes one message, and at least every `heartbeat_s` so the router knows the sh
 A quiet shard costs one wake-up per watcher a second instead of fifty.
 
 A watcher that asks for residency deltas (`WatchLoadRequest.residency_deltas`) gets the full
-adapter list once, then only the adapters loaded and evicted since its previous snapshot.
+adapter list once, then only the adapters loaded and evicted since its previous snapshot. One
+that asks for prefix keys (`WatchLoadRequest.prefix_keys`) gets them the same way: in full, or
+in full once and then as changes.
 
 Torch-free: the tests' fake shard and the fleet benchmarks' simulated shards stream through it.
 """
@@ -92,6 +94,24 @@ class ResidencySender:
         snapshot.adapters_removed.extend(sorted(previous - resident))
 
 
+class PrefixKeySender:
+    """Per watcher that asked for prefix keys: all of them, or changes against the last sent."""
+
+    def __init__(self, deltas: bool):
+        self._deltas = deltas
+        self._sent: frozenset[int] | None = None
+
+    def fill(self, snapshot: shard_pb2.LoadSnapshot, keys: frozenset[int]) -> None:
+        previous, self._sent = self._sent, keys
+        if not self._deltas or previous is None:
+            snapshot.prefix_keys.extend(keys)
+            return
+        snapshot.prefix_keys_delta = True
+        if keys is not previous:  # the shard rebuilds its set only when it changes
+            snapshot.prefix_keys_added.extend(keys - previous)
+            snapshot.prefix_keys_removed.extend(previous - keys)
+
+
 @dataclass(frozen=True, slots=True)
 class Pacing:
     """When one watcher gets snapshots."""
@@ -149,9 +169,12 @@ async def load_updates(
     snapshot: Callable[[], shard_pb2.LoadSnapshot],
     deltas: bool,
     pace: Pacing = Pacing(),
+    prefix_keys: Callable[[], frozenset[int]] | None = None,
 ) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
-    """One watcher's stream: a snapshot now, then on change (paced) and every heartbeat."""
+    """One watcher's stream: a snapshot now, then on change (paced) and every heartbeat;
+    with `prefix_keys` (the keys the shard holds now), its snapshots carry them."""
     residency = ResidencySender(deltas)
+    keys = PrefixKeySender(deltas) if prefix_keys is not None else None
     clock = asyncio.get_running_loop().time
     seen = feed.version
     message = snapshot()
@@ -159,6 +182,8 @@ async def load_updates(
         sent = shard_pb2.LoadSnapshot()
         sent.CopyFrom(message)
         residency.fill(message)
+        if keys is not None and prefix_keys is not None:
+            keys.fill(message, prefix_keys())
         sent_at = clock()
         yield shard_pb2.WatchLoadResponse(snapshot=message)
         await asyncio.sleep(pace.min_gap_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer
 
 from protos import generate_pb2
+from protos.prefix_key import prefix_key
 from shard.edge.chat_template import ChatTemplate, ChatTemplateError, Message
 from shard.engine.faults import quote
 from shard.engine.sampling import SamplingParams
@@ -156,6 +157,7 @@ def to_engine_request(
         resume=resume,
         migratable=migratable,
         client_label=client_label,
+        prefix_key=prefix_key(msg),
     )
 
 

@@ -269,6 +269,10 @@ class ShardService:
             idle_s=0.0 if s.idle_since is None else time.monotonic() - s.idle_since,
         )
 
+    def prefix_keys(self) -> frozenset[int]:
+        """Prefix keys of the prefixes the prefix cache holds now."""
+        return self.engine.load().prefix_keys
+
     def adapter_infos(self) -> list[generate_pb2.AdapterInfo]:
         return [_adapter_info(e) for e in self.adapters.entries()]
 
@@ -349,7 +353,11 @@ class ShardServicer(shard_pb2_grpc.ShardServicer):
     ) -> AsyncIterator[shard_pb2.WatchLoadResponse]:
         """A snapshot now, then pushed on change (coalesced) and at least once a second."""
         async for message in load_updates(
-            self.s.load_feed, self.s.snapshot, request.residency_deltas, pacing(request)
+            self.s.load_feed,
+            self.s.snapshot,
+            request.residency_deltas,
+            pacing(request),
+            self.s.prefix_keys if request.prefix_keys else None,
         ):
             yield message
 

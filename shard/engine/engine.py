@@ -62,6 +62,8 @@ class LoadState:
     draining: bool
     # time.monotonic() since when nothing has run or waited here; None while something does.
     idle_since: float | None = None
+    # Prefix keys of the prefixes the prefix cache holds (`shard.engine.prefix_keys`).
+    prefix_keys: frozenset[int] = frozenset()
 
 
 class Engine:
@@ -365,6 +367,7 @@ class Engine:
             adapters_resident=tuple(sched.adapters.resident_ids()),
             draining=self._draining,
             idle_since=self._idle_since,
+            prefix_keys=sched.prefix.keys.current if sched.prefix is not None else frozenset(),
         )
 
     def _publish(self) -> None:

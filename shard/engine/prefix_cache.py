@@ -25,6 +25,7 @@ from collections.abc import Sequence as Tokens
 from dataclasses import dataclass
 
 from shard.engine.kv_cache import PagePool
+from shard.engine.prefix_keys import PrefixKeys
 from shard.metrics import ShardMetrics
 
 BASE_ROOT = b"lorafleet-prefix/base-model"
@@ -77,6 +78,8 @@ class PrefixCache:
         self._block_of: dict[int, tuple[str, bytes]] = {}  # page -> (adapter key, block key)
         self._pages_of: dict[str, set[int]] = {}  # adapter key -> its cached pages
         self._retired: deque[str] = deque()  # appended by other threads, drained by `sync`
+        # The requests' prefix keys whose first block is cached, for load snapshots.
+        self.keys = PrefixKeys()
         pool.on_reclaim = self._reclaimed
 
     def attach_metrics(self, metrics: ShardMetrics) -> None:
@@ -102,6 +105,7 @@ class PrefixCache:
             for page in pages:
                 _, block = self._block_of.pop(page)
                 del self._page_of[block]
+                self.keys.dropped(block)
                 self.pool.unkeep(page)
             if pages and self.metrics is not None:
                 self.metrics.prefix_retired_pages.inc(len(pages))
@@ -149,10 +153,17 @@ class PrefixCache:
             self.pool.keep(page)
         return end
 
+    def note_key(self, prefix_key: int, hashes: list[bytes]) -> None:
+        """A request with `prefix_key` (see `protos.prefix_key`) and block keys `hashes` was
+        admitted or had blocks added: the key is reported while its first block is cached."""
+        if hashes and hashes[0] in self._page_of:
+            self.keys.note(prefix_key, hashes[0])
+
     def _reclaimed(self, page: int) -> None:
         """The pool took an idle cached page back for an allocation."""
         adapter_key, block = self._block_of.pop(page)
         del self._page_of[block]
+        self.keys.dropped(block)
         pages = self._pages_of[adapter_key]
         pages.discard(page)
         if not pages:

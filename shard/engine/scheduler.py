@@ -197,6 +197,8 @@ class Scheduler:
             return False
         seq.pages = admission.pages
         seq.num_cached = seq.prefix_hit = admission.cached_tokens
+        if admission.cached_tokens and seq.req.prefix_key is not None:
+            self.prefix.note_key(seq.req.prefix_key, seq.block_hashes)
         if seq.first_scheduled is None:
             seq.prompt_cached = min(admission.cached_tokens, len(seq.req.prompt_ids))
         return True
@@ -207,9 +209,12 @@ class Scheduler:
         assert self.prefix is not None
         end = min(seq.num_cached // self.page_size, len(seq.block_hashes))
         if end > seq.blocks_indexed:
+            first = seq.blocks_indexed
             seq.blocks_indexed = self.prefix.insert(
-                seq.adapter_key, seq.block_hashes, seq.pages, seq.blocks_indexed, end
+                seq.adapter_key, seq.block_hashes, seq.pages, first, end
             )
+            if first == 0 and seq.req.prefix_key is not None:
+                self.prefix.note_key(seq.req.prefix_key, seq.block_hashes)
 
     def _drop_pages(self, seq: Sequence) -> None:
         """Releases a request's pages; its computed blocks stay in the prefix cache."""

@@ -63,6 +63,8 @@ class EngineRequest:
     arrival: float = field(default_factory=time.monotonic)
     # The caller's request_id, a label for logs only: callers may reuse it.
     client_label: str = ""
+    # `protos.prefix_key` of the request as the client sent it; None: its input is too short.
+    prefix_key: int | None = None
 
     @property
     def label(self) -> str:
