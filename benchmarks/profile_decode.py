@@ -4,7 +4,7 @@ plain elementwise) against the step's byte floor, for the base model and for Dis
 The text-generation benchmark gives the step time; this one explains it. One decode plan
 (`--batch` rows at `--context` tokens, Llama-2-7B shape, dummy bf16 weights, r16 adapters on all
 seven projections) runs eagerly under torch.profiler: with the defaults (compiled elementwise
-chains, LoRA beside the base GEMMs), then with each switched off. Per kind it reports
+chains, cuBLASLt for the projections), then with each switched. Per kind it reports
 milliseconds per step, launches per step and, for GEMMs, the weight bytes read per second. The
 CUDA-graph replay of the same step is timed with CUDA events beside it: replay minus kernel time
 is what launch gaps and tails cost.
@@ -34,7 +34,6 @@ from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.decode_graphs import DecodeGraphs
 from shard.model import fusion
-from shard.model.layers.lora import set_overlap
 from shard.parallel.group import SINGLE
 from shard.parallel.rank import RankState
 
@@ -139,27 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
     rows = []
-    # (compiled chains, LoRA beside the base GEMM, the projections' BLAS library): the defaults
-    # first, then each alternative.
-    configs = (
-        (True, True, "cublaslt"),
-        (True, False, "cublaslt"),
-        (False, True, "cublaslt"),
-        (True, True, "cublas"),
-    )
-    for compiled, overlap, blas in configs:
+    # (compiled chains, the projections' BLAS library): the defaults first, then each alternative.
+    configs = ((True, "cublaslt"), (False, "cublaslt"), (True, "cublas"))
+    for compiled, blas in configs:
         fusion.set_enabled(compiled)
-        set_overlap(overlap)
         torch.backends.cuda.preferred_blas_library(blas)
         for case, adapters in cases.items():
-            if case == "base" and not overlap:
-                continue  # no LoRA: the overlap switch changes nothing
             kinds, top = kernel_times(state, adapters, args.context, args.steps)
             work = Workload(case, [[0]] * args.batch, [1] * args.batch, adapters)
             row = {
                 "case": case,
                 "compiled": compiled,
-                "lora_overlap": overlap,
                 "blas": blas,
                 "graph_step_ms": graph_ms(state, adapters, args.context),
                 "kernel_ms": sum(k.ms_per_step for k in kinds),

@@ -13,7 +13,6 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_EOS: _ClassVar[FinishReason]
-    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
 
 class AdapterResidency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,7 +25,6 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_EOS: FinishReason
-FINISH_REASON_CANCELLED: FinishReason
 ADAPTER_RESIDENCY_UNSPECIFIED: AdapterResidency
 ADAPTER_RESIDENCY_DISK: AdapterResidency
 ADAPTER_RESIDENCY_HOST: AdapterResidency

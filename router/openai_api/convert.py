@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protos import generate_pb2
-from router.openai_api.errors import ApiError, bad_request
+from router.openai_api.errors import bad_request
 from router.openai_api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -126,12 +126,9 @@ def completion_request(body: CompletionRequest, adapter_id: str) -> generate_pb2
 
 
 def finish_reason(chunk: generate_pb2.GenerateResponse) -> str | None:
-    """OpenAI's finish_reason of a chunk; None until the last one. A request the server
-    cancelled (shutdown with no shard to move to) has no OpenAI reason: it is an error."""
+    """OpenAI's finish_reason of a chunk; None until the last one."""
     if chunk.finish_reason == generate_pb2.FINISH_REASON_UNSPECIFIED:
         return None
-    if chunk.finish_reason == generate_pb2.FINISH_REASON_CANCELLED:
-        raise ApiError(503, "the server cancelled the request while shutting down; retry")
     return _FINISH[chunk.finish_reason]
 
 

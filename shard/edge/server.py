@@ -39,7 +39,6 @@ _FINISH = {
     FinishReason.LENGTH: generate_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
     FinishReason.EOS: generate_pb2.FINISH_REASON_EOS,
-    FinishReason.CANCELLED: generate_pb2.FINISH_REASON_CANCELLED,
 }
 _MIGRATION = {
     MigrationReason.KV_EXHAUSTED: shard_pb2.MIGRATION_REASON_KV_EXHAUSTED,

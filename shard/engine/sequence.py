@@ -15,7 +15,6 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     STOP = "stop"
     EOS = "eos"
-    CANCELLED = "cancelled"
 
 
 class MigrationReason(enum.Enum):

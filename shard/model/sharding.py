@@ -9,7 +9,6 @@ from __future__ import annotations
 from shard.model.config import ModelConfig
 from shard.parallel.group import TPGroup
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 

@@ -121,20 +121,12 @@ class PendingLora:
 # (benchmarks/NOTES.md). In a graph the fork and join are free edges; in an eager step
 # (one that holds a prefill) they are two event records and waits per group and layer on the
 # host, which such a step, bound by its host time, cannot hide: eager steps use one stream.
-# Off: one stream everywhere.
-_overlap = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def set_overlap(on: bool) -> None:
-    """Whether CUDA forwards run the LoRA beside the base GEMM (A/B runs; the CPU path never)."""
-    global _overlap
-    _overlap = on
-
-
 def _forks(x: torch.Tensor) -> bool:
-    """Whether this group's LoRA runs on the side stream: CUDA, overlap on, inside a capture."""
-    return x.is_cuda and _overlap and torch.cuda.is_current_stream_capturing()
+    """Whether this group's LoRA runs on the side stream: CUDA, inside a capture."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
