@@ -22,14 +22,13 @@ import torch
 
 from benchmarks.timing import copy_bandwidth, provenance, time_graph
 from shard.model.layers.lora import (
-    LORA_GROUPS,
-    MAX_GROUP,
     LoraBatch,
     LoraGroup,
     finish_lora,
     group_key,
     start_lora,
 )
+from shard.model.projections import LORA_GROUPS, MAX_GROUP_PROJECTIONS
 from shard.ops import sgmv_expand, sgmv_shrink, weight_ptrs
 
 DTYPE = torch.bfloat16
@@ -226,7 +225,7 @@ def whole_step(layers: int = 32, rows: int = 32, rank: int = 16) -> dict[str, fl
                 LORA_GROUPS, grouped, strict=True
             )
         },
-        buffer=torch.empty(rows, MAX_GROUP * rank, device=dev, dtype=DTYPE),
+        buffer=torch.empty(rows, MAX_GROUP_PROJECTIONS * rank, device=dev, dtype=DTYPE),
     )
 
     def production() -> None:

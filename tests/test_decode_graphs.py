@@ -23,7 +23,8 @@ from shard.engine.decode_graphs import (
 from shard.engine.engine import Engine
 from shard.engine.kv_cache import pages_for
 from shard.engine.step_plan import StepPlan
-from shard.model.layers.lora import LORA_MODULES, LoraBatch, build_lora_batch
+from shard.model.layers.lora import LoraBatch, build_lora_batch
+from shard.model.projections import LORA_MODULES
 from shard.parallel.group import SINGLE
 from tests.test_engine import mixed_rows, reference, submit_all
 

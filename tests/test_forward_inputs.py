@@ -12,7 +12,7 @@ import torch
 from shard.adapters.loader import AdapterWeights
 from shard.engine.forward_inputs import NO_ROWS, DecodePadding, ForwardInputs
 from shard.engine.step_plan import make_plan
-from shard.model.layers.lora import LORA_MODULES
+from shard.model.projections import LORA_MODULES
 from tests.test_step_plan import PAGE_SIZE, chunk, sequence
 
 SCRATCH = 7  # the KV cache's scratch page in these tests

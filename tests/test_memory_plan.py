@@ -12,7 +12,7 @@ from shard.config import parse_config
 from shard.engine.kv_cache import KvCache
 from shard.engine.memory_plan import lora_activation_bytes, plan_kv_pages
 from shard.model.config import load_model_config
-from shard.model.layers.lora import MAX_GROUP
+from shard.model.projections import MAX_GROUP_PROJECTIONS
 from shard.parallel.group import SINGLE
 
 GIB = 2**30
@@ -81,5 +81,5 @@ def test_lora_activation_bytes_cover_the_widest_projection(tiny) -> None:
     model = leader.state.runner.model
     gate_up = 2 * load_model_config(tiny.model_dir).intermediate_size
     tokens, rank = 100, 16
-    expected = tokens * (MAX_GROUP * rank + 2 * gate_up) * 4  # float32 on CPU
+    expected = tokens * (MAX_GROUP_PROJECTIONS * rank + 2 * gate_up) * 4  # float32 on CPU
     assert lora_activation_bytes(model, tokens, rank) == expected

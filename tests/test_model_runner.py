@@ -7,7 +7,8 @@ import torch
 
 from shard.adapters.loader import AdapterWeights
 from shard.engine.model_runner import lora_fields, lora_on, upload
-from shard.model.layers.lora import LORA_MODULES, build_lora_batch
+from shard.model.layers.lora import build_lora_batch
+from shard.model.projections import LORA_MODULES
 
 
 def adapter(name: str, rank: int) -> AdapterWeights:

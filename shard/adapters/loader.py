@@ -23,8 +23,8 @@ from safetensors.torch import load as load_safetensors
 
 from shard.engine.faults import quote
 from shard.model.config import ModelConfig
-from shard.model.layers.lora import LORA_MODULES
-from shard.model.sharding import ROW_PARALLEL, input_cols, output_rows
+from shard.model.projections import LORA_MODULES, ROW_PARALLEL
+from shard.model.sharding import input_cols, output_rows
 from shard.parallel.group import TPGroup
 
 log = structlog.get_logger(__name__)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from shard.model.config import ModelConfig
-from shard.model.llama import local_kv_heads
+from shard.model.sharding import local_kv_heads
 from shard.parallel.group import TPGroup
 
 

@@ -16,8 +16,8 @@ from shard.engine.model_runner import ModelRunner
 from shard.engine.step_plan import PrefillPlan, StepPlan
 from shard.model.config import ModelConfig
 from shard.model.layers.linear import MergedColumnLinear, RowLinear
-from shard.model.layers.lora import MAX_GROUP
 from shard.model.llama import LlamaForCausalLM
+from shard.model.projections import MAX_GROUP_PROJECTIONS
 from shard.parallel.group import TPGroup
 
 log = structlog.get_logger(__name__)
@@ -131,13 +131,14 @@ def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dt
 
 def lora_activation_bytes(model: LlamaForCausalLM, tokens: int, max_rank: int) -> int:
     """What LoRA adds to a `tokens`-row step beyond the warm-up, which runs no adapter: the
-    shrink's scratch [T, MAX_GROUP * rank], the widest projection's LoRA delta [T, width] and,
-    where the chain after it runs eagerly, the sum of that projection and its delta."""
+    shrink's scratch [T, MAX_GROUP_PROJECTIONS * rank], the widest projection's LoRA delta
+    [T, width] and, where the chain after it runs eagerly, the sum of that projection and its
+    delta."""
     widest = max(
         m.weight.shape[0] for m in model.modules() if isinstance(m, MergedColumnLinear | RowLinear)
     )
     size = next(model.parameters()).element_size()
-    return tokens * (MAX_GROUP * max_rank + 2 * widest) * size
+    return tokens * (MAX_GROUP_PROJECTIONS * max_rank + 2 * widest) * size
 
 
 def _no_adapters(adapter_id: str) -> AdapterWeights:

@@ -20,23 +20,13 @@ from shard.model.layers.linear import MergedColumnLinear, RowLinear
 from shard.model.layers.norm import RMSNorm
 from shard.model.layers.placement import Placement
 from shard.model.layers.rotary import RotaryEmbedding, rope_qkv
+from shard.model.projections import GATE_UP, QKV
+from shard.model.sharding import local_kv_heads
 from shard.parallel.group import TPGroup
 
 # What a layer leaves to be added to the residual stream by the next one's norm chain: nothing
 # (before the first layer), or its MLP output [T, hidden] and that output's LoRA term (or None).
 Pending = tuple[()] | tuple[torch.Tensor, torch.Tensor | None]
-
-
-def local_kv_heads(cfg: ModelConfig, group: TPGroup) -> int:
-    """KV heads held by one rank: split when there are enough, else replicated (one per rank)."""
-    if cfg.num_kv_heads >= group.size:
-        return group.split(cfg.num_kv_heads, "num_key_value_heads")
-    if group.size % cfg.num_kv_heads:
-        raise ValueError(
-            f"tensor-parallel size {group.size} must be a multiple of num_key_value_heads "
-            f"{cfg.num_kv_heads} to replicate KV heads"
-        )
-    return 1
 
 
 class LlamaAttention(nn.Module):
@@ -50,11 +40,7 @@ class LlamaAttention(nn.Module):
         d = cfg.head_dim
         self.heads = at.group.split(cfg.num_heads, "num_attention_heads")
         self.kv_heads = local_kv_heads(cfg, at.group)
-        widths = {
-            "q_proj": self.heads * d,
-            "k_proj": self.kv_heads * d,
-            "v_proj": self.kv_heads * d,
-        }
+        widths = dict(zip(QKV, (self.heads * d, self.kv_heads * d, self.kv_heads * d), strict=True))
         self.qkv_proj = MergedColumnLinear(cfg.hidden_size, widths, layer_idx, at, cfg.qkv_bias)
         self.o_proj = RowLinear(self.heads * d, cfg.hidden_size, "o_proj", layer_idx, at)
         self.attn = PagedAttention(self.heads, self.kv_heads, d)
@@ -87,7 +73,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = at.group.split(cfg.intermediate_size, "intermediate_size")
         self.gate_up_proj = MergedColumnLinear(
-            cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, layer_idx, at
+            cfg.hidden_size, dict.fromkeys(GATE_UP, inter), layer_idx, at
         )
         self.down_proj = RowLinear(inter, cfg.hidden_size, "down_proj", layer_idx, at)
         self.inter = inter

@@ -13,21 +13,16 @@ from tokenizers import Tokenizer
 
 from shard.model.config import ModelConfig, ModelConfigError
 from shard.model.llama import LlamaForCausalLM
+from shard.model.projections import ATTENTION, GATE_UP, MLP, QKV
 from shard.model.sharding import input_cols, output_rows
 from shard.parallel.group import TPGroup
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_QKV = ("q_proj", "k_proj", "v_proj")
 _LAYER_WEIGHTS = (
     "input_layernorm",
     "post_attention_layernorm",
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
+    *(f"self_attn.{m}" for m in ATTENTION),
+    *(f"mlp.{m}" for m in MLP),
 )
 
 
@@ -77,7 +72,7 @@ def expected_tensors(cfg: ModelConfig) -> set[str]:
     for i in range(cfg.num_layers):
         names.update(f"model.layers.{i}.{w}.weight" for w in _LAYER_WEIGHTS)
         if cfg.qkv_bias:
-            names.update(f"model.layers.{i}.self_attn.{p}.bias" for p in _QKV)
+            names.update(f"model.layers.{i}.self_attn.{p}.bias" for p in QKV)
     return names
 
 
@@ -98,17 +93,17 @@ def _load_one(
         layer = model.layers[int(m.group(1))]
         part, _, module = m.group(2).rpartition(".")
         if m.group(3) == "bias":
-            if not (cfg.qkv_bias and part == "self_attn" and module in _QKV):
+            if not (cfg.qkv_bias and part == "self_attn" and module in QKV):
                 raise ModelConfigError(
                     f"checkpoint tensor {name}: {cfg.architecture} has no bias there "
                     "(of the biases, only Qwen2's on q/k/v are supported)"
                 )
             layer.self_attn.qkv_proj.load_bias(module, w, output_rows(cfg, group, module))
-        elif part == "self_attn" and module in _QKV:
+        elif part == "self_attn" and module in QKV:
             layer.self_attn.qkv_proj.load(module, w, output_rows(cfg, group, module))
         elif part == "self_attn" and module == "o_proj":
             layer.self_attn.o_proj.load(w, input_cols(cfg, group, module))
-        elif part == "mlp" and module in ("gate_proj", "up_proj"):
+        elif part == "mlp" and module in GATE_UP:
             layer.mlp.gate_up_proj.load(module, w, output_rows(cfg, group, module))
         elif part == "mlp" and module == "down_proj":
             layer.mlp.down_proj.load(w, input_cols(cfg, group, module))

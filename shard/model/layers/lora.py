@@ -8,21 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from shard.model.projections import LORA_GROUPS, MAX_GROUP_PROJECTIONS
 from shard.ops.sgmv import sgmv_expand, sgmv_shrink
 
 if TYPE_CHECKING:
     from shard.adapters.loader import AdapterWeights
-
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Projections that read the same input: each group runs as one shrink and one expand launch,
-# its modules in the column order of the merged layer that computes them.
-LORA_GROUPS = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("o_proj",),
-    ("gate_proj", "up_proj"),
-    ("down_proj",),
-)
-MAX_GROUP = max(len(g) for g in LORA_GROUPS)
 
 
 def group_key(modules: Sequence[str]) -> str:
@@ -49,7 +39,7 @@ class LoraBatch:
 
     seg_starts: torch.Tensor  # [S + 1] int32: row offsets of the segments
     groups: dict[str, LoraGroup]  # by group_key; missing: no segment targets any of its modules
-    buffer: torch.Tensor  # [T, MAX_GROUP * r_max] scratch for x @ A of one group
+    buffer: torch.Tensor  # [T, MAX_GROUP_PROJECTIONS * r_max] scratch for x @ A of one group
 
 
 def build_lora_batch(
@@ -102,7 +92,9 @@ def build_lora_batch(
     return LoraBatch(
         seg_starts=tensor(bounds, torch.int32),
         groups=groups,
-        buffer=torch.empty(num_rows, MAX_GROUP * (rank or max_rank), dtype=dtype, device=device),
+        buffer=torch.empty(
+            num_rows, MAX_GROUP_PROJECTIONS * (rank or max_rank), dtype=dtype, device=device
+        ),
     )
 
 
@@ -154,7 +146,7 @@ def start_lora(
     group = lora.groups.get(group_key(modules))
     if group is None:
         return None
-    r_max = lora.buffer.shape[1] // MAX_GROUP
+    r_max = lora.buffer.shape[1] // MAX_GROUP_PROJECTIONS
     v = lora.buffer[: x.shape[0], : len(modules) * r_max]  # [T, P * r_max]
     # Allocated on the current stream, which joins the side stream before it frees the delta;
     # the expand writes every row of it (zeros where a segment has no adapter), so no memset.
