@@ -192,11 +192,12 @@ class PaddedDecode:
         for name, t in (template | lora_leaves).items():
             self.arena.host[name].copy_(t)
         dev = self.arena.device
-        lora = None
+        lora: LoraBatch | None = None
         if template_lora is not None:
             static = {name.removeprefix("lora."): dev[name] for name in lora_leaves}
-            lora = replace_leaves(template_lora, static)
-            assert isinstance(lora, LoraBatch)
+            rebuilt = replace_leaves(template_lora, static)
+            assert isinstance(rebuilt, LoraBatch)
+            lora = rebuilt
         self.meta = self.inputs.meta(dev, (), lora)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None

@@ -89,8 +89,7 @@ class ModelRunner:
         self.device = device
         self.dtype = kv.k.dtype
         self.decode_graphs = decode_graphs
-        attn = model.layers[0].self_attn.attn
-        self.builder = ForwardInputs(kv.page_size, attn.num_heads // attn.num_kv_heads)
+        self.builder = ForwardInputs(kv.page_size, model.query_group)
 
     def inputs(
         self, plan: StepPlan, weights: list[AdapterWeights | None]

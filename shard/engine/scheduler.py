@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from shard.adapters.cache import AdapterCache
 from shard.adapters.loader import AdapterError
+from shard.adapters.tiers import Resident
 from shard.engine.kv_cache import PagePool, pages_for
 from shard.engine.prefix_cache import PrefixCache
 from shard.engine.sequence import SeqStatus, Sequence
@@ -124,7 +125,7 @@ class Scheduler:
         """Gives each running request a page for its next token, evicting the newest if needed.
         Requests with one uncached token decode; the partly prefilled ones are returned, in
         admission order."""
-        partial = []
+        partial: list[Sequence] = []
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # evicted earlier in this loop
@@ -152,13 +153,14 @@ class Scheduler:
         passed: list[Sequence] = []  # overtaken while their adapter loads; they keep their place
         while waiting and len(self.running) < self.max_batch_size and budget > 0:
             seq = waiting[0]
-            claimed = None
+            claimed: Resident | None = None
             if seq.adapter_id and not seq.holds_adapter:
-                claimed = self.adapters.claim(seq.adapter_id)
-                if isinstance(claimed, AdapterError):
+                state = self.adapters.claim(seq.adapter_id)
+                if isinstance(state, AdapterError):
                     waiting.popleft()
-                    out.failed.append((seq, claimed))
+                    out.failed.append((seq, state))
                     continue
+                claimed = state
                 if claimed is None:
                     if time.monotonic() - seq.req.arrival < ADAPTER_WAIT_BARRIER_S:
                         passed.append(waiting.popleft())

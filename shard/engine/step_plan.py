@@ -68,7 +68,9 @@ def make_plan(
     segments: list[tuple[int, str]] = []
     prefills: list[PrefillPlan] = []
     sampled: list[Sequence] = []
-    spans = [(s, len(s.token_ids), None) for s in ordered_decode]
+    spans: list[tuple[Sequence, int, Chunk | None]] = [
+        (s, len(s.token_ids), None) for s in ordered_decode
+    ]
     spans += [(c.seq, c.end, c) for c in ordered_prefill]
     for seq, end, chunk in spans:
         start = len(ids)

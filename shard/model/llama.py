@@ -126,7 +126,10 @@ class LlamaForCausalLM(nn.Module):
             cfg.head_dim, cfg.max_context, cfg.rope_theta, cfg.rope_scaling, device
         )
         self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, at) for i in range(cfg.num_layers))
+        layers = [LlamaDecoderLayer(cfg, i, at) for i in range(cfg.num_layers)]
+        self.layers = nn.ModuleList(layers)
+        # Query heads per KV head on this rank, the same in every layer.
+        self.query_group = layers[0].self_attn.heads // layers[0].self_attn.kv_heads
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, at)
         self.lm_head = (
             self.embed_tokens

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from shard.adapters.loader import AdapterWeights
 
 
-def group_key(modules: Sequence[str]) -> str:
+def group_key(modules: Iterable[str]) -> str:
     """The LoraBatch.groups key of a group of modules, e.g. ``q_proj+k_proj+v_proj``."""
     return "+".join(modules)
 

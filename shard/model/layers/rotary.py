@@ -31,6 +31,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
 class RotaryEmbedding(nn.Module):
     """RoPE angle tables; `tables` picks the rows' positions, `rope_qkv` applies them."""
 
+    cos: torch.Tensor  # buffers, registered in __init__
+    sin: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,
