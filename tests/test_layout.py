@@ -46,3 +46,19 @@ def test_shard_imports_nothing_of_the_router() -> None:
 def test_protos_import_neither_the_router_nor_the_shard_nor_torch() -> None:
     bad = {m: n & {"torch", "shard", "router"} for m, n in imported("protos").items()}
     assert not any(bad.values()), bad
+
+
+def test_readme_code_map_names_every_package() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- section: code-map -->", "<!-- /section: code-map -->"
+    assert start in readme and end in readme, "README lost its code map"
+    code_map = readme[readme.index(start) : readme.index(end)]
+    packages = {
+        str(init.parent.relative_to(ROOT)) + "/"
+        for top in ("router", "shard")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    packages |= {"protos/", "csrc/", "k8s/", "benchmarks/", "tests/"}
+    assert "shard/engine/" in packages
+    missing = sorted(p for p in packages if f"`{p}`" not in code_map)
+    assert not missing, f"README's code map does not name {missing}"
