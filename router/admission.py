@@ -87,6 +87,7 @@ class Admission:
 
     def largest_pool(self) -> int:
         """Tokens the largest whole KV pool among open shards holds (0 while none is known)."""
+        self._table.sync()
         return self._index.largest_pool()
 
     async def place(self, demand: Demand, resumed: bool = False) -> Reservation:
@@ -137,6 +138,7 @@ class Admission:
         )
 
     def _try(self, demand: Demand) -> Reservation | None:
+        self._table.sync()
         while (address := self._index.place(demand)) is not None:
             handle = self._table.get(address)
             assert handle is not None, f"the index placed on {address}, unknown to the table"

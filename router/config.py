@@ -306,4 +306,7 @@ def shard_channel_options(config: RouterConfig) -> tuple[tuple[str, int], ...]:
         # The router sends no data on its long WatchLoad streams; by default grpc stops pinging
         # after two pings without outgoing data, which would end the keepalive.
         ("grpc.http2.max_pings_without_data", 0),
+        # No bandwidth-delay probing: a shard's streams carry small messages (snapshots, tokens),
+        # and each probe is a ping and its ack on every connection that received data.
+        ("grpc.http2.bdp_probe", 0),
     )

@@ -19,10 +19,12 @@ log = structlog.get_logger("router.shard_table")
 # How often the table looks for shards whose snapshots went stale, to take them out of the index.
 _SWEEP_EVERY_S = 1.0
 # What a load stream asks of its shard grows with the fleet, so the router's snapshots a second
-# stay bounded (each costs it ~100-200 us of CPU, mostly gRPC's): the least interval is a quarter
-# of a millisecond per shard (at most ~4,000 snapshots/s of changes: 25 ms at 100 shards, 250 ms
-# at 1,000; never under the shard's own 20 ms), the heartbeat 2 ms per shard (at most ~500
-# heartbeats/s: 1 s up to 500 shards, 2 s at 1,000, 10 s from 5,000 on).
+# stay bounded (each costs it ~200-300 us of CPU on a busy 2-core VM, mostly gRPC's own): the
+# least interval is half a millisecond per shard (at most ~2,000 snapshots/s of urgent changes:
+# 50 ms at 100 shards, 500 ms at 1,000; never under the shard's own 20 ms), the heartbeat 4 ms
+# per shard (at most ~250 heartbeats/s: 1 s up to 250 shards, 4 s at 1,000, 10 s from 2,500 on).
+# A shard sends changes that only refine the ordering after half a heartbeat (`load_feed.Pacing`),
+# so at 1,000 shards a busy shard sends a snapshot every 2 s plus its urgent ones.
 _MIN_INTERVAL_MS = (20, 1000)
 _HEARTBEAT_MS = (1000, 10000)
 
@@ -30,8 +32,11 @@ _HEARTBEAT_MS = (1000, 10000)
 class ShardTable:
     """All shards the router knows, by dialed address; callbacks fire on every change.
 
-    With an index attached (`track`), every change of a shard's believed load reaches it at once,
-    and a sweep every second takes out shards whose snapshots went stale.
+    With an index attached (`track`), every change of a shard's believed load reaches it at the
+    next `sync` (placements call it first), and a sweep every second takes out shards whose
+    snapshots went stale. A 1,000-shard fleet sends ~1,000 snapshots a second; deferring the
+    index work to the placements that read it turns the snapshots a shard sends between two
+    placements into one index update.
     """
 
     def __init__(
@@ -47,6 +52,8 @@ class ShardTable:
         self._shards: dict[str, ShardHandle] = {}
         self._listeners: list[Callable[[], None]] = []
         self._index: ShardIndex | None = None
+        # Shards whose believed load changed since the index last heard of it.
+        self._unsynced: dict[str, ShardHandle] = {}
         self._sweeper: asyncio.Task[None] | None = None
         # Counted when scraped (in the exporter's thread), not on every snapshot; that also
         # notices a shard going stale, which changes nothing in the table.
@@ -85,6 +92,7 @@ class ShardTable:
         handle = self._shards.pop(address, None)
         if handle is not None:
             log.info("shard removed", shard=address)
+            self._unsynced.pop(address, None)
             if self._index is not None:
                 self._index.remove(address)
             await handle.close()
@@ -126,18 +134,26 @@ class ShardTable:
         return shard_pb2.WatchLoadRequest(
             residency_deltas=True,
             prefix_keys=self._prefix_keys,
-            min_interval_ms=min(_MIN_INTERVAL_MS[1], max(_MIN_INTERVAL_MS[0], shards // 4)),
-            heartbeat_ms=min(_HEARTBEAT_MS[1], max(_HEARTBEAT_MS[0], shards * 2)),
+            min_interval_ms=min(_MIN_INTERVAL_MS[1], max(_MIN_INTERVAL_MS[0], shards // 2)),
+            heartbeat_ms=min(_HEARTBEAT_MS[1], max(_HEARTBEAT_MS[0], shards * 4)),
         )
 
     def _idle_count(self) -> int:
         return sum(handle.idle_seconds() > 0 for handle in list(self._shards.values()))
 
-    def _reindex(self, handle: ShardHandle) -> None:
-        if self._index is not None and handle.address in self._shards:
+    def sync(self) -> None:
+        """Brings the index up to date with every shard's believed load (call before placing)."""
+        if not self._unsynced or self._index is None:
+            return
+        unsynced, self._unsynced = self._unsynced, {}
+        for address, handle in unsynced.items():
             load = handle.load()
             handle.indexed = load is not None
-            self._index.update(handle.address, load)
+            self._index.update(address, load)
+
+    def _reindex(self, handle: ShardHandle) -> None:
+        if self._index is not None and handle.address in self._shards:
+            self._unsynced[handle.address] = handle
 
     def _changed(self, handle: ShardHandle) -> None:
         self._reindex(handle)

@@ -44,11 +44,13 @@ def load_from_proto(
     snapshot: shard_pb2.LoadSnapshot,
     shard: str,
     resident: frozenset[str],
+    ordinal: int | None,
     prefix_keys: frozenset[int] = frozenset(),
 ) -> ShardLoad:
     """Converts a protobuf snapshot to the policy's value type, keyed by the dialed address;
     `resident` and `prefix_keys` are the residency and prefix keys it describes (see
-    `residency_after` and `prefix_keys_after`)."""
+    `residency_after` and `prefix_keys_after`), `ordinal` the shard's StatefulSet ordinal
+    (`statefulset_ordinal` of its shard id, else of its address)."""
     return ShardLoad(
         shard=shard,
         running=snapshot.running,
@@ -60,7 +62,7 @@ def load_from_proto(
         kv_pages_queued=snapshot.kv_pages_queued,
         adapters_resident=resident,
         draining=snapshot.draining,
-        ordinal=statefulset_ordinal(snapshot.shard_id or shard),
+        ordinal=ordinal,
         prefix_keys=prefix_keys,
     )
 
@@ -126,9 +128,12 @@ class ShardHandle:
         self.generator = generate_pb2_grpc.GeneratorStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._metrics = metrics
-        # Labelled children looked up once: a busy shard sends a snapshot per batch change.
-        self._running_gauge = metrics.shard_running.labels(address)
-        self._pages_gauge = metrics.shard_kv_pages_used.labels(address)
+        # Per-shard gauges are read when scraped, not set per snapshot: a fleet of 1,000 shards
+        # sends ~1,000 snapshots a second, and each set takes the metric's lock.
+        self._running_seen = 0
+        self._pages_used_seen = 0
+        metrics.shard_running.labels(address).set_function(lambda: self._running_seen)
+        metrics.shard_kv_pages_used.labels(address).set_function(lambda: self._pages_used_seen)
         metrics.shard_idle_seconds.labels(address).set_function(self.idle_seconds)
         # time.monotonic() since when the shard has had nothing to do, per its snapshots.
         self._idle_since: float | None = None
@@ -142,6 +147,9 @@ class ShardHandle:
         self._load: ShardLoad | None = None
         self._resident: frozenset[str] = frozenset()
         self._prefix_keys: frozenset[int] = frozenset()
+        # The StatefulSet ordinal, parsed once per shard id the shard reports.
+        self._shard_id: str | None = None
+        self._ordinal: int | None = None
         # The load fields of the last snapshot, to pass over heartbeats cheaply.
         self._last_fields: tuple[object, ...] = ()
         self._pending: dict[Reservation, int] = {}
@@ -329,7 +337,10 @@ class ShardHandle:
         self._last_fields = fields
         self._resident = resident
         self._prefix_keys = prefix_keys
-        load = load_from_proto(snapshot, self.address, resident, prefix_keys)
+        if snapshot.shard_id != self._shard_id:
+            self._shard_id = snapshot.shard_id
+            self._ordinal = statefulset_ordinal(snapshot.shard_id or self.address)
+        load = load_from_proto(snapshot, self.address, resident, self._ordinal, prefix_keys)
         grown = load.occupancy - (self._load.occupancy if self._load is not None else 0)
         # Answered requests are in this snapshot and account for part of its growth; the rest
         # of the growth takes over the oldest reservations.
@@ -346,8 +357,8 @@ class ShardHandle:
             self._idle_since = None
         elif self._idle_since is None or snapshot.idle_s:
             self._idle_since = self._received_at - snapshot.idle_s
-        self._running_gauge.set(snapshot.running)
-        self._pages_gauge.set(snapshot.kv_pages_total - snapshot.kv_pages_free)
+        self._running_seen = snapshot.running
+        self._pages_used_seen = snapshot.kv_pages_total - snapshot.kv_pages_free
         if first:
             log.info("load stream live", shard=self.address, shard_id=snapshot.shard_id)
         self._on_change(self)
