@@ -2,10 +2,11 @@
 
 A discrete-event simulation. Requests arrive as a Poisson process whose rate ramps up linearly
 to a peak and back down (Punica's Fig. 13 run), each for one of many adapters with Zipf
-popularity, with seeded prompt and output lengths. Every arrival is placed by the router's own
-placement index (`router.shard_index`, the code `Admission` places with, which agrees with
-`router.policy`'s rules); when no shard fits it waits in an FCFS queue served whenever a shard
-changes, as `Admission` does. The router sees each shard's exact load (no snapshot lag).
+popularity, with seeded prompt and output lengths. Every arrival goes through the router's own
+admission (`router.admission.Admission` and its placement index, which agrees with
+`router.policy`'s rules) over a simulated shard table (`fleet_sim_router`): placed at once when
+nobody waits and a shard fits, else queued FCFS (bounded by `Fleet.queue_size`) and served
+whenever a shard frees room. The router sees each shard's exact load (no snapshot lag).
 
 Each simulated shard runs continuous batching: every decode step emits one token for every
 running request and takes `StepModel.step_s(batch, distinct adapters)`, fitted to lorafleet's
@@ -24,14 +25,19 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import heapq
+import itertools
 import math
 import random
 from dataclasses import dataclass
 
+from benchmarks.fleet_sim_router import SimTable
+from router.admission import Admission, QueueFull
 from router.config import Policy
+from router.metrics import RouterMetrics
 from router.policy import Demand, ShardLoad
-from router.shard_index import ShardIndex
+from router.shards import Reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +80,9 @@ class Fleet:
     kv_pages: int = 13264
     page_size: int = 16
     adapters_per_shard: int = 16
+    # The router's queue bound (--queue-size): past it a request is refused. Above the default
+    # (256) so the peak, which exceeds what the fleet serves, queues instead of being refused.
+    queue_size: int = 10_000
     sample_every_s: float = 1.0
     # A shard idle this long counts as releasable.
     release_after_s: float = 60.0
@@ -134,14 +143,24 @@ class Simulation:
         self.policy = policy
         self.model = model
         self.rng = random.Random(fleet.seed)
-        self.index = ShardIndex(policy)
         self.shards = [_Shard(i) for i in range(fleet.shards)]
+        self.table = SimTable()
+        for shard in self.shards:
+            self.table.add(shard.name, shard)
+        self.admission = Admission(
+            self.table,
+            policy,
+            residency_first=False,
+            queue_size=fleet.queue_size,
+            queue_timeout_s=math.inf,
+            metrics=RouterMetrics(),
+        )
         self.events: list[tuple[float, int, int, object]] = []
         self.seq = 0
-        self.queue: collections.deque[_Request] = collections.deque()
+        self.now = 0.0
         weights = [1 / (r + 1) ** fleet.zipf_exponent for r in range(fleet.adapters)]
         total = sum(weights)
-        self.cum_weights = list(_accumulate([w / total for w in weights]))
+        self.cum_weights = list(itertools.accumulate(w / total for w in weights))
         # Time-weighted accounting: seconds per state, and batch-seconds.
         self.state_s = {"full": 0.0, "partial": 0.0, "idle": 0.0}
         self.batch_s = 0.0
@@ -149,11 +168,11 @@ class Simulation:
         self.sample_times: list[float] = []
         self.releasable: list[int] = []
         self.releasable_top: list[int] = []
-        self.arrivals = self.completed = self.migrations = 0
+        self.arrivals = self.completed = self.migrations = self.rejected = 0
         self.queue_waits: list[float] = []
         self.max_queue = 0
         for shard in self.shards:
-            self._publish(shard)
+            self._publish(shard, notify=False)
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, object]:
@@ -164,6 +183,7 @@ class Simulation:
             now, _, kind, payload = heapq.heappop(self.events)
             if now > f.duration_s:
                 break
+            self.now = now
             if kind == 0:
                 self._arrive(now)
             elif kind == 1:
@@ -203,23 +223,30 @@ class Simulation:
             rng.randint(*f.output_tokens),
             now,
         )
-        if self.queue or not self._place(request, now):
-            self.queue.append(request)
-            self.max_queue = max(self.max_queue, len(self.queue))
+        reservation = self.admission.place_now(Demand(request.adapter, request.prompt))
+        if reservation is not None:
+            self._placed(request, reservation)
+        else:
+            self._wait(request, resumed=False)
         nxt = self._next_arrival(now)
         if nxt <= f.duration_s:
             self._push(nxt, 0, None)
 
-    def _place(self, request: _Request, now: float) -> bool:
-        name = self.index.place(Demand(request.adapter, request.prompt))
-        if name is None:
-            return False
-        self._join(self.shards[int(name.rsplit("-", 1)[1])], request, now)
-        return True
+    def _wait(self, request: _Request, resumed: bool) -> None:
+        try:
+            self.admission.wait(
+                Demand(request.adapter, request.prompt),
+                functools.partial(self._placed, request),
+                resumed,
+            )
+        except QueueFull:
+            self.rejected += 1
+        self.max_queue = max(self.max_queue, self.admission.depth)
 
-    def _serve_queue(self, now: float) -> None:
-        while self.queue and self._place(self.queue[0], now):
-            self.queue.popleft()
+    def _placed(self, request: _Request, reservation: Reservation) -> bool:
+        """Admission placed the request (now, or from its queue when a shard freed room)."""
+        self._join(reservation.handle.shard, request, self.now)  # type: ignore[attr-defined]
+        return True
 
     # -- shard dynamics ---------------------------------------------------------------------------
     def _step_s(self, shard: _Shard) -> float:
@@ -244,7 +271,8 @@ class Simulation:
         shard.in_batch[request.adapter] += 1
         # The prefill holds the whole batch back: every running request finishes that much later.
         shard.progress -= stall_ms / 1000 / self._step_s(shard)
-        self._changed(shard, now)
+        # Placing reserves: admission's index learns of the join without serving its queue.
+        self._changed(shard, now, notify=False)
 
     def _depart(self, shard: _Shard, now: float) -> None:
         self._advance(shard, now)
@@ -253,8 +281,7 @@ class Simulation:
             _, _, request = heapq.heappop(shard.running)
             self._leave(shard, request)
             self.completed += 1
-        self._changed(shard, now)
-        self._serve_queue(now)
+        self._changed(shard, now, notify=True)
 
     def _leave(self, shard: _Shard, request: _Request) -> None:
         shard.in_batch[request.adapter] -= 1
@@ -269,7 +296,7 @@ class Simulation:
             used += math.ceil((request.prompt + generated + 1) / page)
         return used
 
-    def _changed(self, shard: _Shard, now: float) -> None:
+    def _changed(self, shard: _Shard, now: float, notify: bool) -> None:
         """KV check (migrating the newest while the pool is over), then the router's view."""
         while shard.running and self._pages_used(shard) > self.fleet.kv_pages:
             newest = max(shard.running, key=lambda entry: entry[2].arrived)
@@ -282,7 +309,7 @@ class Simulation:
             request.output -= generated
             request.arrived = now
             self.migrations += 1
-            self.queue.appendleft(request)
+            self._wait(request, resumed=True)
         shard.version += 1
         if shard.running:
             when = now + (shard.running[0][0] - shard.progress) * self._step_s(shard)
@@ -290,7 +317,7 @@ class Simulation:
             shard.idle_since = None
         elif shard.idle_since is None:
             shard.idle_since = now
-        self._publish(shard)
+        self._publish(shard, notify)
 
     def _make_resident(self, shard: _Shard, adapter: str) -> None:
         if adapter in shard.resident:
@@ -304,11 +331,10 @@ class Simulation:
             del shard.resident[victim]
         shard.resident_set = frozenset(shard.resident)
 
-    def _publish(self, shard: _Shard) -> None:
+    def _publish(self, shard: _Shard, notify: bool) -> None:
         f = self.fleet
         used = self._pages_used(shard) if shard.running else 0
-        self.index.update(
-            shard.name,
+        self.table.publish(
             ShardLoad(
                 shard.name,
                 len(shard.running),
@@ -319,6 +345,7 @@ class Simulation:
                 adapters_resident=shard.resident_set,
                 ordinal=shard.ordinal,
             ),
+            notify,
         )
 
     # -- measurement ------------------------------------------------------------------------------
@@ -362,6 +389,7 @@ class Simulation:
             "mean_batch_when_busy": round(self.batch_s / busy_s, 2) if busy_s else 0.0,
             "migrations": self.migrations,
             "max_router_queue": self.max_queue,
+            "rejected_queue_full": self.rejected,
             "queue_wait_p50_s": round(waits[len(waits) // 2], 4),
             "queue_wait_p99_s": round(waits[int(0.99 * (len(waits) - 1))], 4),
             "releasable_shards": {
@@ -374,14 +402,6 @@ class Simulation:
             },
             "release_after_s": f.release_after_s,
         }
-
-
-def _accumulate(values: list[float]) -> list[float]:
-    total, out = 0.0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 def _pick(cum_weights: list[float], u: float) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -17,7 +19,6 @@ from router.config import Policy
 from router.metrics import RouterMetrics
 from router.policy import Demand
 from router.shard_index import ShardIndex
-from router.shard_table import ShardTable
 from router.shards import Reservation
 
 log = structlog.get_logger("router.admission")
@@ -52,18 +53,54 @@ class QueueTimeout(Exception):
         )
 
 
+class Target(Protocol):
+    """A shard as admission sees it (`router.shards.ShardHandle`, or a simulated one)."""
+
+    # The index was last told this shard is eligible.
+    indexed: bool
+
+    def eligible(self) -> bool: ...
+
+    def reserve(self, demand: Demand) -> Reservation: ...
+
+
+class Shards(Protocol):
+    """The shards admission places on (`router.shard_table.ShardTable`, or a simulated fleet)."""
+
+    def track(self, index: ShardIndex) -> None: ...
+
+    def subscribe(self, listener: Callable[[], None]) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def get(self, address: str) -> Target | None: ...
+
+    def serving(self) -> Sequence[object]: ...
+
+    def addresses(self) -> list[str]: ...
+
+
 @dataclass(slots=True)
-class _Waiter:
+class Waiter:
+    """One request in the queue."""
+
     demand: Demand
-    placed: asyncio.Future[Reservation]
+    # Takes the request's reservation once placed; returns False when the request went away
+    # meanwhile (the reservation is then released).
+    on_placed: Callable[[Reservation], bool]
 
 
 class Admission:
-    """Places requests on shards of a `ShardTable`, FCFS, with at most `queue_size` waiting."""
+    """Places requests on shards of a `ShardTable`, FCFS, with at most `queue_size` waiting.
+
+    The queue itself is synchronous (`place_now`, `wait`, `withdraw`), so the fleet simulation
+    (`benchmarks/fleet_sim.py`) drives this same code in simulated time; `place` is the router's
+    asynchronous door to it.
+    """
 
     def __init__(
         self,
-        table: ShardTable,
+        table: Shards,
         policy: Policy,
         residency_first: bool,
         queue_size: int,
@@ -76,14 +113,14 @@ class Admission:
         self._queue_size = queue_size
         self._queue_timeout_s = queue_timeout_s
         self._metrics = metrics
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._waiters: collections.deque[Waiter] = collections.deque()
         self._warned_at = -_NO_SHARD_WARN_EVERY_S
         table.subscribe(self._serve_queue)
 
     @property
     def depth(self) -> int:
         """Requests waiting now."""
-        return sum(not w.placed.done() for w in self._waiters)
+        return len(self._waiters)
 
     def largest_pool(self) -> int:
         """Tokens the largest whole KV pool among open shards holds (0 while none is known)."""
@@ -96,30 +133,55 @@ class Admission:
         A resumed (migrating) request waits at the head of the queue: it was admitted before
         everyone waiting. Raises QueueFull or QueueTimeout.
         """
-        if not self._waiters and (reservation := self._try(demand)) is not None:
+        if (reservation := self.place_now(demand)) is not None:
             return reservation
-        if not resumed and self.depth >= self._queue_size:
-            raise QueueFull(self._queue_size, len(self._table.serving()))
-        self._warn_if_no_shard()
-        waiter = _Waiter(demand, asyncio.get_running_loop().create_future())
-        if resumed:
-            self._waiters.appendleft(waiter)
-        else:
-            self._waiters.append(waiter)
-        self._metrics.queue_depth.set(self.depth)
+        placed: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+
+        def hand_over(reservation: Reservation) -> bool:
+            if placed.done():  # cancelled: the caller went away
+                return False
+            placed.set_result(reservation)
+            return True
+
+        waiter = self.wait(demand, hand_over, resumed)
         try:
-            return await asyncio.wait_for(waiter.placed, self._queue_timeout_s)
+            return await asyncio.wait_for(placed, self._queue_timeout_s)
         except TimeoutError:
             raise QueueTimeout(self._queue_timeout_s, len(self._table.serving())) from None
         except asyncio.CancelledError:
             # Placed in the same loop turn the caller went away: give the shard its slot back.
-            if waiter.placed.done() and not waiter.placed.cancelled():
-                waiter.placed.result().release()
+            if placed.done() and not placed.cancelled():
+                placed.result().release()
             raise
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            self._metrics.queue_depth.set(self.depth)
+            self.withdraw(waiter)
+
+    def place_now(self, demand: Demand) -> Reservation | None:
+        """The request's reservation when nobody waits and a shard fits it now, else None."""
+        return None if self._waiters else self._try(demand)
+
+    def wait(
+        self, demand: Demand, on_placed: Callable[[Reservation], bool], resumed: bool = False
+    ) -> Waiter:
+        """Queues a request; `on_placed` gets its reservation once a shard fits it (called in
+        the table's change notification). A resumed request goes to the head. Raises QueueFull.
+        """
+        if not resumed and len(self._waiters) >= self._queue_size:
+            raise QueueFull(self._queue_size, len(self._table.serving()))
+        self._warn_if_no_shard()
+        waiter = Waiter(demand, on_placed)
+        if resumed:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
+        self._metrics.queue_depth.set(len(self._waiters))
+        return waiter
+
+    def withdraw(self, waiter: Waiter) -> None:
+        """Takes a request out of the queue if it is still there (it timed out or went away)."""
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self._metrics.queue_depth.set(len(self._waiters))
             # The head may have left without a shard: let the next one try.
             self._serve_queue()
 
@@ -150,13 +212,15 @@ class Admission:
         return None
 
     def _serve_queue(self) -> None:
+        placed = False
         while self._waiters:
             head = self._waiters[0]
-            if head.placed.done():
-                self._waiters.popleft()
-                continue
             reservation = self._try(head.demand)
             if reservation is None:
-                return
+                break
             self._waiters.popleft()
-            head.placed.set_result(reservation)
+            placed = True
+            if not head.on_placed(reservation):
+                reservation.release()
+        if placed:
+            self._metrics.queue_depth.set(len(self._waiters))

@@ -42,6 +42,21 @@ def test_simulation_consolidates_where_least_loaded_spreads(tmp_path: Path) -> N
     assert r["plot"] is None or Path(r["plot"]).stat().st_size > 10_000
 
 
+def test_simulation_queues_through_the_routers_admission() -> None:
+    from benchmarks.fleet_sim import Fleet, Simulation
+    from router.admission import Admission
+    from router.config import Policy
+
+    # Two shards of 32 slots against ~100 arrivals a second at the peak: the queue fills.
+    sim = Simulation(
+        Fleet(shards=2, duration_s=20, peak_rate=200, queue_size=40), Policy.CONSOLIDATE
+    )
+    assert isinstance(sim.admission, Admission)
+    r = sim.run()
+    assert r["rejected_queue_full"] > 0 and r["max_router_queue"] == 40
+    assert r["completed"] + r["rejected_queue_full"] <= r["arrivals"]
+
+
 def test_step_model_reproduces_the_measured_decode_steps() -> None:
     from benchmarks.fleet_sim import StepModel
 
