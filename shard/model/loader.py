@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from shard.model.config import ModelConfig, ModelConfigError
-from shard.model.llama import LlamaForCausalLM
+from shard.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from shard.model.projections import ATTENTION, GATE_UP, MLP, QKV
 from shard.model.sharding import input_cols, output_rows
 from shard.parallel.group import TPGroup
@@ -91,6 +91,7 @@ def _load_one(
         if m is None:
             return False
         layer = model.layers[int(m.group(1))]
+        assert isinstance(layer, LlamaDecoderLayer)  # what ModuleList indexing gives back
         part, _, module = m.group(2).rpartition(".")
         if m.group(3) == "bias":
             if not (cfg.qkv_bias and part == "self_attn" and module in QKV):
