@@ -1,7 +1,8 @@
 # Sourced by benchmarks/run_*_gpu.sh on the device, with OUT set: puts the carried wheels
 # (structlog, grpcio 1.85 and friends; $WHL, default .whl, filled by fetch_wheels.sh) on
-# PYTHONPATH, names the GPU in $OUT/gpu.txt, sets $DEVICE_TAG (e.g. h100) for result file names, and builds the kernels (log
-# in $OUT/build.log), exiting on a failed build, unless SKIP_KERNELS is set.
+# PYTHONPATH, names the GPU in $OUT/gpu.txt, sets $DEVICE_TAG (e.g. h100) for result file names,
+# and builds the kernels (log in $OUT/build.log), exiting on a failed build, unless SKIP_KERNELS
+# is set.
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
