@@ -137,7 +137,7 @@ def load_times(cache: AdapterCache, ids: list[str], weights: Path, repeats: int)
     dropped = drop_page_cache(weights)
     out: dict = {"page_cache_dropped": dropped, "cold": through_cache(cache, ids[0])}
     out["page_cache"] = through_cache(cache, ids[1])
-    host = cache._host[cache._current[ids[0]]]  # the packed host copy the cache moves
+    host = cache._host[cache.versions.current[ids[0]]]  # the packed host copy the cache moves
     out["bytes"] = host.flat.numel()
     if cache.device.type != "cuda":
         return out

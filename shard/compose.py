@@ -8,6 +8,7 @@ import structlog
 import torch
 
 from shard.adapters.cache import AdapterCache
+from shard.adapters.tiers import device_budget_bytes
 from shard.config import ShardConfig
 from shard.edge.chat_template import load_chat_template
 from shard.edge.server import ShardService
@@ -20,7 +21,7 @@ from shard.engine.model_runner import ModelRunner
 from shard.engine.prefix_cache import PrefixCache
 from shard.engine.scheduler import Scheduler
 from shard.model import fusion
-from shard.model.config import load_model_config
+from shard.model.config import ModelConfig, load_model_config
 from shard.model.llama import LlamaForCausalLM
 from shard.model.loader import build_model, load_tokenizer
 from shard.parallel.follower import replay
@@ -52,10 +53,31 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
-    adapters = AdapterCache.from_config(cfg, model_cfg, group, dtype, device)
+    adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device)
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)
     runner = ModelRunner(model, kv, adapters.weights, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
+
+
+def build_adapter_cache(
+    cfg: ShardConfig,
+    model_cfg: ModelConfig,
+    group: TPGroup,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AdapterCache:
+    """The adapter cache that the shard's flags describe."""
+    return AdapterCache(
+        cfg.adapters,
+        model_cfg,
+        group,
+        dtype,
+        device,
+        device_budget_bytes(cfg.adapter_memory_mb),
+        cfg.max_lora_rank,
+        host_budget_bytes=cfg.adapter_host_memory_mb * 2**20,
+        base_mismatch=cfg.adapter_base_mismatch,
+    )
 
 
 def build_decode_graphs(

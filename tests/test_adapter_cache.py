@@ -23,7 +23,7 @@ from shard.adapters.cache import AdapterCache
 from shard.adapters.loader import AdapterError, AdapterErrorKind, packed_size
 from shard.adapters.replicas import MAX_CHANGED_RETRIES
 from shard.adapters.tiers import Resident
-from shard.compose import build_engine
+from shard.compose import build_adapter_cache, build_engine
 from shard.config import parse_config
 from shard.edge.server import GeneratorServicer, ShardServicer
 from shard.parallel.group import SINGLE
@@ -193,9 +193,7 @@ def test_base_model_mismatch_warns_or_fails_by_flag(shard, tiny) -> None:
         ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir), *flags], env={}
     )
     assert (cfg.adapter_base_mismatch, cfg.adapter_host_memory_mb) == ("error", 64)
-    cache = AdapterCache.from_config(
-        cfg, shard.adapters.cfg, SINGLE, torch.float32, torch.device("cpu")
-    )
+    cache = build_adapter_cache(cfg, shard.adapters.cfg, SINGLE, torch.float32, torch.device("cpu"))
     assert (cache.base_mismatch, cache.host_tier.budget_bytes) == ("error", 64 * 2**20)
     cache.close()
 
@@ -411,7 +409,7 @@ def test_pins_hold_at_most_half_the_device_budget(shard) -> None:
         assert "--adapter-memory-mb" in err.value.details()
         # Refused as a pin, still served unpinned; the first pin stands.
         assert len(generate(shard.address, request("r16-attn", [7, 8, 9]))) == NEW
-        assert cache._pinned == {"r8-all"}
+        assert cache.residency.pinned == {"r8-all"}
     finally:
         cache.evict("r8-all")
         cache.evict("r16-attn")
@@ -455,7 +453,7 @@ def test_tensor_parallel_claims_wait_for_every_rank_and_fail_cleanly_on_changing
         want = greedy(tiny.model_dir, tiny.adapter_dir("r16-attn"), prompt, NEW)[0]
         assert generate(shard.address, request("r16-attn", prompt)) == want
         assert generate(shard.address, request("r16-attn", prompt)) == want
-        key = cache._current["r16-attn"]
+        key = cache.versions.current["r16-attn"]
         assert [k for k, _ in rounds] == [key]
         assert all(k in cache._resident for k in rounds[0][1])
 
@@ -467,7 +465,7 @@ def test_tensor_parallel_claims_wait_for_every_rank_and_fail_cleanly_on_changing
         assert "changed on disk" in err.value.details()
         # Rank 0 read the files again before each retry; it gave up after the last one.
         assert len(rounds) == MAX_CHANGED_RETRIES + 1
-        assert "r8-all" not in cache._current
+        assert "r8-all" not in cache.versions.current
     finally:
         cache._replicas = None
         cache.evict("r16-attn")

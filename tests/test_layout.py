@@ -62,3 +62,18 @@ def test_readme_code_map_names_every_package() -> None:
     assert "shard/engine/" in packages
     missing = sorted(p for p in packages if f"`{p}`" not in code_map)
     assert not missing, f"README's code map does not name {missing}"
+
+
+def test_no_source_module_is_over_400_lines() -> None:
+    """Split by concept past ~400 lines (generated protobuf stubs aside)."""
+    sources = [
+        path
+        for top in ("protos", "router", "shard")
+        for path in (ROOT / top).rglob("*.py")
+        if "_pb2" not in path.name
+    ]
+    assert len(sources) > 60, "the walk found too few modules"
+    long = {
+        str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, f"split these by concept: {long}"

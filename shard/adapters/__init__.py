@@ -1,12 +1,13 @@
 """LoRA adapters from the adapter root to the device.
 
 Owns: reading and checking PEFT folders and slicing them per tensor-parallel rank (``loader``),
-the host and device tiers and their eviction (``host``, ``device``, ``tiers``), the cache that
-loads, pins and evicts adapters (``cache``), replication of loads to follower ranks
+which version of each adapter is current (``versions``), the host and device tiers
+(``host``, ``device``, ``tiers``) and what they keep or evict (``residency``), the cache that
+loads, claims, pins and evicts adapters (``cache``), replication of loads to follower ranks
 (``replicas``), and the LoRA ranks the kernels serve (``lora_ranks``, torch-free).
 
-May import: ``model/`` (projection shapes, weight slicing), ``parallel/``, ``ops/``, and the
-process-wide ``shard.config`` and ``shard.metrics``. Still against the grain (issue 20):
+May import: ``model/`` (projection shapes, weight slicing), ``parallel.group``, ``ops/``, and
+the process-wide ``shard.metrics``. Still against the grain (issue 20):
 ``loader`` takes ``quote`` from ``engine.faults``, and ``model.layers.lora`` takes
 ``AdapterWeights`` from here.
 """

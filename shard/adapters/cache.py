@@ -15,21 +15,17 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import structlog
 import torch
 
-from shard.adapters.device import DeviceTier, copy_done, order_after_copy
-from shard.adapters.host import HostTier
+from shard.adapters.device import copy_done, order_after_copy
 from shard.adapters.loader import (
     CONFIG_FILE,
     AdapterError,
     AdapterErrorKind,
     AdapterWeights,
-    FileSig,
     as_adapter_error,
     declared,
     file_sig,
@@ -38,13 +34,12 @@ from shard.adapters.loader import (
     split_key,
 )
 from shard.adapters.replicas import Replicas, Replicate
-from shard.adapters.tiers import AdapterEntry, Resident, device_budget_bytes, entry_of
+from shard.adapters.residency import Residency
+from shard.adapters.tiers import AdapterEntry, Resident, entry_of
+from shard.adapters.versions import Versions
 from shard.metrics import ShardMetrics
 from shard.model.config import ModelConfig
 from shard.parallel.group import TPGroup
-
-if TYPE_CHECKING:
-    from shard.config import ShardConfig
 
 log = structlog.get_logger(__name__)
 
@@ -74,70 +69,36 @@ class AdapterCache:
         self.base_mismatch = base_mismatch  # "warn" or "error"
         self.metrics: ShardMetrics | None = None
         self._lock = threading.RLock()
-        self._current: dict[str, str] = {}  # id -> key of its newest version
-        self._sigs: dict[str, FileSig] = {}  # id -> the files its newest version was read from
-        # The two tiers, public so that budgets can be read and (in tests) changed in place.
-        self.host_tier = HostTier(
-            host_budget_bytes or 4 * budget_bytes,
-            device.type == "cuda",
-            self._lock,
-            self._host_protected,
-            partial(self._evicted, "host"),
+        self.versions = Versions()
+        self.residency = Residency(
+            self.versions, self._lock, device, budget_bytes, host_budget_bytes or 4 * budget_bytes
         )
+        # The two tiers, public so that budgets can be read and (in tests) changed in place.
+        self.host_tier = self.residency.host_tier
         self._host = self.host_tier.copies  # LRU first
-        self.device_tier = DeviceTier(device, budget_bytes)
+        self.device_tier = self.residency.device_tier
         self._resident = self.device_tier.resident  # LRU first
         self._to_device = self.device_tier.copy_in  # a seam: tests and benchmarks slow copies down
         self._loading: dict[str, Future[str]] = {}  # id -> its read from disk
-        self._tried: dict[str, str] = {}  # id -> exact version a read was started for
-        self._pinned: set[str] = set()
-        self._wanted: frozenset[str] = frozenset()  # ids that waiting requests need
-        self._preloading: Counter[str] = Counter()
         # Why polls found no resident adapter: "reading" (from disk), "no_room" (the device
         # budget is full of adapters in use), "copying" (to the device, for a strict poll).
         self.waits: Counter[str] = Counter()
         self._replicas: Replicas | None = None  # rank 0 of a tensor-parallel group
-        # Told the key of every version that stops being current (the prefix cache drops its
-        # keys and values); called from whichever thread replaced or evicted it, lock held.
-        self._on_retired: list[Callable[[str], None]] = []
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
 
-    @classmethod
-    def from_config(
-        cls,
-        cfg: ShardConfig,
-        model_cfg: ModelConfig,
-        group: TPGroup,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> AdapterCache:
-        """The cache that the shard's flags describe."""
-        budget = device_budget_bytes(cfg.adapter_memory_mb)
-        return cls(
-            cfg.adapters,
-            model_cfg,
-            group,
-            dtype,
-            device,
-            budget,
-            cfg.max_lora_rank,
-            host_budget_bytes=cfg.adapter_host_memory_mb * 2**20,
-            base_mismatch=cfg.adapter_base_mismatch,
-        )
-
     def attach_metrics(self, metrics: ShardMetrics) -> None:
-        self.metrics = metrics
+        self.metrics = self.residency.metrics = metrics
 
     def on_retired(self, callback: Callable[[str], None]) -> None:
         """Calls `callback(id@version)` whenever a version stops being the one new requests get
         (its files changed, or the adapter was evicted); it must be quick and thread-safe."""
-        self._on_retired.append(callback)
+        self.versions.listen(callback)
 
     def is_current(self, key: str) -> bool:
         """Whether version `key` (`id@version`) is the one new requests of its id get."""
         with self._lock:
-            return self._current.get(split_key(key)[0]) == key
+            return self.versions.is_current(key)
 
     def attach_replicas(self, replicate: Replicate) -> None:
         """Rank 0 of a tensor-parallel group: a version is claimed (enters step plans) only once
@@ -150,11 +111,10 @@ class AdapterCache:
         tier the adapter is found in and starts its read from disk if needed."""
         sig = file_sig(resolve(self.root, adapter_id))
         with self._lock:
-            key = self._current.get(adapter_id)
-            if key is not None and self._sigs.get(adapter_id) != sig:
+            if self.versions.stale(adapter_id, sig):
                 log.info("adapter files changed: loading a new version", adapter_id=adapter_id)
                 self._forget(adapter_id)
-                key = None
+            key = self.versions.get(adapter_id)
             tier = "gpu" if key in self._resident else "host" if key in self._host else "disk"
             if tier == "disk":
                 self._start_load(adapter_id)
@@ -168,8 +128,8 @@ class AdapterCache:
         TimeoutError when device memory stays full of adapters in use for `timeout_s`."""
         with self._lock:
             if pin:
-                self._pinned.add(adapter_id)
-            self._preloading[adapter_id] += 1
+                self.residency.pinned.add(adapter_id)
+            self.residency.preloading[adapter_id] += 1
             fut = self._start_load(adapter_id, force=True)
         deadline = time.monotonic() + timeout_s
         try:
@@ -189,32 +149,29 @@ class AdapterCache:
             if isinstance(state, Resident) and self._replicas is not None:
                 state = self._replicate(state.key) or state
             if isinstance(state, AdapterError):
-                self._pinned.discard(adapter_id)
+                self.residency.pinned.discard(adapter_id)
                 return state
             return self._check_pin_share(adapter_id) if pin else None
         finally:
             with self._lock:
-                self._preloading -= Counter([adapter_id])
+                self.residency.preloading -= Counter([adapter_id])
 
     def _check_pin_share(self, adapter_id: str) -> AdapterError | None:
         with self._lock:
-            err = self.device_tier.pin_share_error(adapter_id, self._pinned_newest)
-            if err is not None:
-                self._pinned.discard(adapter_id)
-            return err
+            return self.residency.pin_share_error(adapter_id)
 
     def evict(self, adapter_id: str) -> bool:
         """Unpins and drops every version of an adapter from device and host memory; versions in
         use leave when their last request ends. False when nothing was loaded."""
         with self._lock:
-            self._pinned.discard(adapter_id)
-            found = adapter_id in self._current
+            self.residency.pinned.discard(adapter_id)
+            found = self.versions.get(adapter_id) is not None
             for key in [k for k in (*self._resident, *self._host) if split_key(k)[0] == adapter_id]:
                 found = True
-                self._drop(key)
-                self._retired(key)
-            if (current := self._current.pop(adapter_id, None)) is not None:
-                self._retired(current)
+                self.residency.drop(key)
+                self.versions.retire(key)
+            if (current := self.versions.forget(adapter_id)) is not None:
+                self.versions.retire(current)
             return found
 
     def entries(self) -> list[AdapterEntry]:
@@ -229,7 +186,7 @@ class AdapterCache:
         """One adapter's residency (its newest version), without listing the root. An adapter
         on disk only reports the rank and targets its adapter_config.json declares."""
         with self._lock:
-            key = self._current.get(adapter_id, "")
+            key = self.versions.get(adapter_id) or ""
             found = entry_of(adapter_id, self._resident.get(key), self._host.get(key))
         if found.residency != "disk":
             return found
@@ -241,10 +198,10 @@ class AdapterCache:
         """The ids waiting requests need: the host tier keeps those until they reach the device,
         and the device tier evicts them last. Once per step: it also notes finished copies."""
         with self._lock:
-            self._wanted = frozenset(adapter_ids)
+            self.residency.wanted = frozenset(adapter_ids)
             for res in self._resident.values():
                 if res.ready is not None and copy_done(res):
-                    self._copied(res)
+                    self.residency.copied(res)
 
     def claim(self, name: str) -> Resident | AdapterError | None:
         """The newest version (or the exact `id@version`), resident and marked as used by one
@@ -299,13 +256,13 @@ class AdapterCache:
             if res is None:
                 return
             res.refs -= 1
-            if res.refs == 0 and self._current.get(split_key(key)[0]) != key:
-                self._drop(key)
+            if res.refs == 0 and not self.versions.is_current(key):
+                self.residency.drop(key)
 
     def weights(self, name: str) -> AdapterWeights:
         """The device weights of a resident version (`id@version`, or an id: its newest)."""
         with self._lock:
-            key = name if "@" in name else self._current[name]
+            key = name if "@" in name else self.versions.current[name]
             return self._resident[key].weights
 
     def resident_ids(self) -> list[str]:
@@ -323,7 +280,7 @@ class AdapterCache:
         adapter_id = split_key(key)[0]
         if err is not None and err.kind is AdapterErrorKind.CHANGED:
             with self._lock:
-                if self._current.get(adapter_id) == key:
+                if self.versions.is_current(key):
                     log.info("adapter files changed while followers read them", key=key)
                     self._forget(adapter_id)  # the next claim reads the files again
         return err
@@ -342,7 +299,7 @@ class AdapterCache:
         elif fut is not None and version is None:
             self.waits["reading"] += 1
             return None  # a read is on its way: it may bring a newer version
-        key = name if version else self._current.get(adapter_id)
+        key = name if version else self.versions.get(adapter_id)
         if key is None:
             self._start_load(adapter_id)
             return None
@@ -350,7 +307,7 @@ class AdapterCache:
         if res is not None:
             if res.ready is not None:
                 if copy_done(res):
-                    self._copied(res)
+                    self.residency.copied(res)
                 elif not in_flight:
                     self.waits["copying"] += 1
                     return None
@@ -360,24 +317,21 @@ class AdapterCache:
         if host is None:
             if fut is not None:
                 return None
-            if version is not None and self._tried.get(adapter_id) == key:
-                del self._tried[adapter_id]
+            if version is not None and self.versions.gone(adapter_id, key):
                 return AdapterError(
                     AdapterErrorKind.CHANGED,
                     f"adapter {adapter_id!r} changed on disk: version {version} is not there "
                     "any more; retry to get the new version",
                 )
-            if version is not None:
-                self._tried[adapter_id] = key
             self._start_load(adapter_id)
             return None
-        if not self._make_room(host.flat.numel()):
+        if not self.residency.make_room(host.flat.numel()):
             self.waits["no_room"] += 1
             return None  # every resident adapter is in use: wait for a request to end
         host.last_used = time.time()
         self._host.move_to_end(key)
         self._resident[key] = self._to_device(key, host)
-        self._gauges()
+        self.residency.gauges()
         return self._poll(name, in_flight)
 
     def _start_load(self, adapter_id: str, force: bool = False) -> Future[str]:
@@ -410,16 +364,11 @@ class AdapterCache:
         with self._lock:
             self._host[w.key] = host
             self._host.move_to_end(w.key)
-            old = self._current.get(adapter_id)
-            self._current[adapter_id] = w.key
-            self._sigs[adapter_id] = sig
-            if self._tried.get(adapter_id) == w.key:
-                del self._tried[adapter_id]  # the version asked for was read: no change to report
-            if old is not None and old != w.key:
+            if (old := self.versions.adopt(adapter_id, w.key, sig)) is not None:
                 log.info("adapter reloaded", adapter_id=adapter_id, old=old, new=w.key)
-                self._drop(old)
-                self._retired(old)
-            self._gauges()
+                self.residency.drop(old)
+                self.versions.retire(old)
+            self.residency.gauges()
         seconds = time.perf_counter() - start
         if self.metrics is not None:
             self.metrics.adapter_load_seconds.labels("disk_to_host").observe(seconds)
@@ -428,65 +377,8 @@ class AdapterCache:
         log.info("adapter read", key=w.key, rank=w.rank, bytes=nbytes, seconds=round(seconds, 4))
         return w.key
 
-    def _host_protected(self, key: str) -> bool:
-        res = self._resident.get(key)
-        if res is not None:
-            return res.source is not None  # its copy to the device is still reading it
-        adapter_id = split_key(key)[0]
-        needed = adapter_id in self._wanted or adapter_id in self._preloading
-        return needed and self._current.get(adapter_id) == key
-
-    def _pinned_newest(self, key: str) -> bool:
-        """Whether `key` is the newest version of a pinned adapter (older ones are not pinned)."""
-        adapter_id = split_key(key)[0]
-        return adapter_id in self._pinned and self._current.get(adapter_id) == key
-
-    def _make_room(self, nbytes: int) -> bool:
-        """Evicts idle, unpinned, not awaited device entries until `nbytes` fit."""
-        for key in self.device_tier.make_room(
-            nbytes, self._evictable, lambda k: split_key(k)[0] in self._wanted
-        ):
-            self._evicted("gpu", key)
-        return self.device_tier.fits(nbytes)
-
-    def _evictable(self, key: str, res: Resident) -> bool:
-        adapter_id = split_key(key)[0]
-        awaited = res.fresh and (adapter_id in self._wanted or adapter_id in self._preloading)
-        return res.refs == 0 and not self._pinned_newest(key) and not awaited
-
-    def _copied(self, res: Resident) -> None:
-        res.ready, res.source = None, None
-        seconds = time.perf_counter() - res.started
-        if self.metrics is not None:
-            self.metrics.adapter_load_seconds.labels("host_to_gpu").observe(seconds)
-            self.metrics.adapter_load_time.labels(split_key(res.key)[0]).observe(seconds)
-
     def _forget(self, adapter_id: str) -> None:
         """The newest version is no longer current: requests that come next read the files."""
-        old = self._current.pop(adapter_id, None)
-        self._sigs.pop(adapter_id, None)
-        if old is not None:
-            self._drop(old)
-            self._retired(old)
-
-    def _retired(self, key: str) -> None:
-        for callback in self._on_retired:
-            callback(key)
-
-    def _drop(self, key: str) -> None:
-        """Removes a version from both tiers, except from the device while requests use it."""
-        self._host.pop(key, None)
-        res = self._resident.get(key)
-        if res is not None and res.refs == 0:
-            del self._resident[key]
-        self._gauges()
-
-    def _evicted(self, tier: str, key: str) -> None:
-        log.info("adapter evicted", tier=tier, key=key)
-        if self.metrics is not None:
-            self.metrics.adapter_evictions.labels(tier).inc()
-
-    def _gauges(self) -> None:
-        if self.metrics is not None:
-            self.metrics.adapter_bytes.labels("gpu").set(self.device_tier.used_bytes)
-            self.metrics.adapter_bytes.labels("host").set(self.host_tier.used_bytes)
+        if (old := self.versions.forget(adapter_id)) is not None:
+            self.residency.drop(old)
+            self.versions.retire(old)
