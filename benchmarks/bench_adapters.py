@@ -132,8 +132,7 @@ def load_times(cache: AdapterCache, ids: list[str], weights: Path, repeats: int)
     """Disk -> device through the cache for one adapter read from the disk (its file dropped
     from the page cache first) and one read from the page cache (the same bytes: the ids share
     one hard-linked file); then the bare host -> device copy of the packed, pinned adapter,
-    timed with CUDA events."""
-    cache.attach_metrics(ShardMetrics())
+    timed with CUDA events. The cache must count in metrics of its own."""
     dropped = drop_page_cache(weights)
     out: dict = {"page_cache_dropped": dropped, "cold": through_cache(cache, ids[0])}
     out["page_cache"] = through_cache(cache, ids[1])
@@ -397,11 +396,12 @@ def main() -> None:
         start = time.perf_counter()
         ids = write_adapters(root, cfg, count, a.rank)
         setup = {"write_adapters_s": time.perf_counter() - start}
-        probe = AdapterCache(root, cfg, SINGLE, dtype, device, 2**34, 128)
+        probe = AdapterCache(root, cfg, SINGLE, dtype, device, 2**34, 128, metrics=ShardMetrics())
         result["load"] = load_times(probe, ids, root / "weights.safetensors", repeats=20)
         probe.close()
         save(result, a.out)
         size = int(result["load"]["bytes"])
+        metrics = ShardMetrics()  # the cache counts in it, the engine exports it
         cache = AdapterCache(
             root,
             cfg,
@@ -411,6 +411,7 @@ def main() -> None:
             a.budget_adapters * size,
             128,
             host_budget_bytes=(count + 1) * size,
+            metrics=metrics,
         )
         if a.sim_copy_ms:
             simulate_copies(cache, a.sim_copy_ms / 1000)
@@ -427,7 +428,7 @@ def main() -> None:
         forward = SyntheticForward(
             cfg, cache, 4096 + 32, a.sim_step_ms / 1000, a.sim_segment_ms / 1000, a.lora_loop
         )
-        engine = Engine(scheduler, forward, tok, (), 4096, 100000)
+        engine = Engine(scheduler, forward, tok, (), 4096, 100000, metrics)
         engine.start()
         try:
             ttft_phase(engine, ids[:2], 20, a.rate, a.prompt_len)  # warm-up

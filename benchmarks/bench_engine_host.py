@@ -46,6 +46,7 @@ from shard.engine.sampling import SamplingParams
 from shard.engine.scheduler import Scheduler
 from shard.engine.sequence import EngineRequest, StepOutput, StopParams
 from shard.engine.step_plan import StepPlan
+from shard.metrics import ShardMetrics
 from shard.model.config import ModelConfig
 from shard.parallel.group import SINGLE
 
@@ -119,7 +120,9 @@ def build_engine(root: Path, tokenizer: Tokenizer, forward: StubForward, batch: 
     adapters = AdapterCache(root, cfg, SINGLE, torch.float32, torch.device("cpu"), 2**30, 64)
     pages = batch * (MAX_CONTEXT // PAGE_SIZE)
     scheduler = Scheduler(PagePool(pages), PAGE_SIZE, batch, batch * MAX_CONTEXT, adapters)
-    return Engine(scheduler, forward, tokenizer, cfg.eos_token_ids, MAX_CONTEXT, 10 * batch)
+    return Engine(
+        scheduler, forward, tokenizer, cfg.eos_token_ids, MAX_CONTEXT, 10 * batch, ShardMetrics()
+    )
 
 
 def requests(

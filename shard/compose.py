@@ -20,6 +20,7 @@ from shard.engine.memory_plan import activation_peak, decode_graph_bytes, plan_k
 from shard.engine.model_runner import ModelRunner
 from shard.engine.prefix_cache import PrefixCache
 from shard.engine.scheduler import Scheduler
+from shard.metrics import ShardMetrics
 from shard.model import fusion
 from shard.model.config import ModelConfig, load_model_config
 from shard.model.llama import LlamaForCausalLM
@@ -36,8 +37,9 @@ def rank_device(cfg: ShardConfig, group: TPGroup) -> torch.device:
     return torch.device("cuda", group.rank) if cfg.device == "cuda" else torch.device("cpu")
 
 
-def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
-    """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size."""
+def build_rank(cfg: ShardConfig, group: TPGroup, metrics: ShardMetrics | None = None) -> RankState:
+    """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size.
+    `metrics`: rank 0's counters (followers export none)."""
     device = rank_device(cfg, group)
     dtype = getattr(torch, cfg.dtype)
     fusion.set_enabled(cfg.compile)
@@ -53,7 +55,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup) -> RankState:
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
-    adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device)
+    adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device, metrics)
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)
     runner = ModelRunner(model, kv, adapters.weights, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
@@ -65,6 +67,7 @@ def build_adapter_cache(
     group: TPGroup,
     dtype: torch.dtype,
     device: torch.device,
+    metrics: ShardMetrics | None = None,
 ) -> AdapterCache:
     """The adapter cache that the shard's flags describe."""
     return AdapterCache(
@@ -77,6 +80,7 @@ def build_adapter_cache(
         cfg.max_lora_rank,
         host_budget_bytes=cfg.adapter_host_memory_mb * 2**20,
         base_mismatch=cfg.adapter_base_mismatch,
+        metrics=metrics,
     )
 
 
@@ -101,7 +105,8 @@ def build_decode_graphs(
 def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, Leader]:
     """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
     tensor-parallel rank kills the engine."""
-    state = build_rank(cfg, group)
+    metrics = ShardMetrics()
+    state = build_rank(cfg, group, metrics)
     leader = Leader(state, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
     model_cfg = state.model_cfg
     max_context = model_cfg.max_context
@@ -111,7 +116,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         cfg.max_batch_size,
         cfg.max_prefill_tokens,
         state.adapters,
-        prefix_cache(cfg, state) if cfg.prefix_cache else None,
+        prefix_cache(cfg, state, metrics) if cfg.prefix_cache else None,
     )
     engine = Engine(
         scheduler,
@@ -120,10 +125,11 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         model_cfg.eos_token_ids,
         max_context,
         cfg.max_queue,
+        metrics,
     )
     if (graphs := state.runner.decode_graphs) is not None:
         # Read at scrape time: captures on first use happen on the engine thread.
-        engine.metrics.decode_graphs.set_function(lambda: graphs.captured)
+        metrics.decode_graphs.set_function(lambda: graphs.captured)
     service = ShardService(
         engine,
         state.adapters,
@@ -151,12 +157,15 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     return engine, service, leader
 
 
-def prefix_cache(cfg: ShardConfig, state: RankState) -> PrefixCache:
+def prefix_cache(cfg: ShardConfig, state: RankState, metrics: ShardMetrics) -> PrefixCache:
     """The prefix cache over the KV pool; a replaced or evicted adapter version retires its
     blocks."""
     adapters = state.adapters
     cache = PrefixCache(
-        state.kv.pool, cfg.page_size, lambda key: not key or adapters.is_current(key)
+        state.kv.pool,
+        cfg.page_size,
+        lambda key: not key or adapters.is_current(key),
+        metrics,
     )
     adapters.on_retired(cache.retire)
     return cache

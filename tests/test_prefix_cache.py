@@ -102,9 +102,8 @@ def test_chains_depend_on_every_earlier_token_and_on_the_adapter_version() -> No
 
 def test_hits_are_the_longest_prefix_of_the_same_version_and_leave_a_token() -> None:
     pool = PagePool(32)
-    cache = PrefixCache(pool, PAGE)
     metrics = ShardMetrics()
-    cache.attach_metrics(metrics)
+    cache = PrefixCache(pool, PAGE, metrics=metrics)
     prompt = list(range(100, 112))  # 3 full blocks
     pages = computed(cache, "a@1", prompt)
     assert cache.blocks == 3 and pool.kept == 3 and pool.idle == 3
@@ -144,9 +143,8 @@ def test_hits_are_the_longest_prefix_of_the_same_version_and_leave_a_token() -> 
 
 def test_a_full_pool_reclaims_idle_cached_pages_and_forgets_their_blocks() -> None:
     pool = PagePool(6)
-    cache = PrefixCache(pool, PAGE)
     metrics = ShardMetrics()
-    cache.attach_metrics(metrics)
+    cache = PrefixCache(pool, PAGE, metrics=metrics)
     old = list(range(8))
     computed(cache, "a@1", old)  # blocks 0 and 1 kept, the third page freed
     assert pool.kept == 2 and pool.free == 6
@@ -166,9 +164,8 @@ def test_a_full_pool_reclaims_idle_cached_pages_and_forgets_their_blocks() -> No
 def test_a_retired_version_drops_its_blocks_and_is_not_added_again() -> None:
     pool = PagePool(16)
     current = {"a@1": True, "a@2": True}
-    cache = PrefixCache(pool, PAGE, lambda key: current.get(key, True))
     metrics = ShardMetrics()
-    cache.attach_metrics(metrics)
+    cache = PrefixCache(pool, PAGE, lambda key: current.get(key, True), metrics)
     prompt = list(range(50, 58))
     computed(cache, "a@1", prompt)
     computed(cache, "a@2", prompt)

@@ -62,16 +62,18 @@ class AdapterCache:
         *,
         host_budget_bytes: int | None = None,
         base_mismatch: str = "warn",
+        metrics: ShardMetrics | None = None,
     ) -> None:
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
         self.max_rank = max_rank
         self.base_mismatch = base_mismatch  # "warn" or "error"
-        self.metrics: ShardMetrics | None = None
+        self.metrics = metrics
         self._lock = threading.RLock()
         self.versions = Versions()
+        host_budget = host_budget_bytes or 4 * budget_bytes
         self.residency = Residency(
-            self.versions, self._lock, device, budget_bytes, host_budget_bytes or 4 * budget_bytes
+            self.versions, self._lock, device, budget_bytes, host_budget, metrics
         )
         # The two tiers, public so that budgets can be read and (in tests) changed in place.
         self.host_tier = self.residency.host_tier
@@ -86,9 +88,6 @@ class AdapterCache:
         self._replicas: Replicas | None = None  # rank 0 of a tensor-parallel group
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-
-    def attach_metrics(self, metrics: ShardMetrics) -> None:
-        self.metrics = self.residency.metrics = metrics
 
     def on_retired(self, callback: Callable[[str], None]) -> None:
         """Calls `callback(id@version)` whenever a version stops being the one new requests get

@@ -37,9 +37,10 @@ class Residency:
         device: torch.device,
         budget_bytes: int,
         host_budget_bytes: int,
+        metrics: ShardMetrics | None,
     ) -> None:
         self.versions = versions
-        self.metrics: ShardMetrics | None = None
+        self.metrics = metrics
         self.pinned: set[str] = set()
         self.wanted: frozenset[str] = frozenset()  # ids that waiting requests need
         self.preloading: Counter[str] = Counter()

@@ -78,7 +78,9 @@ class Engine:
         eos_ids: tuple[int, ...],
         max_context: int,
         max_queue: int,
+        metrics: ShardMetrics,
     ) -> None:
+        """`metrics`: the shard's counters, the ones its adapter and prefix caches count in."""
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
@@ -94,11 +96,8 @@ class Engine:
         self._load_listeners: list[Callable[[], None]] = []
         self._load = self._snapshot(0)
         self.failure: BaseException | None = None
-        self.metrics = ShardMetrics()
-        scheduler.adapters.attach_metrics(self.metrics)
+        self.metrics = metrics
         self.metrics.idle_seconds.set_function(self.idle_seconds)
-        if scheduler.prefix is not None:
-            scheduler.prefix.attach_metrics(self.metrics)
         self.steps = 0
 
     # -- thread-safe API ------------------------------------------------------------------------

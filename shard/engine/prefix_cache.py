@@ -66,6 +66,7 @@ class PrefixCache:
         pool: PagePool,
         page_size: int,
         is_current: Callable[[str], bool] = lambda key: True,
+        metrics: ShardMetrics | None = None,
     ) -> None:
         """`is_current(key)`: whether adapter version `key` is still the one new requests get;
         blocks of an older version are not added (a request that outlives a reload finishes on
@@ -73,7 +74,7 @@ class PrefixCache:
         self.pool = pool
         self.page_size = page_size
         self.is_current = is_current
-        self.metrics: ShardMetrics | None = None
+        self.metrics = metrics
         self._page_of: dict[bytes, int] = {}  # block key -> page
         self._block_of: dict[int, tuple[str, bytes]] = {}  # page -> (adapter key, block key)
         self._pages_of: dict[str, set[int]] = {}  # adapter key -> its cached pages
@@ -81,11 +82,9 @@ class PrefixCache:
         # The requests' prefix keys whose first block is cached, for load snapshots.
         self.keys = PrefixKeys()
         pool.on_reclaim = self._reclaimed
-
-    def attach_metrics(self, metrics: ShardMetrics) -> None:
-        self.metrics = metrics
-        metrics.prefix_cached_pages.set_function(lambda: self.pool.kept)
-        metrics.prefix_idle_pages.set_function(lambda: self.pool.idle)
+        if metrics is not None:
+            metrics.prefix_cached_pages.set_function(lambda: self.pool.kept)
+            metrics.prefix_idle_pages.set_function(lambda: self.pool.idle)
 
     @property
     def blocks(self) -> int:
