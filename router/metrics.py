@@ -23,6 +23,10 @@ Names and meaning (all exported on `--metrics-port` at `/metrics`):
   nothing running, queued or dispatched to it (the shard's own count, carried on; 0 otherwise).
 - `lorafleet_router_shards_idle` gauge: eligible shards with nothing running, queued or
   dispatched: capacity a scale-in could release.
+- `lorafleet_router_prefix_placements_total{result}` counter: placements of requests with a
+  prefix key (prefix affinity on, input longer than the key's head): `held` when the shard
+  placed on reported the key, `not_held` when it did not (no shard held it, or only shards the
+  policy ranked lower).
 """
 
 from __future__ import annotations
@@ -118,6 +122,14 @@ class RouterMetrics:
             "Eligible shards with nothing running, queued or dispatched.",
             registry=r,
         )
+        self.prefix_placements = Counter(
+            "lorafleet_router_prefix_placements",
+            "Placements of requests with a prefix key, by whether the shard held the prefix.",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_held = self.prefix_placements.labels("held")
+        self.prefix_not_held = self.prefix_placements.labels("not_held")
 
     def request_ended(self, adapter_id: str, status: str, known: bool) -> None:
         """Counts a Generate call that ended with `status` (a gRPC code name); `known`: a shard

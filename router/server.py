@@ -211,6 +211,9 @@ class GeneratorService(generate_pb2_grpc.GeneratorServicer):
         if progress.migrations == 0:
             progress.first_queue_s = waited
         self._metrics.queue_time.observe(waited)
+        if key is not None:
+            held = reservation.handle.holds_prefix(key)
+            (self._metrics.prefix_held if held else self._metrics.prefix_not_held).inc()
         return reservation
 
     async def _run_on(

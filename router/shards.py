@@ -212,6 +212,10 @@ class ShardHandle:
             kv_pages_free=max(0, load.kv_pages_free - sum(self._pending.values())),
         )
 
+    def holds_prefix(self, prefix_key: int) -> bool:
+        """The shard's last snapshot reported that prefix key."""
+        return prefix_key in self._prefix_keys
+
     def reserve(self, demand: Demand) -> Reservation:
         """Counts a dispatched request on this shard until the reservation is released."""
         page_size = self._load.kv_page_size if self._load is not None else 1

@@ -7,8 +7,10 @@ reports cached prompt tokens."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,10 +70,13 @@ def fleet(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         for address, proc, name in zip(shards, procs, ("s0", "s1"), strict=True):
             wait_serving(address, proc, logs / f"{name}.log")
         routers = {}
+        metrics = free_port()
         for affinity in ("on", "off"):
             port = free_port()
             args = ["router", "--host", "127.0.0.1", "--port", str(port), "--http-port", "0"]
             args += ["--shard", shards[0], "--shard", shards[1], "--prefix-affinity", affinity]
+            if affinity == "on":
+                args += ["--metrics-port", str(metrics)]
             procs.append(start(args, logs / f"router-{affinity}.log"))
             address = f"127.0.0.1:{port}"
             wait_serving(address, procs[-1], logs / f"router-{affinity}.log")
@@ -90,10 +95,20 @@ def fleet(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         for address in shards:
             _generate(address, _request([1, 2, 3]))
         first, second = sorted(shards)
-        yield {"first": first, "second": second, **routers}
+        yield {"first": first, "second": second, "metrics": str(metrics), **routers}
     finally:
         for proc in reversed(procs):
             stop(proc)
+
+
+def _placements(fleet: dict[str, str]) -> dict[str, float]:
+    """The affinity router's lorafleet_router_prefix_placements_total, by result."""
+    url = f"http://127.0.0.1:{fleet['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    line = r'^lorafleet_router_prefix_placements_total\{result="(\w+)"\} (\S+)$'
+    found = re.findall(line, text, re.M)
+    return {result: float(value) for result, value in found}
 
 
 def _warm(shard: str, prompt: list[int]) -> None:
@@ -110,7 +125,9 @@ def test_request_goes_to_the_idle_shard_holding_its_prefix_only_with_affinity(fl
     on_prompt, off_prompt = _prompt(1), _prompt(2)
     _warm(fleet["second"], on_prompt)
     _warm(fleet["second"], off_prompt)
+    before = _placements(fleet)
     on = _generate(fleet["on"], _request(on_prompt, 4))
+    assert _placements(fleet)["held"] == before.get("held", 0) + 1
     off = _generate(fleet["off"], _request(off_prompt, 4))
     cacheable = (len(on_prompt) - 1) // 4 * 4
     assert on[-1].usage.cached_prompt_tokens == cacheable  # on `second`, which holds it
@@ -144,3 +161,4 @@ def test_affinity_does_not_wake_an_idle_shard_while_a_busy_one_has_room(fleet):
         thread.join(120)
     assert placed_while_busy, "the long request ended before the check: the test proves nothing"
     assert reply[-1].usage.cached_prompt_tokens == 0  # on `first`, the busy shard
+    assert _placements(fleet)["not_held"] >= 1
