@@ -37,7 +37,7 @@ from shard.engine.kv_cache import PagePool
 from shard.engine.sampling import SamplingParams
 from shard.engine.scheduler import Scheduler
 from shard.engine.sequence import EngineRequest, StepOutput, StopParams
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step
 from shard.metrics import ShardMetrics
 from shard.model.config import ModelConfig
 from shard.parallel.group import SINGLE
@@ -227,15 +227,12 @@ class SyntheticForward:
     retry_alone = True
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
+    def execute(self, step: Step) -> torch.Tensor:
         start = time.perf_counter()
+        plan = step.plan
         t, hid = plan.num_rows, self.cfg.hidden_size
         bounds = [row for row, _ in plan.segments] + [t]
-        loras = [
-            (bounds[n], bounds[n + 1], self.cache.weights(key))
-            for n, (_, key) in enumerate(plan.segments)
-            if key
-        ]
+        loras = [(bounds[n], bounds[n + 1], w) for n, w in enumerate(step.weights) if w is not None]
         if loras and not self.loop:
             longest = max(hi - lo for lo, hi, _ in loras)
             rows = [[*range(lo, hi), *[t] * (longest - hi + lo)] for lo, hi, _ in loras]

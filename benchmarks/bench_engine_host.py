@@ -45,7 +45,7 @@ from shard.engine.kv_cache import PagePool
 from shard.engine.sampling import SamplingParams
 from shard.engine.scheduler import Scheduler
 from shard.engine.sequence import EngineRequest, StepOutput, StopParams
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step
 from shard.metrics import ShardMetrics
 from shard.model.config import ModelConfig
 from shard.parallel.group import SINGLE
@@ -88,7 +88,8 @@ class StubForward:
 
     retry_alone = True
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
+    def execute(self, step: Step) -> torch.Tensor:
+        plan = step.plan
         start = time.perf_counter()
         rows = torch.tensor(plan.logits_rows)
         after = (torch.tensor(plan.positions)[rows] + 1) % len(self.text_ids)  # [B]
@@ -172,7 +173,7 @@ def instrumented(engine: Engine, timer: PhaseTimer) -> Iterator[None]:
     """Times the step's phases; what is left of a step besides them and the forward is the
     per-sequence loop (`advance`). `detokenize` is the share of it spent in `TextStream`."""
     with contextlib.ExitStack() as stack:
-        for name, phase in (("make_plan", "plan"), ("sample", "sample")):
+        for name, phase in (("make_step", "plan"), ("sample", "sample")):
             fn = getattr(shard.engine.isolated_step, name)
             stack.enter_context(
                 mock.patch.object(shard.engine.isolated_step, name, timer.wrap(phase, fn))

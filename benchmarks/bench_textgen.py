@@ -119,7 +119,9 @@ def decode_forward_ms(state: RankState, work: Workload, context: int) -> float:
     for adapter in {a for a in work.adapters if a}:  # resident again if a later run evicted it
         if (err := state.adapters.preload(adapter, pin=False, timeout_s=60)) is not None:
             raise RuntimeError(f"adapter {adapter}: {err}")
-    return decode_step_ms(kv, runner.forward, runner.device, work.adapters, context)
+    return decode_step_ms(
+        kv, runner.forward, state.adapters.weights, runner.device, work.adapters, context
+    )
 
 
 def hbm_floor_ms(state: RankState, work: Workload, context: int, bandwidth: float) -> float:

@@ -6,7 +6,7 @@
    (rank 0 in its own process, followers spawned, step plans broadcast), with the engine's CUDA
    graphs (and without, given --eager). Step time is measured twice: the engine's
    median inter-token gap (scheduling, plan broadcast, forward, sampling) and one decode forward
-   through rank 0's `Leader.forward` (plan broadcast + forward) timed with CUDA events.
+   through rank 0's `Leader.execute` (plan broadcast + forward) timed with CUDA events.
 2. A 70B-shaped layer stack (hidden 8192, 64 heads, 8 KV heads, intermediate 28672) at TP=2, run
    SPMD by both ranks: collectives per decoder layer with and without LoRA, counted at
    `torch.distributed` and as NCCL kernels in a torch.profiler trace.
@@ -40,7 +40,7 @@ from benchmarks.bench_textgen import submit_workload
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import median_ms, provenance
-from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms, make_workload
+from benchmarks.workloads import SHAPES, Workload, decode_step, decode_step_ms, make_workload
 from router.local_process import free_port
 from shard.adapters.tiers import Resident
 from shard.config import parse_config
@@ -125,7 +125,7 @@ def sync(device: torch.device) -> None:
 
 
 def leader_forward_ms(leader, work: Workload, context: int) -> float:
-    """Median time of one decode step through rank 0's Leader.forward (plan broadcast to the
+    """Median time of one decode step through rank 0's Leader.execute (plan broadcast to the
     followers + forward, graph replay when captured). Its rows name the adapter versions rank 0
     claims as the engine does (`id@version`, held by every follower), released afterwards."""
     cache = leader.state.adapters
@@ -137,7 +137,9 @@ def leader_forward_ms(leader, work: Workload, context: int) -> float:
     keys = [claimed[a].key if a else "" for a in work.adapters]
     device = leader.state.runner.device
     try:
-        return decode_step_ms(leader.state.kv, leader.execute, device, keys, context, reps=30)
+        return decode_step_ms(
+            leader.state.kv, leader.execute, cache.weights, device, keys, context, reps=30
+        )
     finally:
         for state in claimed.values():
             cache.release(state.key)
@@ -189,11 +191,11 @@ def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
         ("base", [""] * 32),
         ("lora", [adapters[i % len(adapters)] for i in range(32)]),
     ):
-        plan, pages = decode_plan(state.kv, rows, 128)
-        state.runner.forward(plan)  # warm-up
+        step, pages = decode_step(state.kv, state.adapters.weights, rows, 128)
+        state.runner.forward(step)  # warm-up
         sync(device)
         calls.clear()
-        logits[label] = state.runner.forward(plan).float().cpu()
+        logits[label] = state.runner.forward(step).float().cpu()
         sync(device)
         per_layer = [
             {op: n for (w, op), n in calls.items() if w == f"layer{i}"} for i in range(len(layers))
@@ -202,7 +204,7 @@ def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
         cuda = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
-            state.runner.forward(plan)
+            state.runner.forward(step)
             sync(device)
         # NCCL kernels on a GPU; on a CPU, gloo's profiler ranges stand in for them.
         kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
@@ -216,7 +218,7 @@ def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
             "collectives_outside_layers": outside,
             "nccl_kernels": dict(kernels),
             "nccl_kernels_total": sum(kernels.values()),
-            "forward_ms": median_ms(partial(state.runner.forward, plan), device, reps=10),
+            "forward_ms": median_ms(partial(state.runner.forward, step), device, reps=10),
         }
         state.kv.pool.release(pages)
     report["lora_changes_logits"] = not torch.allclose(logits["base"], logits["lora"])

@@ -20,7 +20,7 @@ import torch
 from shard.engine.engine import Engine
 from shard.engine.sampling import SamplingParams
 from shard.engine.sequence import EngineRequest, StepOutput, StopParams
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +48,10 @@ class _TimedExecutor:
         self.seconds = 0.0
         engine.executor = self
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
+    def execute(self, step: Step) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.inner.execute(plan)
+            return self.inner.execute(step)
         finally:
             self.seconds += time.perf_counter() - start
 

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.bench_textgen import hbm_floor_ms, write_model_dir
 from benchmarks.peft_baseline import write_adapters
 from benchmarks.timing import copy_bandwidth, provenance
-from benchmarks.workloads import SHAPES, Workload, decode_plan, decode_step_ms
+from benchmarks.workloads import SHAPES, Workload, decode_step, decode_step_ms
 from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.decode_graphs import DecodeGraphs
@@ -64,15 +64,15 @@ def kernel_times(
     """GPU kernel time per decode step by kind, and of the TOP kernels by name, from an eager
     run under the profiler."""
     runner, kv = state.runner, state.kv
-    plan, pages = decode_plan(kv, adapters, context)
+    step, pages = decode_step(kv, state.adapters.weights, adapters, context)
     graphs, runner.decode_graphs = runner.decode_graphs, None
     try:
         for _ in range(3):  # warm-up: compiled chains built, cuBLAS heuristics cached
-            runner.forward(plan)
+            runner.forward(step)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                runner.forward(plan)
+                runner.forward(step)
             torch.cuda.synchronize()
     finally:
         runner.decode_graphs = graphs
@@ -109,7 +109,9 @@ def graph_ms(state: RankState, adapters: list[str], context: int) -> float:
         runner.decode_graphs = DecodeGraphs(
             runner.model, state.kv, old.max_batch, old.max_pages, runner.device, use_graphs=True
         )
-    return decode_step_ms(state.kv, runner.forward, runner.device, adapters, context)
+    return decode_step_ms(
+        state.kv, runner.forward, state.adapters.weights, runner.device, adapters, context
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,8 +11,9 @@ import torch
 
 from benchmarks.bench_sgmv import adapters_of_rows
 from benchmarks.timing import median_ms
+from shard.adapters.loader import AdapterWeights
 from shard.engine.kv_cache import KvCache, pages_for
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step, StepPlan
 
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -122,18 +123,29 @@ def decode_plan(kv: KvCache, adapters: list[str], context: int) -> tuple[StepPla
     return plan, pages
 
 
+def decode_step(
+    kv: KvCache, weights_of: Callable[[str], AdapterWeights], adapters: list[str], context: int
+) -> tuple[Step, list[int]]:
+    """`decode_plan`'s plan with each segment's adapter weights from `weights_of` (the adapter
+    cache's `weights`), as the scheduler would have claimed them."""
+    plan, pages = decode_plan(kv, adapters, context)
+    return Step(plan, tuple(weights_of(key) if key else None for _, key in plan.segments)), pages
+
+
 def decode_step_ms(
     kv: KvCache,
-    forward: Callable[[StepPlan], object],
+    run: Callable[[Step], object],
+    weights_of: Callable[[str], AdapterWeights],
     device: torch.device,
     adapters: list[str],
     context: int,
     reps: int = 20,
 ) -> float:
-    """Median time of `forward` on one decode step of `adapters`' rows at `context` tokens each
-    (see `decode_plan`); CUDA events on a GPU. The plan's pages go back to the pool."""
-    plan, pages = decode_plan(kv, adapters, context)
+    """Median time of `run` (a model runner's forward or an executor's execute) on one decode
+    step of `adapters`' rows at `context` tokens each (see `decode_step`); CUDA events on a GPU.
+    The step's pages go back to the pool."""
+    step, pages = decode_step(kv, weights_of, adapters, context)
     try:
-        return median_ms(lambda: forward(plan), device, reps)
+        return median_ms(lambda: run(step), device, reps)
     finally:
         kv.pool.release(pages)

@@ -57,7 +57,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup, metrics: ShardMetrics | None = 
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
     adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device, metrics)
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)
-    runner = ModelRunner(model, kv, adapters.weights, device, graphs)
+    runner = ModelRunner(model, kv, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
 
 

@@ -13,7 +13,7 @@ from shard.engine.executor import Executor
 from shard.engine.faults import RequestFault, is_process_fault
 from shard.engine.sampling import SamplingParams
 from shard.engine.sequence import Resume
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step
 from shard.parallel.group import GroupLost
 from tests.test_engine import Collector, make_engine, reference, request
 
@@ -38,10 +38,10 @@ class Fragile:
     def __init__(self, inner: Executor) -> None:
         self.inner = inner
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        if POISON in plan.input_ids:
+    def execute(self, step: Step) -> torch.Tensor:
+        if POISON in step.plan.input_ids:
             raise IndexError("row holds the poison id")
-        return self.inner.execute(plan)
+        return self.inner.execute(step)
 
 
 def run(engine: Engine, reqs) -> list[Collector]:

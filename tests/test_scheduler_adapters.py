@@ -15,6 +15,7 @@ from shard.engine.sequence import EngineRequest, Sequence, StopParams
 @dataclass
 class Claimed:
     key: str
+    weights: None = None  # what a claim hands the scheduler besides the key (no tensors here)
 
 
 class Adapters:

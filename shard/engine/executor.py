@@ -1,4 +1,4 @@
-"""Runs a step's plan: the engine's one way to the model.
+"""Runs a step: the engine's one way to the model.
 
 `LocalExecutor` runs the model of this process (no tensor parallelism). With tensor parallelism
 rank 0's executor is the group's leader (`shard.parallel.leader.Leader`), which broadcasts each
@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from shard.engine.model_runner import ModelRunner
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step
 
 
 class Executor(Protocol):
@@ -22,9 +22,9 @@ class Executor(Protocol):
         at fault (not with tensor parallelism: the followers replay every forward)."""
         ...
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """float32 logits [B, vocab] of the rows in plan.logits_rows (on CUDA possibly a view
-        of a graph's output: read it before the next call)."""
+    def execute(self, step: Step) -> torch.Tensor:
+        """float32 logits [B, vocab] of the rows in step.plan.logits_rows (on CUDA possibly a
+        view of a graph's output: read it before the next call)."""
         ...
 
 
@@ -36,5 +36,5 @@ class LocalExecutor:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        return self.runner.forward(plan)
+    def execute(self, step: Step) -> torch.Tensor:
+        return self.runner.forward(step)

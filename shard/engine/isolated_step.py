@@ -18,7 +18,7 @@ from shard.engine.executor import Executor
 from shard.engine.faults import is_process_fault
 from shard.engine.sampling import sample
 from shard.engine.sequence import Sequence
-from shard.engine.step_plan import Chunk, make_plan
+from shard.engine.step_plan import Chunk, make_step
 
 log = structlog.get_logger(__name__)
 
@@ -39,10 +39,10 @@ def run_forward(
     An executor that cannot retry alone (tensor parallelism: the followers replay every
     forward) re-raises instead.
     """
-    plan, order = make_plan(decode, prefill, page_size)
+    step, order = make_step(decode, prefill, page_size)
     ending = {c.seq for c in prefill if c.last}
     try:
-        logits = executor.execute(plan)
+        logits = executor.execute(step)
     except Exception as exc:
         if is_process_fault(exc) or not executor.retry_alone:
             raise
@@ -62,7 +62,7 @@ def run_forward(
     for alone_decode, alone_chunk in parts:
         seq = alone_decode[0] if alone_decode else alone_chunk[0].seq
         try:
-            part, sampled = make_plan(alone_decode, alone_chunk, page_size)
+            part, sampled = make_step(alone_decode, alone_chunk, page_size)
             out = executor.execute(part)
         except Exception as exc:
             if is_process_fault(exc):

@@ -7,13 +7,12 @@ from __future__ import annotations
 import structlog
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.adapters.tiers import device_budget_bytes
 from shard.config import ShardConfig
 from shard.engine.decode_graphs import warm_keys, width_classes
 from shard.engine.kv_cache import KvCache, pages_for
 from shard.engine.model_runner import ModelRunner
-from shard.engine.step_plan import PrefillPlan, StepPlan
+from shard.engine.step_plan import PrefillPlan, Step, StepPlan
 from shard.model.config import ModelConfig
 from shard.model.layers.linear import MergedColumnLinear, RowLinear
 from shard.model.llama import LlamaForCausalLM
@@ -68,7 +67,7 @@ def activation_peak(
     tokens = min(cfg.max_prefill_tokens, model_cfg.max_context)
     pages = tuple(range(pages_for(tokens, cfg.page_size)))
     kv = KvCache(model_cfg, group, len(pages), cfg.page_size, dtype, device)
-    runner = ModelRunner(model, kv, _no_adapters, device)
+    runner = ModelRunner(model, kv, device)
     plan = StepPlan(
         input_ids=(0,) * tokens,
         positions=tuple(range(tokens)),
@@ -82,7 +81,7 @@ def activation_peak(
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    runner.forward(plan)
+    runner.forward(Step(plan, (None,)))
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del runner, kv
@@ -139,7 +138,3 @@ def lora_activation_bytes(model: LlamaForCausalLM, tokens: int, max_rank: int) -
     )
     size = next(model.parameters()).element_size()
     return tokens * (MAX_GROUP_PROJECTIONS * max_rank + 2 * widest) * size
-
-
-def _no_adapters(adapter_id: str) -> AdapterWeights:
-    raise AssertionError(f"the warm-up step uses no adapter, asked for {adapter_id!r}")

@@ -3,15 +3,13 @@ steps through padded shapes (CUDA graphs on a GPU), other steps eagerly."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from shard.adapters.loader import AdapterWeights
 from shard.engine.decode_graphs import DecodeGraphs
 from shard.engine.forward_inputs import HOST, ForwardInputs
 from shard.engine.kv_cache import KvCache
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step, StepPlan
 from shard.model.forward_meta import ForwardMeta
 from shard.model.layers.lora import LoraBatch, LoraGroup
 from shard.model.llama import LlamaForCausalLM
@@ -78,14 +76,12 @@ class ModelRunner:
         self,
         model: LlamaForCausalLM,
         kv: KvCache,
-        adapter_weights: Callable[[str], AdapterWeights],
         device: torch.device,
         decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
         self.kv_layers = kv.layers()
-        self.adapter_weights = adapter_weights
         self.device = device
         self.dtype = kv.k.dtype
         self.decode_graphs = decode_graphs
@@ -106,10 +102,11 @@ class ModelRunner:
         return dev["input_ids"], self.builder.meta(dev, plan.prefills, lora)
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> torch.Tensor:
-        """float32 logits [B, vocab] for the rows in plan.logits_rows (on CUDA possibly a view
-        of a graph's output: read it before the next forward)."""
-        weights = [self.adapter_weights(a) if a else None for _, a in plan.segments]
+    def forward(self, step: Step) -> torch.Tensor:
+        """float32 logits [B, vocab] for the rows in step.plan.logits_rows, LoRA segment i on
+        step.weights[i] (on CUDA possibly a view of a graph's output: read it before the next
+        forward)."""
+        plan, weights = step.plan, list(step.weights)
         if self.decode_graphs is not None:
             key = self.decode_graphs.key(plan, weights)
             if key is not None:

@@ -177,6 +177,7 @@ class Scheduler:
             waiting.popleft()
             if claimed is not None:
                 seq.adapter_key = claimed.key
+                seq.adapter_weights = claimed.weights
                 seq.holds_adapter = True
             seq.status = SeqStatus.RUNNING
             if seq.first_scheduled is None:
@@ -245,3 +246,4 @@ class Scheduler:
         if seq.holds_adapter:
             self.adapters.release(seq.adapter_key)
             seq.holds_adapter = False
+            seq.adapter_weights = None

@@ -6,9 +6,13 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shard.engine.detokenizer import TextStream
 from shard.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from shard.adapters.loader import AdapterWeights
 
 
 class FinishReason(enum.Enum):
@@ -129,6 +133,8 @@ class Sequence:
         self.status = SeqStatus.WAITING
         self.holds_adapter = False
         self.adapter_key = ""  # the adapter version it runs on (id@version), set at admission
+        # That version's device weights, claimed with it by the scheduler (None: base model).
+        self.adapter_weights: AdapterWeights | None = None
         self.first_scheduled: float | None = None
         self.first_token: float | None = None
 

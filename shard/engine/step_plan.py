@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from shard.adapters.loader import AdapterWeights
     from shard.engine.sequence import Sequence
 
 
@@ -53,6 +54,30 @@ class StepPlan:
     @property
     def num_rows(self) -> int:
         return len(self.input_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step as this rank runs it: the plan (what every rank replays) and the device weights
+    of each LoRA segment's adapter version that this rank holds. The weights never leave the
+    process: followers pair the plan with the versions they hold for rank 0."""
+
+    plan: StepPlan
+    weights: tuple[AdapterWeights | None, ...]  # [segments]; None: the base model
+
+
+def make_step(
+    decode: list[Sequence], prefill: list[Chunk], page_size: int
+) -> tuple[Step, list[Sequence]]:
+    """`make_plan`'s plan with the weights its requests were admitted with (the scheduler
+    claimed them), and the sampled sequences in the order of its logits rows."""
+    plan, sampled = make_plan(decode, prefill, page_size)
+    held = {s.adapter_key: s.adapter_weights for s in (*decode, *(c.seq for c in prefill))}
+    weights = tuple(held[key] if key else None for _, key in plan.segments)
+    missing = [key for (_, key), w in zip(plan.segments, weights, strict=True) if key and w is None]
+    if missing:
+        raise RuntimeError(f"requests run on adapter versions they did not claim: {missing}")
+    return Step(plan, weights), sampled
 
 
 def make_plan(

@@ -8,8 +8,8 @@ import time
 import structlog
 
 from shard.adapters.cache import AdapterCache
-from shard.adapters.loader import AdapterError, AdapterErrorKind
-from shard.engine.step_plan import StepPlan
+from shard.adapters.loader import AdapterError, AdapterErrorKind, AdapterWeights
+from shard.engine.step_plan import Step, StepPlan
 from shard.parallel.group import GroupLost, broadcast_object, destroy, gather_object
 from shard.parallel.messages import Hold
 from shard.parallel.rank import RankState
@@ -25,13 +25,13 @@ class Holds:
     def __init__(self, adapters: AdapterCache, timeout_s: float) -> None:
         self.adapters = adapters
         self.timeout_s = timeout_s  # below the group timeout: rank 0 waits for the answer
-        self.held: set[str] = set()
+        self.held: dict[str, AdapterWeights] = {}  # id@version -> its weights on this rank
 
     def replicate(self, msg: Hold) -> AdapterError | None:
         """Holds `msg.key` (the error if this rank cannot: e.g. the files now hold another
         version) and lets go of what rank 0 no longer keeps."""
-        for key in self.held - {msg.key, *msg.keep}:
-            self.held.discard(key)
+        for key in self.held.keys() - {msg.key, *msg.keep}:
+            del self.held[key]
             self.adapters.release(key)
         if msg.key in self.held:
             return None
@@ -44,16 +44,18 @@ class Holds:
             )
         if isinstance(state, AdapterError):
             return state
-        self.held.add(msg.key)
+        self.held[msg.key] = state.weights
         return None
 
-    def check(self, plan: StepPlan) -> None:
-        """Rank 0 puts only versions every rank holds into a plan; anything else is a bug."""
-        missing = set(plan.adapters) - self.held
+    def step(self, plan: StepPlan) -> Step:
+        """The plan with this rank's weights of its segments' versions. Rank 0 puts only
+        versions every rank holds into a plan; anything else is a bug."""
+        missing = set(plan.adapters) - self.held.keys()
         if missing:
             raise RuntimeError(
                 f"step plan names adapter versions this rank does not hold: {missing}"
             )
+        return Step(plan, tuple(self.held[key] if key else None for _, key in plan.segments))
 
 
 def replay(state: RankState, hold_timeout_s: float) -> None:
@@ -66,8 +68,7 @@ def replay(state: RankState, hold_timeout_s: float) -> None:
             if isinstance(msg, Hold):
                 gather_object(holds.replicate(msg), group)
             elif isinstance(msg, StepPlan):
-                holds.check(msg)
-                state.runner.forward(msg)
+                state.runner.forward(holds.step(msg))
     except GroupLost:
         log.exception("tensor-parallel group lost: rank 0 is gone or silent", rank=group.rank)
         abandon()

@@ -11,7 +11,7 @@ import structlog
 import torch
 
 from shard.adapters.loader import AdapterError
-from shard.engine.step_plan import StepPlan
+from shard.engine.step_plan import Step
 from shard.parallel.group import GroupLost, broadcast_object, gather_object
 from shard.parallel.messages import HEARTBEAT, Hold, Message
 from shard.parallel.rank import RankState
@@ -45,10 +45,11 @@ class Leader:
     # A failed forward is not run again request by request: the followers replay every forward.
     retry_alone = False
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Broadcasts the plan, then runs it like every other rank (the engine's executor)."""
-        self._send(plan)
-        return self.state.runner.forward(plan)
+    def execute(self, step: Step) -> torch.Tensor:
+        """Broadcasts the step's plan (not its weights: each rank has its own), then runs the
+        step like every other rank (the engine's executor)."""
+        self._send(step.plan)
+        return self.state.runner.forward(step)
 
     def replicate(self, key: str, keep: tuple[str, ...]) -> AdapterError | None:
         """Asks every follower to hold adapter version `key` (reading it if needed) and to keep
