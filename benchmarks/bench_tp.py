@@ -113,7 +113,7 @@ def engine_main(job: EngineJob, out: mp.Queue) -> None:
             out.put(result)
         finally:
             engine.stop()
-            shutdown_group(leader, followers)
+            shutdown_group(leader.channel, followers)
             progress("group shut down")
     except BaseException:
         out.put({"error": traceback.format_exc()[-3000:]})

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(serve(cfg, engine, service))
     finally:
-        shutdown_group(leader, followers)
+        shutdown_group(leader.channel, followers)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import structlog
 import torch
 
 from shard.adapters.cache import AdapterCache
+from shard.adapters.replicas import Replicate
 from shard.adapters.tiers import device_budget_bytes
 from shard.config import ShardConfig
 from shard.edge.chat_template import load_chat_template
@@ -25,6 +26,7 @@ from shard.model import fusion
 from shard.model.config import ModelConfig, load_model_config
 from shard.model.llama import LlamaForCausalLM
 from shard.model.loader import build_model, load_tokenizer
+from shard.parallel.channel import PlanChannel
 from shard.parallel.follower import replay
 from shard.parallel.group import TPGroup, broadcast_object, init_group
 from shard.parallel.leader import Leader
@@ -37,9 +39,15 @@ def rank_device(cfg: ShardConfig, group: TPGroup) -> torch.device:
     return torch.device("cuda", group.rank) if cfg.device == "cuda" else torch.device("cpu")
 
 
-def build_rank(cfg: ShardConfig, group: TPGroup, metrics: ShardMetrics | None = None) -> RankState:
+def build_rank(
+    cfg: ShardConfig,
+    group: TPGroup,
+    metrics: ShardMetrics | None = None,
+    replicate: Replicate | None = None,
+) -> RankState:
     """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size.
-    `metrics`: rank 0's counters (followers export none)."""
+    `metrics`: rank 0's counters (followers export none); `replicate`: how rank 0 of a
+    tensor-parallel group has its followers hold an adapter version."""
     device = rank_device(cfg, group)
     dtype = getattr(torch, cfg.dtype)
     fusion.set_enabled(cfg.compile)
@@ -55,7 +63,7 @@ def build_rank(cfg: ShardConfig, group: TPGroup, metrics: ShardMetrics | None = 
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
     pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
-    adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device, metrics)
+    adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device, metrics, replicate)
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)
     runner = ModelRunner(model, kv, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
@@ -68,6 +76,7 @@ def build_adapter_cache(
     dtype: torch.dtype,
     device: torch.device,
     metrics: ShardMetrics | None = None,
+    replicate: Replicate | None = None,
 ) -> AdapterCache:
     """The adapter cache that the shard's flags describe."""
     return AdapterCache(
@@ -81,6 +90,7 @@ def build_adapter_cache(
         host_budget_bytes=cfg.adapter_host_memory_mb * 2**20,
         base_mismatch=cfg.adapter_base_mismatch,
         metrics=metrics,
+        replicate=replicate,
     )
 
 
@@ -106,8 +116,9 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
     tensor-parallel rank kills the engine."""
     metrics = ShardMetrics()
-    state = build_rank(cfg, group, metrics)
-    leader = Leader(state, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
+    channel = PlanChannel(group, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
+    state = build_rank(cfg, group, metrics, channel.replicate if group.size > 1 else None)
+    leader = Leader(state, channel)
     model_cfg = state.model_cfg
     max_context = model_cfg.max_context
     scheduler = Scheduler(
@@ -153,7 +164,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         # A windowed model (Mistral) is served up to its window: past it, requests are refused.
         sliding_window=model_cfg.sliding_window,
     )
-    leader.start(on_lost=engine.fail)
+    channel.start(on_lost=engine.fail)
     return engine, service, leader
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from protos import generate_pb2, generate_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard.adapters.cache import AdapterCache
 from shard.adapters.loader import AdapterError, AdapterErrorKind, packed_size
-from shard.adapters.replicas import MAX_CHANGED_RETRIES
+from shard.adapters.replicas import MAX_CHANGED_RETRIES, Replicas
 from shard.adapters.tiers import Resident
 from shard.compose import build_adapter_cache, build_engine
 from shard.config import parse_config
@@ -447,7 +447,7 @@ def test_tensor_parallel_claims_wait_for_every_rank_and_fail_cleanly_on_changing
         rounds.append((key, keep))
         return answer[0]
 
-    cache.attach_replicas(replicate)
+    cache._replicas = Replicas(replicate)  # as rank 0 of a tensor-parallel group
     try:
         prompt = [3, 4, 5]
         want = greedy(tiny.model_dir, tiny.adapter_dir("r16-attn"), prompt, NEW)[0]

@@ -63,7 +63,11 @@ class AdapterCache:
         host_budget_bytes: int | None = None,
         base_mismatch: str = "warn",
         metrics: ShardMetrics | None = None,
+        replicate: Replicate | None = None,
     ) -> None:
+        """`replicate`: rank 0 of a tensor-parallel group asks its followers to hold a version
+        through it; a version is claimed (enters step plans) only once every follower holds
+        exactly that version (see `shard.adapters.replicas`)."""
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
         self.max_rank = max_rank
@@ -85,7 +89,7 @@ class AdapterCache:
         # Why polls found no resident adapter: "reading" (from disk), "no_room" (the device
         # budget is full of adapters in use), "copying" (to the device, for a strict poll).
         self.waits: Counter[str] = Counter()
-        self._replicas: Replicas | None = None  # rank 0 of a tensor-parallel group
+        self._replicas = Replicas(replicate) if replicate is not None else None
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
 
@@ -98,11 +102,6 @@ class AdapterCache:
         """Whether version `key` (`id@version`) is the one new requests of its id get."""
         with self._lock:
             return self.versions.is_current(key)
-
-    def attach_replicas(self, replicate: Replicate) -> None:
-        """Rank 0 of a tensor-parallel group: a version is claimed (enters step plans) only once
-        every follower holds exactly that version (see `shard.adapters.replicas`)."""
-        self._replicas = Replicas(replicate)
 
     # -- server side ----------------------------------------------------------------------------
     def lookup(self, adapter_id: str) -> None:

@@ -1,96 +1,26 @@
-"""Rank 0's end of the step-plan channel."""
+"""Rank 0's executor with tensor parallelism."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
-import time
-from collections.abc import Callable
-
-import structlog
 import torch
 
-from shard.adapters.loader import AdapterError
 from shard.engine.step_plan import Step
-from shard.parallel.group import GroupLost, broadcast_object, gather_object
-from shard.parallel.messages import HEARTBEAT, Hold, Message
+from shard.parallel.channel import PlanChannel
 from shard.parallel.rank import RankState
-
-log = structlog.get_logger(__name__)
 
 
 class Leader:
-    """Rank 0's end of the step-plan channel: it sends every plan before running it, and a
-    heartbeat whenever nothing was sent for `heartbeat_s`, so that a follower's timed wait for
-    the next plan never expires on an idle shard, and a dead follower is noticed (its connection
-    closes) within a heartbeat even when no request runs. `on_lost` hears of a lost rank once."""
-
-    def __init__(self, state: RankState, heartbeat_s: float = 1.0) -> None:
-        self.state = state
-        if state.group.size > 1:
-            state.adapters.attach_replicas(self.replicate)
-        self.heartbeat_s = heartbeat_s
-        self.lost: GroupLost | None = None
-        self._on_lost: Callable[[GroupLost], None] = lambda _: None
-        self._lock = threading.Lock()  # one sender at a time on the metadata group
-        self._last_send = time.monotonic()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="tp-heartbeat", daemon=True)
-
-    def start(self, on_lost: Callable[[GroupLost], None]) -> None:
-        self._on_lost = on_lost
-        if self.state.group.size > 1:
-            self._thread.start()
+    """Runs each step on rank 0 after sending its plan to the followers, which run it too."""
 
     # A failed forward is not run again request by request: the followers replay every forward.
     retry_alone = False
 
+    def __init__(self, state: RankState, channel: PlanChannel) -> None:
+        self.state = state
+        self.channel = channel
+
     def execute(self, step: Step) -> torch.Tensor:
         """Broadcasts the step's plan (not its weights: each rank has its own), then runs the
         step like every other rank (the engine's executor)."""
-        self._send(step.plan)
+        self.channel.send(step.plan)
         return self.state.runner.forward(step)
-
-    def replicate(self, key: str, keep: tuple[str, ...]) -> AdapterError | None:
-        """Asks every follower to hold adapter version `key` (reading it if needed) and to keep
-        holding `keep`; the first follower error, naming its rank, or None when all hold it."""
-        replies = self._send(Hold(key, keep), answered=True)
-        for rank, err in enumerate(replies):
-            if isinstance(err, AdapterError):
-                return AdapterError(err.kind, f"{err} (tensor-parallel rank {rank})")
-        return None
-
-    def close(self) -> None:
-        """Stops the heartbeat and, if the group is whole, tells the followers to exit."""
-        self._closed.set()
-        with contextlib.suppress(GroupLost):
-            self._send(None)
-
-    def _send(self, msg: Message, answered: bool = False) -> list[object]:
-        """Broadcasts `msg`; with `answered`, every rank's answer (gathered in the same turn
-        of the lock, so no heartbeat comes between)."""
-        if self.state.group.size == 1:
-            return []
-        with self._lock:
-            if self.lost is not None:
-                raise self.lost
-            try:
-                broadcast_object(msg, self.state.group)
-                replies = gather_object(None, self.state.group) if answered else []
-            except GroupLost as e:
-                self.lost = e
-            else:
-                self._last_send = time.monotonic()
-                return replies
-        log.error("tensor-parallel group lost", error=str(self.lost))
-        self._on_lost(self.lost)
-        raise self.lost
-
-    def _beat(self) -> None:
-        while not self._closed.wait(self.heartbeat_s / 4):
-            if time.monotonic() - self._last_send < self.heartbeat_s:
-                continue
-            try:
-                self._send(HEARTBEAT)
-            except GroupLost:
-                return

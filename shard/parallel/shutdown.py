@@ -7,16 +7,16 @@ import sys
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 
+from shard.parallel.channel import PlanChannel
 from shard.parallel.group import destroy
-from shard.parallel.leader import Leader
 
 
-def shutdown_group(leader: Leader, followers: Sequence[BaseProcess]) -> None:
+def shutdown_group(channel: PlanChannel, followers: Sequence[BaseProcess]) -> None:
     """Ends rank 0's group: when whole, followers are told to exit and joined; when a rank was
     lost, the surviving followers are killed and this process exits 1 at once."""
-    leader.close()
-    if leader.lost is None:
-        destroy(leader.state.group)  # with the followers, which tear down on the same message
+    channel.close()
+    if channel.lost is None:
+        destroy(channel.group)  # with the followers, which tear down on the same message
         for proc in followers:
             proc.join(10)
         return
