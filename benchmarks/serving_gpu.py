@@ -201,6 +201,11 @@ def in_process(args: argparse.Namespace, flags: list[str], mean_batches: list[in
     from shard.config import parse_config
     from shard.parallel.group import SINGLE
 
+    # The step's token budget counts the running decodes as well: one prefill of N tokens beside
+    # a batch of B needs B + N to run in one step, as the microbenchmark measures it.
+    budget = max(args.max_prefill_tokens, max(args.mixed_batches) + max(args.mixed_tokens))
+    at = flags.index("--max-prefill-tokens") + 1
+    flags = [*flags[:at], str(budget), *flags[at + 1 :]]
     engine, _, leader = build_engine(parse_config(flags, env={}), SINGLE)
     model = leader.state.runner.model
     params = sum(p.numel() for p in model.parameters())
@@ -305,6 +310,14 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def headline(row: dict) -> dict:
+    """One open-loop rate's figures that a log line shows."""
+    keys = ("offered_rate", "requests_per_s", "output_tokens_per_s", "mean_batch")
+    return {k: row[k] for k in keys} | {
+        f"{name}_{q}": row[f"{name}_ms"][q] for name in ("ttft", "itl") for q in ("p50", "p99")
+    }
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
@@ -334,8 +347,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--command", default="python -m benchmarks.serving_gpu")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    if max(args.mixed_tokens) > args.max_prefill_tokens:
-        p.error("--mixed-tokens: each prefill must fit one step's --max-prefill-tokens")
     shape = SHAPES[args.shape]
     workdir = Path(tempfile.mkdtemp(prefix="serving-gpu-"))
     model, adapter_dir = workdir / "model", workdir / "adapters"
@@ -363,6 +374,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     report |= {"shape_name": args.shape, "shape": shape, "adapters": args.adapters}
     report |= {"shard_flags": flags[4:], "short_lengths": args.short, "long_lengths": args.long}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # After every phase, so a run cut short by a crash or a time limit keeps what it measured.
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
     with serving(workdir, flags) as (router, metrics):
         warm = spec(max(args.rates), args.short, 2.0)
         asyncio.run(run_load(router, make_workload(warm), timeout_s=600.0))
@@ -370,20 +387,22 @@ def main(argv: list[str] | None = None) -> dict:
         for rate in args.rates:
             row = open_loop(router, metrics, spec(rate, args.short, args.seconds))
             report["short"].append(row)
-            print(json.dumps({k: row[k] for k in ("offered_rate", "requests_per_s", "mean_batch")}))
+            print(json.dumps(headline(row)), flush=True)
+            save()
         report["saturation"] = saturation(report["short"])
         if args.long_rate:
             report["long"] = open_loop(
                 router, metrics, spec(args.long_rate, args.long, args.seconds)
             )
+            print(json.dumps(headline(report["long"])), flush=True)
+            save()
     batches = [max(1, round(r["mean_batch"])) for r in report["short"]]
     report["in_process"] = in_process(args, flags, batches)
     decode = {c["batch"]: c["tokens_per_s"] for c in report["in_process"]["closed_batch"]}
     for row, batch in zip(report["short"], batches, strict=True):
         row["closed_batch_tokens_per_s"] = decode[batch]
         row["served_over_decode"] = row["output_tokens_per_s"] / decode[batch]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(f"wrote {args.out}")
     plot(report, args.out.with_suffix(".png"))
     return report
