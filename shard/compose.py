@@ -61,7 +61,9 @@ def build_rank(
     activations += decode_graph_bytes(cfg, model_cfg, dtype)
     max_context = model_cfg.max_context
     pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
-    pages = int(broadcast_object(pages, group))  # type: ignore[arg-type]
+    agreed = broadcast_object(pages, group)
+    assert isinstance(agreed, int)  # rank 0 sends its own count
+    pages = agreed
     kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
     adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device, metrics, replicate)
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)

@@ -103,8 +103,8 @@ class StepOutput:
         return self.finish is not None or self.migration is not None or self.error is not None
 
 
-# Where a request's outputs go, called from the engine thread.
-Sink = Callable[[StepOutput], None]
+# Where a request's outputs go, called from the engine thread (what it returns is ignored).
+Sink = Callable[[StepOutput], object]
 
 
 class Sequence:

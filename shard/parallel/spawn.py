@@ -22,7 +22,9 @@ def spawn_followers(
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(cfg, r), daemon=True) for r in range(1, cfg.tp)]
+    procs: list[mp.process.BaseProcess] = [
+        ctx.Process(target=target, args=(cfg, r), daemon=True) for r in range(1, cfg.tp)
+    ]
     for proc in procs:
         proc.start()
     return procs
