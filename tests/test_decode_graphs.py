@@ -9,20 +9,12 @@ import torch
 from shard.adapters.loader import AdapterWeights
 from shard.compose import build_engine
 from shard.config import parse_config
-from shard.engine.decode_graphs import (
-    BATCH_BUCKETS,
-    DecodeGraphs,
-    GraphKey,
-    PaddedDecode,
-    StagingArena,
-    ceil_to,
-    replace_leaves,
-    table_width,
-    tensor_leaves,
-)
+from shard.engine.decode_graphs import DecodeGraphs, PaddedDecode, StagingArena
 from shard.engine.engine import Engine
+from shard.engine.graph_shapes import BATCH_BUCKETS, GraphKey, ceil_to, table_width
 from shard.engine.kv_cache import pages_for
 from shard.engine.step_plan import StepPlan
+from shard.engine.tensor_tree import replace_leaves, tensor_leaves
 from shard.model.layers.lora import LoraBatch, build_lora_batch
 from shard.model.projections import LORA_MODULES
 from shard.parallel.group import SINGLE

@@ -12,8 +12,9 @@ import torch
 from shard import compose
 from shard.compose import build_engine
 from shard.config import ShardConfig, parse_config
-from shard.engine.decode_graphs import DecodeGraphs, GraphKey, width_classes
+from shard.engine.decode_graphs import DecodeGraphs
 from shard.engine.engine import Engine
+from shard.engine.graph_shapes import GraphKey, width_classes
 from shard.engine.memory_plan import GRAPH_OVERHEAD_BYTES, decode_graph_bytes
 from shard.engine.model_runner import ModelRunner
 from shard.model.config import load_model_config

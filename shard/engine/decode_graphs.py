@@ -14,9 +14,7 @@ On a CPU the same padded path runs eagerly (no graph), which is how the padding 
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 
 import structlog
 import torch
@@ -24,70 +22,24 @@ import torch
 from shard.adapters.loader import AdapterWeights
 from shard.adapters.lora_ranks import RANK_CLASSES
 from shard.engine.forward_inputs import NO_ROWS, DecodePadding, ForwardInputs
+from shard.engine.graph_shapes import (
+    BATCH_BUCKETS,
+    GraphKey,
+    ceil_to,
+    table_width,
+    warm_keys,
+    width_classes,
+)
 from shard.engine.kv_cache import KvCache
 from shard.engine.step_plan import StepPlan
+from shard.engine.tensor_tree import replace_leaves, tensor_leaves
 from shard.model.layers.lora import LoraBatch
 from shard.model.llama import LlamaForCausalLM
 
 log = structlog.get_logger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-MIN_TABLE_WIDTH = 8
 # Leaves of a LoraBatch that are scratch space, not per-step data.
 SCRATCH_LEAVES = frozenset({"buffer"})
-
-
-def ceil_to(value: int, classes: tuple[int, ...]) -> int | None:
-    """The smallest class >= value, or None when value is above every class."""
-    return next((c for c in classes if c >= value), None)
-
-
-def table_width(pages: int) -> int:
-    """Page-table width class: the next power of two, so few graphs cover every context."""
-    width = MIN_TABLE_WIDTH
-    while width < pages:
-        width *= 2
-    return width
-
-
-def width_classes(max_pages: int) -> tuple[int, ...]:
-    """Every page-table width class of a step whose requests hold at most `max_pages` pages."""
-    widths = [MIN_TABLE_WIDTH]
-    while widths[-1] < max_pages:
-        widths.append(widths[-1] * 2)
-    return tuple(widths)
-
-
-@dataclass(frozen=True, slots=True)
-class GraphKey:
-    batch: int  # padded number of decode rows
-    rank: int  # LoRA rank class; 0: no adapter in the batch
-    width: int  # page-table width class
-
-
-def warm_keys(max_batch: int, ranks: tuple[int, ...], widths: tuple[int, ...]) -> list[GraphKey]:
-    """The shapes of these rank classes and widths for every batch bucket up to the one that
-    `max_batch` rows pad to, in capture order: largest batch first, so that smaller graphs reuse
-    the pool memory the larger ones freed."""
-    limit = ceil_to(max_batch, BATCH_BUCKETS) or max_batch
-    batches = sorted((b for b in BATCH_BUCKETS if b <= limit), reverse=True)
-    return [GraphKey(b, r, w) for b in batches for r in ranks for w in widths]
-
-
-def tensor_leaves(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors of a tree of dataclasses and dicts, by dotted path."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    if dataclasses.is_dataclass(obj):
-        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
-    elif isinstance(obj, dict):
-        items = list(obj.items())
-    else:
-        return {}
-    out: dict[str, torch.Tensor] = {}
-    for name, value in items:
-        out.update(tensor_leaves(value, f"{prefix}.{name}" if prefix else str(name)))
-    return out
 
 
 def step_leaves(lora: LoraBatch | None) -> dict[str, torch.Tensor]:
@@ -97,25 +49,6 @@ def step_leaves(lora: LoraBatch | None) -> dict[str, torch.Tensor]:
         for name, t in tensor_leaves(lora).items()
         if name.split(".")[-1] not in SCRATCH_LEAVES
     }
-
-
-def replace_leaves(obj: object, leaves: dict[str, torch.Tensor], prefix: str = "") -> object:
-    """A copy of the tree with the tensors at `leaves`' paths swapped in."""
-    if isinstance(obj, torch.Tensor):
-        return leaves.get(prefix, obj)
-    if dataclasses.is_dataclass(obj):
-        changes = {
-            f.name: replace_leaves(getattr(obj, f.name), leaves, _join(prefix, f.name))
-            for f in dataclasses.fields(obj)
-        }
-        return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
-    if isinstance(obj, dict):
-        return {k: replace_leaves(v, leaves, _join(prefix, str(k))) for k, v in obj.items()}
-    return obj
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def lora_signature(starts: list[int], weights: list[AdapterWeights | None]) -> tuple:

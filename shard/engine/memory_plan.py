@@ -9,7 +9,7 @@ import torch
 
 from shard.adapters.tiers import device_budget_bytes
 from shard.config import ShardConfig
-from shard.engine.decode_graphs import warm_keys, width_classes
+from shard.engine.graph_shapes import warm_keys, width_classes
 from shard.engine.kv_cache import KvCache, pages_for
 from shard.engine.model_runner import ModelRunner
 from shard.engine.step_plan import PrefillPlan, Step, StepPlan
