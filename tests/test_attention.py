@@ -4,13 +4,19 @@ marked ``gpu`` and skipped without CUDA)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from shard.ops.attention import (
+    HEAD_DIMS,
+    MAX_GROUP,
+    MAX_SPLITS,
+    PAGE_SIZE,
     kv_append,
     kv_append_reference,
     paged_decode_attention,
@@ -22,6 +28,26 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CONTEXTS = (1, 15, 16, 17, 1000, 4097)
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def test_the_python_limits_are_the_kernels() -> None:
+    """What ops/attention.py sends to the kernel (page size, query heads per KV head, split
+    count, head dims) is what csrc/paged_attention.h and ops.cpp serve."""
+    header = (CSRC / "paged_attention.h").read_text()
+    consts = {k: int(v) for k, v in re.findall(r"constexpr int (k\w+) = (\d+);", header)}
+    assert (consts["kPageSize"], consts["kMaxGroup"], consts["kMaxSplits"]) == (
+        PAGE_SIZE,
+        MAX_GROUP,
+        MAX_SPLITS,
+    )
+    ops_cpp = (CSRC / "ops.cpp").read_text()
+    dispatch = re.search(r"dispatch_head_dim\(.*?\n\}", ops_cpp, re.S)
+    assert dispatch, "csrc/ops.cpp: no dispatch_head_dim"
+    served = sorted(int(d) for d in re.findall(r"paged_decode_attention<T, (\d+)>", dispatch[0]))
+    assert tuple(served) == HEAD_DIMS
 
 
 @dataclass
