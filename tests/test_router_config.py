@@ -69,6 +69,8 @@ def test_connection_age_and_shard_keepalive_options():
     default = parse_config(["--shard", "a:1"], {})
     assert dict(server_options(default)) == {
         "grpc.so_reuseport": 0,
+        "grpc.server.max_pending_requests": 10_000,
+        "grpc.server.max_pending_requests_hard_limit": 20_000,
         "grpc.max_connection_age_ms": 300_000,
         "grpc.max_connection_age_grace_ms": 600_000,
     }
@@ -85,4 +87,4 @@ def test_connection_age_and_shard_keepalive_options():
     assert dict(shard_channel_options(tuned))["grpc.keepalive_time_ms"] == 1_000
     assert dict(shard_channel_options(tuned))["grpc.keepalive_timeout_ms"] == 500
     never = parse_config(["--shard", "a:1", "--max-connection-age-s", "0"], {})
-    assert dict(server_options(never)) == {"grpc.so_reuseport": 0}
+    assert "grpc.max_connection_age_ms" not in dict(server_options(never))
