@@ -70,13 +70,12 @@ def fleet(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         for address, proc, name in zip(shards, procs, ("s0", "s1"), strict=True):
             wait_serving(address, proc, logs / f"{name}.log")
         routers = {}
-        metrics = free_port()
         for affinity in ("on", "off"):
-            port = free_port()
+            port, metrics = free_port(), free_port()
             args = ["router", "--host", "127.0.0.1", "--port", str(port), "--http-port", "0"]
             args += ["--shard", shards[0], "--shard", shards[1], "--prefix-affinity", affinity]
-            if affinity == "on":
-                args += ["--metrics-port", str(metrics)]
+            args += ["--metrics-port", str(metrics)]
+            routers[f"{affinity}_metrics"] = str(metrics)
             procs.append(start(args, logs / f"router-{affinity}.log"))
             address = f"127.0.0.1:{port}"
             wait_serving(address, procs[-1], logs / f"router-{affinity}.log")
@@ -95,39 +94,59 @@ def fleet(tiny, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         for address in shards:
             _generate(address, _request([1, 2, 3]))
         first, second = sorted(shards)
-        yield {"first": first, "second": second, "metrics": str(metrics), **routers}
+        yield {"first": first, "second": second, **routers}
     finally:
         for proc in reversed(procs):
             stop(proc)
 
 
+def _samples(port: str, metric: str) -> dict[str, float]:
+    """A router's samples of a metric with one label, by label value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.findall(rf'^{metric}\{{\w+="([^"]+)"\}} (\S+)$', text, re.M)
+    return {label: float(value) for label, value in found}
+
+
 def _placements(fleet: dict[str, str]) -> dict[str, float]:
     """The affinity router's lorafleet_router_prefix_placements_total, by result."""
-    url = f"http://127.0.0.1:{fleet['metrics']}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
-    line = r'^lorafleet_router_prefix_placements_total\{result="(\w+)"\} (\S+)$'
-    found = re.findall(line, text, re.M)
-    return {result: float(value) for result, value in found}
+    return _samples(fleet["on_metrics"], "lorafleet_router_prefix_placements_total")
 
 
-def _warm(shard: str, prompt: list[int]) -> None:
-    """Prefills `prompt` on `shard` directly, and waits until the routers can know it: the
+def _both_routers_see_idle_shards(fleet: dict[str, str]) -> None:
+    """A request that just ended leaves its shard busy in a router's view until the shard's
+    next snapshot: wait for it, so that equal shards tie (and a busy one does not win)."""
+
+    def idle() -> bool:
+        for router in ("on", "off"):
+            running = _samples(fleet[f"{router}_metrics"], "lorafleet_router_shard_running")
+            if running != {fleet["first"]: 0.0, fleet["second"]: 0.0}:
+                return False
+        return True
+
+    wait_until(idle, "both routers to see both shards idle", 10)
+
+
+def _warm(fleet: dict[str, str], prompt: list[int]) -> None:
+    """Prefills `prompt` on `second` directly, and waits until the routers can know it: the
     shard reports its key, and a snapshot reaches every watcher within a heartbeat (1 s)."""
+    shard = fleet["second"]
     _generate(shard, _request(prompt))
     key = prefix_key(_request(prompt))
     assert key is not None
     wait_until(lambda: _holds(shard, key), "the shard to report the prefix key", 10)
     time.sleep(1.2)
+    _both_routers_see_idle_shards(fleet)
 
 
 def test_request_goes_to_the_idle_shard_holding_its_prefix_only_with_affinity(fleet, tiny):
     on_prompt, off_prompt = _prompt(1), _prompt(2)
-    _warm(fleet["second"], on_prompt)
-    _warm(fleet["second"], off_prompt)
+    _warm(fleet, on_prompt)
+    _warm(fleet, off_prompt)
     before = _placements(fleet)
     on = _generate(fleet["on"], _request(on_prompt, 4))
     assert _placements(fleet)["held"] == before.get("held", 0) + 1
+    _both_routers_see_idle_shards(fleet)
     off = _generate(fleet["off"], _request(off_prompt, 4))
     cacheable = (len(on_prompt) - 1) // 4 * 4
     assert on[-1].usage.cached_prompt_tokens == cacheable  # on `second`, which holds it
@@ -140,7 +159,7 @@ def test_affinity_does_not_wake_an_idle_shard_while_a_busy_one_has_room(fleet):
     """`first` runs a long request; `second` is idle but holds the prefix: consolidation keeps
     the request on the busy shard (no cached tokens there), affinity does not override it."""
     prompt = _prompt(3)
-    _warm(fleet["second"], prompt)
+    _warm(fleet, prompt)
     busy = _request([5, 6, 7, 8, 9, 10, 11, 12], 240)
     started, finished = threading.Event(), threading.Event()
 
