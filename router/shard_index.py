@@ -7,13 +7,16 @@ levels (at most max batch + 1):
 - Every shard with a load has a fixed position in tie order (lowest StatefulSet ordinal, then
   address). Positions change only when a shard joins or its ordinal becomes known; the index is
   then rebuilt once, lazily, at the next placement.
-- Placeable shards (not draining, batch not full) sit in one max-tree per batch level (occupancy
-  for consolidate, fill for least-loaded) whose leaves hold the KV room in tokens. The policy's
+- Placeable shards (not draining, batch not full) sit in one max-tree per batch level
+  (`policy.consolidation_level` for consolidate: one level for all busy StatefulSet shards, then
+  occupancy; fill for least-loaded) whose leaves hold the KV room in tokens. The policy's
   best level whose tree's root fits the request holds the answer, and a descent finds its first
   fitting position in O(log n). Idle shards fit any request (as in `policy.fits`), so their leaves
   sit above every possible demand.
 - Residency breaks ties: a set of shards per (adapter, level). It is read only when the level's
   first fitting shard lacks the adapter, and costs O(shards of that level holding the adapter).
+  Busy StatefulSet shards have no ties: their level's first fitting position is the answer (with
+  `residency_first`, its first fitting holder of the adapter).
 - Prefix affinity breaks ties before residency: a set of shards per prefix key, whatever their
   level (keys change far less often than levels). It is read only when the demand has a key and
   the level's first fitting shard lacks it or the adapter, and costs O(shards holding the key).
@@ -22,21 +25,25 @@ levels (at most max batch + 1):
   question asked again (only in a fleet of mixed pool sizes; O(log n) per hidden shard).
 
 Updates (a snapshot, a reservation, a release) move one shard between levels: O(log n) for the
-trees plus O(adapters resident on it) for the residency sets.
+trees plus O(adapters resident on it) for the residency sets. A busy StatefulSet shard whose
+batch grows or shrinks stays in its level: O(log n).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import math
 
 from router.config import Policy
-from router.policy import Demand, ShardLoad
+from router.policy import Demand, ShardLoad, consolidation_level
 
 # Above any demand in tokens: an idle shard fits every request (the shard itself refuses a prompt
 # that is too long for it).
 _IDLE = 1 << 62
 _EMPTY = -1
+# The consolidation level of busy StatefulSet shards (`policy.consolidation_level`), best of all.
+_ORDERED = -math.inf
 
 
 class _MaxTree:
@@ -137,7 +144,7 @@ class ShardIndex:
             return
         room = load.kv_pages_available * max(1, load.kv_page_size)
         if self._consolidate:
-            level = float(-load.occupancy)
+            level = consolidation_level(load)
         else:
             level = load.occupancy / load.max_batch_size
         self._move(e, level, room + _IDLE if load.occupancy == 0 else room, load.adapters_resident)
@@ -190,6 +197,8 @@ class ShardIndex:
                 if self._trees[level].t[1] >= bound:
                     best = self._best(self._holding.get((adapter, level)), bound)
                     if best is not None:
+                        if level == _ORDERED:
+                            return best.address  # lowest ordinal: no ties to break
                         if demand.prefix_key is not None and demand.prefix_key not in best.prefix:
                             best = self._prefix_best(demand, level, bound, True) or best
                         return best.address
@@ -207,6 +216,8 @@ class ShardIndex:
             else:
                 winner = self._best(self._members[level], need_here)
             assert winner is not None
+            if level == _ORDERED:
+                return winner.address  # busy StatefulSet shards: lowest ordinal, no ties
             key = demand.prefix_key
             lacks_adapter = bool(adapter) and adapter not in winner.resident
             if (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from router.config import Policy
@@ -198,3 +200,46 @@ def test_skewed_burst_fills_shards_in_policy_order(rule):
 
 def test_rules_cover_every_policy():
     assert set(RULES) == set(Policy)
+
+
+def pod(ordinal: int, running: int, resident: tuple[str, ...] = ()) -> ShardLoad:
+    """A StatefulSet shard (its ordinal known), max batch 8."""
+    name = f"lorafleet-shard-{ordinal}"
+    return ShardLoad(
+        name, running, 8, 100, 100, 16, adapters_resident=frozenset(resident), ordinal=ordinal
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        # Busy StatefulSet shards fill lowest ordinal first, not busiest first ...
+        ([pod(0, 2), pod(1, 6), pod(2, 0)], "lorafleet-shard-0"),
+        ([pod(0, 8), pod(1, 6), pod(2, 1)], "lorafleet-shard-1"),
+        # ... but an idle shard still waits while a busy one has room, whatever its ordinal.
+        ([pod(0, 0), pod(1, 0), pod(5, 7)], "lorafleet-shard-5"),
+        ([pod(0, 8), pod(1, 8), pod(3, 0), pod(2, 0)], "lorafleet-shard-2"),
+        # Among busy StatefulSet shards, holding the adapter does not pull a request upward
+        # (that would keep high ordinals busy); among idle ones it still breaks the tie.
+        ([pod(0, 2), pod(1, 6, resident=("a",))], "lorafleet-shard-0"),
+        ([pod(0, 8), pod(1, 0), pod(2, 0, resident=("a",))], "lorafleet-shard-2"),
+        # Shards without an ordinal keep Punica's busiest-first, after the StatefulSet's.
+        ([shard("s1", 1), shard("s2", 5), pod(4, 1)], "lorafleet-shard-4"),
+        ([shard("s1", 1), shard("s2", 5), pod(4, 8)], "s2"),
+    ],
+)
+def test_consolidate_fills_statefulset_shards_in_ordinal_order(table, expected):
+    assert consolidate(table, SMALL) == expected
+
+
+def test_as_load_falls_the_highest_ordinals_drain_first():
+    # Four shards half full; a random request finishes each step, and fewer arrive until the
+    # load fits two shards: the new ones go to the lowest ordinals, so the highest ones drain.
+    rng = random.Random(7)
+    requests = [i for i in range(4) for _ in range(4)]  # the shard of each running request
+    for step in range(300):
+        requests.pop(rng.randrange(len(requests)))
+        if len(requests) < 8 or step % 2:
+            table = [pod(i, requests.count(i)) for i in range(4)]
+            requests.append(int(consolidate(table, SMALL).rsplit("-", 1)[1]))
+    assert sorted(set(requests)) == [0] and len(requests) == 8
