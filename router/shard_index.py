@@ -19,7 +19,8 @@ levels (at most max batch + 1):
   `residency_first`, its first fitting holder of the adapter).
 - Prefix affinity breaks ties before residency: a set of shards per prefix key, whatever their
   level (keys change far less often than levels). It is read only when the demand has a key and
-  the level's first fitting shard lacks it or the adapter, and costs O(shards holding the key).
+  the level's first fitting shard lacks it or the adapter, and costs O(min(shards holding the
+  key, shards of the level)).
 - Whole pools (as in `policy.candidates`): while an open shard's pool can hold the request at its
   longest, idle shards need real room too, and a pick whose pool is too small is hidden and the
   question asked again (only in a fleet of mixed pool sizes; O(log n) per hidden shard).
@@ -34,6 +35,7 @@ from __future__ import annotations
 import bisect
 import collections
 import math
+from collections.abc import Collection
 
 from router.config import Policy
 from router.policy import Demand, ShardLoad, consolidation_level
@@ -236,14 +238,21 @@ class ShardIndex:
     ) -> _Entry | None:
         """The policy's pick among the shards of `level` that hold the demand's prefix and fit
         `need`: those holding its adapter too first (only those with `resident_only`)."""
-        assert demand.prefix_key is not None
-        holders = self._prefix_holders.get(demand.prefix_key)
+        key = demand.prefix_key
+        assert key is not None
+        holders = self._prefix_holders.get(key)
         if not holders:
             return None
-        here = {e for e in holders if e.level == level}
+        # The smaller side of (holders of the key) x (shards of the level): a key held across
+        # the fleet costs the level's shards, a level crowded with shards the key's holders.
+        members = self._members[level]
+        if len(holders) <= len(members):
+            here = [e for e in holders if e.level == level and e.value >= need]
+        else:
+            here = [e for e in members if key in e.prefix and e.value >= need]
         adapter = demand.adapter_id
         if adapter:
-            resident = {e for e in here if adapter in e.resident}
+            resident = [e for e in here if adapter in e.resident]
             if (best := self._best(resident, need)) is not None or resident_only:
                 return best
         return self._best(here, need)
@@ -267,7 +276,7 @@ class ShardIndex:
         their room, so without the idle exception they need that much more."""
         return need if idle_fits or level != 0.0 else need + _IDLE
 
-    def _best(self, entries: set[_Entry] | None, need: int) -> _Entry | None:
+    def _best(self, entries: Collection[_Entry] | None, need: int) -> _Entry | None:
         """The policy's pick among `entries` (all of one level) that fit `need` tokens."""
         if not entries:
             return None
