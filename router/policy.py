@@ -172,10 +172,10 @@ def consolidate(
     Ties go to a shard holding the request's prefix (prefix affinity: it never outranks batch
     size, so it cannot wake an idle shard while a busy one has room), then to one holding the
     adapter, then to the lowest StatefulSet ordinal, then to the smallest shard id
-    (deterministic). Busy StatefulSet shards have no ties: preferring a holder of the prefix or
-    the adapter among them would keep high ordinals busy (in the fleet simulation it cut full
-    batches from 49% to 41% of GPU time). With `residency_first`, holding the adapter outranks
-    batch size.
+    (deterministic). Busy StatefulSet shards have no ties: in the fleet simulation, preferring
+    the adapter's holders among them kept high ordinals busy on partial batches (full batches
+    fell from 49% to 41% of GPU time), and a prefix's holders would pin them the same way. With
+    `residency_first`, holding the adapter outranks batch size.
     """
 
     def key(load: ShardLoad) -> tuple[int, float, int, int, int, tuple[bool, int, str]]:
