@@ -19,31 +19,25 @@
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import multiprocessing as mp
 import os
 import queue
-import statistics
 import tempfile
 import time
 import traceback
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_textgen import submit_workload
 from benchmarks.bench_textgen import write_model_dir as write_shape_dir
 from benchmarks.peft_baseline import write_adapters
-from benchmarks.timing import median_ms, provenance
-from benchmarks.workloads import SHAPES, Workload, decode_step, decode_step_ms, make_workload
+from benchmarks.timing import provenance
+from benchmarks.tp_collectives import stack_main
+from benchmarks.tp_engine import EngineJob, engine_main
+from benchmarks.workloads import SHAPES, Workload, make_workload
 from router.local_process import free_port
-from shard.adapters.tiers import Resident
-from shard.config import parse_config
 
 SHAPE_70B = {
     "hidden_size": 8192,
@@ -54,188 +48,6 @@ SHAPE_70B = {
     "vocab_size": 32000,
     "max_position_embeddings": 4096,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class EngineJob:
-    """What one shard process (rank 0; followers spawned) does."""
-
-    argv: tuple[str, ...]
-    work: Workload
-    warm: Workload
-    context: int  # of the timed decode forward; 0: no timing
-
-
-def run_work(engine, work: Workload, tag: str) -> dict:
-    """Submits the whole workload at once and waits; tokens, tokens/s and step time."""
-    sinks, _, wall = submit_workload(engine, work, tag)
-    gaps = [b - a for s in sinks for a, b in zip(s.times, s.times[1:], strict=False)]
-    step = statistics.median(gaps)
-    return {
-        "tokens": [s.tokens for s in sinks],
-        "tokens_per_s": sum(work.outputs) / wall,
-        "step_ms_p50": step * 1e3,
-        "decode_tokens_per_s": len(work.prompts) / step,
-    }
-
-
-def engine_main(job: EngineJob, out: mp.Queue) -> None:
-    """A shard process: rank 0 of `--tp N`, exactly as `lorafleet-shard` builds it. The result
-    goes out before the group is torn down; Python stacks are dumped if it runs past 150 s."""
-    from shard.compose import build_engine, follower_main, rank_device
-    from shard.parallel.group import TPGroup, init_group
-    from shard.parallel.shutdown import shutdown_group
-    from shard.parallel.spawn import spawn_followers
-
-    faulthandler.dump_traceback_later(150, exit=False)
-    started = time.perf_counter()
-
-    def progress(what: str) -> None:
-        print(f"bench_tp engine: {what} at {time.perf_counter() - started:.1f} s", flush=True)
-
-    try:
-        cfg = parse_config(list(job.argv), env={})
-        torch.set_grad_enabled(False)
-        followers = spawn_followers(cfg, follower_main)
-        group = init_group(0, cfg.tp, rank_device(cfg, TPGroup(0, cfg.tp)), cfg.tp_timeout_s)
-        engine, _, leader = build_engine(cfg, group)
-        engine.start()
-        progress(f"ready (tp={cfg.tp})")
-        try:
-            run_work(engine, job.warm, "warm")
-            progress("warm-up done")
-            result = run_work(engine, job.work, "run")
-            progress("run done")
-            if job.context:
-                result["forward_ms"] = leader_forward_ms(leader, job.work, job.context)
-                progress("forward timed")
-            result["kv_pages"] = leader.state.kv.pool.total
-            out.put(result)
-        finally:
-            engine.stop()
-            shutdown_group(leader.channel, followers)
-            progress("group shut down")
-    except BaseException:
-        out.put({"error": traceback.format_exc()[-3000:]})
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def leader_forward_ms(leader, work: Workload, context: int) -> float:
-    """Median time of one decode step through rank 0's Leader.execute (plan broadcast to the
-    followers + forward, graph replay when captured). Its rows name the adapter versions rank 0
-    claims as the engine does (`id@version`, held by every follower), released afterwards."""
-    cache = leader.state.adapters
-    deadline = time.monotonic() + 120
-    claimed = {a: cache.wait_resident(a, deadline, claim=True) for a in set(work.adapters) if a}
-    failed = {a: s for a, s in claimed.items() if not isinstance(s, Resident)}
-    if failed:
-        raise RuntimeError(f"adapters not resident for the timed forward: {failed}")
-    keys = [claimed[a].key if a else "" for a in work.adapters]
-    device = leader.state.runner.device
-    try:
-        return decode_step_ms(
-            leader.state.kv, leader.execute, cache.weights, device, keys, context, reps=30
-        )
-    finally:
-        for state in claimed.values():
-            cache.release(state.key)
-
-
-# torch.distributed calls counted: every collective shard.parallel.group can make.
-COUNTED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast")
-
-
-def count_collectives(rank: int, argv: list[str], adapters: list[str]) -> dict:
-    """Builds this rank's slice of the stack and runs one eager decode forward of 32 rows on the
-    base model and one with the rows spread over `adapters`: torch.distributed calls per decoder
-    layer (forward hooks say which layer is running), NCCL kernels in a profiler trace, and the
-    forward's median time."""
-    import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
-
-    from shard.compose import build_rank, rank_device
-    from shard.parallel.group import TPGroup, destroy, init_group
-
-    cfg = parse_config(argv, env={})
-    group = init_group(rank, cfg.tp, rank_device(cfg, TPGroup(rank, cfg.tp)), cfg.tp_timeout_s)
-    torch.set_grad_enabled(False)
-    state = build_rank(cfg, group)
-    device = state.runner.device
-    for name in adapters:
-        if (err := state.adapters.preload(name, pin=True, timeout_s=120)) is not None:
-            raise err
-    where = ["outside"]
-    calls: Counter[tuple[str, str]] = Counter()
-
-    def counting(op: str, fn: Callable) -> Callable:
-        def wrapper(*a, **kw):
-            calls[(where[0], op)] += 1
-            return fn(*a, **kw)
-
-        return wrapper
-
-    for op in COUNTED:
-        if hasattr(dist, op):
-            setattr(dist, op, counting(op, getattr(dist, op)))
-    layers = state.runner.model.layers
-    for i, layer in enumerate(layers):
-        layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, f"layer{i}"))
-        layer.register_forward_hook(lambda *_: where.__setitem__(0, "outside"))
-    report: dict = {"layers": len(layers)}
-    logits = {}
-    for label, rows in (
-        ("base", [""] * 32),
-        ("lora", [adapters[i % len(adapters)] for i in range(32)]),
-    ):
-        step, pages = decode_step(state.kv, state.adapters.weights, rows, 128)
-        state.runner.forward(step)  # warm-up
-        sync(device)
-        calls.clear()
-        logits[label] = state.runner.forward(step).float().cpu()
-        sync(device)
-        per_layer = [
-            {op: n for (w, op), n in calls.items() if w == f"layer{i}"} for i in range(len(layers))
-        ]
-        outside = {op: n for (w, op), n in calls.items() if w == "outside"}
-        cuda = device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            state.runner.forward(step)
-            sync(device)
-        # NCCL kernels on a GPU; on a CPU, gloo's profiler ranges stand in for them.
-        kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-        kernels = Counter(
-            e.name
-            for e in prof.events()
-            if e.device_type == kind and ("nccl" if cuda else "gloo:") in e.name.lower()
-        )
-        report[label] = {
-            "collectives_per_layer": per_layer,
-            "collectives_outside_layers": outside,
-            "nccl_kernels": dict(kernels),
-            "nccl_kernels_total": sum(kernels.values()),
-            "forward_ms": median_ms(partial(state.runner.forward, step), device, reps=10),
-        }
-        state.kv.pool.release(pages)
-    report["lora_changes_logits"] = not torch.allclose(logits["base"], logits["lora"])
-    report["lora_adds_collectives"] = (
-        report["lora"]["collectives_per_layer"] != report["base"]["collectives_per_layer"]
-        or report["lora"]["nccl_kernels_total"] != report["base"]["nccl_kernels_total"]
-    )
-    destroy(group)
-    return report
-
-
-def stack_main(rank: int, argv: tuple[str, ...], adapters: list[str], out: mp.Queue) -> None:
-    """One rank of the SPMD 70B-shaped stack: the same decode forward on both ranks."""
-    try:
-        out.put((rank, count_collectives(rank, list(argv), adapters)))
-    except BaseException:
-        out.put((rank, {"error": traceback.format_exc()[-3000:]}))
 
 
 def in_processes(
