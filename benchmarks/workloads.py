@@ -11,9 +11,9 @@ import torch
 
 from benchmarks.bench_sgmv import adapters_of_rows
 from benchmarks.timing import median_ms
-from shard.adapters.loader import AdapterWeights
 from shard.engine.kv_cache import KvCache, pages_for
 from shard.engine.step_plan import Step, StepPlan
+from shard.model.lora_weights import AdapterWeights
 
 POPULARITY = ("distinct", "uniform", "skewed", "identical")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from shard.adapters.host import HostTier
-from shard.adapters.loader import AdapterError, AdapterErrorKind, AdapterWeights, packed_size
+from shard.adapters.loader import AdapterError, AdapterErrorKind, packed_size
+from shard.model.lora_weights import AdapterWeights
 
 
 def weights(adapter_id: str, rank: int = 4) -> AdapterWeights:

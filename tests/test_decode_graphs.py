@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.compose import build_engine
 from shard.config import parse_config
 from shard.engine.decode_graphs import DecodeGraphs, PaddedDecode, StagingArena
@@ -16,6 +15,7 @@ from shard.engine.kv_cache import pages_for
 from shard.engine.step_plan import StepPlan
 from shard.engine.tensor_tree import replace_leaves, tensor_leaves
 from shard.model.layers.lora import LoraBatch, build_lora_batch
+from shard.model.lora_weights import AdapterWeights
 from shard.model.projections import LORA_MODULES
 from shard.parallel.group import SINGLE
 from tests.test_engine import mixed_rows, reference, submit_all

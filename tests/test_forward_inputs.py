@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.engine.forward_inputs import NO_ROWS, DecodePadding, ForwardInputs
 from shard.engine.step_plan import make_plan
+from shard.model.lora_weights import AdapterWeights
 from shard.model.projections import LORA_MODULES
 from tests.test_step_plan import PAGE_SIZE, chunk, sequence
 

@@ -77,3 +77,57 @@ def test_no_source_module_is_over_400_lines() -> None:
         str(p.relative_to(ROOT)): n for p in sources if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, f"split these by concept: {long}"
+
+
+# The shard's parts, highest first (each package's __init__ docstring): a module imports only
+# from its own part and the parts below it. `shard.config` and `shard.metrics` are the process's
+# one config and counters, built at the top and passed down, so any part may name their types.
+PARTS = (
+    ("entry", ("shard.__main__", "shard.compose")),
+    ("edge", ("shard.edge",)),
+    (
+        "ranks",
+        tuple(
+            f"shard.parallel.{m}"
+            for m in ("channel", "follower", "leader", "messages", "rank", "shutdown", "spawn")
+        ),
+    ),
+    ("engine", ("shard.engine",)),
+    ("adapters", ("shard.adapters",)),
+    ("model", ("shard.model",)),
+    ("kernels and collectives", ("shard.ops", "shard.parallel.group")),
+)
+# Known imports against the parts, each to be removed rather than added to.
+AGAINST = {("shard.adapters.loader", "shard.engine.faults")}  # `quote` for error messages
+
+
+def part_of(module: str) -> int | None:
+    """Index in PARTS of the longest prefix that names `module`, or None (config, metrics...)."""
+    found = [
+        (len(prefix), i)
+        for i, (_, prefixes) in enumerate(PARTS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    return max(found)[1] if found else None
+
+
+def test_shard_imports_point_down_its_parts() -> None:
+    upward = set()
+    for path in sorted((ROOT / "shard").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        mine = part_of(module)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                # `from shard.model import fusion` imports a module: judge by the full name.
+                imported = [(node.module, f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Import):
+                imported = [(a.name, a.name) for a in node.names]
+            else:
+                continue
+            for source, name in imported:
+                theirs = part_of(name)
+                if mine is not None and theirs is not None and theirs < mine:
+                    upward.add((module, source))
+    # Equal, not a subset: an exception that is gone must leave AGAINST too.
+    assert upward == AGAINST, f"imports against the parts: {sorted(upward ^ AGAINST)}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.engine.model_runner import lora_fields, lora_on, upload
 from shard.model.layers.lora import build_lora_batch
+from shard.model.lora_weights import AdapterWeights
 from shard.model.projections import LORA_MODULES
 
 

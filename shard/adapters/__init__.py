@@ -7,7 +7,6 @@ loads, claims, pins and evicts adapters (``cache``), replication of loads to fol
 (``replicas``), and the LoRA ranks the kernels serve (``lora_ranks``, torch-free).
 
 May import: ``model/`` (projection shapes, weight slicing), ``parallel.group``, ``ops/``, and
-the process-wide ``shard.metrics``. Still against the grain (issue 20):
-``loader`` takes ``quote`` from ``engine.faults``, and ``model.layers.lora`` takes
-``AdapterWeights`` from here.
+the process-wide ``shard.metrics``. Still against the grain (issue 20): ``loader`` takes
+``quote`` from ``engine.faults``.
 """

@@ -25,7 +25,6 @@ from shard.adapters.loader import (
     CONFIG_FILE,
     AdapterError,
     AdapterErrorKind,
-    AdapterWeights,
     as_adapter_error,
     declared,
     file_sig,
@@ -39,6 +38,7 @@ from shard.adapters.tiers import AdapterEntry, Resident, entry_of
 from shard.adapters.versions import Versions
 from shard.metrics import ShardMetrics
 from shard.model.config import ModelConfig
+from shard.model.lora_weights import AdapterWeights
 from shard.parallel.group import TPGroup
 
 log = structlog.get_logger(__name__)

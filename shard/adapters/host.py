@@ -11,8 +11,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from shard.adapters.loader import AdapterError, AdapterErrorKind, AdapterWeights, pack, packed_size
+from shard.adapters.loader import AdapterError, AdapterErrorKind, pack, packed_size
 from shard.adapters.tiers import HostCopy, evict_until_fits
+from shard.model.lora_weights import AdapterWeights
 
 
 class HostTier:

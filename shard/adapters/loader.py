@@ -14,7 +14,7 @@ import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -23,6 +23,7 @@ from safetensors.torch import load as load_safetensors
 
 from shard.engine.faults import quote
 from shard.model.config import ModelConfig
+from shard.model.lora_weights import AdapterWeights
 from shard.model.projections import LORA_MODULES, ROW_PARALLEL
 from shard.model.sharding import input_cols, output_rows
 from shard.parallel.group import TPGroup
@@ -66,39 +67,6 @@ class FileSig:
 
     config: tuple[int, int, int]  # (inode, size, mtime_ns) of adapter_config.json
     weights: tuple[int, int, int]  # the same for adapter_model.safetensors
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterWeights:
-    """One version of one adapter's LoRA weights for this rank, stacked over layers."""
-
-    adapter_id: str
-    digest: str  # sha256 of adapter_model.safetensors (hex)
-    version: str  # 16 hex digits over the config and the weights: what makes a new version
-    rank: int
-    scale: float
-    a: dict[str, torch.Tensor]  # module -> [L, r, in_local]
-    b: dict[str, torch.Tensor]  # module -> [L, r, out_local]
-    # (key, lowest A address): which version and where its weights sit, what a decode step's
-    # LoRA tables depend on (shard.engine.decode_graphs.lora_signature reads it every step).
-    placement: tuple[str, int] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        first = min((t.data_ptr() for t in self.a.values()), default=0)
-        object.__setattr__(self, "placement", (self.key, first))
-
-    @property
-    def key(self) -> str:
-        """`id@version`: how the engine names this version (ids never contain '@')."""
-        return f"{self.adapter_id}@{self.version}"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
-
-    @property
-    def targets(self) -> tuple[str, ...]:
-        return tuple(m for m in LORA_MODULES if m in self.a)
 
 
 def split_key(name: str) -> tuple[str, str | None]:

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import torch
 
-from shard.adapters.loader import AdapterWeights
+from shard.model.lora_weights import AdapterWeights
 
 
 @dataclass(slots=True)

@@ -19,7 +19,6 @@ import time
 import structlog
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.adapters.lora_ranks import RANK_CLASSES
 from shard.engine.forward_inputs import NO_ROWS, DecodePadding, ForwardInputs
 from shard.engine.graph_shapes import (
@@ -35,6 +34,7 @@ from shard.engine.step_plan import StepPlan
 from shard.engine.tensor_tree import replace_leaves, tensor_leaves
 from shard.model.layers.lora import LoraBatch
 from shard.model.llama import LlamaForCausalLM
+from shard.model.lora_weights import AdapterWeights
 
 log = structlog.get_logger(__name__)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.engine.step_plan import PrefillPlan, StepPlan
 from shard.model.forward_meta import ForwardMeta
 from shard.model.layers.lora import LoraBatch, build_lora_batch
+from shard.model.lora_weights import AdapterWeights
 
 HOST = torch.device("cpu")
 

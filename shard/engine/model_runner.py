@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from shard.adapters.loader import AdapterWeights
 from shard.engine.decode_graphs import DecodeGraphs
 from shard.engine.forward_inputs import HOST, ForwardInputs
 from shard.engine.kv_cache import KvCache
@@ -13,6 +12,7 @@ from shard.engine.step_plan import Step, StepPlan
 from shard.model.forward_meta import ForwardMeta
 from shard.model.layers.lora import LoraBatch, LoraGroup
 from shard.model.llama import LlamaForCausalLM
+from shard.model.lora_weights import AdapterWeights
 
 ALIGN = 16  # bytes: every packed field starts aligned for any dtype's view
 

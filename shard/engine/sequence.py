@@ -12,7 +12,7 @@ from shard.engine.detokenizer import TextStream
 from shard.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from shard.adapters.loader import AdapterWeights
+    from shard.model.lora_weights import AdapterWeights
 
 
 class FinishReason(enum.Enum):

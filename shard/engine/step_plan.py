@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from shard.adapters.loader import AdapterWeights
     from shard.engine.sequence import Sequence
+    from shard.model.lora_weights import AdapterWeights
 
 
 @dataclass(frozen=True, slots=True)

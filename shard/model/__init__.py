@@ -3,8 +3,9 @@
 Owns: the Llama family (``llama``) and its tensor-parallel layers (``layers/``), the names of
 the projections adapters target (``projections``), the checkpoint's config (``config``) and
 loader (``loader``), which weight slice and KV heads each rank holds (``sharding``), the
-per-forward metadata (``forward_meta``) and optional elementwise fusion (``fusion``).
+per-forward metadata (``forward_meta``), optional elementwise fusion (``fusion``), and one
+adapter version's LoRA weights as the layers apply them (``lora_weights``: the adapters package
+loads them).
 
-May import: ``parallel/`` (collectives), ``ops/`` (kernels). Still against the grain
-(issue 20): ``layers.lora`` takes ``AdapterWeights`` from ``adapters/``.
+May import: ``parallel.group`` (collectives), ``ops/`` (kernels).
 """

@@ -8,8 +8,9 @@ import time
 import structlog
 
 from shard.adapters.cache import AdapterCache
-from shard.adapters.loader import AdapterError, AdapterErrorKind, AdapterWeights
+from shard.adapters.loader import AdapterError, AdapterErrorKind
 from shard.engine.step_plan import Step, StepPlan
+from shard.model.lora_weights import AdapterWeights
 from shard.parallel.group import GroupLost, broadcast_object, destroy, gather_object
 from shard.parallel.messages import Hold
 from shard.parallel.rank import RankState

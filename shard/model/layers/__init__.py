@@ -1,6 +1,4 @@
 """Building blocks of the Llama family, tensor-parallel aware, LoRA applied inside the linears.
 
-May import: ``parallel.group`` (collectives), ``ops/`` (kernels), and ``model.config``,
-``model.forward_meta`` and ``model.fusion``; ``lora`` still takes ``AdapterWeights`` from
-``adapters/`` (issue 20).
+May import: ``parallel.group`` (collectives), ``ops/`` (kernels), and the rest of ``model/``.
 """

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from shard.model.lora_weights import AdapterWeights
 from shard.model.projections import LORA_GROUPS, MAX_GROUP_PROJECTIONS
 from shard.ops.sgmv import sgmv_expand, sgmv_shrink
-
-if TYPE_CHECKING:
-    from shard.adapters.loader import AdapterWeights
 
 
 def group_key(modules: Iterable[str]) -> str:
