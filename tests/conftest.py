@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# Process fixtures (launch, fleet) shared by the router and cluster tests.
-pytest_plugins = ("tests.fleet",)
+# Process fixtures (launch, fleet) shared by the router and cluster tests; the in-process shard
+# over a root of good and broken adapters (root, shard) shared by the adapter tests.
+pytest_plugins = ("tests.fleet", "tests.adapter_shard")
 
 
 @pytest.fixture(scope="session")
