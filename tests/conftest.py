@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 # Process fixtures (launch, fleet) shared by the router and cluster tests; the in-process shard
-# over a root of good and broken adapters (root, shard) shared by the adapter tests.
-pytest_plugins = ("tests.fleet", "tests.adapter_shard")
+# over a root of good and broken adapters (root, shard) shared by the adapter tests; the built
+# kustomizations (built) shared by the k8s tests.
+pytest_plugins = ("tests.fleet", "tests.adapter_shard", "tests.k8s_manifests")
 
 
 @pytest.fixture(scope="session")
