@@ -5,23 +5,27 @@ from __future__ import annotations
 import asyncio
 
 import structlog
-import torch
 
 from protos.cli import LogFormat, configure_logging
-from shard.compose import build_engine, follower_main, rank_device
 from shard.config import parse_config
-from shard.edge.health import loading_health
-from shard.edge.serve import serve
 from shard.model.config import ModelConfigError
-from shard.parallel.group import TPGroup, init_group
-from shard.parallel.shutdown import shutdown_group
-from shard.parallel.spawn import spawn_followers
 
 log = structlog.get_logger("shard")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
+    # torch and the engine load only once the flags are good: `--help` and a usage error answer
+    # in well under a second instead of after torch's import.
+    import torch
+
+    from shard.compose import build_engine, follower_main, rank_device
+    from shard.edge.health import loading_health
+    from shard.edge.serve import serve
+    from shard.parallel.group import TPGroup, init_group
+    from shard.parallel.shutdown import shutdown_group
+    from shard.parallel.spawn import spawn_followers
+
     configure_logging(LogFormat(cfg.log_format))
     torch.set_grad_enabled(False)
     followers = spawn_followers(cfg, follower_main)

@@ -232,3 +232,18 @@ def test_generate_dash_reads_the_prompt_from_stdin() -> None:
     assert [(r.prompt, r.adapter_id) for r in recorder.requests] == [(prompt, "a1"), ("-x-", "")]
     # The CLI leaves max_new_tokens at 0: the server's default, up to the context limit.
     assert recorder.requests[0].stopping.max_new_tokens == 0
+
+
+def test_shard_help_and_usage_errors_answer_before_torch_loads() -> None:
+    """`lorafleet-shard --help` and a bad flag answer without importing torch (seconds saved on
+    every mistyped command line)."""
+    probe = (
+        "import sys\nfrom shard.__main__ import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    print(e.code, 'torch' in sys.modules)\n"
+    )
+    for argv, code in ((["--help"], "0"), (["--max-batch-size", "zero"], "2")):
+        run = subprocess.run(
+            [sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True
+        )
+        assert run.stdout.split()[-2:] == [code, "False"], run.stdout + run.stderr
