@@ -32,7 +32,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import fleet_placement, fleet_plot, fleet_sim, fleet_streams, fleet_tracking
+from benchmarks import (
+    fleet_model,
+    fleet_placement,
+    fleet_plot,
+    fleet_sim,
+    fleet_streams,
+    fleet_tracking,
+)
 from benchmarks.serving_procs import machine
 from benchmarks.timing import git_commit
 from router.config import Policy
@@ -57,7 +64,7 @@ def _sizes(text: str) -> list[int]:
 
 def _simulate(args: argparse.Namespace) -> dict[str, object]:
     (shards,) = _sizes(args.shards)
-    fleet = fleet_sim.Fleet(shards=shards, duration_s=args.duration_s, peak_rate=args.peak_rate)
+    fleet = fleet_model.Fleet(shards=shards, duration_s=args.duration_s, peak_rate=args.peak_rate)
     sims = {p.value: fleet_sim.Simulation(fleet, p) for p in Policy}
     results = {}
     for name, sim in sims.items():
@@ -69,7 +76,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, object]:
         plotted = str(png) if fleet_plot.plot(sims, fleet, str(png)) else None
     return {
         "fleet": dataclasses.asdict(fleet),
-        "step_model": dataclasses.asdict(fleet_sim.StepModel()),
+        "step_model": dataclasses.asdict(fleet_model.StepModel()),
         "policies": results,
         "plot": plotted,
     }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from benchmarks.fleet_sim import Fleet, Simulation
+from benchmarks.fleet_model import Fleet
+from benchmarks.fleet_sim import Simulation
 
 
 def plot(runs: dict[str, Simulation], fleet: Fleet, path: str) -> bool:

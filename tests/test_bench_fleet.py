@@ -43,7 +43,8 @@ def test_simulation_consolidates_where_least_loaded_spreads(tmp_path: Path) -> N
 
 
 def test_simulation_queues_through_the_routers_admission() -> None:
-    from benchmarks.fleet_sim import Fleet, Simulation
+    from benchmarks.fleet_model import Fleet
+    from benchmarks.fleet_sim import Simulation
     from router.admission import Admission
     from router.config import Policy
 
@@ -58,7 +59,7 @@ def test_simulation_queues_through_the_routers_admission() -> None:
 
 
 def test_step_model_reproduces_the_measured_decode_steps() -> None:
-    from benchmarks.fleet_sim import StepModel
+    from benchmarks.fleet_model import StepModel
 
     measured = json.loads((RESULTS / "textgen_h200.json").read_text())["decode_forward"]
     model = StepModel()
