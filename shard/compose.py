@@ -16,6 +16,7 @@ from shard.edge.server import ShardService
 from shard.engine.decode_graphs import DecodeGraphs
 from shard.engine.engine import Engine
 from shard.engine.executor import LocalExecutor
+from shard.engine.inbox import Inbox
 from shard.engine.kv_cache import KvCache, pages_for
 from shard.engine.memory_plan import activation_peak, decode_graph_bytes, plan_kv_pages
 from shard.engine.model_runner import ModelRunner
@@ -118,7 +119,8 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
     tensor-parallel rank kills the engine."""
     metrics = ShardMetrics()
-    channel = PlanChannel(group, heartbeat_s=min(1.0, cfg.tp_timeout_s / 4))
+    inbox = Inbox()
+    channel = PlanChannel(group, min(1.0, cfg.tp_timeout_s / 4), on_lost=inbox.fail)
     state = build_rank(cfg, group, metrics, channel.replicate if group.size > 1 else None)
     leader = Leader(state, channel)
     model_cfg = state.model_cfg
@@ -139,6 +141,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         max_context,
         cfg.max_queue,
         metrics,
+        inbox,
     )
     if (graphs := state.runner.decode_graphs) is not None:
         # Read at scrape time: captures on first use happen on the engine thread.
@@ -166,7 +169,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         # A windowed model (Mistral) is served up to its window: past it, requests are refused.
         sliding_window=model_cfg.sliding_window,
     )
-    channel.start(on_lost=engine.fail)
+    channel.start()
     return engine, service, leader
 
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from shard.engine.detokenizer import TextStream
 from shard.engine.executor import Executor
 from shard.engine.faults import RequestFault, is_process_fault, request_fault
-from shard.engine.inbox import Cancel, Drain, Evacuate, Fail, Message, Submit, Wake
+from shard.engine.inbox import Cancel, Drain, Evacuate, Fail, Inbox, Message, Submit, Wake
 from shard.engine.isolated_step import run_forward, sample_tokens
 from shard.engine.kv_cache import pages_for
 from shard.engine.scheduler import Scheduler
@@ -79,15 +79,18 @@ class Engine:
         max_context: int,
         max_queue: int,
         metrics: ShardMetrics,
+        inbox: Inbox | None = None,
     ) -> None:
-        """`metrics`: the shard's counters, the ones its adapter and prefix caches count in."""
+        """`metrics`: the shard's counters, the ones its adapter and prefix caches count in;
+        `inbox`: where other threads reach the step loop, made first when a part built before
+        the engine reports faults to it (a fresh one otherwise)."""
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_context = max_context
         self.max_queue = max_queue
-        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._inbox = inbox if inbox is not None else Inbox()
         self._seqs: dict[str, Sequence] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -95,7 +98,6 @@ class Engine:
         self._idle_since: float | None = time.monotonic()
         self._load_listeners: list[Callable[[], None]] = []
         self._load = self._snapshot(0)
-        self.failure: BaseException | None = None
         self.metrics = metrics
         self.metrics.idle_seconds.set_function(self.idle_seconds)
         self.steps = 0
@@ -151,13 +153,10 @@ class Engine:
         """Migrates every running migratable request (the end of a drain)."""
         self._inbox.put(Evacuate())
 
-    def fail(self, exc: BaseException) -> None:
-        """Marks the engine dead from another thread (a tensor-parallel rank is gone): `alive`
-        turns False at once, and the step loop, if it is not stuck in a collective, ends every
-        stream with the error."""
-        if self.failure is None:
-            self.failure = exc
-        self._inbox.put(Fail(exc))
+    @property
+    def failure(self) -> BaseException | None:
+        """The process-wide fault that ended the engine (or will: see `Inbox.fail`)."""
+        return self._inbox.failure
 
     @property
     def alive(self) -> bool:
@@ -182,7 +181,7 @@ class Engine:
                 self._take_inbox(block=not self._seqs)
                 self._step()
         except BaseException as exc:
-            self.failure = self.failure or exc
+            self._inbox.failure = self._inbox.failure or exc
             log.exception("engine failed")
             for seq in list(self._seqs.values()):
                 seq.sink(StepOutput(error=exc))

@@ -1,11 +1,14 @@
 """What other threads ask of the engine thread: one frozen message type per kind of request.
 
 The engine's public methods put these on its inbox; the engine thread takes them between steps
-and dispatches on the type.
+and dispatches on the type. The inbox is made before the engine, so that a part built before it
+(the tensor-parallel plan channel, which the engine's executor sends through) can report a
+process-wide fault to it.
 """
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass
 
 from shard.engine.sequence import EngineRequest, Sink
@@ -50,3 +53,19 @@ class Wake:
 
 
 Message = Submit | Cancel | Drain | Evacuate | Fail | Wake
+
+
+class Inbox(queue.Queue[Message]):
+    """The engine thread's messages, put from any thread, and the fault that ended the engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failure: BaseException | None = None  # the first process-wide fault
+
+    def fail(self, exc: BaseException) -> None:
+        """Marks the engine dead from another thread (a tensor-parallel rank is gone): `failure`
+        is set at once, and the step loop, if it is not stuck in a collective, raises `exc`,
+        which ends every stream with it."""
+        if self.failure is None:
+            self.failure = exc
+        self.put(Fail(exc))

@@ -20,21 +20,30 @@ class PlanChannel:
     """Rank 0's end of the step-plan channel: one message at a time (a plan, an adapter hold,
     the exit), and a heartbeat whenever nothing was sent for `heartbeat_s`, so that a follower's
     timed wait for the next plan never expires on an idle shard, and a dead follower is noticed
-    (its connection closes) within a heartbeat even when no request runs. `on_lost` hears of a
-    lost rank once. With a group of one, nothing is sent."""
+    (its connection closes) within a heartbeat even when no request runs. With a group of one,
+    nothing is sent."""
 
-    def __init__(self, group: TPGroup, heartbeat_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        group: TPGroup,
+        heartbeat_s: float = 1.0,
+        on_lost: Callable[[GroupLost], None] = lambda _: None,
+    ) -> None:
+        """`on_lost` hears of a lost rank once, from whichever thread sent (the engine's inbox:
+        a lost rank ends the shard)."""
         self.group = group
         self.heartbeat_s = heartbeat_s
         self.lost: GroupLost | None = None
-        self._on_lost: Callable[[GroupLost], None] = lambda _: None
+        self._on_lost = on_lost
         self._lock = threading.Lock()  # one sender at a time on the metadata group
         self._last_send = time.monotonic()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="tp-heartbeat", daemon=True)
 
-    def start(self, on_lost: Callable[[GroupLost], None]) -> None:
-        self._on_lost = on_lost
+    def start(self) -> None:
+        """Starts the heartbeat, once the rank is built: until then the followers wait for the
+        messages of building (the agreed KV pool size), which a heartbeat must not come
+        between."""
         if self.group.size > 1:
             self._thread.start()
 
