@@ -4,6 +4,8 @@ when it is made. Rank 0 gets the engine and the gRPC service on top (`build_engi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 import torch
 
@@ -21,6 +23,7 @@ from shard.engine.kv_cache import KvCache, pages_for
 from shard.engine.memory_plan import activation_peak, decode_graph_bytes, plan_kv_pages
 from shard.engine.model_runner import ModelRunner
 from shard.engine.prefix_cache import PrefixCache
+from shard.engine.prefix_index import BlockIndex
 from shard.engine.scheduler import Scheduler
 from shard.metrics import ShardMetrics
 from shard.model import fusion
@@ -45,10 +48,13 @@ def build_rank(
     group: TPGroup,
     metrics: ShardMetrics | None = None,
     replicate: Replicate | None = None,
+    index: BlockIndex | None = None,
 ) -> RankState:
     """Loads this rank's slice of everything; every rank agrees on rank 0's KV pool size.
     `metrics`: rank 0's counters (followers export none); `replicate`: how rank 0 of a
-    tensor-parallel group has its followers hold an adapter version."""
+    tensor-parallel group has its followers hold an adapter version; `index`: rank 0's prefix
+    cache index, which the KV pool and the adapter cache tell of reclaimed pages and retired
+    versions."""
     device = rank_device(cfg, group)
     dtype = getattr(torch, cfg.dtype)
     fusion.set_enabled(cfg.compile)
@@ -65,8 +71,12 @@ def build_rank(
     agreed = broadcast_object(pages, group)
     assert isinstance(agreed, int)  # rank 0 sends its own count
     pages = agreed
-    kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device)
-    adapters = build_adapter_cache(cfg, model_cfg, group, dtype, device, metrics, replicate)
+    on_reclaim = index.reclaimed if index is not None else None
+    kv = KvCache(model_cfg, group, pages, cfg.page_size, dtype, device, on_reclaim)
+    on_retired = index.retire if index is not None else None
+    adapters = build_adapter_cache(
+        cfg, model_cfg, group, dtype, device, metrics, replicate, on_retired
+    )
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)
     runner = ModelRunner(model, kv, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
@@ -80,6 +90,7 @@ def build_adapter_cache(
     device: torch.device,
     metrics: ShardMetrics | None = None,
     replicate: Replicate | None = None,
+    on_retired: Callable[[str], None] | None = None,
 ) -> AdapterCache:
     """The adapter cache that the shard's flags describe."""
     return AdapterCache(
@@ -94,6 +105,7 @@ def build_adapter_cache(
         base_mismatch=cfg.adapter_base_mismatch,
         metrics=metrics,
         replicate=replicate,
+        on_retired=on_retired,
     )
 
 
@@ -121,7 +133,9 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     metrics = ShardMetrics()
     inbox = Inbox()
     channel = PlanChannel(group, min(1.0, cfg.tp_timeout_s / 4), on_lost=inbox.fail)
-    state = build_rank(cfg, group, metrics, channel.replicate if group.size > 1 else None)
+    index = BlockIndex(metrics) if cfg.prefix_cache else None
+    replicate = channel.replicate if group.size > 1 else None
+    state = build_rank(cfg, group, metrics, replicate, index)
     leader = Leader(state, channel)
     model_cfg = state.model_cfg
     max_context = model_cfg.max_context
@@ -131,7 +145,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         cfg.max_batch_size,
         cfg.max_prefill_tokens,
         state.adapters,
-        prefix_cache(cfg, state, metrics) if cfg.prefix_cache else None,
+        prefix_cache(cfg, state, index, metrics) if index is not None else None,
     )
     engine = Engine(
         scheduler,
@@ -173,18 +187,19 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     return engine, service, leader
 
 
-def prefix_cache(cfg: ShardConfig, state: RankState, metrics: ShardMetrics) -> PrefixCache:
-    """The prefix cache over the KV pool; a replaced or evicted adapter version retires its
-    blocks."""
+def prefix_cache(
+    cfg: ShardConfig, state: RankState, index: BlockIndex, metrics: ShardMetrics
+) -> PrefixCache:
+    """The prefix cache over the KV pool and `index`, which the pool and the adapter cache were
+    made to tell of reclaimed pages and of retired adapter versions (whose blocks then go)."""
     adapters = state.adapters
-    cache = PrefixCache(
+    return PrefixCache(
         state.kv.pool,
+        index,
         cfg.page_size,
         lambda key: not key or adapters.is_current(key),
         metrics,
     )
-    adapters.on_retired(cache.retire)
-    return cache
 
 
 def follower_main(cfg: ShardConfig, rank: int) -> None:

@@ -5,14 +5,27 @@ replaced version, and the invariants a storm of random admissions and releases m
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 
 from shard.engine.kv_cache import PagePool, pages_for
 from shard.engine.prefix_cache import PrefixCache, chain_root, extend_chain
+from shard.engine.prefix_index import BlockIndex
 from shard.metrics import ShardMetrics
 
 PAGE = 4
+
+
+def make_cache(
+    pages: int,
+    is_current: Callable[[str], bool] = lambda key: True,
+    metrics: ShardMetrics | None = None,
+) -> PrefixCache:
+    """A prefix cache over a pool of `pages`, both made as the shard makes them: the index
+    first, told by the pool of the pages it reclaims."""
+    index = BlockIndex(metrics)
+    return PrefixCache(PagePool(pages, index.reclaimed), index, PAGE, is_current, metrics)
 
 
 def chain(key: str, tokens: list[int]) -> list[bytes]:
@@ -64,9 +77,8 @@ def test_pool_counts_holders_and_frees_at_the_last_release() -> None:
 
 
 def test_kept_pages_stay_idle_count_as_free_and_are_reclaimed_lru() -> None:
-    pool = PagePool(4)
     reclaimed: list[int] = []
-    pool.on_reclaim = reclaimed.append
+    pool = PagePool(4, reclaimed.append)
     first, second = pool.alloc(2), pool.alloc(2)
     for page in first + second:
         pool.keep(page)
@@ -101,9 +113,9 @@ def test_chains_depend_on_every_earlier_token_and_on_the_adapter_version() -> No
 
 
 def test_hits_are_the_longest_prefix_of_the_same_version_and_leave_a_token() -> None:
-    pool = PagePool(32)
     metrics = ShardMetrics()
-    cache = PrefixCache(pool, PAGE, metrics=metrics)
+    cache = make_cache(32, metrics=metrics)
+    pool = cache.pool
     prompt = list(range(100, 112))  # 3 full blocks
     pages = computed(cache, "a@1", prompt)
     assert cache.blocks == 3 and pool.kept == 3 and pool.idle == 3
@@ -142,9 +154,9 @@ def test_hits_are_the_longest_prefix_of_the_same_version_and_leave_a_token() -> 
 
 
 def test_a_full_pool_reclaims_idle_cached_pages_and_forgets_their_blocks() -> None:
-    pool = PagePool(6)
     metrics = ShardMetrics()
-    cache = PrefixCache(pool, PAGE, metrics=metrics)
+    cache = make_cache(6, metrics=metrics)
+    pool = cache.pool
     old = list(range(8))
     computed(cache, "a@1", old)  # blocks 0 and 1 kept, the third page freed
     assert pool.kept == 2 and pool.free == 6
@@ -153,26 +165,27 @@ def test_a_full_pool_reclaims_idle_cached_pages_and_forgets_their_blocks() -> No
     assert metrics.registry.get_sample_value("lorafleet_shard_prefix_evicted_pages_total") == 1
     got = cache.admit("a@1", [*old, 9], [], 3)  # only the first block is still there
     assert got is None  # 1 hit + 2 fresh does not fit: nothing is held then
-    assert pool.idle == 1 and pool.refs(pages_of_first := cache._page_of[chain("a@1", old)[0]]) == 0
+    first_page = cache.index.page_of[chain("a@1", old)[0]]
+    assert pool.idle == 1 and pool.refs(first_page) == 0
     pool.release(held)
     got = cache.admit("a@1", [*old, 9], [], 3)
-    assert got is not None and got.cached_tokens == 4 and got.pages[0] == pages_of_first
+    assert got is not None and got.cached_tokens == 4 and got.pages[0] == first_page
     pool.release(got.pages)
     check_pool(pool)
 
 
 def test_a_retired_version_drops_its_blocks_and_is_not_added_again() -> None:
-    pool = PagePool(16)
     current = {"a@1": True, "a@2": True}
     metrics = ShardMetrics()
-    cache = PrefixCache(pool, PAGE, lambda key: current.get(key, True), metrics)
+    cache = make_cache(16, lambda key: current.get(key, True), metrics)
+    pool = cache.pool
     prompt = list(range(50, 58))
     computed(cache, "a@1", prompt)
     computed(cache, "a@2", prompt)
     running = cache.admit("a@1", [*prompt, 1], [], 3)  # a request still on the old version
     assert running is not None and running.cached_tokens == 8
     current["a@1"] = False
-    cache.retire("a@1")  # from another thread: applied at the next sync
+    cache.index.retire("a@1")  # from another thread: applied at the next sync
     assert cache.blocks == 4
     cache.sync()
     assert cache.blocks == 2 and pool.kept == 2
@@ -187,8 +200,8 @@ def test_a_retired_version_drops_its_blocks_and_is_not_added_again() -> None:
 
 def test_a_duplicate_block_stays_with_its_request() -> None:
     """Two requests with one prompt prefilled side by side: the second's pages are not kept."""
-    pool = PagePool(8)
-    cache = PrefixCache(pool, PAGE)
+    cache = make_cache(8)
+    pool = cache.pool
     prompt = list(range(9))
     one, two = cache.admit("", prompt, [], 3), cache.admit("", prompt, [], 3)
     assert one is not None and two is not None and one.cached_tokens == two.cached_tokens == 0
@@ -209,8 +222,8 @@ def test_a_storm_of_admissions_and_releases_keeps_every_page_accounted(seed: int
     refcounts never go negative, every page is free, held or idle-kept, hits only ever return
     pages of the same version and block, and at the end every page is free or idle-kept."""
     rng = random.Random(seed)
-    pool = PagePool(40)
-    cache = PrefixCache(pool, PAGE)
+    cache = make_cache(40)
+    pool = cache.pool
     prefixes = [[rng.randrange(500) for _ in range(rng.randrange(4, 14))] for _ in range(4)]
     keys = ["", "a@1", "a@2", "b@1"]
     owner: dict[int, bytes] = {}  # page -> the block key its content was computed for
@@ -221,7 +234,7 @@ def test_a_storm_of_admissions_and_releases_keeps_every_page_accounted(seed: int
             cache.insert(key, hashes, pages, 0, min(done // PAGE, len(hashes)))
             pool.release(pages)
         elif rng.random() < 0.03:
-            cache.retire(rng.choice(keys[1:]))
+            cache.index.retire(rng.choice(keys[1:]))
             cache.sync()
         else:
             key = rng.choice(keys)
@@ -250,8 +263,8 @@ def test_prefix_keys_follow_their_first_block_and_stay_bounded() -> None:
     """A request's prefix key is reported while the first block of its chain is cached: from
     the insert (or the hit) on, until that block is reclaimed or retired; past the bound, the
     least recently used key goes. The reported set is a new object only after a change."""
-    pool = PagePool(6)
-    cache = PrefixCache(pool, PAGE)
+    cache = make_cache(6)
+    pool = cache.pool
     cache.keys.max_keys = 2
     prompt = list(range(8))
     hashes = chain("a@1", prompt)
@@ -269,10 +282,21 @@ def test_prefix_keys_follow_their_first_block_and_stay_bounded() -> None:
     assert held is not None and cache.blocks == 0 and cache.keys.current == frozenset()
     pool.release(held)
     current = {"a@1": True}
-    retiring = PrefixCache(PagePool(6), PAGE, lambda key: current["a@1"])
+    retiring = make_cache(6, lambda key: current["a@1"])
     computed(retiring, "a@1", prompt)
     retiring.note_key(101, hashes)
     current["a@1"] = False
-    retiring.retire("a@1")
+    retiring.index.retire("a@1")
     retiring.sync()
     assert retiring.keys.current == frozenset()
+
+
+def test_the_pool_must_tell_the_caches_index_of_reclaimed_pages() -> None:
+    """A pool that reclaims pages behind the index's back would leave blocks pointing at pages
+    that hold other tokens: such a cache is refused when it is made."""
+    index = BlockIndex()
+    with pytest.raises(ValueError, match=r"on_reclaim=index\.reclaimed"):
+        PrefixCache(PagePool(4), index, PAGE)
+    with pytest.raises(ValueError, match=r"on_reclaim=index\.reclaimed"):
+        PrefixCache(PagePool(4, BlockIndex().reclaimed), index, PAGE)
+    assert PrefixCache(PagePool(4, index.reclaimed), index, PAGE).blocks == 0

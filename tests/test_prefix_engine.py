@@ -288,7 +288,7 @@ def test_evictions_and_a_cancellation_storm_leave_every_page_free_or_cached(
             assert all(pool.refs(p) >= 0 for p in range(pool.total))
             for seq in engine.scheduler.running:  # its cached pages are its version's blocks
                 for page in seq.pages[: seq.prefix_hit // 4]:
-                    assert cache._block_of[page][0] == seq.adapter_key
+                    assert cache.index.block_of[page][0] == seq.adapter_key
         for i in pending:
             engine.cancel(f"s{i}")
         engine._take_inbox(block=False)

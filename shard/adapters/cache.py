@@ -64,17 +64,21 @@ class AdapterCache:
         base_mismatch: str = "warn",
         metrics: ShardMetrics | None = None,
         replicate: Replicate | None = None,
+        on_retired: Callable[[str], None] | None = None,
     ) -> None:
         """`replicate`: rank 0 of a tensor-parallel group asks its followers to hold a version
         through it; a version is claimed (enters step plans) only once every follower holds
-        exactly that version (see `shard.adapters.replicas`)."""
+        exactly that version (see `shard.adapters.replicas`). `on_retired(id@version)` is
+        called whenever a version stops being the one new requests get (its files changed, or
+        the adapter was evicted), from the thread that replaced or evicted it, under the cache's
+        lock: it must be quick and thread-safe (the prefix cache's index)."""
         self.root, self.cfg, self.group = root, cfg, group
         self.dtype, self.device = dtype, device
         self.max_rank = max_rank
         self.base_mismatch = base_mismatch  # "warn" or "error"
         self.metrics = metrics
         self._lock = threading.RLock()
-        self.versions = Versions()
+        self.versions = Versions(on_retired)
         host_budget = host_budget_bytes or 4 * budget_bytes
         self.residency = Residency(
             self.versions, self._lock, device, budget_bytes, host_budget, metrics
@@ -92,11 +96,6 @@ class AdapterCache:
         self._replicas = Replicas(replicate) if replicate is not None else None
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-
-    def on_retired(self, callback: Callable[[str], None]) -> None:
-        """Calls `callback(id@version)` whenever a version stops being the one new requests get
-        (its files changed, or the adapter was evicted); it must be quick and thread-safe."""
-        self.versions.listen(callback)
 
     def is_current(self, key: str) -> bool:
         """Whether version `key` (`id@version`) is the one new requests of its id get."""

@@ -8,7 +8,7 @@ their version until they end.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from shard.adapters.loader import FileSig, split_key
 
@@ -17,16 +17,13 @@ class Versions:
     """The current version of each adapter id, the files it was read from, and the exact
     versions asked for by name. Not thread-safe: guarded by the adapter cache's lock."""
 
-    def __init__(self, on_retired: Iterable[Callable[[str], None]] = ()) -> None:
+    def __init__(self, on_retired: Callable[[str], None] | None = None) -> None:
         self.current: dict[str, str] = {}  # id -> key of its newest version
         self._sigs: dict[str, FileSig] = {}  # id -> the files its newest version was read from
         self._asked: dict[str, str] = {}  # id -> exact version a read was started for
         # Told the key of every version that stops being current; called from whichever thread
-        # replaced or evicted it, with the cache's lock held: they must be quick.
-        self._on_retired = list(on_retired)
-
-    def listen(self, callback: Callable[[str], None]) -> None:
-        self._on_retired.append(callback)
+        # replaced or evicted it, with the cache's lock held: it must be quick.
+        self._on_retired = on_retired
 
     def get(self, adapter_id: str) -> str | None:
         return self.current.get(adapter_id)
@@ -65,5 +62,5 @@ class Versions:
         return False
 
     def retire(self, key: str) -> None:
-        for callback in self._on_retired:
-            callback(key)
+        if self._on_retired is not None:
+            self._on_retired(key)

@@ -3,12 +3,12 @@
 Owns: the step loop thread (``engine``) and the messages other threads send it (``inbox``),
 continuous batching (``scheduler``), requests and their state (``sequence``), the per-step plan
 (``step_plan``), running a step request by request after a fault (``isolated_step``,
-``faults``), the paged KV cache and its prefix cache (``kv_cache``, ``prefix_cache``, and the
-prefix keys it reports for placement, ``prefix_keys``), sampling and detokenization
-(``sampling``, ``detokenizer``), running a plan (``executor``, ``model_runner``) with its forward
-inputs (``forward_inputs``) and decode graphs (``decode_graphs``: capture and replay; the
-shapes they pad to, ``graph_shapes``; moving a batch's tensors by path, ``tensor_tree``), and the
-memory budget of a shard (``memory_plan``).
+``faults``), the paged KV cache and its prefix cache (``kv_cache``, ``prefix_cache``, its
+index, ``prefix_index``, and the prefix keys it reports for placement, ``prefix_keys``),
+sampling and detokenization (``sampling``, ``detokenizer``), running a plan (``executor``,
+``model_runner``) with its forward inputs (``forward_inputs``) and decode graphs
+(``decode_graphs``: capture and replay; the shapes they pad to, ``graph_shapes``; moving a
+batch's tensors by path, ``tensor_tree``), and the memory budget of a shard (``memory_plan``).
 
 May import: ``adapters/``, ``model/``, ``parallel/``, ``ops/``, and the process-wide
 ``shard.metrics``; ``memory_plan`` still takes ``shard.config`` (issue 20).

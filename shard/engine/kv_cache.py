@@ -28,17 +28,18 @@ class PagePool:
     A page is free, held (by one or more requests: refs > 0), or kept by the prefix cache. A
     kept page that no request holds is idle: its keys and values wait for a request with the
     same prefix, but it is reclaimable capacity. When the free list runs dry, `alloc` takes idle
-    kept pages, least recently released first, and tells the prefix cache through `on_reclaim`.
+    kept pages, least recently released first, and tells the prefix cache's index through
+    `on_reclaim`.
     """
 
-    def __init__(self, num_pages: int) -> None:
+    def __init__(self, num_pages: int, on_reclaim: Callable[[int], None] | None = None) -> None:
         self.total = num_pages
         self._free = list(range(num_pages - 1, -1, -1))
         self._refs = [0] * num_pages
         self._kept: set[int] = set()
         self._idle: OrderedDict[int, None] = OrderedDict()  # kept, unheld; LRU first
-        # The prefix cache drops its entry of a kept page that `alloc` reclaims.
-        self.on_reclaim: Callable[[int], None] | None = None
+        # The prefix cache's index drops its entry of a kept page that `alloc` reclaims.
+        self.on_reclaim = on_reclaim
 
     @property
     def free(self) -> int:
@@ -132,7 +133,10 @@ class KvCache:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        on_reclaim: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_reclaim`: told of each idle cached page the pool reclaims (the prefix cache's
+        index)."""
         if num_pages < 1:
             raise ValueError(f"the KV cache needs at least one page, got {num_pages}")
         shape = (cfg.num_layers, num_pages + 1, page_size, local_kv_heads(cfg, group), cfg.head_dim)
@@ -140,7 +144,7 @@ class KvCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.page_size = page_size
-        self.pool = PagePool(num_pages)
+        self.pool = PagePool(num_pages, on_reclaim)
         self.scratch_page = num_pages
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -10,21 +10,23 @@ hidden states of every layer).
 
 The cached pages stay in the KV pool (`PagePool.keep`): held by the requests that read them, and
 idle, reclaimable, least recently used first, once no request holds them. A reloaded adapter's
-old version is retired: its blocks leave the index and its idle pages are freed.
+old version is retired: its blocks leave the index and its idle pages are freed. The index
+(`shard.engine.prefix_index`) is made first and given to the pool and the adapter cache, which
+tell it of reclaimed pages and retired versions.
 
-Engine thread only, except `retire`, which the adapter cache calls from its threads.
+Engine thread only.
 """
 
 from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Tokens
 from dataclasses import dataclass
 
 from shard.engine.kv_cache import PagePool
+from shard.engine.prefix_index import BlockIndex
 from shard.engine.prefix_keys import PrefixKeys
 from shard.metrics import ShardMetrics
 
@@ -64,24 +66,22 @@ class PrefixCache:
     def __init__(
         self,
         pool: PagePool,
+        index: BlockIndex,
         page_size: int,
         is_current: Callable[[str], bool] = lambda key: True,
         metrics: ShardMetrics | None = None,
     ) -> None:
-        """`is_current(key)`: whether adapter version `key` is still the one new requests get;
-        blocks of an older version are not added (a request that outlives a reload finishes on
-        its version, but no later request can use that version's keys and values)."""
+        """`pool`: made to tell `index` of the pages it reclaims. `is_current(key)`: whether
+        adapter version `key` is still the one new requests get; blocks of an older version are
+        not added (a request that outlives a reload finishes on its version, but no later
+        request can use that version's keys and values)."""
+        if pool.on_reclaim != index.reclaimed:
+            raise ValueError("the prefix cache's pool must be made with on_reclaim=index.reclaimed")
         self.pool = pool
+        self.index = index
         self.page_size = page_size
         self.is_current = is_current
         self.metrics = metrics
-        self._page_of: dict[bytes, int] = {}  # block key -> page
-        self._block_of: dict[int, tuple[str, bytes]] = {}  # page -> (adapter key, block key)
-        self._pages_of: dict[str, set[int]] = {}  # adapter key -> its cached pages
-        self._retired: deque[str] = deque()  # appended by other threads, drained by `sync`
-        # The requests' prefix keys whose first block is cached, for load snapshots.
-        self.keys = PrefixKeys()
-        pool.on_reclaim = self._reclaimed
         if metrics is not None:
             metrics.prefix_cached_pages.set_function(lambda: self.pool.kept)
             metrics.prefix_idle_pages.set_function(lambda: self.pool.idle)
@@ -89,25 +89,17 @@ class PrefixCache:
     @property
     def blocks(self) -> int:
         """Blocks in the index."""
-        return len(self._page_of)
+        return len(self.index)
 
-    def retire(self, adapter_key: str) -> None:
-        """Adapter version `adapter_key` was replaced or evicted: its blocks go at the next
-        `sync`. Thread-safe."""
-        self._retired.append(adapter_key)
+    @property
+    def keys(self) -> PrefixKeys:
+        """The requests' prefix keys whose first block is cached, for load snapshots."""
+        return self.index.keys
 
     def sync(self) -> None:
-        """Applies the retirements other threads asked for (once per step)."""
-        while self._retired:
-            key = self._retired.popleft()
-            pages = self._pages_of.pop(key, set())
-            for page in pages:
-                _, block = self._block_of.pop(page)
-                del self._page_of[block]
-                self.keys.dropped(block)
-                self.pool.unkeep(page)
-            if pages and self.metrics is not None:
-                self.metrics.prefix_retired_pages.inc(len(pages))
+        """Applies the retirements the adapter cache reported (once per step)."""
+        for page in self.index.drop_retired():
+            self.pool.unkeep(page)
 
     def admit(
         self, adapter_key: str, tokens: Tokens[int], hashes: list[bytes], need: int
@@ -120,7 +112,7 @@ class PrefixCache:
         extend_chain(adapter_key, tokens, hashes, self.page_size)
         cached: list[int] = []
         for block in hashes[: min((len(tokens) - 1) // self.page_size, need)]:
-            page = self._page_of.get(block)
+            page = self.index.page_of.get(block)
             if page is None:
                 break
             cached.append(page)
@@ -143,29 +135,12 @@ class PrefixCache:
         if end <= first or not self.is_current(adapter_key):
             return max(first, end)
         for block in range(first, end):
-            key, page = hashes[block], pages[block]
-            if key in self._page_of or page in self._block_of:
-                continue
-            self._page_of[key] = page
-            self._block_of[page] = (adapter_key, key)
-            self._pages_of.setdefault(adapter_key, set()).add(page)
-            self.pool.keep(page)
+            if self.index.add(adapter_key, hashes[block], pages[block]):
+                self.pool.keep(pages[block])
         return end
 
     def note_key(self, prefix_key: int, hashes: list[bytes]) -> None:
         """A request with `prefix_key` (see `protos.prefix_key`) and block keys `hashes` was
         admitted or had blocks added: the key is reported while its first block is cached."""
-        if hashes and hashes[0] in self._page_of:
+        if hashes and hashes[0] in self.index.page_of:
             self.keys.note(prefix_key, hashes[0])
-
-    def _reclaimed(self, page: int) -> None:
-        """The pool took an idle cached page back for an allocation."""
-        adapter_key, block = self._block_of.pop(page)
-        del self._page_of[block]
-        self.keys.dropped(block)
-        pages = self._pages_of[adapter_key]
-        pages.discard(page)
-        if not pages:
-            del self._pages_of[adapter_key]
-        if self.metrics is not None:
-            self.metrics.prefix_evicted_pages.inc()
