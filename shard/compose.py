@@ -20,7 +20,12 @@ from shard.engine.engine import Engine
 from shard.engine.executor import LocalExecutor
 from shard.engine.inbox import Inbox
 from shard.engine.kv_cache import KvCache, pages_for
-from shard.engine.memory_plan import activation_peak, decode_graph_bytes, plan_kv_pages
+from shard.engine.memory_plan import (
+    MemoryFlags,
+    activation_peak,
+    decode_graph_bytes,
+    plan_kv_pages,
+)
 from shard.engine.model_runner import ModelRunner
 from shard.engine.prefix_cache import PrefixCache
 from shard.engine.prefix_index import BlockIndex
@@ -64,10 +69,11 @@ def build_rank(
     model_cfg = load_model_config(cfg.model)
     model = build_model(model_cfg, cfg.model, group, dtype, device, cfg.load_format)
     page_bytes = KvCache.bytes_per_page(model_cfg, group, cfg.page_size, dtype)
-    activations = activation_peak(model, cfg, model_cfg, group)
-    activations += decode_graph_bytes(cfg, model_cfg, dtype)
+    memory = memory_flags(cfg)
+    activations = activation_peak(model, memory, model_cfg, group)
+    activations += decode_graph_bytes(memory, model_cfg, dtype)
     max_context = model_cfg.max_context
-    pages = plan_kv_pages(cfg, page_bytes, device, max_context, activations)
+    pages = plan_kv_pages(memory, page_bytes, device, max_context, activations)
     agreed = broadcast_object(pages, group)
     assert isinstance(agreed, int)  # rank 0 sends its own count
     pages = agreed
@@ -80,6 +86,22 @@ def build_rank(
     graphs = build_decode_graphs(cfg, model, kv, device, max_context)
     runner = ModelRunner(model, kv, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
+
+
+def memory_flags(cfg: ShardConfig) -> MemoryFlags:
+    """The flags the memory plan sizes the shard by."""
+    return MemoryFlags(
+        kv_pages=cfg.kv_pages,
+        kv_memory_fraction=cfg.kv_memory_fraction,
+        kv_memory_mb=cfg.kv_memory_mb,
+        adapter_memory_mb=cfg.adapter_memory_mb,
+        page_size=cfg.page_size,
+        max_batch_size=cfg.max_batch_size,
+        max_prefill_tokens=cfg.max_prefill_tokens,
+        max_lora_rank=cfg.max_lora_rank,
+        decode_graphs=cfg.device == "cuda" and cfg.cuda_graphs,
+        graph_warmup=cfg.graph_warmup,
+    )
 
 
 def build_adapter_cache(

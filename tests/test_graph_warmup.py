@@ -133,11 +133,14 @@ def test_graph_memory_reserved_for_the_warmup(tiny) -> None:
     transient = 8 * model_cfg.vocab_size * (2 + 4)  # bfloat16 logits and their float32 copy
     tables = 15 * 2 * (8 + 16) * 4  # int32 page tables [batch, width]
     want = kept + transient + tables + 16 * GRAPH_OVERHEAD_BYTES  # 4 buckets x 2 ranks x 2 widths
-    assert decode_graph_bytes(config(tiny, *flags), model_cfg, torch.bfloat16) == want
+
+    def reserved(*extra: str, dtype: torch.dtype = torch.bfloat16) -> int:
+        return decode_graph_bytes(compose.memory_flags(config(tiny, *extra)), model_cfg, dtype)
+
+    assert reserved(*flags) == want
     for off in (("--graph-warmup", "off"), ("--cuda-graphs", "off"), ("--kv-pages", "64")):
-        assert decode_graph_bytes(config(tiny, *flags, *off), model_cfg, torch.bfloat16) == 0
-    cpu = config(tiny, "--device", "cpu")
-    assert decode_graph_bytes(cpu, model_cfg, torch.float32) == 0
+        assert reserved(*flags, *off) == 0
+    assert reserved("--device", "cpu", dtype=torch.float32) == 0
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ need, torch-free, lives in protos/)."""
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,22 +113,40 @@ def part_of(module: str) -> int | None:
     return max(found)[1] if found else None
 
 
-def test_shard_imports_point_down_its_parts() -> None:
-    upward = set()
+def shard_imports() -> Iterator[tuple[str, str, str]]:
+    """(module, source, name) of every import in shard/: `from shard.model import fusion` in
+    shard.compose gives ("shard.compose", "shard.model", "shard.model.fusion"), since it
+    imports a module and is judged by its full name."""
     for path in sorted((ROOT / "shard").rglob("*.py")):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        mine = part_of(module)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                # `from shard.model import fusion` imports a module: judge by the full name.
-                imported = [(node.module, f"{node.module}.{a.name}") for a in node.names]
+                for a in node.names:
+                    yield module, node.module, f"{node.module}.{a.name}"
             elif isinstance(node, ast.Import):
-                imported = [(a.name, a.name) for a in node.names]
-            else:
-                continue
-            for source, name in imported:
-                theirs = part_of(name)
-                if mine is not None and theirs is not None and theirs < mine:
-                    upward.add((module, source))
+                for a in node.names:
+                    yield module, a.name, a.name
+
+
+def test_shard_imports_point_down_its_parts() -> None:
+    upward = set()
+    for module, source, name in shard_imports():
+        mine, theirs = part_of(module), part_of(name)
+        if mine is not None and theirs is not None and theirs < mine:
+            upward.add((module, source))
     # Equal, not a subset: an exception that is gone must leave AGAINST too.
     assert upward == AGAINST, f"imports against the parts: {sorted(upward ^ AGAINST)}"
+
+
+def test_the_engine_and_the_parts_below_it_take_values_not_the_shard_config() -> None:
+    """One frozen config per process, read at the top: the composition root gives the engine and
+    the parts below it the values each needs, so none of them imports `shard.config`."""
+    engine = [name for name, _ in PARTS].index("engine")
+    below = {module for module, _, _ in shard_imports() if (part_of(module) or -1) >= engine}
+    assert "shard.engine.memory_plan" in below  # the walk reaches the engine
+    readers = {
+        module
+        for module, source, name in shard_imports()
+        if module in below and "shard.config" in (source, name)
+    }
+    assert not readers, f"pass these the values they need instead of ShardConfig: {readers}"

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from shard.compose import build_engine
+from shard.compose import build_engine, memory_flags
 from shard.config import parse_config
 from shard.engine.kv_cache import KvCache
 from shard.engine.memory_plan import lora_activation_bytes, plan_kv_pages
@@ -24,9 +24,13 @@ def config(tiny, *extra: str):
     return parse_config([*argv, "--device", "cpu"], env={})
 
 
+def flags(tiny, *extra: str):
+    return memory_flags(config(tiny, *extra))
+
+
 def test_cuda_budget_is_fraction_of_free_less_activations_and_adapters(tiny, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * GIB, 80 * GIB))
-    cfg = config(tiny, "--kv-memory-fraction", "0.5", "--adapter-memory-mb", "1024")
+    cfg = flags(tiny, "--kv-memory-fraction", "0.5", "--adapter-memory-mb", "1024")
     pages = plan_kv_pages(
         cfg, page_bytes=2**20, device=CUDA, max_context=4096, activation_bytes=3 * GIB
     )
@@ -35,7 +39,7 @@ def test_cuda_budget_is_fraction_of_free_less_activations_and_adapters(tiny, mon
 
 def test_cuda_budget_exhausted_names_the_knobs(tiny, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4 * GIB, 80 * GIB))
-    cfg = config(tiny, "--kv-memory-fraction", "0.5", "--adapter-memory-mb", "2048")
+    cfg = flags(tiny, "--kv-memory-fraction", "0.5", "--adapter-memory-mb", "2048")
     with pytest.raises(RuntimeError, match="--max-prefill-tokens or --adapter-memory-mb"):
         plan_kv_pages(
             cfg, page_bytes=2**20, device=CUDA, max_context=4096, activation_bytes=1 * GIB
@@ -43,8 +47,8 @@ def test_cuda_budget_exhausted_names_the_knobs(tiny, monkeypatch) -> None:
 
 
 def test_explicit_pages_and_cpu_default(tiny) -> None:
-    assert plan_kv_pages(config(tiny, "--kv-pages", "77"), 1, CUDA, 4096, 0) == 77
-    cfg = config(tiny, "--max-batch-size", "4", "--page-size", "16")
+    assert plan_kv_pages(flags(tiny, "--kv-pages", "77"), 1, CUDA, 4096, 0) == 77
+    cfg = flags(tiny, "--max-batch-size", "4", "--page-size", "16")
     assert plan_kv_pages(cfg, 1, torch.device("cpu"), 100, 0) == -(-4 * 100 // 16)
 
 
@@ -61,17 +65,17 @@ def test_cpu_pool_is_capped_by_kv_memory_mb(tiny) -> None:
         max_position_embeddings=8192,
     )
     page_bytes = KvCache.bytes_per_page(smol, SINGLE, 16, torch.float32)
-    cfg = config(tiny)
+    cfg = flags(tiny)
     pages = plan_kv_pages(cfg, page_bytes, cpu, 8192, 0)
     assert pages == 1024 * 2**20 // page_bytes
     assert 32 * 8192 * page_bytes // 16 > 11 * GIB > 10 * pages * page_bytes
     assert pages * 16 >= 8192  # one full-context request still fits
-    smaller = config(tiny, "--kv-memory-mb", "64")
+    smaller = flags(tiny, "--kv-memory-mb", "64")
     assert plan_kv_pages(smaller, page_bytes, cpu, 8192, 0) == 64 * 2**20 // page_bytes
     # The cap never grows a pool past a full batch at full context.
     assert plan_kv_pages(cfg, page_bytes, cpu, 256, 0) == 32 * 256 // 16
     with pytest.raises(RuntimeError, match="--kv-memory-mb 1 holds no KV page"):
-        plan_kv_pages(config(tiny, "--kv-memory-mb", "1"), 2 * 2**20, cpu, 8192, 0)
+        plan_kv_pages(flags(tiny, "--kv-memory-mb", "1"), 2 * 2**20, cpu, 8192, 0)
 
 
 def test_lora_activation_bytes_cover_the_widest_projection(tiny) -> None:

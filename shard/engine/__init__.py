@@ -11,5 +11,6 @@ sampling and detokenization (``sampling``, ``detokenizer``), running a plan (``e
 batch's tensors by path, ``tensor_tree``), and the memory budget of a shard (``memory_plan``).
 
 May import: ``adapters/``, ``model/``, ``parallel/``, ``ops/``, and the process-wide
-``shard.metrics``; ``memory_plan`` still takes ``shard.config`` (issue 20).
+``shard.metrics``; not ``shard.config``: the composition root passes the values each part
+needs.
 """

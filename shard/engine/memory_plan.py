@@ -4,11 +4,12 @@ share of free memory."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 import torch
 
 from shard.adapters.tiers import device_budget_bytes
-from shard.config import ShardConfig
 from shard.engine.graph_shapes import warm_keys, width_classes
 from shard.engine.kv_cache import KvCache, pages_for
 from shard.engine.model_runner import ModelRunner
@@ -22,51 +23,71 @@ from shard.parallel.group import TPGroup
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryFlags:
+    """The shard's flags that size its memory (`shard.compose.memory_flags` reads them)."""
+
+    kv_pages: int | None  # explicit KV pool size; None: planned from the rest
+    kv_memory_fraction: float  # share of device memory free after the weights (CUDA)
+    kv_memory_mb: int  # most memory for KV pages on CPU
+    adapter_memory_mb: int  # device budget for resident adapters
+    page_size: int  # tokens per KV page
+    max_batch_size: int  # requests in the running batch
+    max_prefill_tokens: int  # prompt tokens per step
+    max_lora_rank: int
+    decode_graphs: bool  # decode steps replay CUDA graphs (CUDA with --cuda-graphs on)
+    graph_warmup: tuple[int, ...]  # LoRA rank classes whose decode graphs are captured at start
+
+
 def plan_kv_pages(
-    cfg: ShardConfig, page_bytes: int, device: torch.device, max_context: int, activation_bytes: int
+    flags: MemoryFlags,
+    page_bytes: int,
+    device: torch.device,
+    max_context: int,
+    activation_bytes: int,
 ) -> int:
     """KV pool size: the flag; on CUDA, the configured share of the memory left free by the
     weights, less `activation_bytes` (the warm-up's activation peak and the start-up decode
     graphs) and the device adapter budget (one budget for activations, graphs, KV pages and
     adapters); on CPU, room for a full batch at full context, or what `--kv-memory-mb` holds
     when that is less."""
-    if cfg.kv_pages is not None:
-        return cfg.kv_pages
+    if flags.kv_pages is not None:
+        return flags.kv_pages
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * cfg.kv_memory_fraction) - activation_bytes
-        budget -= device_budget_bytes(cfg.adapter_memory_mb)
+        budget = int(free * flags.kv_memory_fraction) - activation_bytes
+        budget -= device_budget_bytes(flags.adapter_memory_mb)
         if budget < page_bytes:
             raise RuntimeError(
                 f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free after the "
                 f"weights, activations and start-up decode graphs need "
-                f"{activation_bytes / 2**30:.2f} GiB and adapters {cfg.adapter_memory_mb} MiB; "
+                f"{activation_bytes / 2**30:.2f} GiB and adapters {flags.adapter_memory_mb} MiB; "
                 "lower --max-prefill-tokens or --adapter-memory-mb, capture fewer graphs "
                 "(--graph-warmup), or raise --kv-memory-fraction"
             )
         return budget // page_bytes
-    full = -(-cfg.max_batch_size * max_context // cfg.page_size)
-    budget = cfg.kv_memory_mb * 2**20 // page_bytes
+    full = -(-flags.max_batch_size * max_context // flags.page_size)
+    budget = flags.kv_memory_mb * 2**20 // page_bytes
     if budget < 1:
         raise RuntimeError(
-            f"--kv-memory-mb {cfg.kv_memory_mb} holds no KV page of {page_bytes / 2**20:.1f} MiB: "
-            "raise it or give --kv-pages"
+            f"--kv-memory-mb {flags.kv_memory_mb} holds no KV page of "
+            f"{page_bytes / 2**20:.1f} MiB: raise it or give --kv-pages"
         )
     return min(full, budget)
 
 
 def activation_peak(
-    model: LlamaForCausalLM, cfg: ShardConfig, model_cfg: ModelConfig, group: TPGroup
+    model: LlamaForCausalLM, flags: MemoryFlags, model_cfg: ModelConfig, group: TPGroup
 ) -> int:
     """Bytes the largest prefill step allocates beyond the weights, measured by running one
     (over a temporary KV cache) on CUDA; 0 elsewhere."""
     device = next(model.parameters()).device
-    if device.type != "cuda" or cfg.kv_pages is not None:
+    if device.type != "cuda" or flags.kv_pages is not None:
         return 0
     dtype = next(model.parameters()).dtype
-    tokens = min(cfg.max_prefill_tokens, model_cfg.max_context)
-    pages = tuple(range(pages_for(tokens, cfg.page_size)))
-    kv = KvCache(model_cfg, group, len(pages), cfg.page_size, dtype, device)
+    tokens = min(flags.max_prefill_tokens, model_cfg.max_context)
+    pages = tuple(range(pages_for(tokens, flags.page_size)))
+    kv = KvCache(model_cfg, group, len(pages), flags.page_size, dtype, device)
     runner = ModelRunner(model, kv, device)
     plan = StepPlan(
         input_ids=(0,) * tokens,
@@ -86,7 +107,7 @@ def activation_peak(
     peak = torch.cuda.max_memory_allocated(device) - base
     del runner, kv
     torch.cuda.empty_cache()
-    lora = lora_activation_bytes(model, tokens, cfg.max_lora_rank)
+    lora = lora_activation_bytes(model, tokens, flags.max_lora_rank)
     log.info(
         "activation peak measured",
         tokens=tokens,
@@ -102,7 +123,7 @@ def activation_peak(
 GRAPH_OVERHEAD_BYTES = 4 * 2**20
 
 
-def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dtype) -> int:
+def decode_graph_bytes(flags: MemoryFlags, model_cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Device memory the decode graphs of `--graph-warmup` hold, when the KV pool is planned on
     CUDA with graphs on; else 0. An upper bound: widths up to the longest context, though the
     warm-up stops at the pool's (the pool is not sized yet).
@@ -113,10 +134,10 @@ def decode_graph_bytes(cfg: ShardConfig, model_cfg: ModelConfig, dtype: torch.dt
     and their float32 copy. Each shape also keeps static inputs, mostly its int32 page tables
     [batch, width]. Beyond those, each graph took GRAPH_OVERHEAD_BYTES in a measurement. Shapes
     captured later, on first use, come out of the headroom that --kv-memory-fraction leaves."""
-    if cfg.device != "cuda" or not cfg.cuda_graphs or cfg.kv_pages is not None:
+    if not flags.decode_graphs or flags.kv_pages is not None:
         return 0
-    widths = width_classes(pages_for(model_cfg.max_context, cfg.page_size))
-    keys = warm_keys(cfg.max_batch_size, cfg.graph_warmup, widths)
+    widths = width_classes(pages_for(model_cfg.max_context, flags.page_size))
+    keys = warm_keys(flags.max_batch_size, flags.graph_warmup, widths)
     if not keys:
         return 0
     vocab = model_cfg.vocab_size
