@@ -18,6 +18,9 @@ class Policy(enum.Enum):
     """Placement rule for new requests (see `router.policy`)."""
 
     CONSOLIDATE = "consolidate"
+    # Consolidation that fills the busy shards of a StatefulSet lowest ordinal first, so a
+    # scale-in (which removes the highest ordinals) finds the shards that drained.
+    CONSOLIDATE_ORDERED = "consolidate-ordered"
     LEAST_LOADED = "least-loaded"
 
 

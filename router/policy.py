@@ -147,45 +147,45 @@ def candidates(loads: Sequence[ShardLoad], demand: Demand) -> list[ShardLoad]:
     return [load for load in loads if fits(load, demand)]
 
 
-def consolidation_level(load: ShardLoad) -> float:
-    """A shard's rank in consolidation, lower first: busy StatefulSet shards share the best level
-    (-inf) and go lowest ordinal first, other busy shards rank by occupancy (busiest first), idle
-    shards come last (0).
+def consolidation_level(load: ShardLoad, ordered: bool = False) -> float:
+    """A shard's rank in consolidation, lower first: busy shards by occupancy (busiest first),
+    idle shards last (0). With `ordered`, busy StatefulSet shards share the best level (-inf) and
+    go lowest ordinal first, ahead of the other busy shards.
 
     Punica's busiest-first keeps feeding whichever shards happen to be busiest as load falls, so
     the shards that drain are scattered across ordinals, while a scale-in removes the highest
     ordinals. Filling the busy shards of a StatefulSet in ordinal order drains the highest ones
     instead; an idle shard is still woken only when no busy one has room.
     """
-    if load.occupancy and load.ordinal is not None:
+    if ordered and load.occupancy and load.ordinal is not None:
         return -math.inf
     return float(-load.occupancy)
 
 
 def consolidate(
-    loads: Sequence[ShardLoad], demand: Demand, residency_first: bool = False
+    loads: Sequence[ShardLoad], demand: Demand, residency_first: bool = False, ordered: bool = False
 ) -> str | None:
-    """Punica's rule: a busy shard that still fits before an idle one, so batches grow and idle
-    shards stay idle; the busiest first, except that busy shards of a StatefulSet go lowest
-    ordinal first, ahead of shards without an ordinal (see `consolidation_level`).
+    """Punica's rule: the busiest shard that still fits, so batches grow and idle shards stay
+    idle. With `ordered` (`--policy consolidate-ordered`), busy shards of a StatefulSet go lowest
+    ordinal first instead, ahead of shards without an ordinal (see `consolidation_level`).
 
     Ties go to a shard holding the request's prefix (prefix affinity: it never outranks batch
     size, so it cannot wake an idle shard while a busy one has room), then to one holding the
     adapter, then to the lowest StatefulSet ordinal, then to the smallest shard id
-    (deterministic). Busy StatefulSet shards have no ties: in the fleet simulation, preferring
-    the adapter's holders among them kept high ordinals busy on partial batches (full batches
-    fell from 49% to 41% of GPU time), and a prefix's holders would pin them the same way. With
-    `residency_first`, holding the adapter outranks batch size.
+    (deterministic). Ordered, busy StatefulSet shards have no ties: in the fleet simulation,
+    preferring the adapter's holders among them kept high ordinals busy on partial batches (full
+    batches fell from 49% to 41% of GPU time), and a prefix's holders would pin them the same
+    way. With `residency_first`, holding the adapter outranks batch size.
     """
 
     def key(load: ShardLoad) -> tuple[int, float, int, int, int, tuple[bool, int, str]]:
         resident = int(load.holds(demand.adapter_id))
         prefix = int(load.holds_prefix(demand.prefix_key))
-        level = consolidation_level(load)
-        ordered = load.ordinal if level == -math.inf and load.ordinal is not None else 0
+        level = consolidation_level(load, ordered)
+        order = load.ordinal if level == -math.inf and load.ordinal is not None else 0
         if residency_first:
-            return (-resident, level, ordered, -prefix, 0, load.tie_key)
-        return (0, level, ordered, -prefix, -resident, load.tie_key)
+            return (-resident, level, order, -prefix, 0, load.tie_key)
+        return (0, level, order, -prefix, -resident, load.tie_key)
 
     fitting = candidates(loads, demand)
     return min(fitting, key=key).shard if fitting else None
@@ -213,9 +213,17 @@ def least_loaded(
     return min(fitting, key=key).shard if fitting else None
 
 
+def consolidate_ordered(
+    loads: Sequence[ShardLoad], demand: Demand, residency_first: bool = False
+) -> str | None:
+    """`consolidate` with the busy shards of a StatefulSet filled lowest ordinal first."""
+    return consolidate(loads, demand, residency_first, ordered=True)
+
+
 PlacementRule = Callable[[Sequence[ShardLoad], Demand, bool], str | None]
 
 RULES: dict[Policy, PlacementRule] = {
     Policy.CONSOLIDATE: consolidate,
+    Policy.CONSOLIDATE_ORDERED: consolidate_ordered,
     Policy.LEAST_LOADED: least_loaded,
 }

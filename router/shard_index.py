@@ -8,15 +8,15 @@ levels (at most max batch + 1):
   address). Positions change only when a shard joins or its ordinal becomes known; the index is
   then rebuilt once, lazily, at the next placement.
 - Placeable shards (not draining, batch not full) sit in one max-tree per batch level
-  (`policy.consolidation_level` for consolidate: one level for all busy StatefulSet shards, then
-  occupancy; fill for least-loaded) whose leaves hold the KV room in tokens. The policy's
-  best level whose tree's root fits the request holds the answer, and a descent finds its first
-  fitting position in O(log n). Idle shards fit any request (as in `policy.fits`), so their leaves
-  sit above every possible demand.
+  (`policy.consolidation_level` for consolidate: occupancy, and for consolidate-ordered one
+  level for all busy StatefulSet shards first; fill for least-loaded) whose leaves hold the KV
+  room in tokens. The policy's best level whose tree's root fits the request holds the answer,
+  and a descent finds its first fitting position in O(log n). Idle shards fit any request (as in
+  `policy.fits`), so their leaves sit above every possible demand.
 - Residency breaks ties: a set of shards per (adapter, level). It is read only when the level's
   first fitting shard lacks the adapter, and costs O(shards of that level holding the adapter).
-  Busy StatefulSet shards have no ties: their level's first fitting position is the answer (with
-  `residency_first`, its first fitting holder of the adapter).
+  Under consolidate-ordered, busy StatefulSet shards have no ties: their level's first fitting
+  position is the answer (with `residency_first`, its first fitting holder of the adapter).
 - Prefix affinity breaks ties before residency: a set of shards per prefix key, whatever their
   level (keys change far less often than levels). It is read only when the demand has a key and
   the level's first fitting shard lacks it or the adapter, and costs O(min(shards holding the
@@ -26,8 +26,9 @@ levels (at most max batch + 1):
   question asked again (only in a fleet of mixed pool sizes; O(log n) per hidden shard).
 
 Updates (a snapshot, a reservation, a release) move one shard between levels: O(log n) for the
-trees plus O(adapters resident on it) for the residency sets. A busy StatefulSet shard whose
-batch grows or shrinks stays in its level: O(log n).
+trees plus O(adapters resident on it) for the residency sets. Under
+consolidate-ordered, a busy StatefulSet shard whose batch grows or shrinks stays in its level:
+O(log n).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from router.policy import Demand, ShardLoad, consolidation_level
 # that is too long for it).
 _IDLE = 1 << 62
 _EMPTY = -1
-# The consolidation level of busy StatefulSet shards (`policy.consolidation_level`), best of all.
+# The level of busy StatefulSet shards under consolidate-ordered (`policy.consolidation_level`),
+# best of all.
 _ORDERED = -math.inf
 
 
@@ -103,7 +105,8 @@ class ShardIndex:
     """Believed shard loads, indexed for one placement policy; `place` agrees with the rule."""
 
     def __init__(self, policy: Policy, residency_first: bool = False):
-        self._consolidate = policy is Policy.CONSOLIDATE
+        self._consolidate = policy in (Policy.CONSOLIDATE, Policy.CONSOLIDATE_ORDERED)
+        self._ordered = policy is Policy.CONSOLIDATE_ORDERED
         self._residency_first = residency_first
         self._entries: dict[str, _Entry] = {}
         self._by_pos: list[_Entry | None] = []
@@ -146,7 +149,7 @@ class ShardIndex:
             return
         room = load.kv_pages_available * max(1, load.kv_page_size)
         if self._consolidate:
-            level = consolidation_level(load)
+            level = consolidation_level(load, self._ordered)
         else:
             level = load.occupancy / load.max_batch_size
         self._move(e, level, room + _IDLE if load.occupancy == 0 else room, load.adapters_resident)

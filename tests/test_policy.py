@@ -7,7 +7,15 @@ import random
 import pytest
 
 from router.config import Policy
-from router.policy import RULES, Demand, ShardLoad, consolidate, fits, least_loaded
+from router.policy import (
+    RULES,
+    Demand,
+    ShardLoad,
+    consolidate,
+    consolidate_ordered,
+    fits,
+    least_loaded,
+)
 
 
 def shard(
@@ -213,6 +221,21 @@ def pod(ordinal: int, running: int, resident: tuple[str, ...] = ()) -> ShardLoad
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
+        # Punica's rule: the busiest StatefulSet shard with room, whatever its ordinal ...
+        ([pod(0, 2), pod(1, 6), pod(2, 0)], "lorafleet-shard-1"),
+        ([pod(3, 7), pod(0, 2)], "lorafleet-shard-3"),
+        # ... and among equally busy ones the lowest ordinal, so high ordinals tend to idle.
+        ([pod(2, 4), pod(1, 4), pod(0, 0)], "lorafleet-shard-1"),
+        ([pod(3, 0), pod(2, 0)], "lorafleet-shard-2"),
+    ],
+)
+def test_consolidate_is_busiest_first_with_ordinal_ties(table, expected):
+    assert consolidate(table, SMALL) == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
         # Busy StatefulSet shards fill lowest ordinal first, not busiest first ...
         ([pod(0, 2), pod(1, 6), pod(2, 0)], "lorafleet-shard-0"),
         ([pod(0, 8), pod(1, 6), pod(2, 1)], "lorafleet-shard-1"),
@@ -228,11 +251,11 @@ def pod(ordinal: int, running: int, resident: tuple[str, ...] = ()) -> ShardLoad
         ([shard("s1", 1), shard("s2", 5), pod(4, 8)], "s2"),
     ],
 )
-def test_consolidate_fills_statefulset_shards_in_ordinal_order(table, expected):
-    assert consolidate(table, SMALL) == expected
+def test_consolidate_ordered_fills_statefulset_shards_in_ordinal_order(table, expected):
+    assert consolidate_ordered(table, SMALL) == expected
 
 
-def test_as_load_falls_the_highest_ordinals_drain_first():
+def test_ordered_consolidation_drains_the_highest_ordinals_first_as_load_falls():
     # Four shards half full; a random request finishes each step, and fewer arrive until the
     # load fits two shards: the new ones go to the lowest ordinals, so the highest ones drain.
     rng = random.Random(7)
@@ -241,5 +264,5 @@ def test_as_load_falls_the_highest_ordinals_drain_first():
         requests.pop(rng.randrange(len(requests)))
         if len(requests) < 8 or step % 2:
             table = [pod(i, requests.count(i)) for i in range(4)]
-            requests.append(int(consolidate(table, SMALL).rsplit("-", 1)[1]))
+            requests.append(int(consolidate_ordered(table, SMALL).rsplit("-", 1)[1]))
     assert sorted(set(requests)) == [0] and len(requests) == 8
