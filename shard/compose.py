@@ -14,6 +14,7 @@ from shard.adapters.replicas import Replicate
 from shard.adapters.tiers import device_budget_bytes
 from shard.config import ShardConfig
 from shard.edge.chat_template import load_chat_template
+from shard.edge.load_feed import LoadFeed
 from shard.edge.server import ShardService
 from shard.engine.decode_graphs import DecodeGraphs
 from shard.engine.engine import Engine
@@ -153,7 +154,8 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
     """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
     tensor-parallel rank kills the engine."""
     metrics = ShardMetrics()
-    inbox = Inbox()
+    # Made before the engine, which tells them of a lost rank and of every load change.
+    inbox, load_feed = Inbox(), LoadFeed()
     channel = PlanChannel(group, min(1.0, cfg.tp_timeout_s / 4), on_lost=inbox.fail)
     index = BlockIndex(metrics) if cfg.prefix_cache else None
     replicate = channel.replicate if group.size > 1 else None
@@ -178,6 +180,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         cfg.max_queue,
         metrics,
         inbox,
+        load_feed.changed_threadsafe,
     )
     if (graphs := state.runner.decode_graphs) is not None:
         # Read at scrape time: captures on first use happen on the engine thread.
@@ -190,6 +193,7 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         cfg.shard_id,
         group.size,
         max_context,
+        load_feed,
         load_chat_template(cfg.model, state.tokenizer),
     )
     log.info(

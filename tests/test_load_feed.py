@@ -9,7 +9,11 @@ import time
 import pytest
 
 from protos import shard_pb2
+from shard.compose import build_engine
+from shard.config import parse_config
 from shard.edge.load_feed import LoadFeed, Pacing, load_updates, pacing, urgent
+from shard.parallel.group import SINGLE
+from tests.test_engine import Collector, request
 
 
 class Shard:
@@ -190,3 +194,25 @@ async def prefix_keys_as_asked() -> None:
 
 def test_prefix_keys_only_for_watchers_that_ask_as_changes_with_deltas():
     asyncio.run(asyncio.wait_for(prefix_keys_as_asked(), 10))
+
+
+def test_a_built_shards_engine_wakes_its_watchers_on_a_load_change(tiny) -> None:
+    """The composition root gives the engine the service's feed when it is made: a request
+    submitted to the engine wakes a WatchLoad watcher (which would otherwise wait it out)."""
+    argv = ["--model", str(tiny.model_dir), "--adapters", str(tiny.adapters_dir)]
+    engine, service, _ = build_engine(parse_config([*argv, "--device", "cpu"], env={}), SINGLE)
+    feed = service.load_feed
+    engine.start()
+
+    async def watch() -> int:
+        seen = feed.version
+        waiting = asyncio.ensure_future(feed.wait_past(seen, 5.0))
+        await asyncio.sleep(0)  # the feed learns its event loop from its first watcher
+        engine.submit(request("r", "", [5, 6, 7], new=2), Collector())
+        await waiting
+        return feed.version - seen
+
+    try:
+        assert asyncio.run(watch()) > 0
+    finally:
+        engine.stop()

@@ -125,8 +125,11 @@ class ShardService:
         shard_id: str,
         tp_size: int,
         max_context: int,
+        load_feed: LoadFeed,
         chat: ChatTemplate | None = None,
     ) -> None:
+        """`load_feed`: what the engine tells of every load change (made before the engine, which
+        is given its `changed_threadsafe`); WatchLoad streams wait on it."""
         self.engine = engine
         self.chat = chat
         self.adapters = adapters
@@ -141,9 +144,7 @@ class ShardService:
         self.request_limit = min(max_context, sched.pool.total * sched.page_size)
         self.max_prompt_bytes = prompt_byte_bound(tokenizer, self.request_limit)
         self.sequence = 0
-        # The engine thread wakes WatchLoad streams through it.
-        self.load_feed = LoadFeed()
-        engine.subscribe_load(self.load_feed.changed_threadsafe)
+        self.load_feed = load_feed
 
     async def stream(
         self,

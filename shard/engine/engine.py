@@ -80,10 +80,12 @@ class Engine:
         max_queue: int,
         metrics: ShardMetrics,
         inbox: Inbox | None = None,
+        on_load: Callable[[], None] | None = None,
     ) -> None:
         """`metrics`: the shard's counters, the ones its adapter and prefix caches count in;
         `inbox`: where other threads reach the step loop, made first when a part built before
-        the engine reports faults to it (a fresh one otherwise)."""
+        the engine reports faults to it (a fresh one otherwise); `on_load`: called (from the
+        engine thread or the caller's) after every load change (the WatchLoad streams' feed)."""
         self.scheduler = scheduler
         self.executor = executor
         self.tokenizer = tokenizer
@@ -96,7 +98,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._draining = False
         self._idle_since: float | None = time.monotonic()
-        self._load_listeners: list[Callable[[], None]] = []
+        self._on_load = on_load
         self._load = self._snapshot(0)
         self.metrics = metrics
         self.metrics.idle_seconds.set_function(self.idle_seconds)
@@ -169,10 +171,6 @@ class Engine:
         """Seconds since the shard last had a request running or waiting; 0 while it has one."""
         since = self._load.idle_since
         return 0.0 if since is None else time.monotonic() - since
-
-    def subscribe_load(self, listener: Callable[[], None]) -> None:
-        """Calls `listener` (from the engine thread or the caller's) after every load change."""
-        self._load_listeners.append(listener)
 
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -383,8 +381,8 @@ class Engine:
             m.kv_free.set(snap.kv_pages_free)
             m.kv_total.set(snap.kv_pages_total)
             m.adapters.set(len(snap.adapters_resident))
-            for listener in self._load_listeners:
-                listener()
+            if self._on_load is not None:
+                self._on_load()
 
 
 def _deliver(sink: Sink, out: StepOutput) -> None:
