@@ -84,7 +84,7 @@ def build_rank(
     adapters = build_adapter_cache(
         cfg, model_cfg, group, dtype, device, metrics, replicate, on_retired
     )
-    graphs = build_decode_graphs(cfg, model, kv, device, max_context)
+    graphs = build_decode_graphs(cfg, model, kv, device, max_context, metrics)
     runner = ModelRunner(model, kv, device, graphs)
     return RankState(model_cfg, load_tokenizer(cfg.model), runner, adapters, kv, group)
 
@@ -138,6 +138,7 @@ def build_decode_graphs(
     kv: KvCache,
     device: torch.device,
     max_context: int,
+    metrics: ShardMetrics | None = None,
 ) -> DecodeGraphs | None:
     """The rank's decode graphs (CUDA with --cuda-graphs on), with the --graph-warmup rank
     classes captured before the shard serves. Every rank captures the same shapes in the same
@@ -145,7 +146,9 @@ def build_decode_graphs(
     if device.type != "cuda" or not cfg.cuda_graphs:
         return None
     max_pages = pages_for(max_context, cfg.page_size)
-    graphs = DecodeGraphs(model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True)
+    graphs = DecodeGraphs(
+        model, kv, cfg.max_batch_size, max_pages, device, use_graphs=True, metrics=metrics
+    )
     graphs.warm_up(cfg.graph_warmup)
     return graphs
 
@@ -182,9 +185,6 @@ def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService
         inbox,
         load_feed.changed_threadsafe,
     )
-    if (graphs := state.runner.decode_graphs) is not None:
-        # Read at scrape time: captures on first use happen on the engine thread.
-        metrics.decode_graphs.set_function(lambda: graphs.captured)
     service = ShardService(
         engine,
         state.adapters,

@@ -17,6 +17,7 @@ from shard.engine.engine import Engine
 from shard.engine.graph_shapes import GraphKey, width_classes
 from shard.engine.memory_plan import GRAPH_OVERHEAD_BYTES, decode_graph_bytes
 from shard.engine.model_runner import ModelRunner
+from shard.metrics import ShardMetrics
 from shard.model.config import load_model_config
 from shard.parallel.group import SINGLE
 from shard.tiny import write_tiny
@@ -59,12 +60,12 @@ def test_flag_rejects_what_is_not_a_rank_class(tiny, value: str, capsys) -> None
     )
 
 
-def cpu_graphs(*args: object, use_graphs: bool) -> DecodeGraphs:
+def cpu_graphs(*args: object, use_graphs: bool, metrics: ShardMetrics | None) -> DecodeGraphs:
     """Stands in for DecodeGraphs in shard.compose: what it builds for a CUDA device, built on
     the CPU (padded shapes of the warm-up, no graphs)."""
     *rest, device = args
     assert isinstance(device, torch.device) and device.type == "cuda" and use_graphs
-    return DecodeGraphs(*rest, torch.device("cpu"), use_graphs=use_graphs)
+    return DecodeGraphs(*rest, torch.device("cpu"), use_graphs=use_graphs, metrics=metrics)
 
 
 def startup_graphs(tiny, monkeypatch, *flags: str) -> tuple[Engine, ModelRunner, DecodeGraphs]:

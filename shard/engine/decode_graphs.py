@@ -32,6 +32,7 @@ from shard.engine.graph_shapes import (
 from shard.engine.kv_cache import KvCache
 from shard.engine.step_plan import StepPlan
 from shard.engine.tensor_tree import replace_leaves, tensor_leaves
+from shard.metrics import ShardMetrics
 from shard.model.layers.lora import LoraBatch
 from shard.model.llama import LlamaForCausalLM
 from shard.model.lora_weights import AdapterWeights
@@ -166,7 +167,9 @@ class DecodeGraphs:
         max_pages: int,
         device: torch.device,
         use_graphs: bool,
+        metrics: ShardMetrics | None = None,
     ) -> None:
+        """`metrics`: rank 0's counters, whose gauge reads `captured`."""
         self.model = model
         self.kv = kv
         self.kv_layers = kv.layers()
@@ -183,6 +186,9 @@ class DecodeGraphs:
         # cuBLAS workspace torch keeps for every stream it has seen).
         self._warm_stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.warm_up_bytes = 0  # device memory the start-up warm-up took (CUDA)
+        if metrics is not None:
+            # Read at scrape time: captures on first use happen on the engine thread.
+            metrics.decode_graphs.set_function(lambda: self.captured)
 
     def key(self, plan: StepPlan, weights: list[AdapterWeights | None]) -> GraphKey | None:
         """The padded shape of a decode-only plan, or None when it must run eagerly."""
