@@ -154,10 +154,11 @@ def build_decode_graphs(
 
 
 def build_engine(cfg: ShardConfig, group: TPGroup) -> tuple[Engine, ShardService, Leader]:
-    """Loads rank 0's slice of everything and wires the engine and the gRPC service; a lost
-    tensor-parallel rank kills the engine."""
+    """Loads rank 0's slice of everything and builds the engine and the gRPC service over it;
+    a lost tensor-parallel rank kills the engine. Where a part must tell one built after it
+    (a lost rank, a load change, a reclaimed page, a retired adapter version), what it tells is
+    made first and given to both: the inbox, the load feed and the prefix cache's index."""
     metrics = ShardMetrics()
-    # Made before the engine, which tells them of a lost rank and of every load change.
     inbox, load_feed = Inbox(), LoadFeed()
     channel = PlanChannel(group, min(1.0, cfg.tp_timeout_s / 4), on_lost=inbox.fail)
     index = BlockIndex(metrics) if cfg.prefix_cache else None
