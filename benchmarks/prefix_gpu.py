@@ -30,9 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from benchmarks.bench_serving import Arrival, LoadSpec, make_workload, run_load
-from benchmarks.bench_textgen import write_model_dir
-from benchmarks.peft_baseline import write_adapters
-from benchmarks.serving_gpu import serving, shard_flags
+from benchmarks.serving_gpu import add_shard_arguments, prepare_shard, serving
 from benchmarks.serving_stats import summarize
 from benchmarks.timing import provenance
 from benchmarks.workloads import SHAPES
@@ -91,12 +89,8 @@ def measure(
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON path")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--shape", default="llama2-7b", choices=tuple(SHAPES))
-    p.add_argument("--adapters", type=int, default=32)
     # 32: the load keeps the batch well below it, and fewer decode graphs to capture at start.
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    add_shard_arguments(p, max_batch_size=32)
     p.add_argument("--shared-prefix-tokens", type=int, default=1000)
     p.add_argument("--prompt-tokens", type=_range, default=(16, 64), metavar="MIN:MAX")
     p.add_argument("--output-tokens", type=_range, default=(16, 64), metavar="MIN:MAX")
@@ -110,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
     workdir = Path(tempfile.mkdtemp(prefix="prefix-gpu-"))
-    model, adapter_dir = workdir / "model", workdir / "adapters"
-    write_model_dir(model, shape)
-    write_adapters(model, adapter_dir, args.adapters, 16, args.device)
-    flags = shard_flags(args, model, adapter_dir)
+    flags = prepare_shard(args, workdir)
     spec = LoadSpec(
         requests=max(1, round(args.rate * args.seconds)),
         rate=args.rate,

@@ -50,6 +50,24 @@ ITL_P99_LIMIT_MS = 50.0
 TTFT_P99_LIMIT_MS = 2000.0
 
 
+def add_shard_arguments(p: argparse.ArgumentParser, max_batch_size: int) -> None:
+    """The options `prepare_shard` reads (shared with benchmarks.prefix_gpu)."""
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--shape", default="llama2-7b", choices=tuple(SHAPES))
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=max_batch_size)
+    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+
+
+def prepare_shard(args: argparse.Namespace, workdir: Path) -> list[str]:
+    """Writes the model folder of `args.shape` and `args.adapters` PEFT r16 adapters under
+    `workdir`; the flags of a shard serving them."""
+    model, adapters = workdir / "model", workdir / "adapters"
+    write_model_dir(model, SHAPES[args.shape])
+    write_adapters(model, adapters, args.adapters, 16, args.device)
+    return shard_flags(args, model, adapters)
+
+
 def shard_flags(args: argparse.Namespace, model: Path, adapters: Path) -> list[str]:
     """The shard's flags, the same for the served shard and the in-process engine."""
     cuda = args.device == "cuda"
@@ -174,11 +192,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON path; the PNG goes beside")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--shape", default="llama2-7b", choices=tuple(SHAPES))
-    p.add_argument("--adapters", type=int, default=32)
-    p.add_argument("--max-batch-size", type=int, default=64)
-    p.add_argument("--max-prefill-tokens", type=int, default=2048)
+    add_shard_arguments(p, max_batch_size=64)
     p.add_argument(
         "--rates", type=lambda t: [float(v) for v in t.split(",")], default="2,4,8,12,16"
     )
@@ -198,10 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
     workdir = Path(tempfile.mkdtemp(prefix="serving-gpu-"))
-    model, adapter_dir = workdir / "model", workdir / "adapters"
-    write_model_dir(model, shape)
-    write_adapters(model, adapter_dir, args.adapters, 16, args.device)
-    flags = shard_flags(args, model, adapter_dir)
+    flags = prepare_shard(args, workdir)
     names = (*(f"a{i}" for i in range(args.adapters)), "")
 
     def spec(rate: float, lengths: list, seconds: float) -> LoadSpec:
