@@ -140,8 +140,7 @@ class ShardService:
         self.max_context = max_context
         # The longest request this shard can hold at all: prompt + max_new_tokens must fit the
         # model's context and the whole KV pool (an unset max_new_tokens runs to this limit).
-        sched = engine.scheduler
-        self.request_limit = min(max_context, sched.pool.total * sched.page_size)
+        self.request_limit = min(max_context, engine.kv_tokens)
         self.max_prompt_bytes = prompt_byte_bound(tokenizer, self.request_limit)
         self.sequence = 0
         self.load_feed = load_feed

@@ -122,14 +122,20 @@ class Engine:
             raise DrainingError("the shard is draining and takes no new requests")
         self._inbox.put(Submit(req, sink))
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the whole KV pool holds: no request may outgrow it (the shard's edge refuses
+        longer ones with the same bound, `_check_fits` guards callers that bypass the edge)."""
+        return self.scheduler.pool.total * self.scheduler.page_size
+
     def _check_fits(self, req: EngineRequest) -> None:
         """Raises NeverFitsError when the request at its longest outgrows the whole KV pool:
         admitted, it would be preempted and put back forever, blocking the queue behind it."""
         page_size = self.scheduler.page_size
         total = self.scheduler.pool.total
         tokens = len(req.prompt_ids) + req.stopping.max_new_tokens
-        if pages_for(tokens, page_size) > total:
-            room = total * page_size - len(req.prompt_ids)
+        if tokens > self.kv_tokens:
+            room = self.kv_tokens - len(req.prompt_ids)
             fix = (
                 f"lower max_new_tokens to at most {room}"
                 if room > 0
@@ -139,7 +145,7 @@ class Engine:
                 f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens "
                 f"({req.stopping.max_new_tokens}) needs {pages_for(tokens, page_size)} KV pages "
                 f"of {page_size} tokens, but this shard's whole KV pool has {total} pages "
-                f"({total * page_size} tokens): {fix}"
+                f"({self.kv_tokens} tokens): {fix}"
             )
 
     def cancel(self, request_id: str) -> None:
